@@ -1,0 +1,584 @@
+//! Async QUIC client for Throng edges. Does not depend on wasmtime.
+//!
+//! # Layout
+//!
+//! - [`Client::connect`] resolves the edge, does the QUIC + TLS handshake
+//!   (ALPN `throng/1`), opens the control stream, says `Hello` with the JWT
+//!   and waits for `Welcome`.
+//! - A reader task takes edge frames off the control stream and completes
+//!   what waits for them: acks and rejections by client message id, pongs
+//!   by nonce, join refusals by room. A fatal `Error` fails everything
+//!   pending with that error.
+//! - An acceptor task takes each room stream the edge opens, reads its
+//!   `Joined` frame, hands a [`RoomStream`] to the matching [`Client::join`],
+//!   and forwards the room's batches into it.
+//! - [`tls`] builds the rustls config from the certificate to trust.
+
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, RecvStream, SendStream};
+use rustls::pki_types::CertificateDer;
+use thiserror::Error;
+use throng_wire::{
+    Batch, ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Kind, Limits, Message, Session, encode,
+};
+use tokio::sync::{mpsc, oneshot};
+
+pub use throng_wire as wire;
+
+/// Batches buffered per room before the client stops reading the room's
+/// stream (and QUIC flow control pushes back on the edge).
+const ROOM_BUFFER: usize = 256;
+
+/// What went wrong, typed so callers can tell a refusal from a lost network.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ClientError {
+    #[error("invalid server address `{0}`")]
+    Address(String),
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("connection lost: {0}")]
+    Connection(String),
+    /// The edge sent an `Error` frame or closed the connection with a code.
+    #[error("edge said {}: {text}", describe(*code, *raw))]
+    Edge {
+        code: Option<ErrorCode>,
+        raw: u16,
+        text: String,
+    },
+    #[error("join `{room}` refused, {}: {text}", describe(*code, *raw))]
+    JoinRefused {
+        room: String,
+        code: Option<ErrorCode>,
+        raw: u16,
+        text: String,
+    },
+    #[error("message {client_msg_id} rejected, {}: {reason}", describe(*code, *raw))]
+    Rejected {
+        client_msg_id: u64,
+        code: Option<ErrorCode>,
+        raw: u16,
+        reason: String,
+    },
+    #[error("the edge broke the protocol: {0}")]
+    Protocol(String),
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    #[error("the client is closed")]
+    Closed,
+}
+
+fn describe(code: Option<ErrorCode>, raw: u16) -> String {
+    match code {
+        Some(c) => c.to_string(),
+        None => format!("code {raw}"),
+    }
+}
+
+impl ClientError {
+    /// The edge's error code, where the edge gave one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Edge { code, .. } | Self::JoinRefused { code, .. } | Self::Rejected { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    fn from_connection(e: &quinn::ConnectionError) -> Self {
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                let raw = u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX);
+                ClientError::Edge {
+                    code: ErrorCode::from_code(raw),
+                    raw,
+                    text: String::from_utf8_lossy(&close.reason).into_owned(),
+                }
+            }
+            quinn::ConnectionError::ConnectionClosed(close)
+                if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                ClientError::Edge {
+                    code: Some(ErrorCode::ServerBusy),
+                    raw: ErrorCode::ServerBusy.code(),
+                    text: "the edge refused the connection".into(),
+                }
+            }
+            quinn::ConnectionError::LocallyClosed => ClientError::Closed,
+            other => ClientError::Connection(other.to_string()),
+        }
+    }
+}
+
+/// How to reach an edge and who to be there.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `host:port` or `ip:port`.
+    pub server: String,
+    /// Certificates to trust (the edge's self-signed dev certificate, or a CA).
+    pub roots: Vec<CertificateDer<'static>>,
+    pub token: String,
+    /// TLS server name; defaults to the host part of `server`.
+    pub server_name: Option<String>,
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl ConnectOptions {
+    pub fn new(server: impl Into<String>, roots: Vec<CertificateDer<'static>>, token: impl Into<String>) -> Self {
+        Self {
+            server: server.into(),
+            roots,
+            token: token.into(),
+            server_name: None,
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The edge's answer to a sent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub client_msg_id: u64,
+    pub seq: u64,
+}
+
+type AckTx = oneshot::Sender<Result<Ack, ClientError>>;
+type JoinTx = oneshot::Sender<Result<RoomStream, ClientError>>;
+
+#[derive(Default)]
+struct Pending {
+    acks: HashMap<u64, AckTx>,
+    joins: HashMap<String, JoinTx>,
+    pings: HashMap<u64, oneshot::Sender<()>>,
+    fatal: Option<ClientError>,
+}
+
+struct Inner {
+    pending: Mutex<Pending>,
+    control: tokio::sync::Mutex<SendStream>,
+    max_frame: u32,
+}
+
+impl Inner {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails everything waiting, and everything after, with `err`.
+    fn fail(&self, err: ClientError) {
+        let mut p = self.pending();
+        if p.fatal.is_none() {
+            p.fatal = Some(err.clone());
+        }
+        let err = p.fatal.clone().unwrap_or(err);
+        for (_, tx) in p.acks.drain() {
+            let _ = tx.send(Err(err.clone()));
+        }
+        for (_, tx) in p.joins.drain() {
+            let _ = tx.send(Err(err.clone()));
+        }
+        p.pings.clear();
+    }
+
+    async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
+        let bytes = encode(frame, self.max_frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut control = self.control.lock().await;
+        if let Err(e) = control.write_chunk(bytes).await {
+            drop(control);
+            return Err(self.pending().fatal.clone().unwrap_or(ClientError::Connection(e.to_string())));
+        }
+        Ok(())
+    }
+}
+
+/// A connection to an edge.
+#[derive(Clone)]
+pub struct Client {
+    conn: Connection,
+    inner: Arc<Inner>,
+    session: Session,
+    limits: Limits,
+    next_id: Arc<AtomicU64>,
+    _endpoint: quinn::Endpoint,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("remote", &self.conn.remote_address())
+            .field("session", &self.session)
+            .finish()
+    }
+}
+
+/// A joined room: what the edge said on join, then its batches.
+#[derive(Debug)]
+pub struct RoomStream {
+    pub room: String,
+    /// Members online when we joined, us included.
+    pub online: u64,
+    /// Recent messages (after `resume_from`, if given).
+    pub recent: Vec<Message>,
+    rx: mpsc::Receiver<Result<Batch, ClientError>>,
+}
+
+impl RoomStream {
+    /// The next batch; `None` once the edge finished the room's stream
+    /// (after a leave, or when the connection ended cleanly).
+    pub async fn next_batch(&mut self) -> Option<Result<Batch, ClientError>> {
+        self.rx.recv().await
+    }
+}
+
+/// A message on its way; await [`PendingAck::ack`] for the edge's answer.
+#[derive(Debug)]
+pub struct PendingAck {
+    pub client_msg_id: u64,
+    rx: oneshot::Receiver<Result<Ack, ClientError>>,
+}
+
+impl PendingAck {
+    pub async fn ack(self) -> Result<Ack, ClientError> {
+        self.rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+}
+
+/// Resolves `host:port`; returns the address and the host part for TLS.
+async fn resolve(server: &str) -> Result<(SocketAddr, String), ClientError> {
+    let bad = || ClientError::Address(server.to_owned());
+    let (host, _port) = server.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|e| ClientError::Address(format!("{server}: {e}")))?
+        .next()
+        .ok_or_else(bad)?;
+    Ok((addr, host))
+}
+
+impl Client {
+    /// Connects on a fresh UDP socket.
+    pub async fn connect(opts: ConnectOptions) -> Result<Client, ClientError> {
+        let (addr, _) = resolve(&opts.server).await?;
+        let bind: SocketAddr = if addr.is_ipv6() {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+        Self::connect_with(endpoint, opts).await
+    }
+
+    /// Connects through an existing endpoint (many clients can share one socket).
+    pub async fn connect_with(endpoint: quinn::Endpoint, opts: ConnectOptions) -> Result<Client, ClientError> {
+        let (addr, host) = resolve(&opts.server).await?;
+        let config = tls::client_config(&opts.roots, opts.keep_alive, opts.idle_timeout)?;
+        let server_name = opts.server_name.clone().unwrap_or(host);
+        let connecting = endpoint
+            .connect_with(config, addr, &server_name)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let handshake = async {
+            let conn = connecting.await.map_err(|e| ClientError::from_connection(&e))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ClientError::from_connection(&e))?;
+            let hello = encode(
+                &ClientFrame::Hello {
+                    token: opts.token.clone(),
+                },
+                throng_wire::HARD_MAX_FRAME,
+            )
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            send.write_chunk(hello)
+                .await
+                .map_err(|e| ClientError::Connection(e.to_string()))?;
+            let mut buf = FrameBuffer::<EdgeFrame>::new(throng_wire::DEFAULT_MAX_FRAME);
+            match read_frame(&mut recv, &mut buf, &conn).await? {
+                Some(EdgeFrame::Welcome { session, limits }) => Ok((conn, send, recv, buf, session, limits)),
+                Some(EdgeFrame::Error { code, text }) => Err(ClientError::Edge {
+                    code: ErrorCode::from_code(code),
+                    raw: code,
+                    text,
+                }),
+                Some(other) => Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
+                None => Err(conn
+                    .close_reason()
+                    .map(|e| ClientError::from_connection(&e))
+                    .unwrap_or(ClientError::Protocol("control stream ended before Welcome".into()))),
+            }
+        };
+        let (conn, send, recv, buf, session, limits) = tokio::time::timeout(opts.handshake_timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout("the edge's Welcome"))??;
+
+        let inner = Arc::new(Inner {
+            pending: Mutex::new(Pending::default()),
+            control: tokio::sync::Mutex::new(send),
+            max_frame: limits.max_frame_bytes,
+        });
+        tokio::spawn(read_control(recv, buf, Arc::clone(&inner), conn.clone()));
+        tokio::spawn(accept_rooms(conn.clone(), Arc::clone(&inner), limits.max_frame_bytes));
+        Ok(Client {
+            conn,
+            inner,
+            session,
+            limits,
+            next_id: Arc::new(AtomicU64::new(1)),
+            _endpoint: endpoint,
+        })
+    }
+
+    /// Who the edge believes we are.
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// The limits the edge enforces on us.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Joins a room and waits for its stream.
+    pub async fn join(&self, room: &str) -> Result<RoomStream, ClientError> {
+        self.join_from(room, None).await
+    }
+
+    /// Joins a room, asking for what the edge still has after `resume_from`.
+    pub async fn join_from(&self, room: &str, resume_from: Option<u64>) -> Result<RoomStream, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.inner.pending();
+            if let Some(e) = &p.fatal {
+                return Err(e.clone());
+            }
+            if p.joins.contains_key(room) {
+                return Err(ClientError::Protocol(format!("a join of `{room}` is already under way")));
+            }
+            p.joins.insert(room.to_owned(), tx);
+        }
+        let frame = ClientFrame::Join {
+            room: room.to_owned(),
+            resume_from,
+        };
+        if let Err(e) = self.inner.write(&frame).await {
+            self.inner.pending().joins.remove(room);
+            return Err(e);
+        }
+        rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+
+    /// Leaves a room; its [`RoomStream`] ends once the edge finishes it.
+    pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
+        self.inner.write(&ClientFrame::Leave { room: room.to_owned() }).await
+    }
+
+    /// Sends a message without waiting for the edge's answer.
+    pub async fn submit(&self, room: &str, kind: Kind, body: impl Into<Vec<u8>>) -> Result<PendingAck, ClientError> {
+        let client_msg_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.inner.pending();
+            if let Some(e) = &p.fatal {
+                return Err(e.clone());
+            }
+            p.acks.insert(client_msg_id, tx);
+        }
+        let frame = ClientFrame::Send {
+            room: room.to_owned(),
+            kind,
+            body: body.into(),
+            client_msg_id,
+        };
+        if let Err(e) = self.inner.write(&frame).await {
+            self.inner.pending().acks.remove(&client_msg_id);
+            return Err(e);
+        }
+        Ok(PendingAck { client_msg_id, rx })
+    }
+
+    /// Sends a message and waits for its ack (or rejection, as an error).
+    pub async fn send(&self, room: &str, kind: Kind, body: impl Into<Vec<u8>>) -> Result<Ack, ClientError> {
+        self.submit(room, kind, body).await?.ack().await
+    }
+
+    /// Round-trip time of a Ping.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let nonce = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner.pending().pings.insert(nonce, tx);
+        let start = Instant::now();
+        self.inner.write(&ClientFrame::Ping { nonce }).await?;
+        match rx.await {
+            Ok(()) => Ok(start.elapsed()),
+            Err(_) => Err(self.inner.pending().fatal.clone().unwrap_or(ClientError::Closed)),
+        }
+    }
+
+    /// Resolves when the connection ends, with the reason.
+    pub async fn closed(&self) -> ClientError {
+        let e = self.conn.closed().await;
+        self.inner.pending().fatal.clone().unwrap_or(ClientError::from_connection(&e))
+    }
+
+    /// Closes the connection.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"client closed");
+    }
+}
+
+/// Reads one frame, or `None` at the end of the stream.
+async fn read_frame(
+    recv: &mut RecvStream,
+    buf: &mut FrameBuffer<EdgeFrame>,
+    conn: &Connection,
+) -> Result<Option<EdgeFrame>, ClientError> {
+    loop {
+        if let Some(f) = buf.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+            return Ok(Some(f));
+        }
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => buf.extend(&chunk.bytes),
+            Ok(None) => {
+                buf.finish().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                return Ok(None);
+            }
+            Err(quinn::ReadError::ConnectionLost(e)) => return Err(ClientError::from_connection(&e)),
+            Err(e) => {
+                return Err(conn
+                    .close_reason()
+                    .map(|c| ClientError::from_connection(&c))
+                    .unwrap_or(ClientError::Connection(e.to_string())));
+            }
+        }
+    }
+}
+
+async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inner: Arc<Inner>, conn: Connection) {
+    loop {
+        let frame = match read_frame(&mut recv, &mut buf, &conn).await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                let e = conn.closed().await;
+                inner.fail(ClientError::from_connection(&e));
+                return;
+            }
+            Err(e) => {
+                inner.fail(e);
+                return;
+            }
+        };
+        match frame {
+            EdgeFrame::Ack { client_msg_id, seq } => {
+                if let Some(tx) = inner.pending().acks.remove(&client_msg_id) {
+                    let _ = tx.send(Ok(Ack { client_msg_id, seq }));
+                }
+            }
+            EdgeFrame::Rejected {
+                client_msg_id,
+                code,
+                reason,
+            } => {
+                if let Some(tx) = inner.pending().acks.remove(&client_msg_id) {
+                    let _ = tx.send(Err(ClientError::Rejected {
+                        client_msg_id,
+                        code: ErrorCode::from_code(code),
+                        raw: code,
+                        reason,
+                    }));
+                }
+            }
+            EdgeFrame::JoinRefused { room, code, text } => {
+                if let Some(tx) = inner.pending().joins.remove(&room) {
+                    let _ = tx.send(Err(ClientError::JoinRefused {
+                        room,
+                        code: ErrorCode::from_code(code),
+                        raw: code,
+                        text,
+                    }));
+                }
+            }
+            EdgeFrame::Pong { nonce } => {
+                if let Some(tx) = inner.pending().pings.remove(&nonce) {
+                    let _ = tx.send(());
+                }
+            }
+            EdgeFrame::Error { code, text } => {
+                let err = ClientError::Edge {
+                    code: ErrorCode::from_code(code),
+                    raw: code,
+                    text,
+                };
+                if err.code().is_none_or(ErrorCode::is_fatal) {
+                    inner.fail(err);
+                    return;
+                }
+                tracing::warn!(error = %err, "edge reported an error");
+            }
+            other => {
+                inner.fail(ClientError::Protocol(format!("unexpected frame on the control stream: {other:?}")));
+                conn.close(u32::from(ErrorCode::UnexpectedFrame.code()).into(), b"unexpected frame");
+                return;
+            }
+        }
+    }
+}
+
+async fn accept_rooms(conn: Connection, inner: Arc<Inner>, max_frame: u32) {
+    while let Ok(recv) = conn.accept_uni().await {
+        tokio::spawn(read_room(recv, Arc::clone(&inner), conn.clone(), max_frame));
+    }
+}
+
+async fn read_room(mut recv: RecvStream, inner: Arc<Inner>, conn: Connection, max_frame: u32) {
+    let mut buf = FrameBuffer::new(max_frame);
+    let (room, online, recent) = match read_frame(&mut recv, &mut buf, &conn).await {
+        Ok(Some(EdgeFrame::Joined { room, online, recent })) => (room, online, recent),
+        other => {
+            tracing::warn!(frame = ?other, "room stream did not start with Joined");
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel(ROOM_BUFFER);
+    let Some(waiter) = inner.pending().joins.remove(&room) else {
+        tracing::warn!(%room, "room stream for a join we did not ask for");
+        return;
+    };
+    let stream = RoomStream {
+        room: room.clone(),
+        online,
+        recent,
+        rx,
+    };
+    if waiter.send(Ok(stream)).is_err() {
+        return;
+    }
+    loop {
+        match read_frame(&mut recv, &mut buf, &conn).await {
+            Ok(Some(EdgeFrame::Batch(batch))) => {
+                if tx.send(Ok(batch)).await.is_err() {
+                    return; // the RoomStream was dropped
+                }
+            }
+            Ok(Some(other)) => {
+                let _ = tx
+                    .send(Err(ClientError::Protocol(format!("unexpected frame on room `{room}`: {other:?}"))))
+                    .await;
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! Edge configuration in two phases: deserialize the TOML strictly
+//! (`deny_unknown_fields`, so a typo is an error, not a silent default),
+//! then validate once into a typed [`Config`]. Every error names the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+use throng_wire::{DEFAULT_MAX_FRAME, HARD_MAX_FRAME};
+
+/// The embedded defaults `throng serve` uses without `--config`.
+pub const DEV_CONFIG: &str = include_str!("../../../edge-config/dev.toml");
+
+/// A configuration that is wrong, with the key at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: `{key}`: {message}")]
+    Parse {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: `{key}`: {reason}")]
+    Invalid {
+        origin: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// The validated configuration of one edge.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Certificate chain and key (PEM). Without them a self-signed dev
+    /// certificate is made in `data_dir` on first start and reused.
+    pub tls: Option<TlsFiles>,
+    pub limits: LimitsConfig,
+    pub quic: QuicConfig,
+    pub rooms: RoomsConfig,
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_connections: u32,
+    pub max_rooms_per_connection: u32,
+    pub max_frame_bytes: u32,
+    pub max_body_bytes: u32,
+    pub send_rate_per_sec: u32,
+    pub send_burst: u32,
+    pub hello_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    pub idle_timeout: Duration,
+    pub keep_alive: Option<Duration>,
+    pub udp_recv_buffer: usize,
+    pub udp_send_buffer: usize,
+    pub segmentation_offload: bool,
+    pub stream_receive_window: u32,
+    pub connection_receive_window: u32,
+    pub send_window: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoomsConfig {
+    pub tick: Duration,
+    /// Messages per second a viewer may be shown; 0 turns the cap off.
+    pub viewer_cap_per_sec: u32,
+    pub recent_messages: usize,
+    pub viewer_queue_batches: usize,
+    pub presence_interval: Duration,
+    pub empty_room_linger: Duration,
+    pub inbox_capacity: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum TenantConfig {
+    Hs256 { secret: Vec<u8> },
+    Es256 { public_key_pem: Vec<u8> },
+}
+
+// ---- phase one: what the file may say ----
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    quic: RawQuic,
+    #[serde(default)]
+    rooms: RawRooms,
+    #[serde(default)]
+    tenants: BTreeMap<String, RawTenant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    data_dir: PathBuf,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:4433".into(),
+            data_dir: PathBuf::from(".throng"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    max_connections: u32,
+    max_rooms_per_connection: u32,
+    max_frame_bytes: u32,
+    max_body_bytes: u32,
+    send_rate_per_sec: u32,
+    send_burst: u32,
+    #[serde(with = "humantime_serde")]
+    hello_timeout: Duration,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 100_000,
+            max_rooms_per_connection: 8,
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+            max_body_bytes: 4096,
+            send_rate_per_sec: 10,
+            send_burst: 20,
+            hello_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawQuic {
+    #[serde(with = "humantime_serde")]
+    idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    keep_alive: Duration,
+    udp_recv_buffer: usize,
+    udp_send_buffer: usize,
+    segmentation_offload: bool,
+    stream_receive_window: u32,
+    connection_receive_window: u32,
+    send_window: u64,
+}
+
+impl Default for RawQuic {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::ZERO,
+            udp_recv_buffer: 4 << 20,
+            udp_send_buffer: 4 << 20,
+            segmentation_offload: false,
+            stream_receive_window: 64 * 1024,
+            connection_receive_window: 128 * 1024,
+            send_window: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRooms {
+    #[serde(with = "humantime_serde")]
+    tick: Duration,
+    viewer_cap_per_sec: u32,
+    recent_messages: usize,
+    viewer_queue_batches: usize,
+    #[serde(with = "humantime_serde")]
+    presence_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    empty_room_linger: Duration,
+    inbox_capacity: usize,
+}
+
+impl Default for RawRooms {
+    fn default() -> Self {
+        Self {
+            tick: Duration::from_millis(50),
+            viewer_cap_per_sec: 20,
+            recent_messages: 50,
+            viewer_queue_batches: 64,
+            presence_interval: Duration::from_secs(1),
+            empty_room_linger: Duration::from_secs(30),
+            inbox_capacity: 8192,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTenant {
+    hs256_secret: Option<String>,
+    es256_public_key: Option<PathBuf>,
+}
+
+// ---- phase two: what it means ----
+
+impl Config {
+    /// The embedded development defaults.
+    pub fn dev() -> Result<Self, ConfigError> {
+        Self::parse(DEV_CONFIG, "<embedded dev.toml>", Path::new("."))
+    }
+
+    /// Reads and validates a config file; relative paths in it are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates TOML text. `origin` names the text in errors.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                key: if key == "." { "(top level)".into() } else { key },
+                message: e.into_inner().message().trim().to_owned(),
+            }
+        })?;
+        Validator { origin, base }.validate(raw)
+    }
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        key: &str,
+        value: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError> {
+        if value < min || value > max {
+            return Err(self.err(key, format!("{value} is out of range; allowed {min} to {max}")));
+        }
+        Ok(value)
+    }
+
+    fn duration(&self, key: &str, value: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
+        if value < min || value > max {
+            return Err(self.err(
+                key,
+                format!("{value:?} is out of range; allowed {min:?} to {max:?}"),
+            ));
+        }
+        Ok(value)
+    }
+
+    fn path(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() { p } else { self.base.join(p) }
+    }
+
+    fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = raw.server.listen.parse().map_err(|e| {
+            self.err("server.listen", format!("`{}` is not an ip:port address: {e}", raw.server.listen))
+        })?;
+        if raw.server.data_dir.as_os_str().is_empty() {
+            return Err(self.err("server.data_dir", "must not be empty"));
+        }
+        let data_dir = self.path(raw.server.data_dir);
+        let tls = raw.tls.map(|t| TlsFiles {
+            cert: self.path(t.cert),
+            key: self.path(t.key),
+        });
+
+        let l = raw.limits;
+        let max_frame_bytes =
+            self.range("limits.max_frame_bytes", l.max_frame_bytes, 1024, HARD_MAX_FRAME)?;
+        // A Send frame carries the room name and a few ids beside the body.
+        let body_room = max_frame_bytes - 512;
+        let limits = LimitsConfig {
+            max_connections: self.range("limits.max_connections", l.max_connections, 1, 10_000_000)?,
+            max_rooms_per_connection: self.range(
+                "limits.max_rooms_per_connection",
+                l.max_rooms_per_connection,
+                1,
+                1024,
+            )?,
+            max_frame_bytes,
+            max_body_bytes: self.range("limits.max_body_bytes", l.max_body_bytes, 1, body_room)?,
+            send_rate_per_sec: self.range("limits.send_rate_per_sec", l.send_rate_per_sec, 1, 1_000_000)?,
+            send_burst: self.range("limits.send_burst", l.send_burst, 1, 10_000_000)?,
+            hello_timeout: self.duration(
+                "limits.hello_timeout",
+                l.hello_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(120),
+            )?,
+        };
+
+        let q = raw.quic;
+        let idle_timeout = self.duration(
+            "quic.idle_timeout",
+            q.idle_timeout,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+        let keep_alive = if q.keep_alive.is_zero() {
+            None
+        } else if q.keep_alive >= idle_timeout {
+            return Err(self.err("quic.keep_alive", "must be shorter than quic.idle_timeout (or 0s to disable)"));
+        } else {
+            Some(q.keep_alive)
+        };
+        let quic = QuicConfig {
+            idle_timeout,
+            keep_alive,
+            udp_recv_buffer: self.range("quic.udp_recv_buffer", q.udp_recv_buffer, 64 << 10, 256 << 20)?,
+            udp_send_buffer: self.range("quic.udp_send_buffer", q.udp_send_buffer, 64 << 10, 256 << 20)?,
+            segmentation_offload: q.segmentation_offload,
+            stream_receive_window: self.range(
+                "quic.stream_receive_window",
+                q.stream_receive_window,
+                max_frame_bytes.min(1 << 20).max(4096),
+                64 << 20,
+            )?,
+            connection_receive_window: self.range(
+                "quic.connection_receive_window",
+                q.connection_receive_window,
+                4096,
+                256 << 20,
+            )?,
+            send_window: self.range("quic.send_window", q.send_window, 4096, 1 << 30)?,
+        };
+
+        let r = raw.rooms;
+        let rooms = RoomsConfig {
+            tick: self.duration("rooms.tick", r.tick, Duration::from_millis(1), Duration::from_secs(10))?,
+            viewer_cap_per_sec: self.range("rooms.viewer_cap_per_sec", r.viewer_cap_per_sec, 0, 100_000)?,
+            recent_messages: self.range("rooms.recent_messages", r.recent_messages, 0, 100_000)?,
+            viewer_queue_batches: self.range("rooms.viewer_queue_batches", r.viewer_queue_batches, 1, 100_000)?,
+            presence_interval: self.duration(
+                "rooms.presence_interval",
+                r.presence_interval,
+                Duration::from_millis(10),
+                Duration::from_secs(3600),
+            )?,
+            empty_room_linger: self.duration(
+                "rooms.empty_room_linger",
+                r.empty_room_linger,
+                Duration::ZERO,
+                Duration::from_secs(86_400),
+            )?,
+            inbox_capacity: self.range("rooms.inbox_capacity", r.inbox_capacity, 16, 10_000_000)?,
+        };
+
+        if raw.tenants.is_empty() {
+            return Err(self.err("tenants", "at least one tenant is needed, or no token can verify"));
+        }
+        let mut tenants = BTreeMap::new();
+        for (id, t) in raw.tenants {
+            let key = format!("tenants.{id}");
+            throng_wire::validate_room_name(&id)
+                .map_err(|e| self.err(&key, format!("bad tenant id: {}", e.replace("room name", "tenant id"))))?;
+            let tenant = match (t.hs256_secret, t.es256_public_key) {
+                (Some(secret), None) => {
+                    if secret.len() < 16 {
+                        return Err(self.err(
+                            format!("{key}.hs256_secret"),
+                            format!("is {} bytes; use at least 16", secret.len()),
+                        ));
+                    }
+                    TenantConfig::Hs256 {
+                        secret: secret.into_bytes(),
+                    }
+                }
+                (None, Some(path)) => {
+                    let path = self.path(path);
+                    let pem = std::fs::read(&path).map_err(|e| {
+                        self.err(format!("{key}.es256_public_key"), format!("cannot read {}: {e}", path.display()))
+                    })?;
+                    jsonwebtoken::DecodingKey::from_ec_pem(&pem).map_err(|e| {
+                        self.err(
+                            format!("{key}.es256_public_key"),
+                            format!("{} is not a PEM EC public key: {e}", path.display()),
+                        )
+                    })?;
+                    TenantConfig::Es256 { public_key_pem: pem }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(self.err(&key, "set one of hs256_secret or es256_public_key, not both"));
+                }
+                (None, None) => {
+                    return Err(self.err(&key, "needs hs256_secret or es256_public_key"));
+                }
+            };
+            tenants.insert(id, tenant);
+        }
+
+        Ok(Config {
+            listen,
+            data_dir,
+            tls,
+            limits,
+            quic,
+            rooms,
+            tenants,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", Path::new("/etc/throng"))
+    }
+
+    const TENANT: &str = "[tenants.acme]\nhs256_secret = \"0123456789abcdef\"\n";
+
+    #[test]
+    fn dev_defaults_parse() {
+        let c = Config::dev().unwrap();
+        assert_eq!(c.listen, "127.0.0.1:4433".parse().unwrap());
+        assert!(c.tenants.contains_key("dev"));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let e = parse(&format!("[limits]\nmax_conections = 5\n{TENANT}")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("limits.max_conections"), "{s}");
+        assert!(s.contains("unknown field"), "{s}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key_and_reason() {
+        let e = parse(&format!("[limits]\nmax_frame_bytes = 10\n{TENANT}")).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("limits.max_frame_bytes") && s.contains("out of range"), "{s}");
+
+        let e = parse(&format!("[server]\nlisten = \"nowhere\"\n{TENANT}")).unwrap_err();
+        assert!(e.to_string().contains("server.listen"), "{e}");
+
+        let e = parse(&format!("[rooms]\ntick = \"fast\"\n{TENANT}")).unwrap_err();
+        assert!(e.to_string().contains("rooms.tick"), "{e}");
+
+        let e = parse("[tenants.acme]\nhs256_secret = \"short\"\n").unwrap_err();
+        assert!(e.to_string().contains("tenants.acme.hs256_secret"), "{e}");
+
+        let e = parse("").unwrap_err();
+        assert!(e.to_string().contains("`tenants`"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let c = parse(&format!("[server]\ndata_dir = \"state\"\n{TENANT}")).unwrap();
+        assert_eq!(c.data_dir, Path::new("/etc/throng/state"));
+    }
+}

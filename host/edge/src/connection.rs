@@ -1,0 +1,424 @@
+//! One client connection: Hello, then control frames, and one writer task
+//! per joined room.
+//!
+//! ```text
+//! client ──control stream──▶ read loop ──Send──▶ room inbox
+//!        ◀─control stream─── control writer ◀── acks/rejections (rooms, read loop)
+//!        ◀─room stream────── room writer ◀── ViewerSlot ◀── room tick
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream};
+use throng_wire::{ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::auth::Grant;
+use crate::room::{Inbound, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
+
+/// Largest read from a stream at once; bounds buffering beyond one frame.
+const READ_CHUNK: usize = 64 * 1024;
+/// How long a fatal error frame gets to reach the client before the close.
+const LINGER_ON_ERROR: Duration = Duration::from_secs(1);
+
+/// A fatal condition: sent as an `Error` frame, then the connection closes.
+type Fatal = (ErrorCode, String);
+
+pub(crate) async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
+    let id = shared.next_connection_id();
+    let remote = incoming.remote_address();
+    let span = tracing::info_span!("conn", id, %remote, tenant = tracing::field::Empty, user = tracing::field::Empty);
+    async move {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "handshake failed");
+                metrics::counter!("throng_handshakes_failed_total").increment(1);
+                return;
+            }
+        };
+        metrics::counter!("throng_connections_total").increment(1);
+        metrics::gauge!("throng_connections").increment(1.0);
+        run(id, conn, &shared).await;
+        metrics::gauge!("throng_connections").decrement(1.0);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
+    let limits = &shared.config.limits;
+    let (send, recv) = match tokio::time::timeout(limits.hello_timeout, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "closed before opening a control stream");
+            return;
+        }
+        Err(_) => {
+            close(&conn, ErrorCode::Unauthenticated, "no control stream opened in time");
+            return;
+        }
+    };
+    let (reply, replies) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_control(send, replies, conn.clone(), limits.max_frame_bytes));
+    let mut reader = Reader {
+        recv,
+        buf: FrameBuffer::new(limits.max_frame_bytes),
+    };
+
+    let outcome = match tokio::time::timeout(limits.hello_timeout, reader.next()).await {
+        Err(_) => Err((ErrorCode::Unauthenticated, "no Hello within the hello timeout".into())),
+        Ok(Err(ReadError::Stream)) | Ok(Ok(None)) => Ok(None),
+        Ok(Err(ReadError::Decode(fatal))) => Err(fatal),
+        Ok(Ok(Some(ClientFrame::Hello { token }))) => shared
+            .auth
+            .verify(&token)
+            .map(Some)
+            .map_err(|e| (e.code(), e.to_string())),
+        Ok(Ok(Some(_))) => Err((ErrorCode::UnexpectedFrame, "the first frame must be Hello".into())),
+    };
+    let grant = match outcome {
+        Ok(Some(grant)) => grant,
+        Ok(None) => return,
+        Err(fatal) => {
+            tracing::info!(code = %fatal.0, reason = %fatal.1, "refused");
+            metrics::counter!("throng_auth_refused_total").increment(1);
+            let _ = reply.send(error_frame(fatal));
+            drop(reply);
+            let _ = writer.await;
+            return;
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("tenant", grant.session.tenant.as_str());
+    span.record("user", grant.session.user.as_str());
+    let _ = reply.send(EdgeFrame::Welcome {
+        session: grant.session.clone(),
+        limits: shared.wire_limits.clone(),
+    });
+
+    let mut session = Session {
+        id,
+        conn: conn.clone(),
+        shared,
+        rate_key: format!("{}\u{0}{}", grant.session.tenant, grant.session.user),
+        tenant: Arc::from(grant.session.tenant.as_str()),
+        user: Arc::from(grant.session.user.as_str()),
+        grant,
+        reply: reply.clone(),
+        joined: HashMap::new(),
+    };
+    loop {
+        let frame = tokio::select! {
+            _ = shared.shutdown.cancelled() => {
+                let _ = reply.send(error_frame((ErrorCode::ShuttingDown, "the edge is shutting down".into())));
+                break;
+            }
+            frame = reader.next() => frame,
+        };
+        match frame {
+            Ok(Some(frame)) => {
+                if let Err(fatal) = session.on_frame(frame).await {
+                    tracing::info!(code = %fatal.0, reason = %fatal.1, "closing on protocol error");
+                    let _ = reply.send(error_frame(fatal));
+                    break;
+                }
+            }
+            Ok(None) | Err(ReadError::Stream) => break,
+            Err(ReadError::Decode(fatal)) => {
+                tracing::info!(code = %fatal.0, reason = %fatal.1, "closing on bad frame");
+                metrics::counter!("throng_bad_frames_total").increment(1);
+                let _ = reply.send(error_frame(fatal));
+                break;
+            }
+        }
+    }
+    session.leave_all().await;
+    drop(session);
+    drop(reply);
+    // Rooms may still hold a reply sender for a tick; the writer also stops
+    // when the connection closes.
+    if tokio::time::timeout(LINGER_ON_ERROR * 2, writer).await.is_err() {
+        tracing::debug!("control writer did not finish in time");
+    }
+    conn.close(0u32.into(), b"bye");
+}
+
+fn error_frame((code, text): Fatal) -> EdgeFrame {
+    EdgeFrame::Error { code: code.code(), text }
+}
+
+fn close(conn: &Connection, code: ErrorCode, reason: &str) {
+    conn.close(u32::from(code.code()).into(), reason.as_bytes());
+}
+
+enum ReadError {
+    Decode(Fatal),
+    Stream,
+}
+
+struct Reader {
+    recv: RecvStream,
+    buf: FrameBuffer<ClientFrame>,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Result<Option<ClientFrame>, ReadError> {
+        loop {
+            if let Some(frame) = self
+                .buf
+                .next_frame()
+                .map_err(|e| ReadError::Decode((e.code(), e.to_string())))?
+            {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.buf.extend(&chunk.bytes),
+                Ok(None) => {
+                    return self
+                        .buf
+                        .finish()
+                        .map(|()| None)
+                        .map_err(|e| ReadError::Decode((e.code(), e.to_string())));
+                }
+                Err(_) => return Err(ReadError::Stream),
+            }
+        }
+    }
+}
+
+/// Writes replies to the control stream. A fatal `Error` is the last frame:
+/// the stream is finished, the client gets a moment to read it, then the
+/// connection closes with the error's code.
+async fn write_control(
+    mut send: SendStream,
+    mut replies: mpsc::UnboundedReceiver<EdgeFrame>,
+    conn: Connection,
+    max_frame: u32,
+) {
+    // Acks and errors must not queue behind room batches.
+    let _ = send.set_priority(10);
+    loop {
+        let frame = tokio::select! {
+            f = replies.recv() => match f { Some(f) => f, None => break },
+            _ = conn.closed() => return,
+        };
+        let fatal = match &frame {
+            EdgeFrame::Error { code, text } => ErrorCode::from_code(*code)
+                .filter(|c| c.is_fatal())
+                .map(|c| (c, text.clone())),
+            _ => None,
+        };
+        let bytes = match encode(&frame, max_frame) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "reply does not fit a frame");
+                continue;
+            }
+        };
+        if send.write_chunk(bytes).await.is_err() {
+            return;
+        }
+        if let Some((code, text)) = fatal {
+            let _ = send.finish();
+            let _ = tokio::time::timeout(LINGER_ON_ERROR, send.stopped()).await;
+            close(&conn, code, &text);
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+struct JoinedRoom {
+    handle: RoomHandle,
+}
+
+struct Session<'a> {
+    id: u64,
+    conn: Connection,
+    shared: &'a Arc<Shared>,
+    grant: Grant,
+    tenant: Arc<str>,
+    user: Arc<str>,
+    rate_key: String,
+    reply: ReplyTx,
+    joined: HashMap<String, JoinedRoom>,
+}
+
+impl Session<'_> {
+    async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
+        match frame {
+            ClientFrame::Hello { .. } => {
+                return Err((ErrorCode::UnexpectedFrame, "Hello was already received".into()));
+            }
+            ClientFrame::Join { room, resume_from } => self.join(room, resume_from).await,
+            ClientFrame::Leave { room } => match self.joined.remove(&room) {
+                Some(r) => r.handle.leave(self.id).await,
+                None => {
+                    let _ = self.reply.send(EdgeFrame::Error {
+                        code: ErrorCode::NotJoined.code(),
+                        text: format!("not in room `{room}`"),
+                    });
+                }
+            },
+            ClientFrame::Send {
+                room,
+                kind,
+                body,
+                client_msg_id,
+            } => {
+                let refuse = |code: ErrorCode, reason: String| EdgeFrame::Rejected {
+                    client_msg_id,
+                    code: code.code(),
+                    reason,
+                };
+                let limits = &self.shared.config.limits;
+                let Some(joined) = self.joined.get(&room) else {
+                    let _ = self.reply.send(refuse(ErrorCode::NotJoined, format!("join `{room}` before sending")));
+                    return Ok(());
+                };
+                let verdict = if body.len() > limits.max_body_bytes as usize {
+                    Err((ErrorCode::BodyTooLarge, format!("body is {} bytes; the limit is {}", body.len(), limits.max_body_bytes)))
+                } else if !self.grant.session.role.may_send(kind) {
+                    Err((
+                        ErrorCode::Forbidden,
+                        format!("role {} may not send {} messages", self.grant.session.role.as_str(), kind.as_str()),
+                    ))
+                } else if self.shared.limiter.check_key(&self.rate_key).is_err() {
+                    metrics::counter!("throng_rate_limited_total").increment(1);
+                    Err((ErrorCode::RateLimited, "send rate exceeded; slow down".into()))
+                } else {
+                    let inbound = Inbound {
+                        sender: Arc::clone(&self.user),
+                        kind,
+                        body,
+                        client_msg_id,
+                        reply: self.reply.clone(),
+                    };
+                    joined.handle.send(inbound).map_err(|(_, e)| match e {
+                        RoomError::Overloaded => (ErrorCode::RateLimited, "room is overloaded; retry later".into()),
+                        RoomError::ShuttingDown => (ErrorCode::ShuttingDown, "the edge is shutting down".into()),
+                    })
+                };
+                if let Err((code, reason)) = verdict {
+                    let _ = self.reply.send(refuse(code, reason));
+                }
+            }
+            ClientFrame::Ping { nonce } => {
+                let _ = self.reply.send(EdgeFrame::Pong { nonce });
+            }
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self, room: String, resume_from: Option<u64>) {
+        let limits = &self.shared.config.limits;
+        let refusal = if let Err(e) = validate_room_name(&room) {
+            Some((ErrorCode::BadRoomName, e))
+        } else if self.joined.contains_key(&room) {
+            Some((ErrorCode::UnexpectedFrame, format!("already in room `{room}`")))
+        } else if !self.grant.may_join(&room) {
+            Some((ErrorCode::Forbidden, format!("token does not allow room `{room}`")))
+        } else if self.joined.len() >= limits.max_rooms_per_connection as usize {
+            Some((
+                ErrorCode::TooManyRooms,
+                format!("already in {} rooms, the limit", self.joined.len()),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, text)) = refusal {
+            let _ = self.reply.send(EdgeFrame::JoinRefused {
+                room,
+                code: code.code(),
+                text,
+            });
+            return;
+        }
+        let Ok(stream) = self.conn.open_uni().await else {
+            return; // the connection is gone; the read loop will notice
+        };
+        let key = RoomKey {
+            tenant: Arc::clone(&self.tenant),
+            name: Arc::from(room.as_str()),
+        };
+        let slot = ViewerSlot::new(self.shared.config.rooms.viewer_queue_batches);
+        let (handle, info) = match self.shared.rooms.join(&key, self.id, Arc::clone(&slot), resume_from).await {
+            Ok(joined) => joined,
+            Err(e) => {
+                let _ = self.reply.send(EdgeFrame::JoinRefused {
+                    room,
+                    code: ErrorCode::ShuttingDown.code(),
+                    text: e.to_string(),
+                });
+                return;
+            }
+        };
+        let joined_frame = joined_frame(&room, info.online, info.recent, limits.max_frame_bytes);
+        let max_frame = limits.max_frame_bytes;
+        tokio::spawn(write_room(stream, joined_frame, slot, max_frame).in_current_span());
+        self.joined.insert(room, JoinedRoom { handle });
+    }
+
+    async fn leave_all(&mut self) {
+        for (_, r) in self.joined.drain() {
+            r.handle.leave(self.id).await;
+        }
+    }
+}
+
+/// The first frame of a room stream. Recent messages that would not fit in
+/// one frame are dropped oldest first.
+fn joined_frame(room: &str, online: u64, mut recent: Vec<Message>, max_frame: u32) -> Bytes {
+    loop {
+        let frame = EdgeFrame::Joined {
+            room: room.to_owned(),
+            online,
+            recent,
+        };
+        if let Ok(bytes) = encode(&frame, max_frame) {
+            return bytes;
+        }
+        let EdgeFrame::Joined { recent: r, .. } = frame else {
+            return Bytes::new();
+        };
+        recent = r;
+        if recent.is_empty() {
+            // Room names are bounded well below a frame; this cannot happen.
+            return Bytes::new();
+        }
+        let drop = (recent.len() / 4).max(1);
+        recent.drain(..drop);
+    }
+}
+
+/// Drains one viewer's slot into its room stream.
+async fn write_room(mut stream: SendStream, joined: Bytes, slot: Arc<ViewerSlot>, max_frame: u32) {
+    if stream.write_chunk(joined).await.is_err() {
+        slot.close();
+        return;
+    }
+    while let Some((deliveries, missed)) = slot.next().await {
+        for (i, d) in deliveries.iter().enumerate() {
+            let frame = if i == 0 && missed > 0 {
+                // Rare path: this viewer fell behind, so it gets its own copy
+                // saying how many batches it lost.
+                let mut batch = d.batch.clone();
+                batch.missed = missed;
+                encode(&EdgeFrame::Batch(batch), max_frame).unwrap_or_else(|_| d.frame.clone())
+            } else {
+                d.frame.clone()
+            };
+            if stream.write_chunk(frame).await.is_err() {
+                slot.close();
+                return;
+            }
+        }
+    }
+    let _ = stream.finish();
+}

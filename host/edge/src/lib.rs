@@ -1,0 +1,257 @@
+//! The Throng edge host as a library: QUIC termination, auth, rooms, config.
+//!
+//! # Layout
+//!
+//! - [`config`]: edge-config TOML → validated [`Config`] (two phases, errors name the key).
+//! - [`tls`]: the configured certificate, or a self-signed dev one in the data dir.
+//! - [`auth`]: JWT → [`auth::Grant`] (tenant, user, role, room pattern).
+//! - `connection`: one task per QUIC connection: Hello, control frames, one
+//!   writer per joined room.
+//! - [`room`]: one actor per room; ticks, asks the [`policy`], encodes one
+//!   batch, queues it for every member.
+//! - [`policy`]: the per-room decision of what goes out ([`policy::NativePolicy`] for now).
+//!
+//! [`Edge::start`] binds the UDP socket, starts the accept loop and returns a
+//! handle; [`Edge::shutdown`] stops accepting, tells every connection, and
+//! waits for connections and rooms to finish.
+
+pub mod auth;
+pub mod config;
+mod connection;
+pub mod policy;
+pub mod room;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Config, ConfigError};
+
+use crate::auth::Authenticator;
+use crate::room::Rooms;
+
+/// Why the edge could not start.
+#[derive(Debug, Error)]
+pub enum EdgeError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad transport setting: {0}")]
+    Transport(String),
+    #[error("bad tenant key: {0}")]
+    TenantKey(String),
+}
+
+/// State every connection shares.
+pub(crate) struct Shared {
+    config: Config,
+    auth: Authenticator,
+    rooms: Arc<Rooms>,
+    limiter: DefaultKeyedRateLimiter<String>,
+    wire_limits: throng_wire::Limits,
+    shutdown: CancellationToken,
+    next_connection: AtomicU64,
+}
+
+impl Shared {
+    fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A running edge host.
+#[derive(Debug)]
+pub struct Edge {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    cert_path: PathBuf,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+    rooms: Arc<Rooms>,
+}
+
+impl Edge {
+    /// Binds the listener and starts serving. Returns once the socket is bound.
+    pub async fn start(config: Config) -> Result<Edge, EdgeError> {
+        let identity = tls::identity(&config)?;
+        let crypto = tls::server_crypto(&identity)?;
+        let mut server = quinn::ServerConfig::with_crypto(crypto);
+        server.transport_config(Arc::new(transport(&config)?));
+
+        let socket = bind_udp(&config)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| EdgeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| EdgeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let shutdown = CancellationToken::new();
+        let rooms = Rooms::new(config.rooms.clone(), config.limits.max_frame_bytes, shutdown.clone());
+        let l = &config.limits;
+        let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
+        let wire_limits = throng_wire::Limits {
+            max_frame_bytes: l.max_frame_bytes,
+            max_body_bytes: l.max_body_bytes,
+            max_rooms: l.max_rooms_per_connection,
+            send_rate_per_sec: l.send_rate_per_sec,
+            send_burst: l.send_burst,
+            idle_timeout_ms: config.quic.idle_timeout.as_millis() as u64,
+        };
+        let shared = Arc::new(Shared {
+            auth: Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?,
+            rooms: Arc::clone(&rooms),
+            limiter: RateLimiter::keyed(quota),
+            wire_limits,
+            shutdown: shutdown.clone(),
+            next_connection: AtomicU64::new(1),
+            config,
+        });
+        let connections = TaskTracker::new();
+        tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared), connections.clone()));
+        tokio::spawn(housekeeping(Arc::clone(&shared)));
+        tracing::info!(quic = %local_addr, cert = %identity.cert_path.display(), "edge ready");
+        Ok(Edge {
+            endpoint,
+            local_addr,
+            cert_path: identity.cert_path,
+            shutdown,
+            connections,
+            rooms,
+        })
+    }
+
+    /// The address the QUIC listener is bound to (the real port for `:0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The certificate clients should trust.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert_path
+    }
+
+    /// Rooms alive on this edge.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// Stops accepting, tells every client, waits (bounded) for connections
+    /// and rooms to finish.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.connections.close();
+        let drain = async {
+            self.connections.wait().await;
+            self.rooms.drained().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            tracing::warn!("shutdown: some connections did not finish in 5 s");
+        }
+        self.endpoint.close(u32::from(throng_wire::ErrorCode::ShuttingDown.code()).into(), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, connections: TaskTracker) {
+    let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections as usize));
+    loop {
+        let incoming = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+        };
+        match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => {
+                connections.spawn(connection::serve(incoming, Arc::clone(&shared), permit));
+            }
+            Err(_) => {
+                metrics::counter!("throng_connections_refused_total").increment(1);
+                tracing::warn!(remote = %incoming.remote_address(), "at max_connections; refusing");
+                incoming.refuse();
+            }
+        }
+    }
+}
+
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut every = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = every.tick() => {
+                // Forget rate-limit state of users who have been quiet long
+                // enough for their bucket to be full again.
+                shared.limiter.retain_recent();
+                shared.limiter.shrink_to_fit();
+            }
+        }
+    }
+}
+
+/// Transport settings for many mostly idle viewers: the client may open one
+/// bidirectional (control) stream and no unidirectional ones, and its
+/// receive windows are small, because quinn sizes per-connection state from
+/// these limits.
+fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
+    let q = &config.quic;
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(q.stream_receive_window.into())
+        .receive_window(q.connection_receive_window.into())
+        .send_window(q.send_window)
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(q.idle_timeout).map_err(|e| EdgeError::Transport(e.to_string()))?,
+        ))
+        .keep_alive_interval(q.keep_alive)
+        .datagram_receive_buffer_size(None)
+        .enable_segmentation_offload(q.segmentation_offload);
+    Ok(t)
+}
+
+fn bind_udp(config: &Config) -> Result<std::net::UdpSocket, EdgeError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let addr = config.listen;
+    let err = |source| EdgeError::Bind { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        // Dual-stack when bound to [::], so IPv4 clients reach it too.
+        let _ = socket.set_only_v6(false);
+    }
+    // The kernel may clamp these (net.core.rmem_max); log what we got.
+    let _ = socket.set_recv_buffer_size(config.quic.udp_recv_buffer);
+    let _ = socket.set_send_buffer_size(config.quic.udp_send_buffer);
+    tracing::debug!(
+        recv = socket.recv_buffer_size().unwrap_or(0),
+        send = socket.send_buffer_size().unwrap_or(0),
+        "UDP socket buffers"
+    );
+    socket.bind(&addr.into()).map_err(err)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,518 @@
+//! Rooms: one actor task per room, ticking.
+//!
+//! Connections talk to a room through its [`RoomHandle`] (join, leave, send).
+//! Each tick the room asks its [`Policy`] what goes out, acks every sender,
+//! builds one [`Batch`], encodes it **once**, and pushes the same bytes into
+//! every member's [`ViewerSlot`]. A connection task drains each slot into
+//! that room's QUIC stream for that viewer; a viewer that cannot keep up loses
+//! its oldest batches (counted as `missed`) instead of stalling the room.
+//!
+//! Rooms are keyed by tenant and name ([`RoomKey`]), so tenant A's `lobby`
+//! is not tenant B's. An empty room lingers (keeping its recent messages for
+//! reconnects), then retires; [`Rooms::join`] retries if it raced a retiring
+//! room.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use throng_wire::{Batch, Counters, EdgeFrame, ErrorCode, Kind, Message, encode};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RoomsConfig;
+use crate::policy::{InboundMeta, NativePolicy, Policy, RoomStats};
+
+/// Where a room sends acks and rejections for a sender's connection.
+pub type ReplyTx = mpsc::UnboundedSender<EdgeFrame>;
+
+/// A room's identity on this edge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoomKey {
+    pub tenant: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl std::fmt::Display for RoomKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.name)
+    }
+}
+
+/// A message waiting for the room's next tick.
+#[derive(Debug)]
+pub struct Inbound {
+    pub sender: Arc<str>,
+    pub kind: Kind,
+    pub body: Vec<u8>,
+    pub client_msg_id: u64,
+    pub reply: ReplyTx,
+}
+
+/// What a joiner learns: who is online, and what was said recently.
+#[derive(Debug)]
+pub struct JoinInfo {
+    pub online: u64,
+    pub recent: Vec<Message>,
+}
+
+/// One encoded batch frame, shared by every member it goes to.
+#[derive(Debug)]
+pub struct Delivery {
+    pub frame: Bytes,
+    /// Kept so a lagging viewer's copy can be re-encoded with its `missed` count.
+    pub batch: Batch,
+}
+
+/// A viewer's bounded outbound queue for one room.
+#[derive(Debug)]
+pub struct ViewerSlot {
+    state: Mutex<SlotState>,
+    notify: Notify,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct SlotState {
+    queue: VecDeque<Arc<Delivery>>,
+    missed: u64,
+    closed: bool,
+}
+
+impl ViewerSlot {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SlotState::default()),
+            notify: Notify::new(),
+            capacity: capacity.max(1),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // A panic while holding this lock leaves only a queue of Arcs behind,
+        // which is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a batch; if the queue is full the oldest is dropped and counted.
+    pub fn push(&self, delivery: Arc<Delivery>) {
+        let mut s = self.lock();
+        if s.closed {
+            return;
+        }
+        if s.queue.len() >= self.capacity {
+            s.queue.pop_front();
+            s.missed += 1;
+            metrics::counter!("throng_viewer_batches_missed_total").increment(1);
+        }
+        s.queue.push_back(delivery);
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// No more batches: the writer drains what is queued and finishes.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
+    }
+
+    /// Waits for queued batches; returns them with the count missed before
+    /// them, or `None` once closed and drained.
+    pub async fn next(&self) -> Option<(Vec<Arc<Delivery>>, u64)> {
+        loop {
+            {
+                let mut s = self.lock();
+                if !s.queue.is_empty() {
+                    let missed = std::mem::take(&mut s.missed);
+                    return Some((s.queue.drain(..).collect(), missed));
+                }
+                if s.closed {
+                    return None;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Why a room operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("the room's inbox is full")]
+    Overloaded,
+    #[error("the edge is shutting down")]
+    ShuttingDown,
+}
+
+enum Command {
+    Join {
+        member: u64,
+        slot: Arc<ViewerSlot>,
+        resume_from: Option<u64>,
+        reply: oneshot::Sender<JoinInfo>,
+    },
+    Leave {
+        member: u64,
+    },
+    Send(Inbound),
+}
+
+/// A connection's way to one room it has joined.
+#[derive(Debug, Clone)]
+pub struct RoomHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Join { member, .. } => write!(f, "Join({member})"),
+            Command::Leave { member } => write!(f, "Leave({member})"),
+            Command::Send(m) => write!(f, "Send({})", m.client_msg_id),
+        }
+    }
+}
+
+impl RoomHandle {
+    /// Queues a message for the next tick without waiting.
+    pub fn send(&self, inbound: Inbound) -> Result<(), (Inbound, RoomError)> {
+        self.tx.try_send(Command::Send(inbound)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(Command::Send(m)) => (m, RoomError::Overloaded),
+            mpsc::error::TrySendError::Closed(Command::Send(m)) => (m, RoomError::ShuttingDown),
+            // try_send hands back the command it was given, which was a Send.
+            _ => unreachable!("try_send returned a different command"),
+        })
+    }
+
+    /// Leaves the room; waits for inbox space so a leave is never lost.
+    pub async fn leave(&self, member: u64) {
+        let _ = self.tx.send(Command::Leave { member }).await;
+    }
+}
+
+/// Every room on this edge.
+#[derive(Debug)]
+pub struct Rooms {
+    map: Mutex<HashMap<RoomKey, (u64, mpsc::Sender<Command>)>>,
+    next_id: AtomicU64,
+    config: RoomsConfig,
+    max_frame: u32,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Rooms {
+    pub fn new(config: RoomsConfig, max_frame: u32, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            map: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            config,
+            max_frame,
+            shutdown,
+            tasks: tokio_util::task::TaskTracker::new(),
+        })
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<RoomKey, (u64, mpsc::Sender<Command>)>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rooms currently alive on this edge.
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn handle(self: &Arc<Self>, key: &RoomKey) -> Result<mpsc::Sender<Command>, RoomError> {
+        if self.shutdown.is_cancelled() {
+            return Err(RoomError::ShuttingDown);
+        }
+        let mut map = self.map();
+        if let Some((_, tx)) = map.get(key) {
+            return Ok(tx.clone());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.inbox_capacity);
+        map.insert(key.clone(), (id, tx.clone()));
+        drop(map);
+        let room = Room::new(key.clone(), id, &self.config, self.max_frame);
+        self.tasks.spawn(room.run(rx, Arc::clone(self)));
+        metrics::gauge!("throng_rooms").increment(1.0);
+        Ok(tx)
+    }
+
+    /// Joins `member` to the room, creating the room if needed.
+    pub async fn join(
+        self: &Arc<Self>,
+        key: &RoomKey,
+        member: u64,
+        slot: Arc<ViewerSlot>,
+        resume_from: Option<u64>,
+    ) -> Result<(RoomHandle, JoinInfo), RoomError> {
+        // A room retiring between our lookup and our command drops the reply;
+        // the next lookup then makes a fresh room. Bounded, because a retiring
+        // room leaves the map before it stops reading.
+        for _ in 0..16 {
+            let tx = self.handle(key)?;
+            let (reply, answer) = oneshot::channel();
+            let cmd = Command::Join {
+                member,
+                slot: Arc::clone(&slot),
+                resume_from,
+                reply,
+            };
+            if tx.send(cmd).await.is_err() {
+                continue;
+            }
+            if let Ok(info) = answer.await {
+                return Ok((RoomHandle { tx }, info));
+            }
+        }
+        Err(RoomError::ShuttingDown)
+    }
+
+    /// Waits for every room task to stop after shutdown was signalled.
+    pub async fn drained(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Removes a retiring room if nothing is queued for it, under the map
+    /// lock, so no joiner can find it afterwards.
+    fn retire(&self, key: &RoomKey, id: u64, rx: &mpsc::Receiver<Command>) -> bool {
+        let mut map = self.map();
+        if !rx.is_empty() {
+            return false;
+        }
+        if map.get(key).is_some_and(|(i, _)| *i == id) {
+            map.remove(key);
+        }
+        true
+    }
+}
+
+struct Room {
+    key: RoomKey,
+    id: u64,
+    members: HashMap<u64, Arc<ViewerSlot>>,
+    inbox: Vec<Inbound>,
+    policy: Box<dyn Policy>,
+    next_seq: u64,
+    tick: u64,
+    recent: VecDeque<Message>,
+    recent_cap: usize,
+    online_sent: u64,
+    presence_sent_at: Instant,
+    empty_since: Option<Instant>,
+    tick_interval: Duration,
+    presence_interval: Duration,
+    linger: Duration,
+    max_frame: u32,
+}
+
+impl Room {
+    fn new(key: RoomKey, id: u64, config: &RoomsConfig, max_frame: u32) -> Self {
+        Self {
+            key,
+            id,
+            members: HashMap::new(),
+            inbox: Vec::new(),
+            policy: Box::new(NativePolicy::new(config.viewer_cap_per_sec)),
+            next_seq: 1,
+            tick: 0,
+            recent: VecDeque::new(),
+            recent_cap: config.recent_messages,
+            online_sent: 0,
+            presence_sent_at: Instant::now(),
+            empty_since: Some(Instant::now()),
+            tick_interval: config.tick,
+            presence_interval: config.presence_interval,
+            linger: config.empty_room_linger,
+            max_frame,
+        }
+    }
+
+    #[tracing::instrument(name = "room", skip_all, fields(room = %self.key))]
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, rooms: Arc<Rooms>) {
+        let mut ticker = tokio::time::interval(self.tick_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = rooms.shutdown.cancelled() => break,
+                Some(cmd) = rx.recv() => self.handle(cmd),
+                _ = ticker.tick() => {
+                    self.run_tick();
+                    if self.empty_since.is_some_and(|t| t.elapsed() >= self.linger)
+                        && self.inbox.is_empty()
+                        && rooms.retire(&self.key, self.id, &rx)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        rx.close();
+        // Whatever slipped in before close: joiners retry elsewhere (their
+        // reply is dropped), leaves are moot.
+        while rx.try_recv().is_ok() {}
+        for slot in self.members.values() {
+            slot.close();
+        }
+        metrics::gauge!("throng_rooms").decrement(1.0);
+        tracing::debug!("room retired");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join {
+                member,
+                slot,
+                resume_from,
+                reply,
+            } => {
+                let after = resume_from.unwrap_or(0);
+                let recent = self.recent.iter().filter(|m| m.seq > after).cloned().collect();
+                if let Some(old) = self.members.insert(member, slot) {
+                    old.close();
+                }
+                self.empty_since = None;
+                let _ = reply.send(JoinInfo {
+                    online: self.members.len() as u64,
+                    recent,
+                });
+            }
+            Command::Leave { member } => {
+                if let Some(slot) = self.members.remove(&member) {
+                    slot.close();
+                }
+                if self.members.is_empty() {
+                    self.empty_since = Some(Instant::now());
+                }
+            }
+            Command::Send(inbound) => self.inbox.push(inbound),
+        }
+    }
+
+    fn run_tick(&mut self) {
+        self.tick += 1;
+        let online = self.members.len() as u64;
+        let presence_due =
+            online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
+        if self.inbox.is_empty() && !presence_due {
+            return;
+        }
+        let inbox = std::mem::take(&mut self.inbox);
+        let metas: Vec<InboundMeta> = inbox
+            .iter()
+            .map(|m| InboundMeta {
+                sender: Arc::clone(&m.sender),
+                kind: m.kind,
+                size: m.body.len() as u32,
+            })
+            .collect();
+        let stats = RoomStats {
+            tick: self.tick,
+            tick_interval: self.tick_interval,
+            online,
+        };
+        let plan = self.policy.plan_tick(&stats, &metas);
+
+        // Every accepted message gets a sequence number and an ack, delivered
+        // or not; delivered ones carry the same number to viewers.
+        let mut slots: Vec<Option<Message>> = Vec::with_capacity(inbox.len());
+        for m in inbox {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let _ = m.reply.send(EdgeFrame::Ack {
+                client_msg_id: m.client_msg_id,
+                seq,
+            });
+            slots.push(Some(Message {
+                seq,
+                sender: m.sender.to_string(),
+                kind: m.kind,
+                body: m.body,
+            }));
+        }
+        let mut messages = Vec::with_capacity(plan.deliver.len());
+        for i in plan.deliver {
+            // An index out of range or repeated is ignored: a plan never makes
+            // the host deliver something twice or invent a message.
+            if let Some(m) = slots.get_mut(i as usize).and_then(Option::take) {
+                messages.push(m);
+            }
+        }
+        for m in &messages {
+            if self.recent_cap > 0 {
+                if self.recent.len() == self.recent_cap {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(m.clone());
+            }
+        }
+        if messages.is_empty() && plan.counters == Counters::default() && !presence_due {
+            return;
+        }
+        self.online_sent = online;
+        self.presence_sent_at = Instant::now();
+        self.fan_out(messages, plan.counters, online);
+    }
+
+    /// Encodes the tick's batch once (split into frames if it is larger than
+    /// one frame may be) and queues the same bytes for every member.
+    fn fan_out(&mut self, messages: Vec<Message>, counters: Counters, online: u64) {
+        let budget = (self.max_frame as usize).saturating_sub(1024);
+        let mut chunks: Vec<Vec<Message>> = vec![Vec::new()];
+        let mut size = 0;
+        for m in messages {
+            let m_size = m.body.len() + m.sender.len() + 32;
+            let last = chunks.last().map(Vec::len).unwrap_or(0);
+            if last > 0 && size + m_size > budget {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += m_size;
+            if let Some(c) = chunks.last_mut() {
+                c.push(m);
+            }
+        }
+        let mut counters = Some(counters);
+        for chunk in chunks {
+            let batch = Batch {
+                room: self.key.name.to_string(),
+                tick: self.tick,
+                messages: chunk,
+                counters: counters.take().unwrap_or_default(),
+                online,
+                missed: 0,
+            };
+            let framed = EdgeFrame::Batch(batch);
+            let encoded = encode(&framed, self.max_frame);
+            let EdgeFrame::Batch(batch) = framed else {
+                continue;
+            };
+            let frame = match encoded {
+                Ok(f) => f,
+                Err(e) => {
+                    // Body limits keep a message well under a frame, so this
+                    // is a bug, not bad input; drop the batch and say so.
+                    tracing::error!(error = %e, code = %ErrorCode::Internal, "batch does not fit a frame");
+                    continue;
+                }
+            };
+            let delivery = Arc::new(Delivery { frame, batch });
+            for slot in self.members.values() {
+                slot.push(Arc::clone(&delivery));
+            }
+            metrics::counter!("throng_batches_total").increment(1);
+            metrics::counter!("throng_frames_queued_total").increment(self.members.len() as u64);
+        }
+    }
+}

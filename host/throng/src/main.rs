@@ -1,0 +1,299 @@
+//! The `throng` command: run an edge, mint dev tokens, talk to an edge.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use throng_client::{Client, ClientError, ConnectOptions};
+use throng_edge::auth::{Claims, sign, unix_now};
+use throng_edge::{Config, Edge};
+use throng_wire::{Kind, Role};
+
+#[derive(Parser)]
+#[command(name = "throng", version, about = "Throng: an edge host for livecast rooms over QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the edge host. Prints one ready line to stdout; logs go to stderr.
+    Serve {
+        /// Config file; without it the embedded dev defaults are used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override server.listen, e.g. 127.0.0.1:0 for a free port.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override server.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Print a JWT signed with a tenant's key from the config.
+    Token {
+        /// Config file; without it the embedded dev defaults are used.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+        /// Rooms the token may join: a pattern with * and ? wildcards.
+        #[arg(long, default_value = "*")]
+        rooms: String,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// PEM private key, for tenants configured with an ES256 public key.
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Connect to an edge as a client.
+    Client {
+        /// Edge address, host:port.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        server: String,
+        /// Certificate to trust (the ready line prints it).
+        #[arg(long)]
+        cert: PathBuf,
+        /// JWT from `throng token`.
+        #[arg(long, env = "THRONG_TOKEN")]
+        token: String,
+        #[command(subcommand)]
+        action: ClientAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientAction {
+    /// Print what a room delivers.
+    Listen {
+        room: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per delivered message.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send messages to a room and print each ack or rejection.
+    Send {
+        room: String,
+        text: String,
+        #[arg(long, default_value = "chat")]
+        kind: Kind,
+        /// How many times to send it.
+        #[arg(long, default_value_t = 1)]
+        repeat: u64,
+        /// Messages per second when repeating.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    match path {
+        Some(p) => Config::load(p).with_context(|| format!("invalid config {}", p.display())),
+        None => Config::dev().context("invalid embedded dev config"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(config, listen, data_dir).await,
+        Command::Token {
+            config,
+            tenant,
+            user,
+            role,
+            rooms,
+            ttl,
+            key,
+        } => {
+            let config = load_config(config.as_deref())?;
+            let tenant_config = config
+                .tenants
+                .get(&tenant)
+                .with_context(|| format!("tenant `{tenant}` is not in the config"))?;
+            let private = key
+                .map(|p| std::fs::read(&p).with_context(|| format!("cannot read key {}", p.display())))
+                .transpose()?;
+            let claims = Claims {
+                tenant,
+                sub: user,
+                role: role.as_str().to_owned(),
+                rooms,
+                exp: unix_now() + ttl.as_secs(),
+            };
+            let token = sign(&claims, tenant_config, private.as_deref()).map_err(anyhow::Error::msg)?;
+            println!("{token}");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Client {
+            server,
+            cert,
+            token,
+            action,
+        } => {
+            let roots = throng_client::tls::load_certs(&cert)?;
+            let client = Client::connect(ConnectOptions::new(server.clone(), roots, token))
+                .await
+                .with_context(|| format!("cannot connect to {server}"))?;
+            let code = match action {
+                ClientAction::Listen { room, count, json } => listen(&client, &room, count, json).await?,
+                ClientAction::Send {
+                    room,
+                    text,
+                    kind,
+                    repeat,
+                    rate,
+                } => send(&client, &room, &text, kind, repeat, rate).await?,
+            };
+            client.close();
+            Ok(code)
+        }
+    }
+}
+
+async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> Result<std::process::ExitCode> {
+    let mut config = load_config(config.as_deref())?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let edge = Edge::start(config).await.context("cannot start the edge")?;
+    let cert = std::fs::canonicalize(edge.cert_path()).unwrap_or_else(|_| edge.cert_path().to_owned());
+    println!("throng ready quic={} cert={}", edge.local_addr(), cert.display());
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    edge.shutdown().await;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.context("cannot watch Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("cannot watch Ctrl-C")?;
+    Ok(())
+}
+
+async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> Result<std::process::ExitCode> {
+    let mut stream = client.join(room).await.with_context(|| format!("cannot join `{room}`"))?;
+    eprintln!("joined {room}: {} online, {} recent", stream.online, stream.recent.len());
+    let mut seen = 0u64;
+    if count == Some(0) {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    while let Some(batch) = stream.next_batch().await {
+        let batch = batch.with_context(|| format!("room `{room}` failed"))?;
+        if !json && (batch.counters.likes > 0 || batch.counters.gifts > 0) {
+            println!(
+                "[{room}] likes +{} gifts +{} ({} online)",
+                batch.counters.likes, batch.counters.gifts, batch.online
+            );
+        }
+        if !json && batch.missed > 0 {
+            println!("[{room}] missed {} batches", batch.missed);
+        }
+        for m in &batch.messages {
+            let body = String::from_utf8_lossy(&m.body);
+            if json {
+                let line = serde_json::json!({
+                    "room": batch.room,
+                    "tick": batch.tick,
+                    "seq": m.seq,
+                    "sender": m.sender,
+                    "kind": m.kind.as_str(),
+                    "body": body,
+                    "counters": { "likes": batch.counters.likes, "gifts": batch.counters.gifts },
+                    "online": batch.online,
+                    "missed": batch.missed,
+                });
+                println!("{line}");
+            } else {
+                println!("[{room} #{}] {} ({}): {body}", m.seq, m.sender, m.kind.as_str());
+            }
+            seen += 1;
+            if count.is_some_and(|c| seen >= c) {
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+        }
+    }
+    bail!("the edge ended room `{room}` after {seen} messages")
+}
+
+async fn send(client: &Client, room: &str, text: &str, kind: Kind, repeat: u64, rate: f64) -> Result<std::process::ExitCode> {
+    if !(rate > 0.0 && rate.is_finite()) {
+        bail!("--rate must be a positive number");
+    }
+    let _room = client.join(room).await.with_context(|| format!("cannot join `{room}`"))?;
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut pending = Vec::new();
+    for _ in 0..repeat {
+        ticker.tick().await;
+        pending.push(client.submit(room, kind, text.as_bytes().to_vec()).await?);
+    }
+    let mut rejected = 0u64;
+    for p in pending {
+        match p.ack().await {
+            Ok(ack) => println!("ack id={} seq={}", ack.client_msg_id, ack.seq),
+            Err(ClientError::Rejected {
+                client_msg_id, raw, reason, ..
+            }) => {
+                rejected += 1;
+                println!("rejected id={client_msg_id} code={raw}: {reason}");
+            }
+            Err(e) => return Err(e).context("lost the edge before every ack arrived"),
+        }
+    }
+    Ok(if rejected == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(2)
+    })
+}

@@ -1,0 +1,214 @@
+//! The frames of protocol `throng/1`.
+//!
+//! Field order is the encoding (postcard is not self-describing): add new
+//! variants at the end of an enum, and never reorder fields.
+
+use serde::{Deserialize, Serialize};
+
+use crate::MAX_ROOM_NAME;
+
+/// What a chat message is. Policies treat kinds differently (host messages
+/// are never dropped; likes fold into counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Chat,
+    Like,
+    Gift,
+    /// From the room's host; only the `host` and `moderator` roles may send it.
+    Host,
+    /// From the service; only the `host` and `moderator` roles may send it.
+    System,
+}
+
+impl Kind {
+    /// Every kind, in wire order.
+    pub const ALL: [Kind; 5] = [Kind::Chat, Kind::Like, Kind::Gift, Kind::Host, Kind::System];
+
+    /// The lowercase name used in config, CLI and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat",
+            Kind::Like => "like",
+            Kind::Gift => "gift",
+            Kind::Host => "host",
+            Kind::System => "system",
+        }
+    }
+
+    /// Whether only privileged roles may send this kind.
+    pub fn is_privileged(self) -> bool {
+        matches!(self, Kind::Host | Kind::System)
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown kind `{s}` (expected chat, like, gift, host or system)"))
+    }
+}
+
+/// A user's role in a tenant, from the token's `role` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Viewer,
+    Host,
+    Moderator,
+}
+
+impl Role {
+    /// The lowercase name used in tokens and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Host => "host",
+            Role::Moderator => "moderator",
+        }
+    }
+
+    /// Whether this role may send `kind`.
+    pub fn may_send(self, kind: Kind) -> bool {
+        !kind.is_privileged() || matches!(self, Role::Host | Role::Moderator)
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "host" => Ok(Role::Host),
+            "moderator" => Ok(Role::Moderator),
+            _ => Err(format!("unknown role `{s}` (expected viewer, host or moderator)")),
+        }
+    }
+}
+
+/// Client → edge, on the control stream. The first frame must be `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// Authenticates the connection with a JWT.
+    Hello { token: String },
+    /// Joins a room. With `resume_from`, the edge replays what it still has
+    /// after that sequence number.
+    Join {
+        room: String,
+        resume_from: Option<u64>,
+    },
+    /// Leaves a room; the edge finishes the room's stream.
+    Leave { room: String },
+    /// Sends a message to a joined room. `client_msg_id` comes back in the
+    /// `Ack` or `Rejected` that answers it.
+    Send {
+        room: String,
+        kind: Kind,
+        body: Vec<u8>,
+        client_msg_id: u64,
+    },
+    /// Liveness check; answered by `Pong` with the same nonce.
+    Ping { nonce: u64 },
+}
+
+/// Who the edge believes the client is, echoed in `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub tenant: String,
+    pub user: String,
+    pub role: Role,
+}
+
+/// The limits the edge enforces on this connection, announced in `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_frame_bytes: u32,
+    pub max_body_bytes: u32,
+    pub max_rooms: u32,
+    /// Sustained messages per second the user may send (across connections).
+    pub send_rate_per_sec: u32,
+    /// Messages the user may send in a burst above the sustained rate.
+    pub send_burst: u32,
+    pub idle_timeout_ms: u64,
+}
+
+/// One message as delivered to viewers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Per-room sequence number, increasing; gaps are messages a policy did
+    /// not deliver.
+    pub seq: u64,
+    pub sender: String,
+    pub kind: Kind,
+    pub body: Vec<u8>,
+}
+
+/// Aggregates a policy folds out of individual messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Likes received this tick.
+    pub likes: u64,
+    /// Gifts received this tick.
+    pub gifts: u64,
+}
+
+/// What one room delivered in one tick: encoded once, written to every member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub room: String,
+    pub tick: u64,
+    pub messages: Vec<Message>,
+    pub counters: Counters,
+    /// Members online in the room at this tick.
+    pub online: u64,
+    /// Batches this viewer did not receive because it fell behind.
+    pub missed: u64,
+}
+
+/// Edge → client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EdgeFrame {
+    /// Answers `Hello`: who the edge believes the client is, and the limits.
+    Welcome { session: Session, limits: Limits },
+    /// First frame of a room's stream: the room, who is online and what was
+    /// said recently.
+    Joined {
+        room: String,
+        online: u64,
+        recent: Vec<Message>,
+    },
+    /// A room's delivery for one tick, on the room's stream.
+    Batch(Batch),
+    /// The message was accepted and got sequence number `seq`.
+    Ack { client_msg_id: u64, seq: u64 },
+    /// The message was refused; `code` is an [`crate::ErrorCode`].
+    Rejected {
+        client_msg_id: u64,
+        code: u16,
+        reason: String,
+    },
+    /// An error; `code` is an [`crate::ErrorCode`]. Fatal codes end the connection.
+    Error { code: u16, text: String },
+    /// Answers `Ping`.
+    Pong { nonce: u64 },
+    /// A `Join` was refused; the connection stays open.
+    JoinRefused { room: String, code: u16, text: String },
+}
+
+/// Checks a room name: 1 to [`MAX_ROOM_NAME`] bytes of `[A-Za-z0-9._:-]`.
+pub fn validate_room_name(room: &str) -> Result<(), String> {
+    if room.is_empty() {
+        return Err("room name is empty".into());
+    }
+    if room.len() > MAX_ROOM_NAME {
+        return Err(format!("room name is {} bytes; the limit is {MAX_ROOM_NAME}", room.len()));
+    }
+    if let Some(c) = room
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
+    {
+        return Err(format!("room name has the character {c:?}; allowed are A-Z a-z 0-9 . _ : -"));
+    }
+    Ok(())
+}
