@@ -1,1 +1,114 @@
-//! End-to-end tests live in `tests/tests/`.
+//! Support for the end-to-end tests in `tests/tests/`: a real edge on
+//! `127.0.0.1:0` with its own data dir, tokens for its tenants, and clients.
+
+use std::time::Duration;
+
+use throng_client::{Client, ConnectOptions, RoomStream};
+use throng_edge::auth::{Claims, sign, unix_now};
+use throng_edge::config::TenantConfig;
+use throng_edge::{Config, Edge};
+use throng_wire::{Batch, Message};
+
+/// Two HS256 tenants with generous limits, so tests measure behaviour, not throttling.
+pub const TEST_CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+data_dir = "unused"
+
+[limits]
+max_rooms_per_connection = 4
+send_rate_per_sec = 100000
+send_burst = 100000
+hello_timeout = "2s"
+
+[rooms]
+tick = "10ms"
+viewer_cap_per_sec = 0
+empty_room_linger = "1s"
+
+[tenants.acme]
+hs256_secret = "acme-secret-0123456789"
+
+[tenants.globex]
+hs256_secret = "globex-secret-0123456789"
+"#;
+
+/// A running edge and the directory it keeps state in.
+#[allow(missing_debug_implementations)] // Edge holds no useful Debug for tests
+pub struct TestEdge {
+    pub edge: Edge,
+    pub config: Config,
+    _dir: tempfile::TempDir,
+}
+
+impl TestEdge {
+    /// Starts an edge on [`TEST_CONFIG`], adjusted by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestEdge {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::parse(TEST_CONFIG, "TEST_CONFIG", dir.path()).expect("test config");
+        config.data_dir = dir.path().to_owned();
+        tweak(&mut config);
+        let edge = Edge::start(config.clone()).await.expect("edge starts");
+        TestEdge {
+            edge,
+            config,
+            _dir: dir,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.edge.local_addr().to_string()
+    }
+
+    pub fn roots(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        throng_client::tls::load_certs(self.edge.cert_path()).expect("dev cert")
+    }
+
+    /// A token for `user` of `tenant` with `role`, allowed rooms `rooms`.
+    pub fn token(&self, tenant: &str, user: &str, role: &str, rooms: &str) -> String {
+        self.token_exp(tenant, user, role, rooms, unix_now() + 3600)
+    }
+
+    pub fn token_exp(&self, tenant: &str, user: &str, role: &str, rooms: &str, exp: u64) -> String {
+        let t: &TenantConfig = self.config.tenants.get(tenant).expect("known tenant");
+        let claims = Claims {
+            tenant: tenant.into(),
+            sub: user.into(),
+            role: role.into(),
+            rooms: rooms.into(),
+            exp,
+        };
+        sign(&claims, t, None).expect("sign")
+    }
+
+    pub fn options(&self, token: String) -> ConnectOptions {
+        ConnectOptions::new(self.addr(), self.roots(), token)
+    }
+
+    /// Connects a client as `user` of `tenant` with `role`, allowed every room.
+    pub async fn client(&self, tenant: &str, user: &str, role: &str) -> Client {
+        Client::connect(self.options(self.token(tenant, user, role, "*")))
+            .await
+            .expect("client connects")
+    }
+}
+
+/// Receives batches until `n` messages arrived (or `limit` passes), returning
+/// them with the batches they came in.
+pub async fn collect(room: &mut RoomStream, n: usize, limit: Duration) -> (Vec<Message>, Vec<Batch>) {
+    let mut messages = Vec::new();
+    let mut batches = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while messages.len() < n {
+            match room.next_batch().await {
+                Some(Ok(b)) => {
+                    messages.extend(b.messages.iter().cloned());
+                    batches.push(b);
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+    (messages, batches)
+}

@@ -25,9 +25,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
-use throng_wire::{
-    Batch, ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Kind, Limits, Message, Session, encode,
-};
+use throng_wire::{Batch, ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Kind, Limits, Message, Session, encode};
 use tokio::sync::{mpsc, oneshot};
 
 pub use throng_wire as wire;
@@ -196,7 +194,11 @@ impl Inner {
         let mut control = self.control.lock().await;
         if let Err(e) = control.write_chunk(bytes).await {
             drop(control);
-            return Err(self.pending().fatal.clone().unwrap_or(ClientError::Connection(e.to_string())));
+            return Err(self
+                .pending()
+                .fatal
+                .clone()
+                .unwrap_or(ClientError::Connection(e.to_string())));
         }
         Ok(())
     }
@@ -361,7 +363,9 @@ impl Client {
                 return Err(e.clone());
             }
             if p.joins.contains_key(room) {
-                return Err(ClientError::Protocol(format!("a join of `{room}` is already under way")));
+                return Err(ClientError::Protocol(format!(
+                    "a join of `{room}` is already under way"
+                )));
             }
             p.joins.insert(room.to_owned(), tx);
         }
@@ -426,7 +430,11 @@ impl Client {
     /// Resolves when the connection ends, with the reason.
     pub async fn closed(&self) -> ClientError {
         let e = self.conn.closed().await;
-        self.inner.pending().fatal.clone().unwrap_or(ClientError::from_connection(&e))
+        self.inner
+            .pending()
+            .fatal
+            .clone()
+            .unwrap_or(ClientError::from_connection(&e))
     }
 
     /// Closes the connection.
@@ -524,7 +532,9 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
                 tracing::warn!(error = %err, "edge reported an error");
             }
             other => {
-                inner.fail(ClientError::Protocol(format!("unexpected frame on the control stream: {other:?}")));
+                inner.fail(ClientError::Protocol(format!(
+                    "unexpected frame on the control stream: {other:?}"
+                )));
                 conn.close(u32::from(ErrorCode::UnexpectedFrame.code()).into(), b"unexpected frame");
                 return;
             }
@@ -570,7 +580,9 @@ async fn read_room(mut recv: RecvStream, inner: Arc<Inner>, conn: Connection, ma
             }
             Ok(Some(other)) => {
                 let _ = tx
-                    .send(Err(ClientError::Protocol(format!("unexpected frame on room `{room}`: {other:?}"))))
+                    .send(Err(ClientError::Protocol(format!(
+                        "unexpected frame on room `{room}`: {other:?}"
+                    ))))
                     .await;
                 return;
             }

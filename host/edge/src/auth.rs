@@ -288,6 +288,9 @@ mod tests {
         assert_eq!(a.verify(&unknown).unwrap_err().code(), ErrorCode::UnknownTenant);
         let mut c = claims(unix_now() + 60);
         c.role = "admin".into();
-        assert_eq!(a.verify(&sign(&c, &t, None).unwrap()).unwrap_err().code(), ErrorCode::TokenMalformed);
+        assert_eq!(
+            a.verify(&sign(&c, &t, None).unwrap()).unwrap_err().code(),
+            ErrorCode::TokenMalformed
+        );
     }
 }

@@ -295,10 +295,7 @@ impl Validator<'_> {
 
     fn duration(&self, key: &str, value: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
         if value < min || value > max {
-            return Err(self.err(
-                key,
-                format!("{value:?} is out of range; allowed {min:?} to {max:?}"),
-            ));
+            return Err(self.err(key, format!("{value:?} is out of range; allowed {min:?} to {max:?}")));
         }
         Ok(value)
     }
@@ -309,7 +306,10 @@ impl Validator<'_> {
 
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let listen: SocketAddr = raw.server.listen.parse().map_err(|e| {
-            self.err("server.listen", format!("`{}` is not an ip:port address: {e}", raw.server.listen))
+            self.err(
+                "server.listen",
+                format!("`{}` is not an ip:port address: {e}", raw.server.listen),
+            )
         })?;
         if raw.server.data_dir.as_os_str().is_empty() {
             return Err(self.err("server.data_dir", "must not be empty"));
@@ -321,8 +321,7 @@ impl Validator<'_> {
         });
 
         let l = raw.limits;
-        let max_frame_bytes =
-            self.range("limits.max_frame_bytes", l.max_frame_bytes, 1024, HARD_MAX_FRAME)?;
+        let max_frame_bytes = self.range("limits.max_frame_bytes", l.max_frame_bytes, 1024, HARD_MAX_FRAME)?;
         // A Send frame carries the room name and a few ids beside the body.
         let body_room = max_frame_bytes - 512;
         let limits = LimitsConfig {
@@ -355,7 +354,10 @@ impl Validator<'_> {
         let keep_alive = if q.keep_alive.is_zero() {
             None
         } else if q.keep_alive >= idle_timeout {
-            return Err(self.err("quic.keep_alive", "must be shorter than quic.idle_timeout (or 0s to disable)"));
+            return Err(self.err(
+                "quic.keep_alive",
+                "must be shorter than quic.idle_timeout (or 0s to disable)",
+            ));
         } else {
             Some(q.keep_alive)
         };
@@ -368,7 +370,7 @@ impl Validator<'_> {
             stream_receive_window: self.range(
                 "quic.stream_receive_window",
                 q.stream_receive_window,
-                max_frame_bytes.min(1 << 20).max(4096),
+                max_frame_bytes.clamp(4096, 1 << 20),
                 64 << 20,
             )?,
             connection_receive_window: self.range(
@@ -424,7 +426,10 @@ impl Validator<'_> {
                 (None, Some(path)) => {
                     let path = self.path(path);
                     let pem = std::fs::read(&path).map_err(|e| {
-                        self.err(format!("{key}.es256_public_key"), format!("cannot read {}: {e}", path.display()))
+                        self.err(
+                            format!("{key}.es256_public_key"),
+                            format!("cannot read {}: {e}", path.display()),
+                        )
                     })?;
                     jsonwebtoken::DecodingKey::from_ec_pem(&pem).map_err(|e| {
                         self.err(
@@ -485,7 +490,10 @@ mod tests {
     fn bad_value_names_the_key_and_reason() {
         let e = parse(&format!("[limits]\nmax_frame_bytes = 10\n{TENANT}")).unwrap_err();
         let s = e.to_string();
-        assert!(s.contains("limits.max_frame_bytes") && s.contains("out of range"), "{s}");
+        assert!(
+            s.contains("limits.max_frame_bytes") && s.contains("out of range"),
+            "{s}"
+        );
 
         let e = parse(&format!("[server]\nlisten = \"nowhere\"\n{TENANT}")).unwrap_err();
         assert!(e.to_string().contains("server.listen"), "{e}");

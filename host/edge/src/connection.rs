@@ -150,7 +150,10 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
 }
 
 fn error_frame((code, text): Fatal) -> EdgeFrame {
-    EdgeFrame::Error { code: code.code(), text }
+    EdgeFrame::Error {
+        code: code.code(),
+        text,
+    }
 }
 
 fn close(conn: &Connection, code: ErrorCode, reason: &str) {
@@ -279,15 +282,24 @@ impl Session<'_> {
                 };
                 let limits = &self.shared.config.limits;
                 let Some(joined) = self.joined.get(&room) else {
-                    let _ = self.reply.send(refuse(ErrorCode::NotJoined, format!("join `{room}` before sending")));
+                    let _ = self
+                        .reply
+                        .send(refuse(ErrorCode::NotJoined, format!("join `{room}` before sending")));
                     return Ok(());
                 };
                 let verdict = if body.len() > limits.max_body_bytes as usize {
-                    Err((ErrorCode::BodyTooLarge, format!("body is {} bytes; the limit is {}", body.len(), limits.max_body_bytes)))
+                    Err((
+                        ErrorCode::BodyTooLarge,
+                        format!("body is {} bytes; the limit is {}", body.len(), limits.max_body_bytes),
+                    ))
                 } else if !self.grant.session.role.may_send(kind) {
                     Err((
                         ErrorCode::Forbidden,
-                        format!("role {} may not send {} messages", self.grant.session.role.as_str(), kind.as_str()),
+                        format!(
+                            "role {} may not send {} messages",
+                            self.grant.session.role.as_str(),
+                            kind.as_str()
+                        ),
                     ))
                 } else if self.shared.limiter.check_key(&self.rate_key).is_err() {
                     metrics::counter!("throng_rate_limited_total").increment(1);
@@ -348,7 +360,12 @@ impl Session<'_> {
             name: Arc::from(room.as_str()),
         };
         let slot = ViewerSlot::new(self.shared.config.rooms.viewer_queue_batches);
-        let (handle, info) = match self.shared.rooms.join(&key, self.id, Arc::clone(&slot), resume_from).await {
+        let (handle, info) = match self
+            .shared
+            .rooms
+            .join(&key, self.id, Arc::clone(&slot), resume_from)
+            .await
+        {
             Ok(joined) => joined,
             Err(e) => {
                 let _ = self.reply.send(EdgeFrame::JoinRefused {

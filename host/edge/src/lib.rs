@@ -170,7 +170,10 @@ impl Edge {
         if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
             tracing::warn!("shutdown: some connections did not finish in 5 s");
         }
-        self.endpoint.close(u32::from(throng_wire::ErrorCode::ShuttingDown.code()).into(), b"shutting down");
+        self.endpoint.close(
+            u32::from(throng_wire::ErrorCode::ShuttingDown.code()).into(),
+            b"shutting down",
+        );
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }

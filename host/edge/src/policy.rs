@@ -44,19 +44,28 @@ pub trait Policy: Send + std::fmt::Debug {
 /// arrival order while the per-viewer budget lasts.
 ///
 /// Every viewer of a room sees the same batch, so the room's delivery rate is
-/// each viewer's rate: a budget refilled at `cap_per_sec` bounds both.
+/// each viewer's rate. The budget is a token bucket holding a quarter of the
+/// cap and refilled at the rest: any one-second window then holds at most
+/// `burst + refill = cap` messages, while a few messages arriving together
+/// in a quiet room still all go out.
 #[derive(Debug)]
 pub struct NativePolicy {
     cap_per_sec: u32,
+    burst: f64,
+    refill_per_sec: f64,
     credit: f64,
 }
 
 impl NativePolicy {
     /// `cap_per_sec == 0` delivers everything.
     pub fn new(cap_per_sec: u32) -> Self {
+        let cap = f64::from(cap_per_sec);
+        let burst = (cap / 4.0).floor().max(1.0).min(cap);
         Self {
             cap_per_sec,
-            credit: 0.0,
+            burst,
+            refill_per_sec: cap - burst,
+            credit: burst,
         }
     }
 }
@@ -66,10 +75,8 @@ impl Policy for NativePolicy {
         let mut plan = TickPlan::default();
         let capped = self.cap_per_sec > 0;
         if capped {
-            let per_tick = f64::from(self.cap_per_sec) * stats.tick_interval.as_secs_f64();
-            // Unused credit does not pile up beyond one tick's share (at
-            // least one message), so a quiet minute cannot become a burst.
-            self.credit = (self.credit + per_tick).min(per_tick.max(1.0));
+            let refill = self.refill_per_sec * stats.tick_interval.as_secs_f64();
+            self.credit = (self.credit + refill).min(self.burst);
         }
         // Host and system messages are never dropped and spend credit first
         // (possibly into debt), so the chat that follows keeps the bound.

@@ -403,8 +403,7 @@ impl Room {
     fn run_tick(&mut self) {
         self.tick += 1;
         let online = self.members.len() as u64;
-        let presence_due =
-            online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
+        let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.inbox.is_empty() && !presence_due {
             return;
         }

@@ -12,7 +12,11 @@ use throng_edge::{Config, Edge};
 use throng_wire::{Kind, Role};
 
 #[derive(Parser)]
-#[command(name = "throng", version, about = "Throng: an edge host for livecast rooms over QUIC")]
+#[command(
+    name = "throng",
+    version,
+    about = "Throng: an edge host for livecast rooms over QUIC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,7 +102,11 @@ enum ClientAction {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -190,7 +198,11 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     }
 }
 
-async fn serve(config: Option<PathBuf>, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> Result<std::process::ExitCode> {
+async fn serve(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> Result<std::process::ExitCode> {
     let mut config = load_config(config.as_deref())?;
     if let Some(listen) = listen {
         config.listen = listen;
@@ -223,8 +235,15 @@ async fn shutdown_signal() -> Result<()> {
 }
 
 async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> Result<std::process::ExitCode> {
-    let mut stream = client.join(room).await.with_context(|| format!("cannot join `{room}`"))?;
-    eprintln!("joined {room}: {} online, {} recent", stream.online, stream.recent.len());
+    let mut stream = client
+        .join(room)
+        .await
+        .with_context(|| format!("cannot join `{room}`"))?;
+    eprintln!(
+        "joined {room}: {} online, {} recent",
+        stream.online,
+        stream.recent.len()
+    );
     let mut seen = 0u64;
     if count == Some(0) {
         return Ok(std::process::ExitCode::SUCCESS);
@@ -267,11 +286,21 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
     bail!("the edge ended room `{room}` after {seen} messages")
 }
 
-async fn send(client: &Client, room: &str, text: &str, kind: Kind, repeat: u64, rate: f64) -> Result<std::process::ExitCode> {
+async fn send(
+    client: &Client,
+    room: &str,
+    text: &str,
+    kind: Kind,
+    repeat: u64,
+    rate: f64,
+) -> Result<std::process::ExitCode> {
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number");
     }
-    let _room = client.join(room).await.with_context(|| format!("cannot join `{room}`"))?;
+    let _room = client
+        .join(room)
+        .await
+        .with_context(|| format!("cannot join `{room}`"))?;
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let mut pending = Vec::new();
     for _ in 0..repeat {
@@ -283,7 +312,10 @@ async fn send(client: &Client, room: &str, text: &str, kind: Kind, repeat: u64, 
         match p.ack().await {
             Ok(ack) => println!("ack id={} seq={}", ack.client_msg_id, ack.seq),
             Err(ClientError::Rejected {
-                client_msg_id, raw, reason, ..
+                client_msg_id,
+                raw,
+                reason,
+                ..
             }) => {
                 rejected += 1;
                 println!("rejected id={client_msg_id} code={raw}: {reason}");

@@ -13,8 +13,8 @@ pub const LENGTH_PREFIX: usize = 4;
 /// The result is `Bytes` so one encoding can be written to many streams.
 pub fn encode<T: Serialize>(frame: &T, max: u32) -> Result<Bytes, EncodeError> {
     let mut out = vec![0u8; LENGTH_PREFIX];
-    let mut out = postcard::to_extend(frame, std::mem::take(&mut out))
-        .map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    let mut out =
+        postcard::to_extend(frame, std::mem::take(&mut out)).map_err(|e| EncodeError::Postcard(e.to_string()))?;
     let len = out.len() - LENGTH_PREFIX;
     if len > max.min(HARD_MAX_FRAME) as usize {
         return Err(EncodeError::TooLarge { len, max });
@@ -131,8 +131,7 @@ impl<T: DeserializeOwned> FrameBuffer<T> {
 
 /// Decodes one payload (no prefix), requiring every byte to be used.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
-    let (value, rest) =
-        postcard::take_from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }
@@ -176,7 +175,10 @@ mod tests {
         let d = FrameDecoder::new(100);
         let prefix = 101u32.to_be_bytes();
         assert_eq!(d.check(&prefix), Err(DecodeError::TooLarge { len: 101, max: 100 }));
-        assert_eq!(d.check(&u32::MAX.to_be_bytes()).unwrap_err().code(), crate::ErrorCode::FrameTooLarge);
+        assert_eq!(
+            d.check(&u32::MAX.to_be_bytes()).unwrap_err().code(),
+            crate::ErrorCode::FrameTooLarge
+        );
     }
 
     #[test]

@@ -94,10 +94,7 @@ pub enum ClientFrame {
     Hello { token: String },
     /// Joins a room. With `resume_from`, the edge replays what it still has
     /// after that sequence number.
-    Join {
-        room: String,
-        resume_from: Option<u64>,
-    },
+    Join { room: String, resume_from: Option<u64> },
     /// Leaves a room; the edge finishes the room's stream.
     Leave { room: String },
     /// Sends a message to a joined room. `client_msg_id` comes back in the
@@ -202,13 +199,18 @@ pub fn validate_room_name(room: &str) -> Result<(), String> {
         return Err("room name is empty".into());
     }
     if room.len() > MAX_ROOM_NAME {
-        return Err(format!("room name is {} bytes; the limit is {MAX_ROOM_NAME}", room.len()));
+        return Err(format!(
+            "room name is {} bytes; the limit is {MAX_ROOM_NAME}",
+            room.len()
+        ));
     }
     if let Some(c) = room
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
     {
-        return Err(format!("room name has the character {c:?}; allowed are A-Z a-z 0-9 . _ : -"));
+        return Err(format!(
+            "room name has the character {c:?}; allowed are A-Z a-z 0-9 . _ : -"
+        ));
     }
     Ok(())
 }

@@ -3,8 +3,7 @@
 use bytes::BytesMut;
 use proptest::prelude::*;
 use throng_wire::{
-    Batch, ClientFrame, Counters, EdgeFrame, FrameDecoder, Kind, Limits, Message, Role, Session,
-    encode,
+    Batch, ClientFrame, Counters, EdgeFrame, FrameDecoder, Kind, Limits, Message, Role, Session, encode,
 };
 
 const MAX: u32 = 1 << 20;
@@ -18,27 +17,45 @@ fn role() -> impl Strategy<Value = Role> {
 }
 
 fn message() -> impl Strategy<Value = Message> {
-    (any::<u64>(), ".{0,16}", kind(), prop::collection::vec(any::<u8>(), 0..64))
-        .prop_map(|(seq, sender, kind, body)| Message { seq, sender, kind, body })
+    (
+        any::<u64>(),
+        ".{0,16}",
+        kind(),
+        prop::collection::vec(any::<u8>(), 0..64),
+    )
+        .prop_map(|(seq, sender, kind, body)| Message {
+            seq,
+            sender,
+            kind,
+            body,
+        })
 }
 
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         ".{0,64}".prop_map(|token| ClientFrame::Hello { token }),
-        (".{0,32}", any::<Option<u64>>())
-            .prop_map(|(room, resume_from)| ClientFrame::Join { room, resume_from }),
+        (".{0,32}", any::<Option<u64>>()).prop_map(|(room, resume_from)| ClientFrame::Join { room, resume_from }),
         ".{0,32}".prop_map(|room| ClientFrame::Leave { room }),
-        (".{0,32}", kind(), prop::collection::vec(any::<u8>(), 0..256), any::<u64>()).prop_map(
-            |(room, kind, body, client_msg_id)| ClientFrame::Send { room, kind, body, client_msg_id }
-        ),
+        (
+            ".{0,32}",
+            kind(),
+            prop::collection::vec(any::<u8>(), 0..256),
+            any::<u64>()
+        )
+            .prop_map(|(room, kind, body, client_msg_id)| ClientFrame::Send {
+                room,
+                kind,
+                body,
+                client_msg_id
+            }),
         any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
     ]
 }
 
 fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
     prop_oneof![
-        (".{0,16}", ".{0,16}", role(), any::<[u32; 5]>(), any::<u64>()).prop_map(
-            |(tenant, user, role, l, idle)| EdgeFrame::Welcome {
+        (".{0,16}", ".{0,16}", role(), any::<[u32; 5]>(), any::<u64>()).prop_map(|(tenant, user, role, l, idle)| {
+            EdgeFrame::Welcome {
                 session: Session { tenant, user, role },
                 limits: Limits {
                     max_frame_bytes: l[0],
@@ -49,27 +66,33 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
                     idle_timeout_ms: idle,
                 },
             }
-        ),
+        }),
         (".{0,16}", any::<u64>(), prop::collection::vec(message(), 0..8))
             .prop_map(|(room, online, recent)| EdgeFrame::Joined { room, online, recent }),
-        (".{0,16}", any::<[u64; 5]>(), prop::collection::vec(message(), 0..8)).prop_map(
-            |(room, n, messages)| EdgeFrame::Batch(Batch {
+        (".{0,16}", any::<[u64; 5]>(), prop::collection::vec(message(), 0..8)).prop_map(|(room, n, messages)| {
+            EdgeFrame::Batch(Batch {
                 room,
                 tick: n[0],
                 messages,
-                counters: Counters { likes: n[1], gifts: n[2] },
+                counters: Counters {
+                    likes: n[1],
+                    gifts: n[2],
+                },
                 online: n[3],
                 missed: n[4],
             })
-        ),
+        }),
         any::<(u64, u64)>().prop_map(|(client_msg_id, seq)| EdgeFrame::Ack { client_msg_id, seq }),
         (any::<u64>(), any::<u16>(), ".{0,32}").prop_map(|(client_msg_id, code, reason)| {
-            EdgeFrame::Rejected { client_msg_id, code, reason }
+            EdgeFrame::Rejected {
+                client_msg_id,
+                code,
+                reason,
+            }
         }),
         (any::<u16>(), ".{0,32}").prop_map(|(code, text)| EdgeFrame::Error { code, text }),
         any::<u64>().prop_map(|nonce| EdgeFrame::Pong { nonce }),
-        (".{0,16}", any::<u16>(), ".{0,32}")
-            .prop_map(|(room, code, text)| EdgeFrame::JoinRefused { room, code, text }),
+        (".{0,16}", any::<u16>(), ".{0,32}").prop_map(|(room, code, text)| EdgeFrame::JoinRefused { room, code, text }),
     ]
 }
 
