@@ -1,0 +1,276 @@
+//! The default room policy, as plain Rust: what one tick of a room delivers.
+//!
+//! Used natively by the edge (its built-in and fallback policy) and compiled
+//! to Wasm in `modules/policy-default`, so both run the same algorithm.
+//!
+//! Per tick:
+//! 1. Refill the viewer budget: a token bucket holding a quarter of the cap
+//!    and refilled at the rest, so any one-second window holds at most
+//!    `cap` messages while a few messages arriving together still go out.
+//! 2. Host and system messages always go out (they spend budget, into debt
+//!    if need be, so what follows keeps the bound); the newest host message
+//!    is pinned.
+//! 3. Likes become a counter; gifts are counted by name.
+//! 4. Gifts, then chat, share the remaining budget round-robin across
+//!    senders: every sender's first message before anyone's second, so one
+//!    spammer cannot fill the screen.
+//! 5. Deliveries keep arrival order.
+
+use std::collections::HashMap;
+
+/// What a message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Chat,
+    Like,
+    Gift,
+    Host,
+    System,
+}
+
+/// What the policy knows of one inbound message.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta<'a> {
+    pub sender: u64,
+    pub kind: Kind,
+    pub size: u32,
+    pub received_ms: u64,
+    pub gift: &'a str,
+}
+
+/// One tick's decision.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Indices into the inbound list, ascending.
+    pub deliver: Vec<u32>,
+    pub likes: u64,
+    /// Gift name and count, in order of first appearance.
+    pub gifts: Vec<(String, u64)>,
+    /// Indices (also in `deliver`) to pin.
+    pub pinned: Vec<u32>,
+}
+
+/// Longest gift name counted; longer names are cut.
+pub const MAX_GIFT_NAME: usize = 32;
+
+/// The default policy's state for one room.
+#[derive(Debug, Clone)]
+pub struct DefaultPolicy {
+    cap_per_sec: u32,
+    burst: f64,
+    refill_per_sec: f64,
+    credit: f64,
+}
+
+impl DefaultPolicy {
+    /// `cap_per_sec == 0` turns the cap off.
+    pub fn new(cap_per_sec: u32) -> Self {
+        let cap = f64::from(cap_per_sec);
+        let burst = (cap / 4.0).floor().max(1.0).min(cap);
+        Self {
+            cap_per_sec,
+            burst,
+            refill_per_sec: cap - burst,
+            credit: burst,
+        }
+    }
+
+    /// Builds the policy from `key = value` params. Known key:
+    /// `cap_per_sec` (messages a viewer is shown per second; default 20; 0 = off).
+    pub fn from_params<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self, String> {
+        let mut cap = 20u32;
+        for (k, v) in params {
+            match k {
+                "cap_per_sec" => {
+                    cap = v
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("cap_per_sec: `{v}` is not a whole number"))?;
+                    if cap > 100_000 {
+                        return Err(format!("cap_per_sec: {cap} is above 100000"));
+                    }
+                }
+                other => return Err(format!("unknown param `{other}` (known: cap_per_sec)")),
+            }
+        }
+        Ok(Self::new(cap))
+    }
+
+    pub fn cap_per_sec(&self) -> u32 {
+        self.cap_per_sec
+    }
+
+    /// Decides one tick.
+    pub fn plan(&mut self, tick_ms: u32, inbound: &[Meta<'_>]) -> Plan {
+        let mut plan = Plan::default();
+        let capped = self.cap_per_sec > 0;
+        if capped {
+            let refill = self.refill_per_sec * f64::from(tick_ms) / 1000.0;
+            self.credit = (self.credit + refill).min(self.burst);
+        }
+        let mut gifts: Vec<usize> = Vec::new();
+        let mut chats: Vec<usize> = Vec::new();
+        let mut last_host = None;
+        for (i, m) in inbound.iter().enumerate() {
+            match m.kind {
+                Kind::Host | Kind::System => {
+                    plan.deliver.push(i as u32);
+                    if m.kind == Kind::Host {
+                        last_host = Some(i as u32);
+                    }
+                    if capped {
+                        self.credit -= 1.0;
+                    }
+                }
+                Kind::Like => plan.likes += 1,
+                Kind::Gift => {
+                    count_gift(&mut plan.gifts, m.gift);
+                    gifts.push(i);
+                }
+                Kind::Chat => chats.push(i),
+            }
+        }
+        plan.pinned.extend(last_host);
+        for group in [gifts, chats] {
+            if !capped {
+                plan.deliver.extend(group.iter().map(|&i| i as u32));
+                continue;
+            }
+            let room = self.credit.floor().max(0.0) as usize;
+            if room == 0 {
+                continue;
+            }
+            let picked = round_robin(inbound, &group, room);
+            self.credit -= picked.len() as f64;
+            plan.deliver.extend(picked);
+        }
+        plan.deliver.sort_unstable();
+        plan
+    }
+}
+
+fn count_gift(gifts: &mut Vec<(String, u64)>, name: &str) {
+    let mut end = name.len().min(MAX_GIFT_NAME);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let name = &name[..end];
+    match gifts.iter_mut().find(|(g, _)| g == name) {
+        Some((_, n)) => *n += 1,
+        None => gifts.push((name.to_owned(), 1)),
+    }
+}
+
+/// Up to `room` indices from `group`, taking each sender's n-th message only
+/// after every sender's (n-1)-th; senders in order of first appearance.
+fn round_robin(inbound: &[Meta<'_>], group: &[usize], room: usize) -> Vec<u32> {
+    if group.len() <= room {
+        return group.iter().map(|&i| i as u32).collect();
+    }
+    let mut order: Vec<u64> = Vec::new();
+    let mut by_sender: HashMap<u64, Vec<usize>> = HashMap::new();
+    for &i in group {
+        let s = inbound[i].sender;
+        by_sender
+            .entry(s)
+            .or_insert_with(|| {
+                order.push(s);
+                Vec::new()
+            })
+            .push(i);
+    }
+    let mut picked = Vec::with_capacity(room);
+    let mut round = 0;
+    while picked.len() < room {
+        let mut any = false;
+        for s in &order {
+            if let Some(&i) = by_sender[s].get(round) {
+                any = true;
+                picked.push(i as u32);
+                if picked.len() == room {
+                    break;
+                }
+            }
+        }
+        if !any {
+            break;
+        }
+        round += 1;
+    }
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(sender: u64, kind: Kind) -> Meta<'static> {
+        Meta {
+            sender,
+            kind,
+            size: 10,
+            received_ms: 0,
+            gift: if kind == Kind::Gift { "rose" } else { "" },
+        }
+    }
+
+    #[test]
+    fn uncapped_delivers_all_but_likes_and_counts() {
+        let mut p = DefaultPolicy::new(0);
+        let plan = p.plan(50, &[m(1, Kind::Chat), m(1, Kind::Like), m(2, Kind::Gift), m(3, Kind::Host)]);
+        assert_eq!(plan.deliver, vec![0, 2, 3]);
+        assert_eq!(plan.likes, 1);
+        assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
+        assert_eq!(plan.pinned, vec![3]);
+    }
+
+    #[test]
+    fn every_one_second_window_holds_at_most_the_cap() {
+        let mut p = DefaultPolicy::new(20);
+        let mut per_tick = Vec::new();
+        for tick in 0..100 {
+            let mut inbound = vec![m(tick % 7, Kind::Chat); 50];
+            if tick % 10 == 0 {
+                inbound.push(m(99, Kind::Host));
+            }
+            let plan = p.plan(100, &inbound);
+            if tick % 10 == 0 {
+                assert!(plan.deliver.contains(&50), "host message dropped at tick {tick}");
+            }
+            per_tick.push(plan.deliver.len());
+        }
+        for w in per_tick.windows(10) {
+            let n: usize = w.iter().sum();
+            assert!(n <= 20, "{n} in one second");
+        }
+        let total: usize = per_tick.iter().sum();
+        assert!(total >= 190, "the cap should be used: {total} in 10 s");
+    }
+
+    #[test]
+    fn a_spammer_cannot_fill_the_screen() {
+        let mut p = DefaultPolicy::new(20); // burst of 5 on the first tick
+        let mut inbound = vec![m(666, Kind::Chat); 100];
+        inbound.extend([m(1, Kind::Chat), m(2, Kind::Chat), m(3, Kind::Chat)]);
+        let plan = p.plan(1, &inbound);
+        assert_eq!(plan.deliver.len(), 5);
+        for quiet in [100, 101, 102] {
+            assert!(plan.deliver.contains(&quiet), "sender of #{quiet} was crowded out: {:?}", plan.deliver);
+        }
+    }
+
+    #[test]
+    fn gifts_come_before_chat_when_the_budget_is_short() {
+        let mut p = DefaultPolicy::new(4); // burst 1
+        let plan = p.plan(1, &[m(1, Kind::Chat), m(2, Kind::Gift)]);
+        assert_eq!(plan.deliver, vec![1]);
+        assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn params_are_checked() {
+        assert_eq!(DefaultPolicy::from_params([("cap_per_sec", "7")]).map(|p| p.cap_per_sec()), Ok(7));
+        assert!(DefaultPolicy::from_params([("cap_per_sec", "lots")]).is_err());
+        assert!(DefaultPolicy::from_params([("colour", "red")]).is_err());
+    }
+}
