@@ -11,6 +11,8 @@ use serde::Deserialize;
 use thiserror::Error;
 use throng_wire::{DEFAULT_MAX_FRAME, HARD_MAX_FRAME};
 
+use crate::wasm::{Budget, WasmSettings};
+
 /// The embedded defaults `throng serve` uses without `--config`.
 pub const DEV_CONFIG: &str = include_str!("../../../edge-config/dev.toml");
 
@@ -49,6 +51,49 @@ pub struct Config {
     pub quic: QuicConfig,
     pub rooms: RoomsConfig,
     pub tenants: BTreeMap<String, TenantConfig>,
+    pub wasm: WasmSettings,
+    /// Which policy a room runs: the first rule matching tenant and room wins;
+    /// without a match, the built-in policy with `rooms.viewer_cap_per_sec`.
+    pub policies: Vec<PolicyRule>,
+    /// Each tenant's filter chain, in order.
+    pub filters: BTreeMap<String, Vec<ModuleUse>>,
+}
+
+/// Where a module's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// Shipped inside the binary (`builtin:policy-default`).
+    Builtin(String),
+    /// A component file.
+    Path(PathBuf),
+    /// `sha256:<hex>`: `<data_dir>/modules/<hex>.wasm`, checked against the hash.
+    Hash(String),
+}
+
+/// A module and its params, with the config key that named it (for errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleUse {
+    pub key: String,
+    pub source: ModuleSource,
+    pub params: Vec<(String, String)>,
+}
+
+/// What policy a room runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyChoice {
+    /// The built-in policy, natively.
+    Native {
+        cap_per_sec: u32,
+    },
+    Module(ModuleUse),
+}
+
+/// `[[policy]]`: rooms matching `tenant` and `rooms` run `policy`.
+#[derive(Debug, Clone)]
+pub struct PolicyRule {
+    pub tenant: String,
+    pub rooms: String,
+    pub policy: PolicyChoice,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +159,67 @@ struct RawConfig {
     rooms: RawRooms,
     #[serde(default)]
     tenants: BTreeMap<String, RawTenant>,
+    #[serde(default)]
+    wasm: RawWasm,
+    #[serde(default)]
+    policy: Vec<RawPolicyRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWasm {
+    budget: String,
+    #[serde(with = "humantime_serde")]
+    call_budget: Duration,
+    fuel_per_call: u64,
+    max_module_bytes: usize,
+    policy_memory_bytes: usize,
+    filter_memory_bytes: usize,
+    max_instances: u32,
+    quarantine_after: u32,
+    #[serde(with = "humantime_serde")]
+    quarantine_window: Duration,
+}
+
+impl Default for RawWasm {
+    fn default() -> Self {
+        let d = WasmSettings::default();
+        Self {
+            budget: "epoch".into(),
+            call_budget: Duration::from_millis(5),
+            fuel_per_call: 50_000_000,
+            max_module_bytes: d.max_module_bytes,
+            policy_memory_bytes: d.policy_memory_bytes,
+            filter_memory_bytes: d.filter_memory_bytes,
+            max_instances: d.max_instances,
+            quarantine_after: d.quarantine_after,
+            quarantine_window: d.quarantine_window,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyRule {
+    #[serde(default = "star")]
+    tenant: String,
+    #[serde(default = "star")]
+    rooms: String,
+    module: String,
+    #[serde(default)]
+    params: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModuleUse {
+    module: String,
+    #[serde(default)]
+    params: BTreeMap<String, toml::Value>,
+}
+
+fn star() -> String {
+    "*".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +336,8 @@ impl Default for RawRooms {
 struct RawTenant {
     hs256_secret: Option<String>,
     es256_public_key: Option<PathBuf>,
+    #[serde(default)]
+    filters: Vec<RawModuleUse>,
 }
 
 // ---- phase two: what it means ----
@@ -406,9 +514,72 @@ impl Validator<'_> {
         if raw.tenants.is_empty() {
             return Err(self.err("tenants", "at least one tenant is needed, or no token can verify"));
         }
+        let w = raw.wasm;
+        let wasm = WasmSettings {
+            budget: match w.budget.as_str() {
+                "epoch" => Budget::Epoch(self.duration(
+                    "wasm.call_budget",
+                    w.call_budget,
+                    Duration::from_millis(1),
+                    Duration::from_secs(10),
+                )?),
+                "fuel" => Budget::Fuel(self.range("wasm.fuel_per_call", w.fuel_per_call, 10_000, 1 << 40)?),
+                other => return Err(self.err("wasm.budget", format!("`{other}`: expected \"epoch\" or \"fuel\""))),
+            },
+            max_module_bytes: self.range("wasm.max_module_bytes", w.max_module_bytes, 1 << 10, 1 << 30)?,
+            policy_memory_bytes: self.range("wasm.policy_memory_bytes", w.policy_memory_bytes, 1 << 16, 1 << 30)?,
+            filter_memory_bytes: self.range("wasm.filter_memory_bytes", w.filter_memory_bytes, 1 << 16, 4 << 30)?,
+            max_instances: self.range("wasm.max_instances", w.max_instances, 16, 1_000_000)?,
+            quarantine_after: self.range("wasm.quarantine_after", w.quarantine_after, 1, 1_000_000)?,
+            quarantine_window: self.duration(
+                "wasm.quarantine_window",
+                w.quarantine_window,
+                Duration::from_secs(1),
+                Duration::from_secs(86_400),
+            )?,
+        };
+
+        let mut policies = Vec::new();
+        for (i, rule) in raw.policy.into_iter().enumerate() {
+            let key = format!("policy[{i}]");
+            let params = self.params(&format!("{key}.params"), rule.params)?;
+            let policy = if rule.module == "native" {
+                let cap = throng_policy_core::DefaultPolicy::from_params(
+                    params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+                .map_err(|e| self.err(format!("{key}.params"), e))?
+                .cap_per_sec();
+                PolicyChoice::Native { cap_per_sec: cap }
+            } else {
+                PolicyChoice::Module(ModuleUse {
+                    source: self.module_source(&format!("{key}.module"), &rule.module, wasm.max_module_bytes)?,
+                    key: format!("{key}.module"),
+                    params,
+                })
+            };
+            policies.push(PolicyRule {
+                tenant: rule.tenant,
+                rooms: rule.rooms,
+                policy,
+            });
+        }
+
         let mut tenants = BTreeMap::new();
+        let mut filters = BTreeMap::new();
         for (id, t) in raw.tenants {
             let key = format!("tenants.{id}");
+            let mut chain = Vec::new();
+            for (i, f) in t.filters.into_iter().enumerate() {
+                let fkey = format!("{key}.filters[{i}]");
+                chain.push(ModuleUse {
+                    source: self.module_source(&format!("{fkey}.module"), &f.module, wasm.max_module_bytes)?,
+                    key: format!("{fkey}.module"),
+                    params: self.params(&format!("{fkey}.params"), f.params)?,
+                });
+            }
+            if !chain.is_empty() {
+                filters.insert(id.clone(), chain);
+            }
             throng_wire::validate_room_name(&id)
                 .map_err(|e| self.err(&key, format!("bad tenant id: {}", e.replace("room name", "tenant id"))))?;
             let tenant = match (t.hs256_secret, t.es256_public_key) {
@@ -457,7 +628,75 @@ impl Validator<'_> {
             quic,
             rooms,
             tenants,
+            wasm,
+            policies,
+            filters,
         })
+    }
+
+    fn params(&self, key: &str, raw: BTreeMap<String, toml::Value>) -> Result<Vec<(String, String)>, ConfigError> {
+        raw.into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Array(items) => items
+                        .into_iter()
+                        .map(|i| match i {
+                            toml::Value::String(s) => Ok(s),
+                            toml::Value::Integer(n) => Ok(n.to_string()),
+                            other => Err(self.err(
+                                format!("{key}.{k}"),
+                                format!("list items must be strings or numbers, not {}", other.type_str()),
+                            )),
+                        })
+                        .collect::<Result<Vec<_>, _>>()?
+                        .join(","),
+                    other => {
+                        return Err(self.err(
+                            format!("{key}.{k}"),
+                            format!("must be a string, number, boolean or list, not a {}", other.type_str()),
+                        ));
+                    }
+                };
+                Ok((k, v))
+            })
+            .collect()
+    }
+
+    fn module_source(&self, key: &str, text: &str, max_bytes: usize) -> Result<ModuleSource, ConfigError> {
+        if let Some(name) = text.strip_prefix("builtin:") {
+            if !throng_guest_artifacts::ALL.iter().any(|(n, _)| *n == name) {
+                let known: Vec<&str> = throng_guest_artifacts::ALL.iter().map(|(n, _)| *n).collect();
+                return Err(self.err(
+                    key,
+                    format!("no built-in module `{name}` (built in: {})", known.join(", ")),
+                ));
+            }
+            return Ok(ModuleSource::Builtin(name.to_owned()));
+        }
+        if let Some(hex) = text.strip_prefix("sha256:") {
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(self.err(key, "a sha256: reference needs 64 hex digits"));
+            }
+            return Ok(ModuleSource::Hash(hex.to_ascii_lowercase()));
+        }
+        let path = self.path(PathBuf::from(text));
+        let meta =
+            std::fs::metadata(&path).map_err(|e| self.err(key, format!("cannot read {}: {e}", path.display())))?;
+        if meta.len() > max_bytes as u64 {
+            return Err(self.err(
+                key,
+                format!(
+                    "{} is {} bytes; wasm.max_module_bytes is {max_bytes}",
+                    path.display(),
+                    meta.len()
+                ),
+            ));
+        }
+        Ok(ModuleSource::Path(path))
     }
 }
 

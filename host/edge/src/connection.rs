@@ -311,6 +311,7 @@ impl Session<'_> {
                         body,
                         client_msg_id,
                         reply: self.reply.clone(),
+                        received_ms: crate::unix_now_ms(),
                     };
                     joined.handle.send(inbound).map_err(|(_, e)| match e {
                         RoomError::Overloaded => (ErrorCode::RateLimited, "room is overloaded; retry later".into()),

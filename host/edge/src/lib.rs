@@ -9,7 +9,11 @@
 //!   writer per joined room.
 //! - [`room`]: one actor per room; ticks, asks the [`policy`], encodes one
 //!   batch, queues it for every member.
-//! - [`policy`]: the per-room decision of what goes out ([`policy::NativePolicy`] for now).
+//! - [`policy`]: the per-room decision of what goes out: the built-in
+//!   [`policy::NativePolicy`] or an operator's Wasm module with a native fallback.
+//! - [`filter`]: a tenant's Wasm message filters, one instance per tenant.
+//! - [`wasm`]: the engine, module cache, per-call budgets and limits.
+//! - [`modules`]: which module runs where (edge-config), reloadable.
 //!
 //! [`Edge::start`] binds the UDP socket, starts the accept loop and returns a
 //! handle; [`Edge::shutdown`] stops accepting, tells every connection, and
@@ -18,9 +22,12 @@
 pub mod auth;
 pub mod config;
 mod connection;
+pub mod filter;
+pub mod modules;
 pub mod policy;
 pub mod room;
 pub mod tls;
+pub mod wasm;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -37,7 +44,17 @@ use tokio_util::task::TaskTracker;
 pub use config::{Config, ConfigError};
 
 use crate::auth::Authenticator;
-use crate::room::Rooms;
+use crate::modules::{ModuleError, ModuleSet};
+use crate::room::{Rooms, RoomsSetup};
+use crate::wasm::{WasmError, WasmRuntime, WasmStats};
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Why the edge could not start.
 #[derive(Debug, Error)]
@@ -54,6 +71,10 @@ pub enum EdgeError {
     Transport(String),
     #[error("bad tenant key: {0}")]
     TenantKey(String),
+    #[error(transparent)]
+    Wasm(#[from] WasmError),
+    #[error("cannot load module {0}")]
+    Module(#[from] ModuleError),
 }
 
 /// State every connection shares.
@@ -82,6 +103,9 @@ pub struct Edge {
     shutdown: CancellationToken,
     connections: TaskTracker,
     rooms: Arc<Rooms>,
+    runtime: Arc<WasmRuntime>,
+    modules: tokio::sync::watch::Sender<Arc<ModuleSet>>,
+    reload: tokio::sync::Mutex<()>,
 }
 
 impl Edge {
@@ -108,8 +132,18 @@ impl Edge {
             source,
         })?;
 
+        let runtime = WasmRuntime::new(config.wasm.clone())?;
+        let modules = ModuleSet::load(&config, &runtime, None).await?;
+        let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));
         let shutdown = CancellationToken::new();
-        let rooms = Rooms::new(config.rooms.clone(), config.limits.max_frame_bytes, shutdown.clone());
+        let rooms = Rooms::new(RoomsSetup {
+            config: config.rooms.clone(),
+            max_frame: config.limits.max_frame_bytes,
+            max_body: config.limits.max_body_bytes,
+            runtime: Arc::clone(&runtime),
+            modules: modules_rx,
+            shutdown: shutdown.clone(),
+        });
         let l = &config.limits;
         let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
         let wire_limits = throng_wire::Limits {
@@ -140,7 +174,28 @@ impl Edge {
             shutdown,
             connections,
             rooms,
+            runtime,
+            modules,
+            reload: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Applies the modules of a new config (policies and filters) to running
+    /// rooms: each room swaps at its next tick boundary, viewers stay
+    /// connected. Other settings need a restart. On error nothing changes.
+    pub async fn reload(&self, config: &Config) -> Result<u64, EdgeError> {
+        let _one_at_a_time = self.reload.lock().await;
+        let current = Arc::clone(&self.modules.borrow());
+        let next = ModuleSet::load(config, &self.runtime, Some(&current)).await?;
+        let generation = next.generation;
+        self.modules.send_replace(Arc::new(next));
+        tracing::info!(generation, "modules reloaded");
+        Ok(generation)
+    }
+
+    /// Guest failure counters.
+    pub fn wasm_stats(&self) -> &Arc<WasmStats> {
+        self.runtime.stats()
     }
 
     /// The address the QUIC listener is bound to (the real port for `:0`).

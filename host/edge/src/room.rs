@@ -13,18 +13,31 @@
 //! room.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use throng_wire::{Batch, Counters, EdgeFrame, ErrorCode, Kind, Message, encode};
-use tokio::sync::{Notify, mpsc, oneshot};
+
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RoomsConfig;
-use crate::policy::{InboundMeta, NativePolicy, Policy, RoomStats};
+use crate::filter::TenantFilter;
+use crate::modules::{ModuleSet, ResolvedPolicy};
+use crate::policy::{InboundMeta, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
+use crate::wasm::WasmRuntime;
+use crate::wasm::bindings::{self, RoomStats, Verdict};
 
 /// Where a room sends acks and rejections for a sender's connection.
 pub type ReplyTx = mpsc::UnboundedSender<EdgeFrame>;
@@ -50,7 +63,12 @@ pub struct Inbound {
     pub body: Vec<u8>,
     pub client_msg_id: u64,
     pub reply: ReplyTx,
+    /// When the edge received it, milliseconds since the Unix epoch.
+    pub received_ms: u64,
 }
+
+/// Longest filter rejection reason passed on to a sender.
+const MAX_REASON: usize = 256;
 
 /// What a joiner learns: who is online, and what was said recently.
 #[derive(Debug)]
@@ -200,18 +218,35 @@ pub struct Rooms {
     next_id: AtomicU64,
     config: RoomsConfig,
     max_frame: u32,
+    max_body: u32,
+    runtime: Arc<WasmRuntime>,
+    modules: watch::Receiver<Arc<ModuleSet>>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
 
+/// What every room on an edge shares.
+#[derive(Debug)]
+pub struct RoomsSetup {
+    pub config: RoomsConfig,
+    pub max_frame: u32,
+    pub max_body: u32,
+    pub runtime: Arc<WasmRuntime>,
+    pub modules: watch::Receiver<Arc<ModuleSet>>,
+    pub shutdown: CancellationToken,
+}
+
 impl Rooms {
-    pub fn new(config: RoomsConfig, max_frame: u32, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(setup: RoomsSetup) -> Arc<Self> {
         Arc::new(Self {
             map: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            config,
-            max_frame,
-            shutdown,
+            config: setup.config,
+            max_frame: setup.max_frame,
+            max_body: setup.max_body,
+            runtime: setup.runtime,
+            modules: setup.modules,
+            shutdown: setup.shutdown,
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -241,7 +276,7 @@ impl Rooms {
         let (tx, rx) = mpsc::channel(self.config.inbox_capacity);
         map.insert(key.clone(), (id, tx.clone()));
         drop(map);
-        let room = Room::new(key.clone(), id, &self.config, self.max_frame);
+        let room = Room::new(key.clone(), id, self);
         self.tasks.spawn(room.run(rx, Arc::clone(self)));
         metrics::gauge!("throng_rooms").increment(1.0);
         Ok(tx)
@@ -302,7 +337,13 @@ struct Room {
     id: u64,
     members: HashMap<u64, Arc<ViewerSlot>>,
     inbox: Vec<Inbound>,
-    policy: Box<dyn Policy>,
+    policy: RoomPolicy,
+    filters: Vec<Arc<TenantFilter>>,
+    modules: watch::Receiver<Arc<ModuleSet>>,
+    runtime: Arc<WasmRuntime>,
+    /// Keys the sender hashes policies see (stable for this room's life).
+    sender_keys: std::collections::hash_map::RandomState,
+    label: Arc<str>,
     next_seq: u64,
     tick: u64,
     recent: VecDeque<Message>,
@@ -314,16 +355,26 @@ struct Room {
     presence_interval: Duration,
     linger: Duration,
     max_frame: u32,
+    max_body: u32,
 }
 
 impl Room {
-    fn new(key: RoomKey, id: u64, config: &RoomsConfig, max_frame: u32) -> Self {
+    fn new(key: RoomKey, id: u64, rooms: &Rooms) -> Self {
+        let config = &rooms.config;
+        let mut modules = rooms.modules.clone();
+        // The first tick picks the room's policy and filters from the set.
+        modules.mark_changed();
         Self {
+            label: Arc::from(key.to_string().as_str()),
             key,
             id,
             members: HashMap::new(),
             inbox: Vec::new(),
-            policy: Box::new(NativePolicy::new(config.viewer_cap_per_sec)),
+            policy: RoomPolicy::Native(NativePolicy::new(config.viewer_cap_per_sec)),
+            filters: Vec::new(),
+            modules,
+            runtime: Arc::clone(&rooms.runtime),
+            sender_keys: std::collections::hash_map::RandomState::new(),
             next_seq: 1,
             tick: 0,
             recent: VecDeque::new(),
@@ -334,7 +385,8 @@ impl Room {
             tick_interval: config.tick,
             presence_interval: config.presence_interval,
             linger: config.empty_room_linger,
-            max_frame,
+            max_frame: rooms.max_frame,
+            max_body: rooms.max_body,
         }
     }
 
@@ -348,7 +400,7 @@ impl Room {
                 _ = rooms.shutdown.cancelled() => break,
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = ticker.tick() => {
-                    self.run_tick();
+                    self.run_tick().await;
                     if self.empty_since.is_some_and(|t| t.elapsed() >= self.linger)
                         && self.inbox.is_empty()
                         && rooms.retire(&self.key, self.id, &rx)
@@ -400,28 +452,123 @@ impl Room {
         }
     }
 
-    fn run_tick(&mut self) {
+    /// Picks up a changed module set at this tick boundary.
+    async fn apply_modules(&mut self) {
+        if !self.modules.has_changed().unwrap_or(false) {
+            return;
+        }
+        let set = Arc::clone(&self.modules.borrow_and_update());
+        self.filters = set.filters_for(&self.key.tenant).to_vec();
+        let wanted = set.policy_for(&self.key.tenant, &self.key.name);
+        let same = match (wanted, &self.policy) {
+            (ResolvedPolicy::Native { cap_per_sec }, RoomPolicy::Native(p)) => p.cap_per_sec() == *cap_per_sec,
+            (ResolvedPolicy::Wasm { module, params }, RoomPolicy::Wasm(w)) => {
+                w.module().hash() == module.hash() && w.params() == params.as_slice()
+            }
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        self.policy = match wanted {
+            ResolvedPolicy::Native { cap_per_sec } => RoomPolicy::Native(NativePolicy::new(*cap_per_sec)),
+            ResolvedPolicy::Wasm { module, params } => {
+                let cap = throng_policy_core::DefaultPolicy::from_params(
+                    params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+                .map(|p| p.cap_per_sec())
+                .unwrap_or(set.default_cap());
+                let policy = WasmPolicy::new(
+                    Arc::clone(&self.runtime),
+                    Arc::clone(module),
+                    params.clone(),
+                    Arc::clone(&self.label),
+                    NativePolicy::new(cap),
+                )
+                .await;
+                RoomPolicy::Wasm(Box::new(policy))
+            }
+        };
+        tracing::info!(generation = set.generation, policy = ?self.policy, "room policy set");
+    }
+
+    /// Runs the tenant's filters over the inbox, one call per filter for the
+    /// whole batch; rejected senders are told why.
+    async fn filter(&mut self, mut inbox: Vec<Inbound>) -> Vec<Inbound> {
+        for filter in &self.filters {
+            if inbox.is_empty() {
+                break;
+            }
+            // Bodies move into the call's batch and back out: no copy here.
+            let batch: Vec<bindings::Message> = inbox
+                .iter_mut()
+                .map(|m| bindings::Message {
+                    sender: m.sender.to_string(),
+                    kind: wit_kind(m.kind),
+                    body: std::mem::take(&mut m.body),
+                })
+                .collect();
+            let verdicts = filter.run(&batch).await;
+            for (m, b) in inbox.iter_mut().zip(batch) {
+                m.body = b.body;
+            }
+            let Some(verdicts) = verdicts else { continue };
+            let mut kept = Vec::with_capacity(inbox.len());
+            for (mut m, verdict) in inbox.into_iter().zip(verdicts) {
+                match verdict {
+                    Verdict::Accept => kept.push(m),
+                    Verdict::Reject(reason) => {
+                        metrics::counter!("throng_messages_filtered_total").increment(1);
+                        let _ = m.reply.send(EdgeFrame::Rejected {
+                            client_msg_id: m.client_msg_id,
+                            code: ErrorCode::Filtered.code(),
+                            reason: cut(&reason, MAX_REASON).to_owned(),
+                        });
+                    }
+                    Verdict::Rewrite(body) => {
+                        // A rewrite may not exceed what a client could send.
+                        if body.len() <= self.max_body as usize {
+                            m.body = body;
+                        }
+                        kept.push(m);
+                    }
+                }
+            }
+            inbox = kept;
+        }
+        inbox
+    }
+
+    async fn run_tick(&mut self) {
         self.tick += 1;
+        self.apply_modules().await;
         let online = self.members.len() as u64;
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.inbox.is_empty() && !presence_due {
             return;
         }
         let inbox = std::mem::take(&mut self.inbox);
+        let inbox = self.filter(inbox).await;
         let metas: Vec<InboundMeta> = inbox
             .iter()
             .map(|m| InboundMeta {
-                sender: Arc::clone(&m.sender),
-                kind: m.kind,
+                sender: self.sender_keys.hash_one(&*m.sender),
+                kind: wit_kind(m.kind),
                 size: m.body.len() as u32,
+                received_ms: m.received_ms,
+                gift: if m.kind == Kind::Gift {
+                    String::from_utf8_lossy(&m.body[..m.body.len().min(throng_policy_core::MAX_GIFT_NAME)]).into_owned()
+                } else {
+                    String::new()
+                },
             })
             .collect();
         let stats = RoomStats {
             tick: self.tick,
-            tick_interval: self.tick_interval,
+            tick_ms: tick_ms(self.tick_interval),
             online,
         };
-        let plan = self.policy.plan_tick(&stats, &metas);
+        let plan = self.policy.plan_tick(&stats, &metas).await;
 
         // Every accepted message gets a sequence number and an ack, delivered
         // or not; delivered ones carry the same number to viewers.
@@ -440,10 +587,15 @@ impl Room {
                 body: m.body,
             }));
         }
+        let pinned: Vec<u64> = plan
+            .pinned
+            .iter()
+            .filter_map(|&i| slots.get(i as usize).and_then(|s| s.as_ref()).map(|m| m.seq))
+            .collect();
         let mut messages = Vec::with_capacity(plan.deliver.len());
         for i in plan.deliver {
-            // An index out of range or repeated is ignored: a plan never makes
-            // the host deliver something twice or invent a message.
+            // Plans are validated (Wasm) or built correctly (native); an index
+            // out of range or repeated would still only be skipped here.
             if let Some(m) = slots.get_mut(i as usize).and_then(Option::take) {
                 messages.push(m);
             }
@@ -456,17 +608,17 @@ impl Room {
                 self.recent.push_back(m.clone());
             }
         }
-        if messages.is_empty() && plan.counters == Counters::default() && !presence_due {
+        if messages.is_empty() && plan.counters.is_empty() && !presence_due {
             return;
         }
         self.online_sent = online;
         self.presence_sent_at = Instant::now();
-        self.fan_out(messages, plan.counters, online);
+        self.fan_out(messages, plan.counters, pinned, online);
     }
 
     /// Encodes the tick's batch once (split into frames if it is larger than
     /// one frame may be) and queues the same bytes for every member.
-    fn fan_out(&mut self, messages: Vec<Message>, counters: Counters, online: u64) {
+    fn fan_out(&mut self, messages: Vec<Message>, counters: Counters, pinned: Vec<u64>, online: u64) {
         let budget = (self.max_frame as usize).saturating_sub(1024);
         let mut chunks: Vec<Vec<Message>> = vec![Vec::new()];
         let mut size = 0;
@@ -487,6 +639,11 @@ impl Room {
             let batch = Batch {
                 room: self.key.name.to_string(),
                 tick: self.tick,
+                pinned: pinned
+                    .iter()
+                    .copied()
+                    .filter(|s| chunk.iter().any(|m| m.seq == *s))
+                    .collect(),
                 messages: chunk,
                 counters: counters.take().unwrap_or_default(),
                 online,

@@ -4,9 +4,11 @@
 //! to Wasm in `modules/policy-default`, so both run the same algorithm.
 //!
 //! Per tick:
-//! 1. Refill the viewer budget: a token bucket holding a quarter of the cap
-//!    and refilled at the rest, so any one-second window holds at most
-//!    `cap` messages while a few messages arriving together still go out.
+//! 1. Work out the viewer budget for this tick. Two limits hold together: a
+//!    token bucket (a quarter of the cap, at least one, refilled at the cap)
+//!    spreads messages over the second instead of one burst, and a sliding
+//!    one-second log of what went out (in tick time) makes "at most `cap`
+//!    messages in any one-second window" exact.
 //! 2. Host and system messages always go out (they spend budget, into debt
 //!    if need be, so what follows keeps the bound); the newest host message
 //!    is pinned.
@@ -16,7 +18,7 @@
 //!    spammer cannot fill the screen.
 //! 5. Deliveries keep arrival order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// What a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,20 +60,23 @@ pub const MAX_GIFT_NAME: usize = 32;
 pub struct DefaultPolicy {
     cap_per_sec: u32,
     burst: f64,
-    refill_per_sec: f64,
     credit: f64,
+    /// Tick time: the sum of tick lengths seen so far.
+    clock_ms: u64,
+    /// When each message of the last second went out (tick time).
+    shown: VecDeque<u64>,
 }
 
 impl DefaultPolicy {
     /// `cap_per_sec == 0` turns the cap off.
     pub fn new(cap_per_sec: u32) -> Self {
-        let cap = f64::from(cap_per_sec);
-        let burst = (cap / 4.0).floor().max(1.0).min(cap);
+        let burst = (f64::from(cap_per_sec) / 4.0).floor().max(1.0);
         Self {
             cap_per_sec,
             burst,
-            refill_per_sec: cap - burst,
             credit: burst,
+            clock_ms: 0,
+            shown: VecDeque::new(),
         }
     }
 
@@ -105,8 +110,11 @@ impl DefaultPolicy {
         let mut plan = Plan::default();
         let capped = self.cap_per_sec > 0;
         if capped {
-            let refill = self.refill_per_sec * f64::from(tick_ms) / 1000.0;
-            self.credit = (self.credit + refill).min(self.burst);
+            self.clock_ms += u64::from(tick_ms);
+            self.credit = (self.credit + f64::from(self.cap_per_sec) * f64::from(tick_ms) / 1000.0).min(self.burst);
+            while self.shown.front().is_some_and(|&t| t + 1000 <= self.clock_ms) {
+                self.shown.pop_front();
+            }
         }
         let mut gifts: Vec<usize> = Vec::new();
         let mut chats: Vec<usize> = Vec::new();
@@ -120,6 +128,7 @@ impl DefaultPolicy {
                     }
                     if capped {
                         self.credit -= 1.0;
+                        self.shown.push_back(self.clock_ms);
                     }
                 }
                 Kind::Like => plan.likes += 1,
@@ -136,12 +145,16 @@ impl DefaultPolicy {
                 plan.deliver.extend(group.iter().map(|&i| i as u32));
                 continue;
             }
-            let room = self.credit.floor().max(0.0) as usize;
+            let window_room = (self.cap_per_sec as usize).saturating_sub(self.shown.len());
+            let room = (self.credit.floor().max(0.0) as usize).min(window_room);
             if room == 0 {
                 continue;
             }
             let picked = round_robin(inbound, &group, room);
             self.credit -= picked.len() as f64;
+            for _ in &picked {
+                self.shown.push_back(self.clock_ms);
+            }
             plan.deliver.extend(picked);
         }
         plan.deliver.sort_unstable();
@@ -217,7 +230,10 @@ mod tests {
     #[test]
     fn uncapped_delivers_all_but_likes_and_counts() {
         let mut p = DefaultPolicy::new(0);
-        let plan = p.plan(50, &[m(1, Kind::Chat), m(1, Kind::Like), m(2, Kind::Gift), m(3, Kind::Host)]);
+        let plan = p.plan(
+            50,
+            &[m(1, Kind::Chat), m(1, Kind::Like), m(2, Kind::Gift), m(3, Kind::Host)],
+        );
         assert_eq!(plan.deliver, vec![0, 2, 3]);
         assert_eq!(plan.likes, 1);
         assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
@@ -255,7 +271,11 @@ mod tests {
         let plan = p.plan(1, &inbound);
         assert_eq!(plan.deliver.len(), 5);
         for quiet in [100, 101, 102] {
-            assert!(plan.deliver.contains(&quiet), "sender of #{quiet} was crowded out: {:?}", plan.deliver);
+            assert!(
+                plan.deliver.contains(&quiet),
+                "sender of #{quiet} was crowded out: {:?}",
+                plan.deliver
+            );
         }
     }
 
@@ -264,12 +284,33 @@ mod tests {
         let mut p = DefaultPolicy::new(4); // burst 1
         let plan = p.plan(1, &[m(1, Kind::Chat), m(2, Kind::Gift)]);
         assert_eq!(plan.deliver, vec![1]);
+        let mut p = DefaultPolicy::new(1);
+        let plan = p.plan(1, &[m(1, Kind::Chat), m(2, Kind::Gift)]);
+        assert_eq!(plan.deliver, vec![1]);
         assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
     }
 
     #[test]
+    fn a_cap_of_one_keeps_delivering_one_a_second() {
+        let mut p = DefaultPolicy::new(1);
+        let mut delivered = Vec::new();
+        for tick in 0..50u64 {
+            let plan = p.plan(100, &[m(tick, Kind::Chat)]);
+            if !plan.deliver.is_empty() {
+                delivered.push(tick);
+            }
+        }
+        // Ticks of 100 ms: one message per ten ticks, never two within a second.
+        assert!(delivered.len() >= 4, "{delivered:?}");
+        assert!(delivered.windows(2).all(|w| w[1] - w[0] >= 10), "{delivered:?}");
+    }
+
+    #[test]
     fn params_are_checked() {
-        assert_eq!(DefaultPolicy::from_params([("cap_per_sec", "7")]).map(|p| p.cap_per_sec()), Ok(7));
+        assert_eq!(
+            DefaultPolicy::from_params([("cap_per_sec", "7")]).map(|p| p.cap_per_sec()),
+            Ok(7)
+        );
         assert!(DefaultPolicy::from_params([("cap_per_sec", "lots")]).is_err());
         assert!(DefaultPolicy::from_params([("colour", "red")]).is_err());
     }

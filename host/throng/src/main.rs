@@ -199,39 +199,66 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
 }
 
 async fn serve(
-    config: Option<PathBuf>,
+    config_path: Option<PathBuf>,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
 ) -> Result<std::process::ExitCode> {
-    let mut config = load_config(config.as_deref())?;
-    if let Some(listen) = listen {
-        config.listen = listen;
-    }
-    if let Some(dir) = data_dir {
-        config.data_dir = dir;
-    }
+    let overrides = |mut config: Config| {
+        if let Some(listen) = listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &data_dir {
+            config.data_dir = dir.clone();
+        }
+        config
+    };
+    let config = overrides(load_config(config_path.as_deref())?);
     let edge = Edge::start(config).await.context("cannot start the edge")?;
     let cert = std::fs::canonicalize(edge.cert_path()).unwrap_or_else(|_| edge.cert_path().to_owned());
     println!("throng ready quic={} cert={}", edge.local_addr(), cert.display());
-    shutdown_signal().await?;
+    loop {
+        match next_signal().await? {
+            Signal::Stop => break,
+            Signal::Reload => {
+                // A bad config on reload is logged and changes nothing.
+                let result = match load_config(config_path.as_deref()) {
+                    Ok(config) => edge.reload(&overrides(config)).await.map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(generation) => tracing::info!(generation, "config reloaded on SIGHUP"),
+                    Err(e) => tracing::error!("config reload failed, keeping the running modules: {e:#}"),
+                }
+            }
+        }
+    }
     tracing::info!("shutting down");
     edge.shutdown().await;
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() -> Result<()> {
+enum Signal {
+    Stop,
+    Reload,
+}
+
+async fn next_signal() -> Result<Signal> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot watch Ctrl-C")?,
-            _ = term.recv() => {}
+            r = tokio::signal::ctrl_c() => { r.context("cannot watch Ctrl-C")?; Ok(Signal::Stop) }
+            _ = term.recv() => Ok(Signal::Stop),
+            _ = hup.recv() => Ok(Signal::Reload),
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.context("cannot watch Ctrl-C")?;
-    Ok(())
+    {
+        tokio::signal::ctrl_c().await.context("cannot watch Ctrl-C")?;
+        Ok(Signal::Stop)
+    }
 }
 
 async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> Result<std::process::ExitCode> {
@@ -250,10 +277,18 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
     }
     while let Some(batch) = stream.next_batch().await {
         let batch = batch.with_context(|| format!("room `{room}` failed"))?;
-        if !json && (batch.counters.likes > 0 || batch.counters.gifts > 0) {
+        if !json && !batch.counters.is_empty() {
+            let gifts: Vec<String> = batch
+                .counters
+                .gifts
+                .iter()
+                .map(|g| format!("{}×{}", g.gift, g.count))
+                .collect();
             println!(
-                "[{room}] likes +{} gifts +{} ({} online)",
-                batch.counters.likes, batch.counters.gifts, batch.online
+                "[{room}] likes +{} gifts [{}] ({} online)",
+                batch.counters.likes,
+                gifts.join(", "),
+                batch.online
             );
         }
         if !json && batch.missed > 0 {
@@ -269,7 +304,11 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
                     "sender": m.sender,
                     "kind": m.kind.as_str(),
                     "body": body,
-                    "counters": { "likes": batch.counters.likes, "gifts": batch.counters.gifts },
+                    "counters": {
+                        "likes": batch.counters.likes,
+                        "gifts": batch.counters.gifts.iter().map(|g| (g.gift.clone(), g.count.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
+                    },
+                    "pinned": batch.pinned.contains(&m.seq),
                     "online": batch.online,
                     "missed": batch.missed,
                 });

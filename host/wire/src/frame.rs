@@ -146,8 +146,26 @@ pub struct Message {
 pub struct Counters {
     /// Likes received this tick.
     pub likes: u64,
-    /// Gifts received this tick.
-    pub gifts: u64,
+    /// Gifts received this tick, by gift name.
+    pub gifts: Vec<GiftCount>,
+}
+
+impl Counters {
+    pub fn is_empty(&self) -> bool {
+        self.likes == 0 && self.gifts.is_empty()
+    }
+
+    /// Every gift of every name.
+    pub fn total_gifts(&self) -> u64 {
+        self.gifts.iter().map(|g| g.count).sum()
+    }
+}
+
+/// How many of one gift arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiftCount {
+    pub gift: String,
+    pub count: u64,
 }
 
 /// What one room delivered in one tick: encoded once, written to every member.
@@ -157,6 +175,8 @@ pub struct Batch {
     pub tick: u64,
     pub messages: Vec<Message>,
     pub counters: Counters,
+    /// Sequence numbers (of `messages`) to pin above the stream.
+    pub pinned: Vec<u64>,
     /// Members online in the room at this tick.
     pub online: u64,
     /// Batches this viewer did not receive because it fell behind.

@@ -23,7 +23,9 @@ pub mod frame;
 
 pub use codec::{FrameBuffer, FrameDecoder, LENGTH_PREFIX, encode};
 pub use error::{DecodeError, EncodeError, ErrorCode};
-pub use frame::{Batch, ClientFrame, Counters, EdgeFrame, Kind, Limits, Message, Role, Session, validate_room_name};
+pub use frame::{
+    Batch, ClientFrame, Counters, EdgeFrame, GiftCount, Kind, Limits, Message, Role, Session, validate_room_name,
+};
 
 /// ALPN protocol id of this protocol version, negotiated in the TLS handshake.
 pub const ALPN: &[u8] = b"throng/1";

@@ -3,7 +3,7 @@
 use bytes::BytesMut;
 use proptest::prelude::*;
 use throng_wire::{
-    Batch, ClientFrame, Counters, EdgeFrame, FrameDecoder, Kind, Limits, Message, Role, Session, encode,
+    Batch, ClientFrame, Counters, EdgeFrame, FrameDecoder, GiftCount, Kind, Limits, Message, Role, Session, encode,
 };
 
 const MAX: u32 = 1 << 20;
@@ -69,19 +69,30 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
         }),
         (".{0,16}", any::<u64>(), prop::collection::vec(message(), 0..8))
             .prop_map(|(room, online, recent)| EdgeFrame::Joined { room, online, recent }),
-        (".{0,16}", any::<[u64; 5]>(), prop::collection::vec(message(), 0..8)).prop_map(|(room, n, messages)| {
-            EdgeFrame::Batch(Batch {
-                room,
-                tick: n[0],
-                messages,
-                counters: Counters {
-                    likes: n[1],
-                    gifts: n[2],
-                },
-                online: n[3],
-                missed: n[4],
-            })
-        }),
+        (
+            ".{0,16}",
+            any::<[u64; 4]>(),
+            prop::collection::vec(message(), 0..8),
+            prop::collection::vec((".{0,8}", any::<u64>()), 0..4),
+            prop::collection::vec(any::<u64>(), 0..4),
+        )
+            .prop_map(|(room, n, messages, gifts, pinned)| {
+                EdgeFrame::Batch(Batch {
+                    room,
+                    tick: n[0],
+                    messages,
+                    counters: Counters {
+                        likes: n[1],
+                        gifts: gifts
+                            .into_iter()
+                            .map(|(gift, count)| GiftCount { gift, count })
+                            .collect(),
+                    },
+                    pinned,
+                    online: n[2],
+                    missed: n[3],
+                })
+            }),
         any::<(u64, u64)>().prop_map(|(client_msg_id, seq)| EdgeFrame::Ack { client_msg_id, seq }),
         (any::<u64>(), any::<u16>(), ".{0,32}").prop_map(|(client_msg_id, code, reason)| {
             EdgeFrame::Rejected {

@@ -1,0 +1,104 @@
+//! Message-filter modules: one instance per tenant on this edge, shared by
+//! the tenant's rooms (a filter may carry a language runtime; it must not
+//! multiply by the number of rooms). Calls are serialised on the instance.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::Store;
+
+use super::bindings::filter::{MessageFilter, MessageFilterPre};
+use super::bindings::{Message, Verdict};
+use super::policy::CallFailure;
+use super::{GuestState, ModuleHash, WasmError, WasmRuntime, reason};
+
+/// A compiled message-filter component.
+pub struct FilterModule {
+    pub(super) hash: ModuleHash,
+    pub(super) pre: MessageFilterPre<GuestState>,
+}
+
+impl std::fmt::Debug for FilterModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FilterModule({})", self.hash)
+    }
+}
+
+impl FilterModule {
+    pub fn hash(&self) -> ModuleHash {
+        self.hash
+    }
+}
+
+/// A tenant's instance of a filter module.
+pub struct FilterInstance {
+    store: Store<GuestState>,
+    bindings: MessageFilter,
+}
+
+impl std::fmt::Debug for FilterInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilterInstance")
+            .field("state", self.store.data())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WasmRuntime {
+    /// Instantiates `module` for a tenant and calls its `configure`.
+    pub async fn instantiate_filter(
+        &self,
+        module: &Arc<FilterModule>,
+        label: Arc<str>,
+        params: Vec<(String, String)>,
+    ) -> Result<FilterInstance, CallFailure> {
+        let started = Instant::now();
+        let fail = |reason: String| CallFailure {
+            reason,
+            elapsed: started.elapsed(),
+        };
+        let mut store = self.store(label, module.hash, params.clone(), self.settings.filter_memory_bytes);
+        self.arm(&mut store);
+        let bindings = module.pre.instantiate_async(&mut store).await.map_err(|e| {
+            fail(
+                WasmError::Instantiate {
+                    hash: module.hash,
+                    reason: reason(&e),
+                }
+                .to_string(),
+            )
+        })?;
+        self.stats
+            .instantiations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut instance = FilterInstance { store, bindings };
+        self.arm(&mut instance.store);
+        match instance.bindings.call_configure(&mut instance.store, &params).await {
+            Ok(Ok(())) => Ok(instance),
+            Ok(Err(msg)) => Err(fail(format!("configure refused its params: {msg}"))),
+            Err(e) => Err(fail(format!("configure failed: {}", reason(&e)))),
+        }
+    }
+
+    /// Calls `filter` once for the whole batch under the budget; checks that
+    /// there is exactly one verdict per message.
+    pub async fn filter(&self, instance: &mut FilterInstance, batch: &[Message]) -> Result<Vec<Verdict>, CallFailure> {
+        let started = Instant::now();
+        self.arm(&mut instance.store);
+        let verdicts = instance
+            .bindings
+            .call_filter(&mut instance.store, batch)
+            .await
+            .map_err(|e| CallFailure {
+                reason: reason(&e),
+                elapsed: started.elapsed(),
+            })?;
+        if verdicts.len() != batch.len() {
+            return Err(CallFailure {
+                reason: format!("{} verdicts for {} messages", verdicts.len(), batch.len()),
+                elapsed: started.elapsed(),
+            });
+        }
+        Ok(verdicts)
+    }
+}
