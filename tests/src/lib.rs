@@ -3,9 +3,12 @@
 
 use std::time::Duration;
 
+use std::sync::{Arc, Mutex, OnceLock};
+
 use throng_client::{Client, ConnectOptions, RoomStream};
 use throng_edge::auth::{Claims, sign, unix_now};
 use throng_edge::config::TenantConfig;
+use throng_edge::config::{ModuleSource, ModuleUse, PolicyChoice, PolicyRule};
 use throng_edge::{Config, Edge};
 use throng_wire::{Batch, Message};
 
@@ -111,4 +114,80 @@ pub async fn collect(room: &mut RoomStream, n: usize, limit: Duration) -> (Vec<M
     })
     .await;
     (messages, batches)
+}
+
+/// A `[[policy]]` rule running a built-in module on rooms matching `rooms`.
+pub fn builtin_policy(rooms: &str, module: &str, params: &[(&str, &str)]) -> PolicyRule {
+    PolicyRule {
+        tenant: "*".into(),
+        rooms: rooms.into(),
+        policy: PolicyChoice::Module(builtin(module, params)),
+    }
+}
+
+/// A built-in module with params, as a filter chain entry or policy.
+pub fn builtin(module: &str, params: &[(&str, &str)]) -> ModuleUse {
+    ModuleUse {
+        key: format!("test.{module}"),
+        source: ModuleSource::Builtin(module.into()),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+/// Everything the edge logs in this test process, for tests that check logs.
+pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = Arc::clone(&buf);
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,throng_edge=info"))
+            .with_writer(move || LogWriter(Arc::clone(&writer)))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+/// The captured log as text.
+pub fn log_text() -> String {
+    let logs = captured_logs();
+    let bytes = logs.lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Connects `n` viewers of `tenant` and joins them to `room`, a few
+/// handshakes at a time (many at once overflow loopback socket buffers).
+pub async fn viewers(edge: &TestEdge, tenant: &str, room: &str, n: usize) -> Vec<(Client, RoomStream)> {
+    let mut out = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
+        let mut joins = Vec::new();
+        for &i in chunk {
+            let opts = edge.options(edge.token(tenant, &format!("viewer{i}"), "viewer", "*"));
+            let room = room.to_owned();
+            joins.push(tokio::spawn(async move {
+                let c = Client::connect(opts).await.expect("viewer connects");
+                let r = c.join(&room).await.expect("viewer joins");
+                (c, r)
+            }));
+        }
+        for j in joins {
+            out.push(j.await.expect("join task"));
+        }
+    }
+    out
 }

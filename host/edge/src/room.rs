@@ -473,11 +473,13 @@ impl Room {
         self.policy = match wanted {
             ResolvedPolicy::Native { cap_per_sec } => RoomPolicy::Native(NativePolicy::new(*cap_per_sec)),
             ResolvedPolicy::Wasm { module, params } => {
-                let cap = throng_policy_core::DefaultPolicy::from_params(
-                    params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                )
-                .map(|p| p.cap_per_sec())
-                .unwrap_or(set.default_cap());
+                // The fallback honours the rule's cap when it names one (a
+                // module's params are its own, so only this key is read).
+                let cap = params
+                    .iter()
+                    .find(|(k, _)| k == "cap_per_sec")
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(set.default_cap());
                 let policy = WasmPolicy::new(
                     Arc::clone(&self.runtime),
                     Arc::clone(module),

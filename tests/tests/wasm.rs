@@ -1,0 +1,379 @@
+//! Wasm room modules end to end: real QUIC, real components from modules/.
+//!
+//! Every guest module in modules/ is used here: policy-default (cap test,
+//! hot swap), filter-keywords (tenant filter), filter-trap (a failing
+//! filter), and the four hostile policies.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use throng_edge::config::PolicyChoice;
+use throng_edge::wasm::{Budget, ModuleHash};
+use throng_tests::{TestEdge, builtin, builtin_policy, captured_logs, collect, log_text, viewers};
+use throng_wire::{Batch, ErrorCode, Kind};
+
+/// Receives batches until the room is quiet for `quiet`.
+async fn drain(room: &mut throng_client::RoomStream, quiet: Duration) -> Vec<Batch> {
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(b))) = tokio::time::timeout(quiet, room.next_batch()).await {
+        out.push(b);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_holds_for_300_viewers_under_1000_messages_a_second() {
+    const CAP: usize = 20;
+    let edge = TestEdge::start(|c| {
+        c.rooms.tick = Duration::from_millis(50);
+        c.policies
+            .push(builtin_policy("*", "policy-default", &[("cap_per_sec", "20")]));
+    })
+    .await;
+    let mut audience = viewers(&edge, "acme", "show", 300).await;
+    let sender = edge.client("acme", "host", "host").await;
+    let _own = sender.join("show").await.expect("join");
+
+    let mut pending = Vec::new();
+    let (mut hosts, mut likes) = (0u64, 0u64);
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    for step in 0..500u64 {
+        ticker.tick().await;
+        for i in 0..10 {
+            pending.push(
+                sender
+                    .submit("show", Kind::Chat, format!("c{step}-{i}"))
+                    .await
+                    .expect("chat"),
+            );
+        }
+        pending.push(sender.submit("show", Kind::Like, "").await.expect("like"));
+        likes += 1;
+        if step % 25 == 0 {
+            pending.push(
+                sender
+                    .submit("show", Kind::Host, format!("host {hosts}"))
+                    .await
+                    .expect("host"),
+            );
+            hosts += 1;
+        }
+    }
+    let sending = start.elapsed();
+    for p in pending {
+        p.ack().await.expect("every message is acked");
+    }
+
+    let tasks: Vec<_> = audience
+        .drain(..)
+        .map(|(c, mut r)| {
+            tokio::spawn(async move {
+                let batches = drain(&mut r, Duration::from_secs(2)).await;
+                drop(c);
+                batches
+            })
+        })
+        .collect();
+    for (v, t) in tasks.into_iter().enumerate() {
+        let batches = t.await.expect("viewer task");
+        assert!(batches.iter().all(|b| b.missed == 0), "viewer {v} missed batches");
+        // Ticks are 50 ms: 20 consecutive ticks are one second.
+        let mut per_tick: HashMap<u64, usize> = HashMap::new();
+        for b in &batches {
+            *per_tick.entry(b.tick).or_default() += b.messages.len();
+        }
+        let last = per_tick.keys().max().copied().unwrap_or(0);
+        for first in 0..=last {
+            let n: usize = (first..first + 20)
+                .map(|t| per_tick.get(&t).copied().unwrap_or(0))
+                .sum();
+            assert!(n <= CAP, "viewer {v}: {n} messages in the second from tick {first}");
+        }
+        let host_seen = batches
+            .iter()
+            .flat_map(|b| &b.messages)
+            .filter(|m| m.kind == Kind::Host)
+            .count();
+        assert_eq!(host_seen as u64, hosts, "viewer {v}: every host message arrives");
+        let like_total: u64 = batches.iter().map(|b| b.counters.likes).sum();
+        assert_eq!(like_total, likes, "viewer {v}: likes arrive as counters");
+        let chats = batches
+            .iter()
+            .flat_map(|b| &b.messages)
+            .filter(|m| m.kind == Kind::Chat)
+            .count();
+        assert!(chats > 0, "viewer {v}: some chat gets through");
+    }
+    assert!(
+        sending < Duration::from_secs(8),
+        "the sender kept its rate: {sending:?} for 5 s of traffic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_keyword_filter_rejects_with_its_reason_and_spares_other_tenants() {
+    let edge = TestEdge::start(|c| {
+        c.filters.insert(
+            "acme".into(),
+            vec![
+                builtin("filter-keywords", &[("words", "banned,forbidden"), ("mode", "reject")]),
+                builtin("filter-keywords", &[("words", "darn"), ("mode", "mask")]),
+            ],
+        );
+    })
+    .await;
+    let acme_viewer = edge.client("acme", "v", "viewer").await;
+    let mut acme_room = acme_viewer.join("lobby").await.expect("join");
+    let acme = edge.client("acme", "s", "viewer").await;
+    let _a = acme.join("lobby").await.expect("join");
+
+    let err = acme
+        .send("lobby", Kind::Chat, "this is Banned talk")
+        .await
+        .expect_err("filtered");
+    assert_eq!(err.code(), Some(ErrorCode::Filtered), "{err}");
+    assert!(
+        err.to_string().contains("banned"),
+        "the reason reaches the sender: {err}"
+    );
+    acme.send("lobby", Kind::Chat, "darn it")
+        .await
+        .expect("masked, not rejected");
+    acme.send("lobby", Kind::Chat, "all fine").await.expect("clean message");
+    let (got, _) = collect(&mut acme_room, 2, Duration::from_secs(5)).await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(bodies, vec!["**** it", "all fine"]);
+
+    let globex_viewer = edge.client("globex", "v", "viewer").await;
+    let mut globex_room = globex_viewer.join("lobby").await.expect("join");
+    let globex = edge.client("globex", "s", "viewer").await;
+    let _g = globex.join("lobby").await.expect("join");
+    globex
+        .send("lobby", Kind::Chat, "banned darn words")
+        .await
+        .expect("globex has no filter");
+    let (got, _) = collect(&mut globex_room, 1, Duration::from_secs(5)).await;
+    assert_eq!(got[0].body, b"banned darn words");
+}
+
+/// One hostile policy in room `bad` beside policy-default in room `good`;
+/// `budget` and `memory` are the per-call limits, `expect` a word of the
+/// failure reason.
+async fn hostile_case(module: &'static str, bytes: &'static [u8], budget: Duration, memory: usize, expect: &str) {
+    let edge = TestEdge::start(|c| {
+        c.wasm.budget = Budget::Epoch(budget);
+        c.wasm.policy_memory_bytes = memory;
+        c.policies.push(builtin_policy("bad", module, &[]));
+        c.policies
+            .push(builtin_policy("*", "policy-default", &[("cap_per_sec", "0")]));
+    })
+    .await;
+    let bad_viewer = edge.client("acme", "bv", "viewer").await;
+    let mut bad = bad_viewer.join("bad").await.expect("join bad");
+    let good_viewer = edge.client("acme", "gv", "viewer").await;
+    let mut good = good_viewer.join("good").await.expect("join good");
+    let sender = edge.client("acme", "s", "host").await;
+    let _b = sender.join("bad").await.expect("join");
+    let _g = sender.join("good").await.expect("join");
+
+    const N: usize = 40;
+    let mut worst = [Duration::ZERO; 2];
+    for i in 0..N {
+        for (r, (name, room)) in [("bad", &mut bad), ("good", &mut good)].into_iter().enumerate() {
+            let sent = Instant::now();
+            sender.send(name, Kind::Chat, format!("{name}{i}")).await.expect("ack");
+            let (got, _) = collect(room, 1, Duration::from_secs(5)).await;
+            assert_eq!(got.len(), 1, "{module}: room {name} stopped delivering at message {i}");
+            assert_eq!(got[0].body, format!("{name}{i}").into_bytes(), "{module}: room {name}");
+            worst[r] = worst[r].max(sent.elapsed());
+        }
+    }
+    // Generous bounds for a shared CI machine; the tick is 10 ms.
+    assert!(
+        worst[0] < Duration::from_secs(1),
+        "{module}: bad room's worst latency {:?}",
+        worst[0]
+    );
+    assert!(
+        worst[1] < Duration::from_secs(1),
+        "{module}: good room's worst latency {:?}",
+        worst[1]
+    );
+
+    let stats = edge.edge.wasm_stats();
+    let hash = ModuleHash::of(bytes);
+    let failures: Vec<_> = stats
+        .recent_failures()
+        .into_iter()
+        .filter(|f| f.module == hash)
+        .collect();
+    assert!(!failures.is_empty(), "{module}: no failure recorded");
+    assert!(
+        failures.iter().all(|f| f.label == "acme/bad"),
+        "{module}: only the bad room fails"
+    );
+    assert!(
+        stats.quarantines.load(std::sync::atomic::Ordering::Relaxed) >= 1,
+        "{module}: quarantined after repeated failures"
+    );
+    assert!(
+        stats.fallback_ticks.load(std::sync::atomic::Ordering::Relaxed) >= N as u64,
+        "{module}: every tick fell back"
+    );
+    for f in &failures {
+        assert!(
+            f.reason.contains(expect),
+            "{module}: expected `{expect}` in: {}",
+            f.reason
+        );
+        if module == "hostile-loop" {
+            assert!(
+                f.elapsed <= budget + Duration::from_millis(10),
+                "{module}: stopped {:?} after start; budget {budget:?}",
+                f.elapsed
+            );
+        }
+    }
+    let logs = log_text();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("policy module failed") && l.contains("acme/bad") && l.contains(&hash.short())),
+        "{module}: the failure is logged with room and module hash"
+    );
+    edge.edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_policies_fall_back_without_hurting_anyone() {
+    captured_logs();
+    // One after another, so each case has the machine to itself.
+    use throng_guest_artifacts as g;
+    let ms = Duration::from_millis;
+    hostile_case("hostile-loop", g::HOSTILE_LOOP, ms(5), 16 << 20, "budget").await;
+    // A small memory limit and a long budget: the bomb must hit the limit.
+    hostile_case("hostile-memory", g::HOSTILE_MEMORY, ms(500), 4 << 20, "trap").await;
+    hostile_case("hostile-trap", g::HOSTILE_TRAP, ms(5), 16 << 20, "unreachable").await;
+    // Room to build its absurd plan, so the host's checks are what stop it.
+    hostile_case("hostile-plan", g::HOSTILE_PLAN, ms(2000), 64 << 20, "invalid plan").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_filter_fails_open_and_is_counted() {
+    captured_logs();
+    let edge = TestEdge::start(|c| {
+        c.filters.insert("acme".into(), vec![builtin("filter-trap", &[])]);
+    })
+    .await;
+    let viewer = edge.client("acme", "v", "viewer").await;
+    let mut room = viewer.join("lobby").await.expect("join");
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _r = sender.join("lobby").await.expect("join");
+    sender.send("lobby", Kind::Chat, "fine").await.expect("ack");
+    sender
+        .send("lobby", Kind::Chat, "boom")
+        .await
+        .expect("the failed filter lets it through");
+    sender.send("lobby", Kind::Chat, "after").await.expect("ack");
+    let (got, _) = collect(&mut room, 3, Duration::from_secs(5)).await;
+    let bodies: Vec<&[u8]> = got.iter().map(|m| m.body.as_slice()).collect();
+    assert_eq!(bodies, vec![&b"fine"[..], b"boom", b"after"]);
+    let stats = edge.edge.wasm_stats();
+    assert!(stats.filter_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    let hash = ModuleHash::of(throng_guest_artifacts::FILTER_TRAP);
+    assert!(
+        stats
+            .recent_failures()
+            .iter()
+            .any(|f| f.module == hash && f.label == "acme")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
+    let edge = TestEdge::start(|c| {
+        c.rooms.tick = Duration::from_millis(20);
+        c.policies
+            .push(builtin_policy("*", "policy-default", &[("cap_per_sec", "0")]));
+    })
+    .await;
+    let mut audience = viewers(&edge, "acme", "show", 50).await;
+    let sender = edge.client("acme", "host", "host").await;
+    let _own = sender.join("show").await.expect("join");
+
+    let swaps = {
+        let mut second = edge.config.clone();
+        if let PolicyChoice::Module(m) = &mut second.policies[0].policy {
+            m.params = vec![("cap_per_sec".into(), "5".into())];
+        }
+        let mut third = edge.config.clone();
+        third.policies.clear(); // back to the built-in native policy
+        [second, third]
+    };
+    let mut hosts = 0u64;
+    let mut pending = Vec::new();
+    for step in 0..150u64 {
+        pending.push(
+            sender
+                .submit("show", Kind::Host, format!("h{step}"))
+                .await
+                .expect("host"),
+        );
+        pending.push(
+            sender
+                .submit("show", Kind::Chat, format!("c{step}"))
+                .await
+                .expect("chat"),
+        );
+        hosts += 1;
+        if step == 50 || step == 100 {
+            let generation = edge
+                .edge
+                .reload(&swaps[(step / 50 - 1) as usize])
+                .await
+                .expect("reload");
+            assert_eq!(generation, step / 50 + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for p in pending {
+        p.ack().await.expect("acked");
+    }
+    let tasks: Vec<_> = audience
+        .drain(..)
+        .map(|(c, mut r)| {
+            tokio::spawn(async move {
+                let batches = drain(&mut r, Duration::from_secs(2)).await;
+                // Still connected after both swaps.
+                let rtt = c.ping().await;
+                (batches, rtt)
+            })
+        })
+        .collect();
+    for (v, t) in tasks.into_iter().enumerate() {
+        let (batches, rtt) = t.await.expect("viewer task");
+        rtt.unwrap_or_else(|e| panic!("viewer {v} lost its connection: {e}"));
+        let host_bodies: Vec<String> = batches
+            .iter()
+            .flat_map(|b| &b.messages)
+            .filter(|m| m.kind == Kind::Host)
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..hosts).map(|i| format!("h{i}")).collect();
+        assert_eq!(
+            host_bodies, expected,
+            "viewer {v}: every host message, in order, across both swaps"
+        );
+    }
+    assert!(
+        edge.edge
+            .wasm_stats()
+            .instantiations
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2,
+        "the swap made a new instance"
+    );
+}
