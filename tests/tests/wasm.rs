@@ -377,3 +377,29 @@ async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
         "the swap made a new instance"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_thousand_rooms_each_get_their_own_instance() {
+    use std::sync::Arc;
+    use throng_edge::wasm::{WasmRuntime, WasmSettings};
+    // Each live store keeps its async fiber stack; the pool must have one per
+    // instance, not a fixed 1,024.
+    let runtime = WasmRuntime::new(WasmSettings {
+        max_instances: 1200,
+        ..WasmSettings::default()
+    })
+    .expect("runtime");
+    let module = runtime
+        .load_policy(throng_guest_artifacts::POLICY_DEFAULT)
+        .expect("load");
+    let mut rooms = Vec::new();
+    for i in 0..1100 {
+        let label: Arc<str> = Arc::from(format!("t/room{i}").as_str());
+        let room = runtime
+            .instantiate_policy(&module, label, vec![("cap_per_sec".into(), "20".into())])
+            .await
+            .unwrap_or_else(|f| panic!("room {i}: {}", f.reason));
+        rooms.push(room);
+    }
+    assert_eq!(rooms.len(), 1100);
+}

@@ -15,15 +15,67 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use throng_policy_core::{DefaultPolicy, Meta};
+use throng_policy_core::{Columns, DefaultPolicy, NO_GIFT};
 use throng_wire::{Counters, GiftCount, Kind};
 
-use crate::wasm::bindings::{self, MessageMeta, RoomStats};
+use crate::wasm::bindings::RoomStats;
 use crate::wasm::policy::{CallFailure, PolicyInstance, PolicyModule};
 use crate::wasm::{Failure, Strikes, WasmRuntime};
 
-/// What a policy knows of one inbound message (the WIT `message-meta`).
-pub type InboundMeta = MessageMeta;
+/// What a policy knows of a tick's inbound messages (the WIT `inbound`
+/// record: parallel lists).
+pub use crate::wasm::bindings::Inbound as InboundBatch;
+
+impl InboundBatch {
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            senders: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            sizes: Vec::with_capacity(n),
+            received_ms: Vec::with_capacity(n),
+            gifts: Vec::with_capacity(n),
+            gift_names: Vec::new(),
+        }
+    }
+
+    /// Adds one message; `gift` is the gift's name for kind gift.
+    pub fn push(&mut self, sender: u64, kind: Kind, size: u32, received_ms: u64, gift: Option<&str>) {
+        self.senders.push(sender);
+        self.kinds.push(core_kind(kind).code());
+        self.sizes.push(size);
+        self.received_ms.push(received_ms);
+        let gift = match gift {
+            None => NO_GIFT,
+            Some(name) => match self.gift_names.iter().position(|n| n == name) {
+                Some(i) => i as u32,
+                None => {
+                    self.gift_names.push(name.to_owned());
+                    (self.gift_names.len() - 1) as u32
+                }
+            },
+        };
+        self.gifts.push(gift);
+    }
+
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    fn columns(&self) -> Columns<'_> {
+        Columns {
+            senders: &self.senders,
+            kinds: &self.kinds,
+            sizes: &self.sizes,
+            received_ms: &self.received_ms,
+            gifts: &self.gifts,
+            gift_names: &self.gift_names,
+        }
+    }
+}
 
 /// A policy's decision for one tick, checked and ready for the room.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -35,23 +87,25 @@ pub struct Plan {
     pub pinned: Vec<u32>,
 }
 
-pub fn wit_kind(kind: Kind) -> bindings::Kind {
+fn core_kind(kind: Kind) -> throng_policy_core::Kind {
     match kind {
-        Kind::Chat => bindings::Kind::Chat,
-        Kind::Like => bindings::Kind::Like,
-        Kind::Gift => bindings::Kind::Gift,
-        Kind::Host => bindings::Kind::Host,
-        Kind::System => bindings::Kind::System,
+        Kind::Chat => throng_policy_core::Kind::Chat,
+        Kind::Like => throng_policy_core::Kind::Like,
+        Kind::Gift => throng_policy_core::Kind::Gift,
+        Kind::Host => throng_policy_core::Kind::Host,
+        Kind::System => throng_policy_core::Kind::System,
     }
 }
 
-fn core_kind(kind: bindings::Kind) -> throng_policy_core::Kind {
+/// The WIT `kind` of a wire kind (for filter batches).
+pub fn wit_kind(kind: Kind) -> crate::wasm::bindings::Kind {
+    use crate::wasm::bindings::Kind as W;
     match kind {
-        bindings::Kind::Chat => throng_policy_core::Kind::Chat,
-        bindings::Kind::Like => throng_policy_core::Kind::Like,
-        bindings::Kind::Gift => throng_policy_core::Kind::Gift,
-        bindings::Kind::Host => throng_policy_core::Kind::Host,
-        bindings::Kind::System => throng_policy_core::Kind::System,
+        Kind::Chat => W::Chat,
+        Kind::Like => W::Like,
+        Kind::Gift => W::Gift,
+        Kind::Host => W::Host,
+        Kind::System => W::System,
     }
 }
 
@@ -73,17 +127,8 @@ impl NativePolicy {
         self.inner.cap_per_sec()
     }
 
-    pub fn plan_tick(&mut self, stats: &RoomStats, inbound: &[InboundMeta]) -> Plan {
-        let metas: Vec<Meta<'_>> = inbound
-            .iter()
-            .map(|m| Meta {
-                sender: m.sender,
-                kind: core_kind(m.kind),
-                size: m.size,
-                received_ms: m.received_ms,
-                gift: &m.gift,
-            })
-            .collect();
+    pub fn plan_tick(&mut self, stats: &RoomStats, inbound: &InboundBatch) -> Plan {
+        let metas = inbound.columns().metas();
         let p = self.inner.plan(stats.tick_ms, &metas);
         Plan {
             deliver: p.deliver,
@@ -209,7 +254,7 @@ impl WasmPolicy {
         }
     }
 
-    pub async fn plan_tick(&mut self, stats: &RoomStats, inbound: &[InboundMeta]) -> Plan {
+    pub async fn plan_tick(&mut self, stats: &RoomStats, inbound: &InboundBatch) -> Plan {
         if self.ensure_instance().await
             && let Some(instance) = self.instance.as_mut()
         {
@@ -248,7 +293,7 @@ pub enum RoomPolicy {
 }
 
 impl RoomPolicy {
-    pub async fn plan_tick(&mut self, stats: &RoomStats, inbound: &[InboundMeta]) -> Plan {
+    pub async fn plan_tick(&mut self, stats: &RoomStats, inbound: &InboundBatch) -> Plan {
         match self {
             RoomPolicy::Native(p) => p.plan_tick(stats, inbound),
             RoomPolicy::Wasm(p) => p.plan_tick(stats, inbound).await,
@@ -265,20 +310,6 @@ pub fn tick_ms(tick: Duration) -> u32 {
 mod tests {
     use super::*;
 
-    fn meta(sender: u64, kind: Kind) -> InboundMeta {
-        InboundMeta {
-            sender,
-            kind: wit_kind(kind),
-            size: 10,
-            received_ms: 0,
-            gift: if kind == Kind::Gift {
-                "rose".into()
-            } else {
-                String::new()
-            },
-        }
-    }
-
     fn stats(tick: u64) -> RoomStats {
         RoomStats {
             tick,
@@ -290,12 +321,11 @@ mod tests {
     #[test]
     fn native_policy_maps_counters_and_pins() {
         let mut p = NativePolicy::new(0);
-        let inbound = [
-            meta(1, Kind::Chat),
-            meta(1, Kind::Like),
-            meta(2, Kind::Gift),
-            meta(3, Kind::Host),
-        ];
+        let mut inbound = InboundBatch::with_capacity(4);
+        inbound.push(1, Kind::Chat, 10, 0, None);
+        inbound.push(1, Kind::Like, 10, 0, None);
+        inbound.push(2, Kind::Gift, 10, 0, Some("rose"));
+        inbound.push(3, Kind::Host, 10, 0, None);
         let plan = p.plan_tick(&stats(1), &inbound);
         assert_eq!(plan.deliver, vec![0, 2, 3]);
         assert_eq!(plan.counters.likes, 1);

@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::RoomsConfig;
 use crate::filter::TenantFilter;
 use crate::modules::{ModuleSet, ResolvedPolicy};
-use crate::policy::{InboundMeta, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
+use crate::policy::{InboundBatch, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
 use crate::wasm::WasmRuntime;
 use crate::wasm::bindings::{self, RoomStats, Verdict};
 
@@ -551,20 +551,18 @@ impl Room {
         }
         let inbox = std::mem::take(&mut self.inbox);
         let inbox = self.filter(inbox).await;
-        let metas: Vec<InboundMeta> = inbox
-            .iter()
-            .map(|m| InboundMeta {
-                sender: self.sender_keys.hash_one(&*m.sender),
-                kind: wit_kind(m.kind),
-                size: m.body.len() as u32,
-                received_ms: m.received_ms,
-                gift: if m.kind == Kind::Gift {
-                    String::from_utf8_lossy(&m.body[..m.body.len().min(throng_policy_core::MAX_GIFT_NAME)]).into_owned()
-                } else {
-                    String::new()
-                },
-            })
-            .collect();
+        let mut metas = InboundBatch::with_capacity(inbox.len());
+        for m in &inbox {
+            let gift = (m.kind == Kind::Gift)
+                .then(|| String::from_utf8_lossy(&m.body[..m.body.len().min(throng_policy_core::MAX_GIFT_NAME)]));
+            metas.push(
+                self.sender_keys.hash_one(&*m.sender),
+                m.kind,
+                m.body.len() as u32,
+                m.received_ms,
+                gift.as_deref(),
+            );
+        }
         let stats = RoomStats {
             tick: self.tick,
             tick_ms: tick_ms(self.tick_interval),

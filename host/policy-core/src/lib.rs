@@ -18,7 +18,7 @@
 //!    spammer cannot fill the screen.
 //! 5. Deliveries keep arrival order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// What a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,6 +28,67 @@ pub enum Kind {
     Gift,
     Host,
     System,
+}
+
+impl Kind {
+    /// The kind's code in the `inbound` record of `wit/throng.wit` (the
+    /// `kind` enum's discriminant).
+    pub fn code(self) -> u8 {
+        match self {
+            Kind::Chat => 0,
+            Kind::Like => 1,
+            Kind::Gift => 2,
+            Kind::Host => 3,
+            Kind::System => 4,
+        }
+    }
+
+    /// The kind for a code; an unknown code is the least privileged kind, chat.
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            1 => Kind::Like,
+            2 => Kind::Gift,
+            3 => Kind::Host,
+            4 => Kind::System,
+            _ => Kind::Chat,
+        }
+    }
+}
+
+/// "Not a gift" in a gift-index list.
+pub const NO_GIFT: u32 = u32::MAX;
+
+/// A tick's inbound metadata as parallel slices (the shape it crosses into
+/// Wasm in), read as one [`Meta`] per message, up to the shortest slice.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns<'a> {
+    pub senders: &'a [u64],
+    pub kinds: &'a [u8],
+    pub sizes: &'a [u32],
+    pub received_ms: &'a [u64],
+    pub gifts: &'a [u32],
+    pub gift_names: &'a [String],
+}
+
+impl<'a> Columns<'a> {
+    pub fn metas(&self) -> Vec<Meta<'a>> {
+        let n = self
+            .senders
+            .len()
+            .min(self.kinds.len())
+            .min(self.sizes.len())
+            .min(self.received_ms.len())
+            .min(self.gifts.len());
+        (0..n)
+            .map(|i| Meta {
+                sender: self.senders[i],
+                kind: Kind::from_code(self.kinds[i]),
+                size: self.sizes[i],
+                received_ms: self.received_ms[i],
+                gift: self.gift_names.get(self.gifts[i] as usize).map_or("", String::as_str),
+            })
+            .collect()
+    }
 }
 
 /// What the policy knows of one inbound message.
@@ -174,42 +235,38 @@ fn count_gift(gifts: &mut Vec<(String, u64)>, name: &str) {
     }
 }
 
-/// Up to `room` indices from `group`, taking each sender's n-th message only
-/// after every sender's (n-1)-th; senders in order of first appearance.
+/// Up to `room` indices from `group` (ascending indices into `inbound`),
+/// fairly across senders: each round takes every sender's earliest message
+/// not yet taken, in order, before any sender's next one.
+///
+/// `room` is small (a tick's share of the cap), so a linear scan with a short
+/// list of this round's senders beats hashing every message.
 fn round_robin(inbound: &[Meta<'_>], group: &[usize], room: usize) -> Vec<u32> {
     if group.len() <= room {
         return group.iter().map(|&i| i as u32).collect();
     }
-    let mut order: Vec<u64> = Vec::new();
-    let mut by_sender: HashMap<u64, Vec<usize>> = HashMap::new();
-    for &i in group {
-        let s = inbound[i].sender;
-        by_sender
-            .entry(s)
-            .or_insert_with(|| {
-                order.push(s);
-                Vec::new()
-            })
-            .push(i);
-    }
+    let mut taken = vec![false; group.len()];
     let mut picked = Vec::with_capacity(room);
-    let mut round = 0;
+    let mut round: Vec<u64> = Vec::with_capacity(room);
     while picked.len() < room {
-        let mut any = false;
-        for s in &order {
-            if let Some(&i) = by_sender[s].get(round) {
-                any = true;
-                picked.push(i as u32);
-                if picked.len() == room {
-                    break;
-                }
+        round.clear();
+        for (j, &i) in group.iter().enumerate() {
+            let sender = inbound[i].sender;
+            if taken[j] || round.contains(&sender) {
+                continue;
+            }
+            taken[j] = true;
+            round.push(sender);
+            picked.push(i as u32);
+            if picked.len() == room {
+                break;
             }
         }
-        if !any {
+        if round.is_empty() {
             break;
         }
-        round += 1;
     }
+    picked.sort_unstable();
     picked
 }
 

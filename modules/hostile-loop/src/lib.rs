@@ -15,9 +15,9 @@ impl Guest for HostileLoop {
         Ok(())
     }
 
-    fn plan_tick(stats: RoomStats, inbound: Vec<MessageMeta>) -> TickPlan {
+    fn plan_tick(stats: RoomStats, inbound: Inbound) -> TickPlan {
         // `black_box` keeps the counter opaque, so the loop cannot be removed.
-        let mut n = black_box(stats.tick ^ inbound.len() as u64);
+        let mut n = black_box(stats.tick ^ inbound.senders.len() as u64);
         loop {
             n = black_box(n.wrapping_add(1));
         }

@@ -17,7 +17,7 @@ impl Guest for HostileMemory {
         Ok(())
     }
 
-    fn plan_tick(_stats: RoomStats, _inbound: Vec<MessageMeta>) -> TickPlan {
+    fn plan_tick(_stats: RoomStats, _inbound: Inbound) -> TickPlan {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
             // Non-zero bytes, so every page is really written.

@@ -20,8 +20,8 @@ impl Guest for HostilePlan {
         Ok(())
     }
 
-    fn plan_tick(_stats: RoomStats, inbound: Vec<MessageMeta>) -> TickPlan {
-        let past_end = u32::try_from(inbound.len()).unwrap_or(u32::MAX).saturating_add(5);
+    fn plan_tick(_stats: RoomStats, inbound: Inbound) -> TickPlan {
+        let past_end = u32::try_from(inbound.senders.len()).unwrap_or(u32::MAX).saturating_add(5);
         let pattern = [u32::MAX, past_end, 0, 0, past_end];
         let deliver: Vec<u32> = pattern.iter().copied().cycle().take(DELIVER).collect();
         let gifts = (0..GIFTS)

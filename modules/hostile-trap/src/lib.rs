@@ -13,7 +13,7 @@ impl Guest for HostileTrap {
         Ok(())
     }
 
-    fn plan_tick(_stats: RoomStats, _inbound: Vec<MessageMeta>) -> TickPlan {
+    fn plan_tick(_stats: RoomStats, _inbound: Inbound) -> TickPlan {
         #[cfg(target_arch = "wasm32")]
         core::arch::wasm32::unreachable();
         #[cfg(not(target_arch = "wasm32"))]

@@ -7,10 +7,10 @@
 use std::cell::RefCell;
 
 use throng::room::host::{self, Level};
-// `Params`, `RoomStats`, `MessageMeta` and `TickPlan` are in scope through
+// `Params`, `RoomStats`, `Inbound` and `TickPlan` are in scope through
 // the world's `use types.{...}`.
-use throng::room::types::{Counters, GiftCount, Kind as WitKind};
-use throng_policy_core::{DefaultPolicy, Kind, Meta};
+use throng::room::types::{Counters, GiftCount};
+use throng_policy_core::{Columns, DefaultPolicy, Meta};
 
 wit_bindgen::generate!({
     world: "room-policy",
@@ -38,8 +38,8 @@ impl Guest for PolicyDefault {
         Ok(())
     }
 
-    fn plan_tick(stats: RoomStats, inbound: Vec<MessageMeta>) -> TickPlan {
-        let metas: Vec<Meta<'_>> = inbound.iter().map(to_meta).collect();
+    fn plan_tick(stats: RoomStats, inbound: Inbound) -> TickPlan {
+        let metas = to_metas(&inbound);
         let plan = POLICY.with(|p| {
             p.borrow_mut()
                 .get_or_insert_with(|| DefaultPolicy::new(DEFAULT_CAP_PER_SEC))
@@ -60,20 +60,16 @@ impl Guest for PolicyDefault {
     }
 }
 
-fn to_meta(m: &MessageMeta) -> Meta<'_> {
-    Meta {
-        sender: m.sender,
-        kind: match m.kind {
-            WitKind::Chat => Kind::Chat,
-            WitKind::Like => Kind::Like,
-            WitKind::Gift => Kind::Gift,
-            WitKind::Host => Kind::Host,
-            WitKind::System => Kind::System,
-        },
-        size: m.size,
-        received_ms: m.received_ms,
-        gift: &m.gift,
+fn to_metas(inbound: &Inbound) -> Vec<Meta<'_>> {
+    Columns {
+        senders: &inbound.senders,
+        kinds: &inbound.kinds,
+        sizes: &inbound.sizes,
+        received_ms: &inbound.received_ms,
+        gifts: &inbound.gifts,
+        gift_names: &inbound.gift_names,
     }
+    .metas()
 }
 
 export!(PolicyDefault);

@@ -28,4 +28,4 @@ pub mod filter {
 
 pub use policy::throng::room::host::Level;
 #[allow(unused_imports)] // part of the module's vocabulary, used by tests and benches
-pub use policy::throng::room::types::{Counters, GiftCount, Kind, Message, MessageMeta, RoomStats, TickPlan, Verdict};
+pub use policy::throng::room::types::{Counters, GiftCount, Inbound, Kind, Message, RoomStats, TickPlan, Verdict};

@@ -15,7 +15,7 @@
 //! thread; the guest yields to the runtime at each tick and traps once its
 //! deadline passes) or fuel. Memory is capped per store.
 
-pub(crate) mod bindings;
+pub mod bindings;
 pub mod filter;
 mod guest;
 pub mod policy;
@@ -214,7 +214,9 @@ impl WasmRuntime {
             .total_core_instances(n.saturating_mul(4))
             .total_memories(n.saturating_mul(2))
             .total_tables(n.saturating_mul(4))
-            .total_stacks(n.min(1024))
+            // A store keeps its async fiber stack between calls, so every
+            // live instance holds one: as many stacks as instances.
+            .total_stacks(n)
             .max_memory_size(max_memory)
             .max_memories_per_component(4)
             .max_tables_per_component(16)

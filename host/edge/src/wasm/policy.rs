@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use wasmtime::Store;
 
 use super::bindings::policy::RoomPolicyPre;
-use super::bindings::{MessageMeta, RoomStats, TickPlan};
+use super::bindings::{Inbound, RoomStats, TickPlan};
 use super::{GuestState, ModuleHash, WasmError, WasmRuntime, reason};
 
 /// Most gift names a plan may count in one tick.
@@ -105,7 +105,7 @@ impl WasmRuntime {
         &self,
         instance: &mut PolicyInstance,
         stats: RoomStats,
-        inbound: &[MessageMeta],
+        inbound: &Inbound,
     ) -> Result<TickPlan, CallFailure> {
         let started = Instant::now();
         self.arm(&mut instance.store);
@@ -117,7 +117,7 @@ impl WasmRuntime {
                 reason: reason(&e),
                 elapsed: started.elapsed(),
             })?;
-        validate(&plan, inbound.len()).map_err(|reason| CallFailure {
+        validate(&plan, inbound.senders.len()).map_err(|reason| CallFailure {
             reason: format!("invalid plan: {reason}"),
             elapsed: started.elapsed(),
         })?;
