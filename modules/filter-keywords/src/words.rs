@@ -141,11 +141,19 @@ fn match_at(text: &str, start: usize, word: &[char]) -> Option<usize> {
     }
     let mut pos = 0;
     for (off, c) in text[start..].char_indices() {
-        for lc in c.to_lowercase() {
-            if word.get(pos) != Some(&lc) {
+        if c.is_ascii() {
+            // Most chat is ASCII: skip the Unicode case tables.
+            if word.get(pos) != Some(&c.to_ascii_lowercase()) {
                 return None;
             }
             pos += 1;
+        } else {
+            for lc in c.to_lowercase() {
+                if word.get(pos) != Some(&lc) {
+                    return None;
+                }
+                pos += 1;
+            }
         }
         if pos == word.len() {
             let end = start + off + c.len_utf8();
