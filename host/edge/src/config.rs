@@ -50,6 +50,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub quic: QuicConfig,
     pub rooms: RoomsConfig,
+    pub storage: StorageConfig,
     pub tenants: BTreeMap<String, TenantConfig>,
     pub wasm: WasmSettings,
     /// Which policy a room runs: the first rule matching tenant and room wins;
@@ -96,6 +97,13 @@ pub struct PolicyRule {
     pub policy: PolicyChoice,
 }
 
+impl Config {
+    /// The group log's file: `storage.group_log`, relative to the data dir.
+    pub fn group_log_path(&self) -> PathBuf {
+        self.data_dir.join(&self.storage.group_log)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -135,6 +143,18 @@ pub struct RoomsConfig {
     pub presence_interval: Duration,
     pub empty_room_linger: Duration,
     pub inbox_capacity: usize,
+    /// Room name patterns of group rooms (durable log, full delivery,
+    /// resume of everything missed); other rooms are livecast rooms.
+    pub group_rooms: Vec<String>,
+}
+
+/// Where group rooms keep their log.
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    /// The redb file of the group log.
+    pub group_log: PathBuf,
+    /// Longest wait before appended messages are committed together.
+    pub commit_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +183,25 @@ struct RawConfig {
     wasm: RawWasm,
     #[serde(default)]
     policy: Vec<RawPolicyRule>,
+    #[serde(default)]
+    storage: RawStorage,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStorage {
+    group_log: PathBuf,
+    #[serde(with = "humantime_serde")]
+    commit_interval: Duration,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            group_log: PathBuf::from("group-log.redb"),
+            commit_interval: Duration::from_millis(10),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +354,7 @@ struct RawRooms {
     #[serde(with = "humantime_serde")]
     empty_room_linger: Duration,
     inbox_capacity: usize,
+    group_rooms: Vec<String>,
 }
 
 impl Default for RawRooms {
@@ -327,6 +367,7 @@ impl Default for RawRooms {
             presence_interval: Duration::from_secs(1),
             empty_room_linger: Duration::from_secs(30),
             inbox_capacity: 8192,
+            group_rooms: Vec::new(),
         }
     }
 }
@@ -509,6 +550,22 @@ impl Validator<'_> {
                 Duration::from_secs(86_400),
             )?,
             inbox_capacity: self.range("rooms.inbox_capacity", r.inbox_capacity, 16, 10_000_000)?,
+            group_rooms: r.group_rooms,
+        };
+        if let Some(p) = rooms.group_rooms.iter().find(|p| p.is_empty()) {
+            return Err(self.err("rooms.group_rooms", format!("empty pattern {p:?}")));
+        }
+        let st = raw.storage;
+        let storage = StorageConfig {
+            // Relative paths stay relative: they resolve against the data
+            // dir, which `--data-dir` may still change (see group_log_path).
+            group_log: st.group_log,
+            commit_interval: self.duration(
+                "storage.commit_interval",
+                st.commit_interval,
+                Duration::from_millis(1),
+                Duration::from_secs(10),
+            )?,
         };
 
         if raw.tenants.is_empty() {
@@ -627,6 +684,7 @@ impl Validator<'_> {
             limits,
             quic,
             rooms,
+            storage,
             tenants,
             wasm,
             policies,

@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
-use throng_wire::{ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name};
+use throng_wire::{Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
 use crate::Shared;
 use crate::auth::Grant;
+use crate::log::GroupLog;
 use crate::room::{Inbound, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
 
 /// Largest read from a stream at once; bounds buffering beyond one frame.
@@ -378,8 +379,14 @@ impl Session<'_> {
             }
         };
         let joined_frame = joined_frame(&room, info.online, info.recent, limits.max_frame_bytes);
+        let catch_up = CatchUp {
+            log: info.catch_up.map(|range| (self.shared.rooms.log().clone(), range)),
+            key: key.clone(),
+            tail: info.tail,
+            online: info.online,
+        };
         let max_frame = limits.max_frame_bytes;
-        tokio::spawn(write_room(stream, joined_frame, slot, max_frame).in_current_span());
+        tokio::spawn(write_room(stream, joined_frame, catch_up, slot, max_frame).in_current_span());
         self.joined.insert(room, JoinedRoom { handle });
     }
 
@@ -415,10 +422,94 @@ fn joined_frame(room: &str, online: u64, mut recent: Vec<Message>, max_frame: u3
     }
 }
 
-/// Drains one viewer's slot into its room stream.
-async fn write_room(mut stream: SendStream, joined: Bytes, slot: Arc<ViewerSlot>, max_frame: u32) {
+/// What a returning group member missed, sent between `Joined` and live batches.
+struct CatchUp {
+    log: Option<(GroupLog, (u64, u64))>,
+    key: RoomKey,
+    tail: Vec<Message>,
+    online: u64,
+}
+
+/// Messages per catch-up read (and at most per batch frame).
+const CATCH_UP_CHUNK: usize = 256;
+
+impl CatchUp {
+    /// Writes the missed messages in order, as batches of tick 0.
+    async fn write(self, stream: &mut SendStream, max_frame: u32) -> Result<(), String> {
+        let batch = |messages: Vec<Message>| {
+            encode(
+                &EdgeFrame::Batch(Batch {
+                    room: self.key.name.to_string(),
+                    tick: 0,
+                    messages,
+                    counters: Counters::default(),
+                    pinned: Vec::new(),
+                    online: self.online,
+                    missed: 0,
+                }),
+                max_frame,
+            )
+            .map_err(|e| e.to_string())
+        };
+        if let Some((log, (mut from, to))) = self.log.clone() {
+            while from <= to {
+                let (log, tenant, room) = (log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
+                let chunk = tokio::task::spawn_blocking(move || log.read(&tenant, &room, from, to, CATCH_UP_CHUNK))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let Some(last) = chunk.last().map(|m| m.seq) else { break };
+                from = last + 1;
+                for frame in split_to_fit(chunk, max_frame) {
+                    stream.write_chunk(batch(frame)?).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        if !self.tail.is_empty() {
+            for frame in split_to_fit(self.tail.clone(), max_frame) {
+                stream.write_chunk(batch(frame)?).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits messages into groups that each fit one frame.
+fn split_to_fit(messages: Vec<Message>, max_frame: u32) -> Vec<Vec<Message>> {
+    let budget = (max_frame as usize).saturating_sub(1024);
+    let mut out: Vec<Vec<Message>> = vec![Vec::new()];
+    let mut size = 0;
+    for m in messages {
+        let m_size = m.body.len() + m.sender.len() + 32;
+        if out.last().is_some_and(|c| !c.is_empty()) && size + m_size > budget {
+            out.push(Vec::new());
+            size = 0;
+        }
+        size += m_size;
+        if let Some(c) = out.last_mut() {
+            c.push(m);
+        }
+    }
+    out
+}
+
+/// Writes `Joined`, then what a returning member missed, then drains the
+/// viewer's slot into its room stream.
+async fn write_room(
+    mut stream: SendStream,
+    joined: Bytes,
+    catch_up: CatchUp,
+    slot: Arc<ViewerSlot>,
+    max_frame: u32,
+) {
     if stream.write_chunk(joined).await.is_err() {
         slot.close();
+        return;
+    }
+    if let Err(e) = catch_up.write(&mut stream, max_frame).await {
+        tracing::warn!(error = %e, "catch-up failed; closing the room stream");
+        slot.close();
+        let _ = stream.reset(u32::from(ErrorCode::Internal.code()).into());
         return;
     }
     while let Some((deliveries, missed)) = slot.next().await {

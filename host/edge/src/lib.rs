@@ -14,6 +14,7 @@
 //! - [`filter`]: a tenant's Wasm message filters, one instance per tenant.
 //! - [`wasm`]: the engine, module cache, per-call budgets and limits.
 //! - [`modules`]: which module runs where (edge-config), reloadable.
+//! - [`log`]: group rooms' durable log (redb), written in group commits.
 //!
 //! [`Edge::start`] binds the UDP socket, starts the accept loop and returns a
 //! handle; [`Edge::shutdown`] stops accepting, tells every connection, and
@@ -23,6 +24,7 @@ pub mod auth;
 pub mod config;
 mod connection;
 pub mod filter;
+pub mod log;
 pub mod modules;
 pub mod policy;
 pub mod room;
@@ -44,6 +46,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{Config, ConfigError};
 
 use crate::auth::Authenticator;
+use crate::log::{GroupLog, LogError, LogStats};
 use crate::modules::{ModuleError, ModuleSet};
 use crate::room::{Rooms, RoomsSetup};
 use crate::wasm::{WasmError, WasmRuntime, WasmStats};
@@ -75,6 +78,8 @@ pub enum EdgeError {
     Wasm(#[from] WasmError),
     #[error("cannot load module {0}")]
     Module(#[from] ModuleError),
+    #[error(transparent)]
+    Log(#[from] LogError),
 }
 
 /// State every connection shares.
@@ -106,6 +111,7 @@ pub struct Edge {
     runtime: Arc<WasmRuntime>,
     modules: tokio::sync::watch::Sender<Arc<ModuleSet>>,
     reload: tokio::sync::Mutex<()>,
+    group_log: GroupLog,
 }
 
 impl Edge {
@@ -132,6 +138,7 @@ impl Edge {
             source,
         })?;
 
+        let group_log = GroupLog::open(&config.group_log_path(), config.storage.commit_interval)?;
         let runtime = WasmRuntime::new(config.wasm.clone())?;
         let modules = ModuleSet::load(&config, &runtime, None).await?;
         let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));
@@ -142,6 +149,7 @@ impl Edge {
             max_body: config.limits.max_body_bytes,
             runtime: Arc::clone(&runtime),
             modules: modules_rx,
+            log: group_log.clone(),
             shutdown: shutdown.clone(),
         });
         let l = &config.limits;
@@ -177,6 +185,7 @@ impl Edge {
             runtime,
             modules,
             reload: tokio::sync::Mutex::new(()),
+            group_log,
         })
     }
 
@@ -191,6 +200,11 @@ impl Edge {
         self.modules.send_replace(Arc::new(next));
         tracing::info!(generation, "modules reloaded");
         Ok(generation)
+    }
+
+    /// Group log durability figures.
+    pub fn log_stats(&self) -> &Arc<LogStats> {
+        self.group_log.stats()
     }
 
     /// Guest failure counters.

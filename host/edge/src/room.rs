@@ -33,6 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RoomsConfig;
+use crate::log::GroupLog;
 use crate::filter::TenantFilter;
 use crate::modules::{ModuleSet, ResolvedPolicy};
 use crate::policy::{InboundBatch, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
@@ -74,7 +75,14 @@ const MAX_REASON: usize = 256;
 #[derive(Debug)]
 pub struct JoinInfo {
     pub online: u64,
+    /// Goes in the `Joined` frame.
     pub recent: Vec<Message>,
+    /// Group rooms: the committed sequence range `(from, to)` the joiner
+    /// missed, to read from the log and send before anything live.
+    pub catch_up: Option<(u64, u64)>,
+    /// Group rooms: missed messages not yet committed, sent after the
+    /// catch-up and before anything live.
+    pub tail: Vec<Message>,
 }
 
 /// One encoded batch frame, shared by every member it goes to.
@@ -221,6 +229,8 @@ pub struct Rooms {
     max_body: u32,
     runtime: Arc<WasmRuntime>,
     modules: watch::Receiver<Arc<ModuleSet>>,
+    log: GroupLog,
+    group_rooms: Vec<wildmatch::WildMatch>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
 }
@@ -233,6 +243,7 @@ pub struct RoomsSetup {
     pub max_body: u32,
     pub runtime: Arc<WasmRuntime>,
     pub modules: watch::Receiver<Arc<ModuleSet>>,
+    pub log: GroupLog,
     pub shutdown: CancellationToken,
 }
 
@@ -241,11 +252,13 @@ impl Rooms {
         Arc::new(Self {
             map: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            config: setup.config,
+            config: setup.config.clone(),
             max_frame: setup.max_frame,
             max_body: setup.max_body,
             runtime: setup.runtime,
             modules: setup.modules,
+            group_rooms: setup.config.group_rooms.iter().map(|p| wildmatch::WildMatch::new(p)).collect(),
+            log: setup.log,
             shutdown: setup.shutdown,
             tasks: tokio_util::task::TaskTracker::new(),
         })
@@ -253,6 +266,16 @@ impl Rooms {
 
     fn map(&self) -> MutexGuard<'_, HashMap<RoomKey, (u64, mpsc::Sender<Command>)>> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The group log, for catch-up reads.
+    pub fn log(&self) -> &GroupLog {
+        &self.log
+    }
+
+    /// Whether `room` is a group room (by `rooms.group_rooms`).
+    pub fn is_group(&self, room: &str) -> bool {
+        self.group_rooms.iter().any(|p| p.matches(room))
     }
 
     /// Rooms currently alive on this edge.
@@ -332,6 +355,15 @@ impl Rooms {
     }
 }
 
+/// A group room's log state.
+struct GroupState {
+    log: GroupLog,
+    /// Highest sequence number on disk (raised by the log writer).
+    committed: Arc<AtomicU64>,
+    /// Appended, not yet known to be committed, oldest first.
+    pending: VecDeque<Message>,
+}
+
 struct Room {
     key: RoomKey,
     id: u64,
@@ -344,6 +376,8 @@ struct Room {
     /// Keys the sender hashes policies see (stable for this room's life).
     sender_keys: std::collections::hash_map::RandomState,
     label: Arc<str>,
+    /// A group room keeps a durable log and delivers everything.
+    group: Option<GroupState>,
     next_seq: u64,
     tick: u64,
     recent: VecDeque<Message>,
@@ -364,8 +398,14 @@ impl Room {
         let mut modules = rooms.modules.clone();
         // The first tick picks the room's policy and filters from the set.
         modules.mark_changed();
+        let group = rooms.is_group(&key.name).then(|| GroupState {
+            log: rooms.log.clone(),
+            committed: Arc::new(AtomicU64::new(0)),
+            pending: VecDeque::new(),
+        });
         Self {
             label: Arc::from(key.to_string().as_str()),
+            group,
             key,
             id,
             members: HashMap::new(),
@@ -392,6 +432,18 @@ impl Room {
 
     #[tracing::instrument(name = "room", skip_all, fields(room = %self.key))]
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, rooms: Arc<Rooms>) {
+        if let Some(g) = &self.group {
+            // Sequence numbers continue where the log ends (joins wait).
+            let (log, tenant, name) = (g.log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
+            match tokio::task::spawn_blocking(move || log.last_seq(&tenant, &name)).await {
+                Ok(Ok(last)) => {
+                    self.next_seq = last + 1;
+                    g.committed.store(last, Ordering::Release);
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot read the group log; numbering from 1"),
+                Err(e) => tracing::error!(error = %e, "group log reader failed"),
+            }
+        }
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -403,6 +455,7 @@ impl Room {
                     self.run_tick().await;
                     if self.empty_since.is_some_and(|t| t.elapsed() >= self.linger)
                         && self.inbox.is_empty()
+                        && self.log_settled()
                         && rooms.retire(&self.key, self.id, &rx)
                     {
                         break;
@@ -430,7 +483,20 @@ impl Room {
                 reply,
             } => {
                 let after = resume_from.unwrap_or(0);
-                let recent = self.recent.iter().filter(|m| m.seq > after).cloned().collect();
+                let (recent, catch_up, tail) = match (&self.group, resume_from) {
+                    // A group member coming back gets everything after its
+                    // sequence: committed messages from the log, the rest
+                    // from memory, then live; the split at this instant
+                    // makes it exactly once.
+                    (Some(g), Some(after)) => {
+                        let committed = g.committed.load(Ordering::Acquire);
+                        let catch_up = (after < committed).then_some((after + 1, committed));
+                        let from = after.max(committed);
+                        let tail = g.pending.iter().filter(|m| m.seq > from).cloned().collect();
+                        (Vec::new(), catch_up, tail)
+                    }
+                    _ => (self.recent.iter().filter(|m| m.seq > after).cloned().collect(), None, Vec::new()),
+                };
                 if let Some(old) = self.members.insert(member, slot) {
                     old.close();
                 }
@@ -438,6 +504,8 @@ impl Room {
                 let _ = reply.send(JoinInfo {
                     online: self.members.len() as u64,
                     recent,
+                    catch_up,
+                    tail,
                 });
             }
             Command::Leave { member } => {
@@ -452,6 +520,17 @@ impl Room {
         }
     }
 
+    /// Whether everything this room appended is committed: a group room must
+    /// not retire before, or its successor would number from a stale end.
+    fn log_settled(&mut self) -> bool {
+        let Some(g) = &mut self.group else { return true };
+        let committed = g.committed.load(Ordering::Acquire);
+        while g.pending.front().is_some_and(|m| m.seq <= committed) {
+            g.pending.pop_front();
+        }
+        g.pending.is_empty()
+    }
+
     /// Picks up a changed module set at this tick boundary.
     async fn apply_modules(&mut self) {
         if !self.modules.has_changed().unwrap_or(false) {
@@ -459,6 +538,11 @@ impl Room {
         }
         let set = Arc::clone(&self.modules.borrow_and_update());
         self.filters = set.filters_for(&self.key.tenant).to_vec();
+        if self.group.is_some() {
+            // Group rooms deliver every message; policies are for livecast.
+            self.policy = RoomPolicy::Native(NativePolicy::new(0));
+            return;
+        }
         let wanted = set.policy_for(&self.key.tenant, &self.key.name);
         let same = match (wanted, &self.policy) {
             (ResolvedPolicy::Native { cap_per_sec }, RoomPolicy::Native(p)) => p.cap_per_sec() == *cap_per_sec,
@@ -598,6 +682,16 @@ impl Room {
             // out of range or repeated would still only be skipped here.
             if let Some(m) = slots.get_mut(i as usize).and_then(Option::take) {
                 messages.push(m);
+            }
+        }
+        if let Some(g) = &mut self.group {
+            let committed = g.committed.load(Ordering::Acquire);
+            while g.pending.front().is_some_and(|m| m.seq <= committed) {
+                g.pending.pop_front();
+            }
+            if !messages.is_empty() {
+                g.log.append(&self.key.tenant, &self.key.name, messages.clone(), &g.committed);
+                g.pending.extend(messages.iter().cloned());
             }
         }
         for m in &messages {

@@ -1,0 +1,257 @@
+//! The durable log of group rooms, in an embedded store (redb).
+//!
+//! Rooms hand each tick's sequenced messages to [`GroupLog::append`] and go
+//! on: a single writer thread collects appends from every room and commits
+//! them together (group commit) at most every `commit_interval`, off the push
+//! path. After a commit it raises each room's `committed` mark, so a room
+//! knows which messages it may stop keeping in memory.
+//!
+//! **What an ack promises.** A group room acks a message when it is
+//! sequenced, before it is on disk: the ack promises order (its sequence
+//! number) and that the message is committed within the durability window,
+//! one `commit_interval` plus one commit (fsync), unless the edge dies in
+//! that window. BENCHMARKS.md has the measured window.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use thiserror::Error;
+use throng_wire::Message;
+
+/// (tenant, room, seq) → postcard-encoded [`Message`].
+const MESSAGES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("messages");
+
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("cannot open the group log {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("group log read failed: {0}")]
+    Read(String),
+}
+
+/// One room's batch of messages waiting for the next commit.
+struct Append {
+    tenant: Arc<str>,
+    room: Arc<str>,
+    messages: Vec<Message>,
+    committed: Arc<AtomicU64>,
+    queued_at: Instant,
+}
+
+/// Durability figures, for stats and benchmarks.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    pub commits: AtomicU64,
+    pub messages: AtomicU64,
+    /// Longest time from a room's append to its commit, in microseconds.
+    pub max_window_us: AtomicU64,
+    /// Sum of append-to-commit times, for the mean.
+    pub total_window_us: AtomicU64,
+    pub appends: AtomicU64,
+}
+
+/// The group log: one database, one writer thread.
+#[derive(Debug, Clone)]
+pub struct GroupLog {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Append>,
+    stats: Arc<LogStats>,
+}
+
+impl GroupLog {
+    /// Opens (or creates) the log at `path` and starts its writer.
+    pub fn open(path: &Path, commit_interval: Duration) -> Result<Self, LogError> {
+        let open_err = |reason: String| LogError::Open {
+            path: path.to_owned(),
+            reason,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        }
+        let db = Arc::new(Database::create(path).map_err(|e| open_err(e.to_string()))?);
+        {
+            // Make sure the table exists so readers never race its creation.
+            let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
+            w.open_table(MESSAGES).map_err(|e| open_err(e.to_string()))?;
+            w.commit().map_err(|e| open_err(e.to_string()))?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(LogStats::default());
+        let writer_db = Arc::clone(&db);
+        let writer_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("throng-group-log".into())
+            .spawn(move || writer(writer_db, rx, commit_interval, writer_stats))
+            .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
+        Ok(Self { db, tx, stats })
+    }
+
+    pub fn stats(&self) -> &Arc<LogStats> {
+        &self.stats
+    }
+
+    /// Queues messages for the next group commit; `committed` is raised to
+    /// the highest committed sequence of this room afterwards.
+    pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
+        if messages.is_empty() {
+            return;
+        }
+        let _ = self.tx.send(Append {
+            tenant: Arc::clone(tenant),
+            room: Arc::clone(room),
+            messages,
+            committed: Arc::clone(committed),
+            queued_at: Instant::now(),
+        });
+    }
+
+    /// The highest sequence number stored for a room (0 if none).
+    pub fn last_seq(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
+        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
+        let t = r.open_table(MESSAGES).map_err(|e| LogError::Read(e.to_string()))?;
+        let mut range = t
+            .range((tenant, room, 0)..=(tenant, room, u64::MAX))
+            .map_err(|e| LogError::Read(e.to_string()))?;
+        match range.next_back() {
+            Some(Ok((k, _))) => Ok(k.value().2),
+            Some(Err(e)) => Err(LogError::Read(e.to_string())),
+            None => Ok(0),
+        }
+    }
+
+    /// Up to `limit` messages of a room with `from <= seq <= to`, in order.
+    pub fn read(&self, tenant: &str, room: &str, from: u64, to: u64, limit: usize) -> Result<Vec<Message>, LogError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
+        let t = r.open_table(MESSAGES).map_err(|e| LogError::Read(e.to_string()))?;
+        let range = t
+            .range((tenant, room, from)..=(tenant, room, to))
+            .map_err(|e| LogError::Read(e.to_string()))?;
+        let mut out = Vec::new();
+        for entry in range.take(limit) {
+            let (_, v) = entry.map_err(|e| LogError::Read(e.to_string()))?;
+            let m: Message = postcard::from_bytes(v.value()).map_err(|e| LogError::Read(e.to_string()))?;
+            out.push(m);
+        }
+        Ok(out)
+    }
+}
+
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, stats: Arc<LogStats>) {
+    let mut batch: Vec<Append> = Vec::new();
+    loop {
+        // Wait for the first append, then gather what else arrives within the
+        // interval, so one commit (one fsync) covers every room's ticks.
+        match rx.recv() {
+            Ok(a) => batch.push(a),
+            Err(_) => return,
+        }
+        let deadline = Instant::now() + interval;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match rx.recv_timeout(left) {
+                Ok(a) => batch.push(a),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if let Err(e) = commit(&db, &batch) {
+            // The messages stay un-committed; their rooms keep them in memory
+            // and the failure is loud. Retrying the same batch next round.
+            tracing::error!(error = %e, appends = batch.len(), "group log commit failed; will retry");
+            std::thread::sleep(interval.max(Duration::from_millis(10)));
+            continue;
+        }
+        let now = Instant::now();
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        for a in batch.drain(..) {
+            let window = now.duration_since(a.queued_at).as_micros() as u64;
+            stats.max_window_us.fetch_max(window, Ordering::Relaxed);
+            stats.total_window_us.fetch_add(window, Ordering::Relaxed);
+            stats.appends.fetch_add(1, Ordering::Relaxed);
+            stats.messages.fetch_add(a.messages.len() as u64, Ordering::Relaxed);
+            if let Some(last) = a.messages.last() {
+                a.committed.fetch_max(last.seq, Ordering::Release);
+            }
+        }
+        metrics::counter!("throng_group_log_commits_total").increment(1);
+    }
+}
+
+fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
+    let w = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut t = w.open_table(MESSAGES).map_err(|e| e.to_string())?;
+        for a in batch {
+            for m in &a.messages {
+                let bytes = postcard::to_allocvec(m).map_err(|e| e.to_string())?;
+                t.insert((&*a.tenant, &*a.room, m.seq), bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    w.commit().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use throng_wire::Kind;
+
+    fn msg(seq: u64) -> Message {
+        Message {
+            seq,
+            sender: "u".into(),
+            kind: Kind::Chat,
+            body: format!("m{seq}").into_bytes(),
+        }
+    }
+
+    #[test]
+    fn appends_commit_in_groups_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log.redb");
+        let log = GroupLog::open(&path, Duration::from_millis(5)).unwrap();
+        let (t, r): (Arc<str>, Arc<str>) = (Arc::from("acme"), Arc::from("g1"));
+        let other: Arc<str> = Arc::from("g2");
+        let committed = Arc::new(AtomicU64::new(0));
+        let committed2 = Arc::new(AtomicU64::new(0));
+        for s in 1..=10 {
+            log.append(&t, &r, vec![msg(s)], &committed);
+        }
+        log.append(&t, &other, vec![msg(1)], &committed2);
+        let start = Instant::now();
+        while committed.load(Ordering::Acquire) < 10 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(committed.load(Ordering::Acquire), 10);
+        assert_eq!(log.last_seq("acme", "g1").unwrap(), 10);
+        assert_eq!(log.last_seq("acme", "g2").unwrap(), 1);
+        assert_eq!(log.last_seq("acme", "nope").unwrap(), 0);
+        let got: Vec<u64> = log.read("acme", "g1", 4, 8, 100).unwrap().iter().map(|m| m.seq).collect();
+        assert_eq!(got, vec![4, 5, 6, 7, 8]);
+        assert_eq!(log.read("acme", "g1", 1, 10, 3).unwrap().len(), 3);
+        drop(log);
+        // Reopened, it is all still there.
+        std::thread::sleep(Duration::from_millis(20));
+        let again = GroupLog::open(&path, Duration::from_millis(5));
+        // The first writer thread may still hold the file briefly.
+        let again = match again {
+            Ok(l) => l,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(200));
+                GroupLog::open(&path, Duration::from_millis(5)).unwrap()
+            }
+        };
+        assert_eq!(again.last_seq("acme", "g1").unwrap(), 10);
+    }
+}

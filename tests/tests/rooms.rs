@@ -1,0 +1,125 @@
+//! Group rooms (durable log, resume of everything missed) and livecast
+//! rooms (a ring for late joiners) over real QUIC.
+
+use std::time::Duration;
+
+use throng_tests::{TestEdge, collect, viewers};
+use throng_wire::{Kind, Message};
+
+/// Receives until `n` messages (recent ones included) or `limit`.
+async fn take(room: &mut throng_client::RoomStream, n: usize, limit: Duration) -> Vec<Message> {
+    let mut got = std::mem::take(&mut room.recent);
+    if got.len() < n {
+        let (more, _) = collect(room, n - got.len(), limit).await;
+        got.extend(more);
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_group_members_resume_every_message_in_order_exactly_once() {
+    let edge = TestEdge::start(|c| {
+        c.rooms.group_rooms = vec!["group-*".into()];
+        c.rooms.recent_messages = 10;
+    })
+    .await;
+    let mut members = viewers(&edge, "acme", "group-team", 200).await;
+    let sender = edge.client("acme", "lead", "viewer").await;
+    let _s = sender.join("group-team").await.expect("join");
+
+    // Some history everyone sees live.
+    for i in 0..50 {
+        sender.send("group-team", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    let mut last_seen = Vec::new();
+    for (c, room) in &mut members {
+        let got = take(room, 50, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 50);
+        last_seen.push(got.last().map(|m| m.seq).unwrap_or(0));
+        let _ = c;
+    }
+    let base = last_seen[0];
+    assert!(last_seen.iter().all(|s| *s == base));
+
+    // Half go offline; 200 messages are sent while they are away.
+    let offline: Vec<_> = members.drain(100..).collect();
+    for (c, _) in &offline {
+        c.close();
+    }
+    drop(offline);
+    for i in 50..250 {
+        sender.send("group-team", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    // They come back while 100 more are being sent.
+    let more = {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            for i in 250..350 {
+                sender.send("group-team", Kind::Chat, format!("m{i}")).await.expect("ack");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let mut returning = Vec::new();
+    for i in 100..200 {
+        let opts = edge.options(edge.token("acme", &format!("viewer{i}"), "viewer", "*"));
+        returning.push(tokio::spawn(async move {
+            let c = throng_client::Client::connect(opts).await.expect("reconnect");
+            let mut room = c.join_from("group-team", Some(base)).await.expect("resume");
+            let got = take(&mut room, 300, Duration::from_secs(20)).await;
+            drop(c);
+            got
+        }));
+    }
+    more.await.expect("sender");
+    for (i, r) in returning.into_iter().enumerate() {
+        let got = r.await.expect("member task");
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (base + 1..=base + 300).collect();
+        assert_eq!(seqs, expected, "returning member {i}: every missed message, in order, once");
+        assert_eq!(got[0].body, b"m50");
+        assert_eq!(got[299].body, b"m349");
+    }
+    // Those who stayed got everything live.
+    for (v, (_c, room)) in members.iter_mut().enumerate() {
+        let got = take(room, 300, Duration::from_secs(10)).await;
+        assert_eq!(got.len(), 300, "online member {v}");
+    }
+    let stats = edge.edge.log_stats();
+    assert!(stats.messages.load(std::sync::atomic::Ordering::Relaxed) >= 350);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_livecast_late_joiner_gets_the_ring_then_live_with_no_gap_or_duplicate() {
+    let edge = TestEdge::start(|c| c.rooms.recent_messages = 50).await;
+    let sender = edge.client("acme", "host", "host").await;
+    let _s = sender.join("show").await.expect("join");
+    let streaming = {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut late = Vec::new();
+    for i in 0..5 {
+        let c = edge.client("acme", &format!("late{i}"), "viewer").await;
+        let room = c.join("show").await.expect("join");
+        late.push((c, room));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    streaming.await.expect("sender");
+    for (i, (_c, room)) in late.iter_mut().enumerate() {
+        let ring = room.recent.len();
+        assert!(ring > 0 && ring <= 50, "late joiner {i} got {ring} recent messages");
+        let first = room.recent[0].seq;
+        let expected_total = (300 - first + 1) as usize;
+        let got = take(room, expected_total, Duration::from_secs(10)).await;
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        let expected: Vec<u64> = (first..=300).collect();
+        assert_eq!(seqs, expected, "late joiner {i}: ring then live, seamless");
+    }
+}
