@@ -59,6 +59,27 @@ impl TestEdge {
         }
     }
 
+    /// Stops the edge and starts a new one on the same address and data dir
+    /// (what an edge restart looks like to its clients).
+    pub async fn restart(self) -> TestEdge {
+        let TestEdge { edge, mut config, _dir } = self;
+        config.listen = edge.local_addr();
+        edge.shutdown().await;
+        // The old endpoint's driver lets go of the UDP port a moment after
+        // its last connection is gone.
+        let start = std::time::Instant::now();
+        loop {
+            match Edge::start(config.clone()).await {
+                Ok(edge) => return TestEdge { edge, config, _dir },
+                Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("edge restarts: {e}"),
+            }
+        }
+    }
+
     pub fn addr(&self) -> String {
         self.edge.local_addr().to_string()
     }

@@ -29,7 +29,10 @@ async fn offline_group_members_resume_every_message_in_order_exactly_once() {
 
     // Some history everyone sees live.
     for i in 0..50 {
-        sender.send("group-team", Kind::Chat, format!("m{i}")).await.expect("ack");
+        sender
+            .send("group-team", Kind::Chat, format!("m{i}"))
+            .await
+            .expect("ack");
     }
     let mut last_seen = Vec::new();
     for (c, room) in &mut members {
@@ -48,14 +51,20 @@ async fn offline_group_members_resume_every_message_in_order_exactly_once() {
     }
     drop(offline);
     for i in 50..250 {
-        sender.send("group-team", Kind::Chat, format!("m{i}")).await.expect("ack");
+        sender
+            .send("group-team", Kind::Chat, format!("m{i}"))
+            .await
+            .expect("ack");
     }
     // They come back while 100 more are being sent.
     let more = {
         let sender = sender.clone();
         tokio::spawn(async move {
             for i in 250..350 {
-                sender.send("group-team", Kind::Chat, format!("m{i}")).await.expect("ack");
+                sender
+                    .send("group-team", Kind::Chat, format!("m{i}"))
+                    .await
+                    .expect("ack");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
@@ -76,7 +85,10 @@ async fn offline_group_members_resume_every_message_in_order_exactly_once() {
         let got = r.await.expect("member task");
         let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
         let expected: Vec<u64> = (base + 1..=base + 300).collect();
-        assert_eq!(seqs, expected, "returning member {i}: every missed message, in order, once");
+        assert_eq!(
+            seqs, expected,
+            "returning member {i}: every missed message, in order, once"
+        );
         assert_eq!(got[0].body, b"m50");
         assert_eq!(got[299].body, b"m349");
     }

@@ -13,8 +13,15 @@
 //!   `Joined` frame, hands a [`RoomStream`] to the matching [`Client::join`],
 //!   and forwards the room's batches into it.
 //! - [`tls`] builds the rustls config from the certificate to trust.
+//! - [`ResumableRoom`] keeps a room going across dropped connections: it
+//!   reconnects and rejoins with the last sequence number it saw, so the
+//!   edge sends what was missed (group rooms: all of it; livecast: what is
+//!   still in the ring) and nothing twice.
 
+mod resume;
 pub mod tls;
+
+pub use resume::{ResumableRoom, ResumePolicy};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +40,9 @@ pub use throng_wire as wire;
 /// Batches buffered per room before the client stops reading the room's
 /// stream (and QUIC flow control pushes back on the edge).
 const ROOM_BUFFER: usize = 256;
+
+/// Users per presence request (the edge's limit).
+const PRESENCE_CHUNK: usize = 10_000;
 
 /// What went wrong, typed so callers can tell a refusal from a lost network.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -159,6 +169,7 @@ struct Pending {
     acks: HashMap<u64, AckTx>,
     joins: HashMap<String, JoinTx>,
     pings: HashMap<u64, oneshot::Sender<()>>,
+    presence: HashMap<u64, oneshot::Sender<Result<Vec<bool>, ClientError>>>,
     fatal: Option<ClientError>,
 }
 
@@ -184,6 +195,9 @@ impl Inner {
             let _ = tx.send(Err(err.clone()));
         }
         for (_, tx) in p.joins.drain() {
+            let _ = tx.send(Err(err.clone()));
+        }
+        for (_, tx) in p.presence.drain() {
             let _ = tx.send(Err(err.clone()));
         }
         p.pings.clear();
@@ -212,7 +226,18 @@ pub struct Client {
     session: Session,
     limits: Limits,
     next_id: Arc<AtomicU64>,
+    /// Closes the connection when the last clone of this client is dropped
+    /// (the reader tasks hold the connection too, so it would stay open).
+    _close: Arc<CloseOnDrop>,
     _endpoint: quinn::Endpoint,
+}
+
+struct CloseOnDrop(Connection);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(0u32.into(), b"client dropped");
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -330,6 +355,7 @@ impl Client {
         tokio::spawn(read_control(recv, buf, Arc::clone(&inner), conn.clone()));
         tokio::spawn(accept_rooms(conn.clone(), Arc::clone(&inner), limits.max_frame_bytes));
         Ok(Client {
+            _close: Arc::new(CloseOnDrop(conn.clone())),
             conn,
             inner,
             session,
@@ -427,6 +453,57 @@ impl Client {
         }
     }
 
+    /// Which of `users` (of our tenant) are online on the edge: one request
+    /// per frame's worth of names (up to 10,000), however many are asked about.
+    pub async fn online(&self, users: &[String]) -> Result<Vec<bool>, ClientError> {
+        let mut answer = Vec::with_capacity(users.len());
+        // Split by count (the edge's limit) and by encoded size (the frame limit).
+        let budget = (self.limits.max_frame_bytes as usize).saturating_sub(256);
+        let mut chunks: Vec<&[String]> = Vec::new();
+        let (mut start, mut size) = (0, 0);
+        for (i, u) in users.iter().enumerate() {
+            let u_size = u.len() + 3;
+            if i > start && (i - start == PRESENCE_CHUNK || size + u_size > budget) {
+                chunks.push(&users[start..i]);
+                start = i;
+                size = 0;
+            }
+            size += u_size;
+        }
+        if start < users.len() {
+            chunks.push(&users[start..]);
+        }
+        for chunk in chunks {
+            let query_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut p = self.inner.pending();
+                if let Some(e) = &p.fatal {
+                    return Err(e.clone());
+                }
+                p.presence.insert(query_id, tx);
+            }
+            let frame = ClientFrame::Presence {
+                query_id,
+                users: chunk.to_vec(),
+            };
+            if let Err(e) = self.inner.write(&frame).await {
+                self.inner.pending().presence.remove(&query_id);
+                return Err(e);
+            }
+            let online = rx.await.unwrap_or(Err(ClientError::Closed))?;
+            if online.len() != chunk.len() {
+                return Err(ClientError::Protocol(format!(
+                    "presence answer has {} entries for {} users",
+                    online.len(),
+                    chunk.len()
+                )));
+            }
+            answer.extend(online);
+        }
+        Ok(answer)
+    }
+
     /// Resolves when the connection ends, with the reason.
     pub async fn closed(&self) -> ClientError {
         let e = self.conn.closed().await;
@@ -508,6 +585,20 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
                 if let Some(tx) = inner.pending().joins.remove(&room) {
                     let _ = tx.send(Err(ClientError::JoinRefused {
                         room,
+                        code: ErrorCode::from_code(code),
+                        raw: code,
+                        text,
+                    }));
+                }
+            }
+            EdgeFrame::Presence { query_id, online } => {
+                if let Some(tx) = inner.pending().presence.remove(&query_id) {
+                    let _ = tx.send(Ok(online));
+                }
+            }
+            EdgeFrame::PresenceRefused { query_id, code, text } => {
+                if let Some(tx) = inner.pending().presence.remove(&query_id) {
+                    let _ = tx.send(Err(ClientError::Edge {
                         code: ErrorCode::from_code(code),
                         raw: code,
                         text,

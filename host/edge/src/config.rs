@@ -140,6 +140,8 @@ pub struct RoomsConfig {
     pub viewer_cap_per_sec: u32,
     pub recent_messages: usize,
     pub viewer_queue_batches: usize,
+    /// A viewer losing batches for this long is disconnected.
+    pub max_behind: Duration,
     pub presence_interval: Duration,
     pub empty_room_linger: Duration,
     pub inbox_capacity: usize,
@@ -350,6 +352,8 @@ struct RawRooms {
     recent_messages: usize,
     viewer_queue_batches: usize,
     #[serde(with = "humantime_serde")]
+    max_behind: Duration,
+    #[serde(with = "humantime_serde")]
     presence_interval: Duration,
     #[serde(with = "humantime_serde")]
     empty_room_linger: Duration,
@@ -364,6 +368,7 @@ impl Default for RawRooms {
             viewer_cap_per_sec: 20,
             recent_messages: 50,
             viewer_queue_batches: 64,
+            max_behind: Duration::from_secs(30),
             presence_interval: Duration::from_secs(1),
             empty_room_linger: Duration::from_secs(30),
             inbox_capacity: 8192,
@@ -537,6 +542,12 @@ impl Validator<'_> {
             viewer_cap_per_sec: self.range("rooms.viewer_cap_per_sec", r.viewer_cap_per_sec, 0, 100_000)?,
             recent_messages: self.range("rooms.recent_messages", r.recent_messages, 0, 100_000)?,
             viewer_queue_batches: self.range("rooms.viewer_queue_batches", r.viewer_queue_batches, 1, 100_000)?,
+            max_behind: self.duration(
+                "rooms.max_behind",
+                r.max_behind,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            )?,
             presence_interval: self.duration(
                 "rooms.presence_interval",
                 r.presence_interval,

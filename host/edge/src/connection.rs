@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
-use throng_wire::{Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name};
+use throng_wire::{
+    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name,
+};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
@@ -103,6 +105,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
         limits: shared.wire_limits.clone(),
     });
 
+    shared.presence.connected(&grant.session.tenant, &grant.session.user);
     let mut session = Session {
         id,
         conn: conn.clone(),
@@ -140,6 +143,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
         }
     }
     session.leave_all().await;
+    shared.presence.disconnected(&session.tenant, &session.user);
     drop(session);
     drop(reply);
     // Rooms may still hold a reply sender for a tick; the writer also stops
@@ -326,6 +330,26 @@ impl Session<'_> {
             ClientFrame::Ping { nonce } => {
                 let _ = self.reply.send(EdgeFrame::Pong { nonce });
             }
+            ClientFrame::Presence { query_id, users } => {
+                let answer = if users.len() > crate::presence::MAX_QUERY_USERS {
+                    EdgeFrame::PresenceRefused {
+                        query_id,
+                        code: ErrorCode::QueryTooLarge.code(),
+                        text: format!(
+                            "{} users in one query; at most {}",
+                            users.len(),
+                            crate::presence::MAX_QUERY_USERS
+                        ),
+                    }
+                } else {
+                    // A tenant sees only its own users.
+                    EdgeFrame::Presence {
+                        query_id,
+                        online: self.shared.presence.query(&self.tenant, &users),
+                    }
+                };
+                let _ = self.reply.send(answer);
+            }
         }
         Ok(())
     }
@@ -361,7 +385,8 @@ impl Session<'_> {
             tenant: Arc::clone(&self.tenant),
             name: Arc::from(room.as_str()),
         };
-        let slot = ViewerSlot::new(self.shared.config.rooms.viewer_queue_batches);
+        let rooms_config = &self.shared.config.rooms;
+        let slot = ViewerSlot::new(rooms_config.viewer_queue_batches, rooms_config.max_behind);
         let (handle, info) = match self
             .shared
             .rooms
@@ -386,7 +411,7 @@ impl Session<'_> {
             online: info.online,
         };
         let max_frame = limits.max_frame_bytes;
-        tokio::spawn(write_room(stream, joined_frame, catch_up, slot, max_frame).in_current_span());
+        tokio::spawn(write_room(stream, joined_frame, catch_up, slot, max_frame, self.conn.clone()).in_current_span());
         self.joined.insert(room, JoinedRoom { handle });
     }
 
@@ -501,12 +526,23 @@ async fn write_room(
     catch_up: CatchUp,
     slot: Arc<ViewerSlot>,
     max_frame: u32,
+    conn: Connection,
 ) {
+    tokio::select! {
+        _ = drain_room(&mut stream, joined, catch_up, &slot, max_frame) => {}
+        _ = slot.evicted() => {
+            tracing::info!("viewer too slow for too long; disconnecting");
+            close(&conn, ErrorCode::TooSlow, "too slow: fell behind for too long");
+        }
+    }
+}
+
+async fn drain_room(stream: &mut SendStream, joined: Bytes, catch_up: CatchUp, slot: &ViewerSlot, max_frame: u32) {
     if stream.write_chunk(joined).await.is_err() {
         slot.close();
         return;
     }
-    if let Err(e) = catch_up.write(&mut stream, max_frame).await {
+    if let Err(e) = catch_up.write(stream, max_frame).await {
         tracing::warn!(error = %e, "catch-up failed; closing the room stream");
         slot.close();
         let _ = stream.reset(u32::from(ErrorCode::Internal.code()).into());

@@ -15,6 +15,7 @@
 //! - [`wasm`]: the engine, module cache, per-call budgets and limits.
 //! - [`modules`]: which module runs where (edge-config), reloadable.
 //! - [`log`]: group rooms' durable log (redb), written in group commits.
+//! - [`presence`]: who is online on this edge, for batched queries.
 //!
 //! [`Edge::start`] binds the UDP socket, starts the accept loop and returns a
 //! handle; [`Edge::shutdown`] stops accepting, tells every connection, and
@@ -27,6 +28,7 @@ pub mod filter;
 pub mod log;
 pub mod modules;
 pub mod policy;
+pub mod presence;
 pub mod room;
 pub mod tls;
 pub mod wasm;
@@ -89,8 +91,17 @@ pub(crate) struct Shared {
     rooms: Arc<Rooms>,
     limiter: DefaultKeyedRateLimiter<String>,
     wire_limits: throng_wire::Limits,
+    presence: presence::Presence,
     shutdown: CancellationToken,
     next_connection: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("listen", &self.config.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -112,6 +123,7 @@ pub struct Edge {
     modules: tokio::sync::watch::Sender<Arc<ModuleSet>>,
     reload: tokio::sync::Mutex<()>,
     group_log: GroupLog,
+    shared: Arc<Shared>,
 }
 
 impl Edge {
@@ -167,13 +179,14 @@ impl Edge {
             rooms: Arc::clone(&rooms),
             limiter: RateLimiter::keyed(quota),
             wire_limits,
+            presence: presence::Presence::default(),
             shutdown: shutdown.clone(),
             next_connection: AtomicU64::new(1),
             config,
         });
         let connections = TaskTracker::new();
-        tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared), connections.clone()));
-        tokio::spawn(housekeeping(Arc::clone(&shared)));
+        connections.spawn(accept_loop(endpoint.clone(), Arc::clone(&shared), connections.clone()));
+        connections.spawn(housekeeping(Arc::clone(&shared)));
         tracing::info!(quic = %local_addr, cert = %identity.cert_path.display(), "edge ready");
         Ok(Edge {
             endpoint,
@@ -186,7 +199,13 @@ impl Edge {
             modules,
             reload: tokio::sync::Mutex::new(()),
             group_log,
+            shared,
         })
+    }
+
+    /// Users of `tenant` online on this edge.
+    pub fn online_users(&self, tenant: &str) -> usize {
+        self.shared.presence.count(tenant)
     }
 
     /// Applies the modules of a new config (policies and filters) to running
@@ -230,20 +249,38 @@ impl Edge {
     /// Stops accepting, tells every client, waits (bounded) for connections
     /// and rooms to finish.
     pub async fn shutdown(self) {
-        self.shutdown.cancel();
-        self.connections.close();
+        let Edge {
+            endpoint,
+            shutdown,
+            connections,
+            rooms,
+            runtime,
+            modules,
+            group_log,
+            shared,
+            ..
+        } = self;
+        shutdown.cancel();
+        connections.close();
         let drain = async {
-            self.connections.wait().await;
-            self.rooms.drained().await;
+            connections.wait().await;
+            rooms.drained().await;
         };
         if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
             tracing::warn!("shutdown: some connections did not finish in 5 s");
         }
-        self.endpoint.close(
+        endpoint.close(
             u32::from(throng_wire::ErrorCode::ShuttingDown.code()).into(),
             b"shutting down",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        // Everything holding the group log is gone now; let its writer
+        // finish so the file is free for the next start.
+        drop((rooms, runtime, modules, shared));
+        let closed = tokio::task::spawn_blocking(move || group_log.close(Duration::from_secs(5))).await;
+        if !matches!(closed, Ok(true)) {
+            tracing::warn!("shutdown: the group log writer did not finish in 5 s");
+        }
     }
 }
 

@@ -60,6 +60,7 @@ pub struct GroupLog {
     db: Arc<Database>,
     tx: mpsc::Sender<Append>,
     stats: Arc<LogStats>,
+    writer_done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl GroupLog {
@@ -83,11 +84,37 @@ impl GroupLog {
         let stats = Arc::new(LogStats::default());
         let writer_db = Arc::clone(&db);
         let writer_stats = Arc::clone(&stats);
+        let writer_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::clone(&writer_done);
         std::thread::Builder::new()
             .name("throng-group-log".into())
-            .spawn(move || writer(writer_db, rx, commit_interval, writer_stats))
+            .spawn(move || {
+                writer(writer_db, rx, commit_interval, writer_stats);
+                done.store(true, Ordering::Release);
+            })
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
-        Ok(Self { db, tx, stats })
+        Ok(Self {
+            db,
+            tx,
+            stats,
+            writer_done,
+        })
+    }
+
+    /// Drops this handle; if it was the last one, waits (bounded) until the
+    /// writer has committed what was queued and closed the database, so the
+    /// same file can be opened again (an edge restarting in-process).
+    pub fn close(self, limit: Duration) -> bool {
+        let done = Arc::clone(&self.writer_done);
+        drop(self);
+        let start = Instant::now();
+        while !done.load(Ordering::Acquire) {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     pub fn stats(&self) -> &Arc<LogStats> {
@@ -237,7 +264,12 @@ mod tests {
         assert_eq!(log.last_seq("acme", "g1").unwrap(), 10);
         assert_eq!(log.last_seq("acme", "g2").unwrap(), 1);
         assert_eq!(log.last_seq("acme", "nope").unwrap(), 0);
-        let got: Vec<u64> = log.read("acme", "g1", 4, 8, 100).unwrap().iter().map(|m| m.seq).collect();
+        let got: Vec<u64> = log
+            .read("acme", "g1", 4, 8, 100)
+            .unwrap()
+            .iter()
+            .map(|m| m.seq)
+            .collect();
         assert_eq!(got, vec![4, 5, 6, 7, 8]);
         assert_eq!(log.read("acme", "g1", 1, 10, 3).unwrap().len(), 3);
         drop(log);

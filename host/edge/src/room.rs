@@ -33,8 +33,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RoomsConfig;
-use crate::log::GroupLog;
 use crate::filter::TenantFilter;
+use crate::log::GroupLog;
 use crate::modules::{ModuleSet, ResolvedPolicy};
 use crate::policy::{InboundBatch, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
 use crate::wasm::WasmRuntime;
@@ -94,11 +94,19 @@ pub struct Delivery {
 }
 
 /// A viewer's bounded outbound queue for one room.
+///
+/// The room pushes every batch without waiting; a viewer that cannot keep up
+/// loses its oldest batches (counted as `missed`, reported in the next batch
+/// it gets), so it never stalls the room or holds more than `capacity`
+/// batches. A viewer still dropping batches `max_behind` after it started
+/// is evicted: its connection is closed with `TooSlow`.
 #[derive(Debug)]
 pub struct ViewerSlot {
     state: Mutex<SlotState>,
     notify: Notify,
     capacity: usize,
+    max_behind: Duration,
+    evicted: CancellationToken,
 }
 
 #[derive(Debug, Default)]
@@ -106,14 +114,18 @@ struct SlotState {
     queue: VecDeque<Arc<Delivery>>,
     missed: u64,
     closed: bool,
+    /// Since when this viewer has been losing batches without catching up.
+    behind_since: Option<Instant>,
 }
 
 impl ViewerSlot {
-    pub fn new(capacity: usize) -> Arc<Self> {
+    pub fn new(capacity: usize, max_behind: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(SlotState::default()),
             notify: Notify::new(),
             capacity: capacity.max(1),
+            max_behind,
+            evicted: CancellationToken::new(),
         })
     }
 
@@ -133,6 +145,16 @@ impl ViewerSlot {
             s.queue.pop_front();
             s.missed += 1;
             metrics::counter!("throng_viewer_batches_missed_total").increment(1);
+            let since = *s.behind_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.max_behind {
+                s.closed = true;
+                s.queue.clear();
+                drop(s);
+                metrics::counter!("throng_viewers_evicted_total").increment(1);
+                self.evicted.cancel();
+                self.notify.notify_one();
+                return;
+            }
         }
         s.queue.push_back(delivery);
         drop(s);
@@ -145,6 +167,15 @@ impl ViewerSlot {
         self.notify.notify_one();
     }
 
+    /// Resolves when the viewer is evicted for being too slow.
+    pub async fn evicted(&self) {
+        self.evicted.cancelled().await
+    }
+
+    pub fn is_evicted(&self) -> bool {
+        self.evicted.is_cancelled()
+    }
+
     /// Waits for queued batches; returns them with the count missed before
     /// them, or `None` once closed and drained.
     pub async fn next(&self) -> Option<(Vec<Arc<Delivery>>, u64)> {
@@ -153,6 +184,10 @@ impl ViewerSlot {
                 let mut s = self.lock();
                 if !s.queue.is_empty() {
                     let missed = std::mem::take(&mut s.missed);
+                    if missed == 0 {
+                        // Nothing lost since the last drain: caught up.
+                        s.behind_since = None;
+                    }
                     return Some((s.queue.drain(..).collect(), missed));
                 }
                 if s.closed {
@@ -257,7 +292,12 @@ impl Rooms {
             max_body: setup.max_body,
             runtime: setup.runtime,
             modules: setup.modules,
-            group_rooms: setup.config.group_rooms.iter().map(|p| wildmatch::WildMatch::new(p)).collect(),
+            group_rooms: setup
+                .config
+                .group_rooms
+                .iter()
+                .map(|p| wildmatch::WildMatch::new(p))
+                .collect(),
             log: setup.log,
             shutdown: setup.shutdown,
             tasks: tokio_util::task::TaskTracker::new(),
@@ -495,7 +535,11 @@ impl Room {
                         let tail = g.pending.iter().filter(|m| m.seq > from).cloned().collect();
                         (Vec::new(), catch_up, tail)
                     }
-                    _ => (self.recent.iter().filter(|m| m.seq > after).cloned().collect(), None, Vec::new()),
+                    _ => (
+                        self.recent.iter().filter(|m| m.seq > after).cloned().collect(),
+                        None,
+                        Vec::new(),
+                    ),
                 };
                 if let Some(old) = self.members.insert(member, slot) {
                     old.close();
@@ -690,7 +734,8 @@ impl Room {
                 g.pending.pop_front();
             }
             if !messages.is_empty() {
-                g.log.append(&self.key.tenant, &self.key.name, messages.clone(), &g.committed);
+                g.log
+                    .append(&self.key.tenant, &self.key.name, messages.clone(), &g.committed);
                 g.pending.extend(messages.iter().cloned());
             }
         }

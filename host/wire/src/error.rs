@@ -36,6 +36,10 @@ pub enum ErrorCode {
     BadRoomName = 23,
     /// A message body over the limit announced in `Welcome`.
     BodyTooLarge = 24,
+    /// The viewer read too slowly for too long and was disconnected.
+    TooSlow = 25,
+    /// A presence query asked about more users than allowed.
+    QueryTooLarge = 26,
     /// The user's send rate is exhausted.
     RateLimited = 30,
     /// The edge holds its maximum number of connections.
@@ -50,7 +54,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -65,6 +69,8 @@ impl ErrorCode {
         Self::NotJoined,
         Self::BadRoomName,
         Self::BodyTooLarge,
+        Self::TooSlow,
+        Self::QueryTooLarge,
         Self::RateLimited,
         Self::ServerBusy,
         Self::ShuttingDown,
@@ -97,6 +103,7 @@ impl ErrorCode {
                 | Self::AlgorithmNotAllowed
                 | Self::ServerBusy
                 | Self::ShuttingDown
+                | Self::TooSlow
                 | Self::Internal
         )
     }

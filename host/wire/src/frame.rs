@@ -107,6 +107,9 @@ pub enum ClientFrame {
     },
     /// Liveness check; answered by `Pong` with the same nonce.
     Ping { nonce: u64 },
+    /// Which of these users (of the client's tenant) are online on this
+    /// edge? Answered by one `Presence` frame with the same `query_id`.
+    Presence { query_id: u64, users: Vec<String> },
 }
 
 /// Who the edge believes the client is, echoed in `Welcome`.
@@ -211,6 +214,10 @@ pub enum EdgeFrame {
     Pong { nonce: u64 },
     /// A `Join` was refused; the connection stays open.
     JoinRefused { room: String, code: u16, text: String },
+    /// Answers a presence query: `online[i]` is whether `users[i]` is online.
+    Presence { query_id: u64, online: Vec<bool> },
+    /// A presence query was refused (e.g. too many users at once).
+    PresenceRefused { query_id: u64, code: u16, text: String },
 }
 
 /// Checks a room name: 1 to [`MAX_ROOM_NAME`] bytes of `[A-Za-z0-9._:-]`.

@@ -49,6 +49,8 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
                 client_msg_id
             }),
         any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
+        (any::<u64>(), prop::collection::vec(".{0,12}", 0..16))
+            .prop_map(|(query_id, users)| ClientFrame::Presence { query_id, users }),
     ]
 }
 
@@ -104,6 +106,8 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
         (any::<u16>(), ".{0,32}").prop_map(|(code, text)| EdgeFrame::Error { code, text }),
         any::<u64>().prop_map(|nonce| EdgeFrame::Pong { nonce }),
         (".{0,16}", any::<u16>(), ".{0,32}").prop_map(|(room, code, text)| EdgeFrame::JoinRefused { room, code, text }),
+        (any::<u64>(), prop::collection::vec(any::<bool>(), 0..64))
+            .prop_map(|(query_id, online)| EdgeFrame::Presence { query_id, online }),
     ]
 }
 

@@ -1,0 +1,168 @@
+//! Slow viewers, presence, churn and resuming after an edge restart.
+
+use std::time::{Duration, Instant};
+
+use throng_client::{ClientError, ResumableRoom, ResumePolicy};
+use throng_tests::{TestEdge, collect, viewers};
+use throng_wire::{ErrorCode, Kind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_that_reads_nothing_slows_no_one_and_is_evicted() {
+    let edge = TestEdge::start(|c| {
+        c.limits.max_body_bytes = 16 * 1024;
+        c.rooms.viewer_queue_batches = 4;
+        c.rooms.max_behind = Duration::from_secs(1);
+    })
+    .await;
+    let lazy = edge.client("acme", "lazy", "viewer").await;
+    let _never_read = lazy.join("show").await.expect("join");
+    let mut readers = viewers(&edge, "acme", "show", 10).await;
+    let sender = edge.client("acme", "s", "viewer").await;
+    let mut own = sender.join("show").await.expect("join");
+    // The sender is a member too: it must read, or it is evicted as well.
+    tokio::spawn(async move { while own.next_batch().await.is_some() {} });
+
+    let body = vec![b'x'; 16 * 1024];
+    let mut sent = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        for _ in 0..4 {
+            sender.send("show", Kind::Chat, body.clone()).await.expect("ack");
+            sent += 1;
+        }
+        // Readers keep up; their latency is what the lazy one must not hurt.
+        for (v, (_c, room)) in readers.iter_mut().enumerate() {
+            let t = Instant::now();
+            let (got, batches) = collect(room, 4, Duration::from_secs(2)).await;
+            assert_eq!(got.len(), 4, "reader {v} fell behind at message {sent}");
+            assert!(batches.iter().all(|b| b.missed == 0), "reader {v} missed batches");
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "reader {v} waited {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    let why = tokio::time::timeout(Duration::from_secs(10), lazy.closed())
+        .await
+        .expect("the lazy viewer is evicted");
+    assert_eq!(why.code(), Some(ErrorCode::TooSlow), "{why}");
+    assert!(sent > 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_answers_thousands_of_users_in_one_call_per_tenant() {
+    let edge = TestEdge::start(|_| {}).await;
+    let online = viewers(&edge, "acme", "lobby", 50).await;
+    let asker = edge.client("acme", "asker", "viewer").await;
+    let other_tenant = edge.client("globex", "asker", "viewer").await;
+    let names: Vec<String> = (0..12_000).map(|i| format!("viewer{}", i * 7 % 12_000)).collect();
+    let answer = asker.online(&names).await.expect("presence");
+    for (name, is_online) in names.iter().zip(&answer) {
+        let n: usize = name.trim_start_matches("viewer").parse().expect("number");
+        assert_eq!(*is_online, n < 50, "{name}");
+    }
+    let theirs = other_tenant.online(&names[..5000]).await.expect("presence");
+    assert!(theirs.iter().all(|o| !o), "another tenant's users are not visible");
+    drop(online);
+    let start = Instant::now();
+    loop {
+        let now = asker.online(&["viewer0".to_owned()]).await.expect("presence");
+        if !now[0] {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "viewer0 still online after it left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_joins_and_leaves_end_with_exact_online_counts() {
+    let edge = TestEdge::start(|_| {}).await;
+    let churners = viewers(&edge, "acme", "home", 20).await;
+    let mut tasks = Vec::new();
+    for (i, (c, room)) in churners.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            drop(room);
+            for _ in 0..100 {
+                let r = c.join("churn").await.expect("join");
+                drop(r);
+                c.leave("churn").await.expect("leave");
+            }
+            // The first 7 stay in the room at the end.
+            let stay = if i < 7 {
+                Some(c.join("churn").await.expect("final join"))
+            } else {
+                None
+            };
+            (c, stay)
+        }));
+    }
+    let mut kept = Vec::new();
+    for t in tasks {
+        kept.push(t.await.expect("churner"));
+    }
+    // 20 × 100 joins and leaves went through; a newcomer counts exactly.
+    let newcomer = edge.client("acme", "new", "viewer").await;
+    let mut exact = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let room = newcomer.join("churn").await.expect("join");
+        if room.online == 8 {
+            exact = true;
+            break;
+        }
+        drop(room);
+        newcomer.leave("churn").await.expect("leave");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(exact, "online count after churn is 7 stayers + the newcomer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_resumes_by_itself_after_the_edge_restarts() {
+    let edge = TestEdge::start(|c| c.rooms.group_rooms = vec!["group-*".into()]).await;
+    let opts = edge.options(edge.token("acme", "member", "viewer", "*"));
+    let mut room = ResumableRoom::join(opts, "group-x", None, ResumePolicy::default())
+        .await
+        .expect("join");
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _s = sender.join("group-x").await.expect("join");
+    for i in 0..10 {
+        sender.send("group-x", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let b = tokio::time::timeout(Duration::from_secs(5), room.next_batch())
+            .await
+            .expect("in time")
+            .expect("batch");
+        got.extend(b.messages);
+    }
+    // Past the commit window, then the edge goes away and comes back.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(sender);
+    let edge = edge.restart().await;
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _s = sender.join("group-x").await.expect("join");
+    for i in 10..20 {
+        sender.send("group-x", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    while got.len() < 20 {
+        let b = tokio::time::timeout(Duration::from_secs(15), room.next_batch())
+            .await
+            .expect("resumed in time")
+            .unwrap_or_else(|e: ClientError| panic!("resume failed: {e}"));
+        got.extend(b.messages);
+    }
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected, "every message once, across the restart");
+    assert!(room.reconnects() >= 1);
+}
