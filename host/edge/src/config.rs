@@ -148,6 +148,18 @@ pub struct RoomsConfig {
     /// Room name patterns of group rooms (durable log, full delivery,
     /// resume of everything missed); other rooms are livecast rooms.
     pub group_rooms: Vec<String>,
+    /// Size classes, ascending by `min_members`; the first starts at 0.
+    pub classes: Vec<RoomClass>,
+}
+
+/// Rooms of at least `min_members` tick at `tick` (until the next class).
+/// A room moves up when it reaches the next class's `min_members` and back
+/// down only below 80% of its own, so a room at the edge does not flap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomClass {
+    pub name: String,
+    pub min_members: u64,
+    pub tick: Duration,
 }
 
 /// Where group rooms keep their log.
@@ -359,6 +371,17 @@ struct RawRooms {
     empty_room_linger: Duration,
     inbox_capacity: usize,
     group_rooms: Vec<String>,
+    #[serde(rename = "class")]
+    classes: Vec<RawClass>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClass {
+    name: String,
+    min_members: u64,
+    #[serde(with = "humantime_serde")]
+    tick: Duration,
 }
 
 impl Default for RawRooms {
@@ -373,6 +396,7 @@ impl Default for RawRooms {
             empty_room_linger: Duration::from_secs(30),
             inbox_capacity: 8192,
             group_rooms: Vec::new(),
+            classes: Vec::new(),
         }
     }
 }
@@ -562,6 +586,44 @@ impl Validator<'_> {
             )?,
             inbox_capacity: self.range("rooms.inbox_capacity", r.inbox_capacity, 16, 10_000_000)?,
             group_rooms: r.group_rooms,
+            classes: Vec::new(),
+        };
+        let mut rooms = rooms;
+        rooms.classes = if r.classes.is_empty() {
+            vec![RoomClass {
+                name: "default".into(),
+                min_members: 0,
+                tick: rooms.tick,
+            }]
+        } else {
+            let mut classes = Vec::new();
+            for (i, c) in r.classes.into_iter().enumerate() {
+                let key = format!("rooms.class[{i}]");
+                let tick = self.duration(
+                    &format!("{key}.tick"),
+                    c.tick,
+                    Duration::from_millis(1),
+                    Duration::from_secs(10),
+                )?;
+                match classes.last() {
+                    None if c.min_members != 0 => {
+                        return Err(self.err(format!("{key}.min_members"), "the first class must start at 0 members"));
+                    }
+                    Some(RoomClass { min_members, .. }) if c.min_members <= *min_members => {
+                        return Err(self.err(
+                            format!("{key}.min_members"),
+                            format!("{} is not above the previous class's {min_members}", c.min_members),
+                        ));
+                    }
+                    _ => {}
+                }
+                classes.push(RoomClass {
+                    name: c.name,
+                    min_members: c.min_members,
+                    tick,
+                });
+            }
+            classes
         };
         if let Some(p) = rooms.group_rooms.iter().find(|p| p.is_empty()) {
             return Err(self.err("rooms.group_rooms", format!("empty pattern {p:?}")));

@@ -426,6 +426,8 @@ struct Room {
     presence_sent_at: Instant,
     empty_since: Option<Instant>,
     tick_interval: Duration,
+    classes: Vec<crate::config::RoomClass>,
+    class: usize,
     presence_interval: Duration,
     linger: Duration,
     max_frame: u32,
@@ -462,7 +464,9 @@ impl Room {
             online_sent: 0,
             presence_sent_at: Instant::now(),
             empty_since: Some(Instant::now()),
-            tick_interval: config.tick,
+            tick_interval: config.classes.first().map_or(config.tick, |c| c.tick),
+            classes: config.classes.clone(),
+            class: 0,
             presence_interval: config.presence_interval,
             linger: config.empty_room_linger,
             max_frame: rooms.max_frame,
@@ -493,6 +497,11 @@ impl Room {
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = ticker.tick() => {
                     self.run_tick().await;
+                    if self.reclassify() {
+                        ticker = tokio::time::interval(self.tick_interval);
+                        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                        ticker.reset();
+                    }
                     if self.empty_since.is_some_and(|t| t.elapsed() >= self.linger)
                         && self.inbox.is_empty()
                         && self.log_settled()
@@ -562,6 +571,28 @@ impl Room {
             }
             Command::Send(inbound) => self.inbox.push(inbound),
         }
+    }
+
+    /// Moves the room between size classes (with hysteresis); true when its
+    /// tick changed.
+    fn reclassify(&mut self) -> bool {
+        let members = self.members.len() as u64;
+        let before = self.class;
+        while self.class + 1 < self.classes.len() && members >= self.classes[self.class + 1].min_members {
+            self.class += 1;
+        }
+        while self.class > 0 && members * 10 < self.classes[self.class].min_members * 8 {
+            self.class -= 1;
+        }
+        if self.class == before {
+            return false;
+        }
+        let class = &self.classes[self.class];
+        tracing::info!(class = %class.name, members, tick_ms = class.tick.as_millis() as u64, "room changed size class");
+        metrics::counter!("throng_room_class_changes_total").increment(1);
+        let changed = class.tick != self.tick_interval;
+        self.tick_interval = class.tick;
+        changed
     }
 
     /// Whether everything this room appended is committed: a group room must
