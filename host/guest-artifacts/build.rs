@@ -116,6 +116,7 @@ fn rerun_if_changed(root: &Path, modules: &Path, crates: &[String]) {
     let mut paths = vec![
         modules.join("Cargo.toml"),
         modules.join("Cargo.lock"),
+        modules.join(".cargo/config.toml"),
         root.join("wit"),
         root.join("host/policy-core/Cargo.toml"),
         root.join("host/policy-core/src"),
