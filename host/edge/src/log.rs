@@ -22,8 +22,10 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use thiserror::Error;
 use throng_wire::Message;
 
-/// (tenant, room, seq) → postcard-encoded [`Message`].
-const MESSAGES: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("messages");
+/// (tenant, room, first seq) → one tick's messages, postcard-encoded
+/// `Vec<Message>` in sequence order. One entry per room tick, not per
+/// message: a commit of many rooms' ticks is then a few B-tree inserts.
+const TICKS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("ticks");
 
 #[derive(Debug, Error)]
 pub enum LogError {
@@ -77,7 +79,7 @@ impl GroupLog {
         {
             // Make sure the table exists so readers never race its creation.
             let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
-            w.open_table(MESSAGES).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(TICKS).map_err(|e| open_err(e.to_string()))?;
             w.commit().map_err(|e| open_err(e.to_string()))?;
         }
         let (tx, rx) = mpsc::channel();
@@ -139,12 +141,12 @@ impl GroupLog {
     /// The highest sequence number stored for a room (0 if none).
     pub fn last_seq(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
         let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
-        let t = r.open_table(MESSAGES).map_err(|e| LogError::Read(e.to_string()))?;
+        let t = r.open_table(TICKS).map_err(|e| LogError::Read(e.to_string()))?;
         let mut range = t
             .range((tenant, room, 0)..=(tenant, room, u64::MAX))
             .map_err(|e| LogError::Read(e.to_string()))?;
         match range.next_back() {
-            Some(Ok((k, _))) => Ok(k.value().2),
+            Some(Ok((_, v))) => Ok(decode(v.value())?.last().map_or(0, |m| m.seq)),
             Some(Err(e)) => Err(LogError::Read(e.to_string())),
             None => Ok(0),
         }
@@ -156,18 +158,34 @@ impl GroupLog {
             return Ok(Vec::new());
         }
         let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
-        let t = r.open_table(MESSAGES).map_err(|e| LogError::Read(e.to_string()))?;
-        let range = t
-            .range((tenant, room, from)..=(tenant, room, to))
-            .map_err(|e| LogError::Read(e.to_string()))?;
+        let t = r.open_table(TICKS).map_err(|e| LogError::Read(e.to_string()))?;
+        // The tick holding `from` starts at or before it; later ticks start
+        // after it.
         let mut out = Vec::new();
-        for entry in range.take(limit) {
+        let first = t
+            .range((tenant, room, 0)..=(tenant, room, from))
+            .map_err(|e| LogError::Read(e.to_string()))?
+            .next_back();
+        let later = t
+            .range((tenant, room, from.saturating_add(1))..=(tenant, room, to))
+            .map_err(|e| LogError::Read(e.to_string()))?;
+        for entry in first.into_iter().chain(later) {
             let (_, v) = entry.map_err(|e| LogError::Read(e.to_string()))?;
-            let m: Message = postcard::from_bytes(v.value()).map_err(|e| LogError::Read(e.to_string()))?;
-            out.push(m);
+            for m in decode(v.value())? {
+                if m.seq >= from && m.seq <= to {
+                    out.push(m);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
         }
         Ok(out)
     }
+}
+
+fn decode(bytes: &[u8]) -> Result<Vec<Message>, LogError> {
+    postcard::from_bytes(bytes).map_err(|e| LogError::Read(format!("corrupt log entry: {e}")))
 }
 
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, stats: Arc<LogStats>) {
@@ -217,13 +235,12 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, sta
 fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
     let w = db.begin_write().map_err(|e| e.to_string())?;
     {
-        let mut t = w.open_table(MESSAGES).map_err(|e| e.to_string())?;
+        let mut t = w.open_table(TICKS).map_err(|e| e.to_string())?;
         for a in batch {
-            for m in &a.messages {
-                let bytes = postcard::to_allocvec(m).map_err(|e| e.to_string())?;
-                t.insert((&*a.tenant, &*a.room, m.seq), bytes.as_slice())
-                    .map_err(|e| e.to_string())?;
-            }
+            let Some(first) = a.messages.first() else { continue };
+            let bytes = postcard::to_allocvec(&a.messages).map_err(|e| e.to_string())?;
+            t.insert((&*a.tenant, &*a.room, first.seq), bytes.as_slice())
+                .map_err(|e| e.to_string())?;
         }
     }
     w.commit().map_err(|e| e.to_string())
@@ -252,9 +269,10 @@ mod tests {
         let other: Arc<str> = Arc::from("g2");
         let committed = Arc::new(AtomicU64::new(0));
         let committed2 = Arc::new(AtomicU64::new(0));
-        for s in 1..=10 {
-            log.append(&t, &r, vec![msg(s)], &committed);
-        }
+        // Ticks of several messages, with a gap (3 was a like, say).
+        log.append(&t, &r, vec![msg(1), msg(2), msg(4)], &committed);
+        log.append(&t, &r, vec![msg(5)], &committed);
+        log.append(&t, &r, (6..=10).map(msg).collect(), &committed);
         log.append(&t, &other, vec![msg(1)], &committed2);
         let start = Instant::now();
         while committed.load(Ordering::Acquire) < 10 && start.elapsed() < Duration::from_secs(5) {
@@ -264,13 +282,16 @@ mod tests {
         assert_eq!(log.last_seq("acme", "g1").unwrap(), 10);
         assert_eq!(log.last_seq("acme", "g2").unwrap(), 1);
         assert_eq!(log.last_seq("acme", "nope").unwrap(), 0);
-        let got: Vec<u64> = log
-            .read("acme", "g1", 4, 8, 100)
-            .unwrap()
-            .iter()
-            .map(|m| m.seq)
-            .collect();
-        assert_eq!(got, vec![4, 5, 6, 7, 8]);
+        let seqs = |from, to| -> Vec<u64> {
+            log.read("acme", "g1", from, to, 100)
+                .unwrap()
+                .iter()
+                .map(|m| m.seq)
+                .collect()
+        };
+        assert_eq!(seqs(3, 8), vec![4, 5, 6, 7, 8], "from inside a tick, across a gap");
+        assert_eq!(seqs(2, 2), vec![2]);
+        assert!(seqs(11, 20).is_empty());
         assert_eq!(log.read("acme", "g1", 1, 10, 3).unwrap().len(), 3);
         drop(log);
         // Reopened, it is all still there.
