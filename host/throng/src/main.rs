@@ -1,5 +1,8 @@
 //! The `throng` command: run an edge, mint dev tokens, talk to an edge.
 
+mod baseline;
+mod load;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -71,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         action: ClientAction,
     },
+    /// Load an edge (or a bare-quinn baseline) with real QUIC viewers and report CPU, RSS and latency.
+    Load(Box<load::LoadArgs>),
+    /// Baseline server for `throng load --mode bare-quinn`.
+    #[command(hide = true)]
+    BareQuinn(baseline::BareQuinnArgs),
 }
 
 #[derive(Subcommand)]
@@ -139,6 +147,8 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
 
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
+        Command::Load(args) => load::run(*args).await,
+        Command::BareQuinn(args) => baseline::run(args).await,
         Command::Serve {
             config,
             listen,

@@ -29,7 +29,11 @@ async fn start(config: &std::path::Path) -> (Child, String, std::path::PathBuf) 
         .await
         .expect("ready in time")
         .expect("read");
-    let rest = line.trim().strip_prefix("throng ready quic=").expect("ready line").to_owned();
+    let rest = line
+        .trim()
+        .strip_prefix("throng ready quic=")
+        .expect("ready line")
+        .to_owned();
     let (addr, cert) = rest.split_once(" cert=").expect("cert");
     (child, addr.to_owned(), cert.into())
 }
@@ -42,7 +46,9 @@ async fn client(addr: &str, cert: &std::path::Path, user: &str) -> Client {
         .expect("token");
     let token = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
     let roots = throng_client::tls::load_certs(cert).expect("cert");
-    Client::connect(ConnectOptions::new(addr, roots, token)).await.expect("connect")
+    Client::connect(ConnectOptions::new(addr, roots, token))
+        .await
+        .expect("connect")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +71,10 @@ async fn acks_older_than_the_window_survive_kill_9() {
     let _room = c.join("group-log").await.expect("join");
     let mut acked = Vec::new();
     for i in 0..200 {
-        let ack = c.send("group-log", throng_wire::Kind::Chat, format!("m{i}")).await.expect("ack");
+        let ack = c
+            .send("group-log", throng_wire::Kind::Chat, format!("m{i}"))
+            .await
+            .expect("ack");
         acked.push(ack.seq);
     }
     // Past the window: one interval and a commit (fsync), with a wide margin.
@@ -90,6 +99,9 @@ async fn acks_older_than_the_window_survive_kill_9() {
     assert_eq!(seqs, acked, "every acked message survived, in order");
     assert_eq!(got[199].body, b"m199");
     // Numbering continues after the log's end.
-    let next = c.send("group-log", throng_wire::Kind::Chat, "after restart").await.expect("ack");
+    let next = c
+        .send("group-log", throng_wire::Kind::Chat, "after restart")
+        .await
+        .expect("ack");
     assert_eq!(next.seq, acked[199] + 1);
 }
