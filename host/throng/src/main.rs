@@ -106,6 +106,16 @@ enum ClientAction {
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
     },
+    /// Which of these users (of the token's tenant) are online on the edge.
+    Online {
+        /// User ids; with --file, read one per line from that file as well.
+        users: Vec<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print only the users who are online.
+        #[arg(long)]
+        only_online: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -201,6 +211,24 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                     repeat,
                     rate,
                 } => send(&client, &room, &text, kind, repeat, rate).await?,
+                ClientAction::Online {
+                    mut users,
+                    file,
+                    only_online,
+                } => {
+                    if let Some(path) = file {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        users.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned));
+                    }
+                    let online = client.online(&users).await.context("presence query failed")?;
+                    for (user, is_online) in users.iter().zip(online) {
+                        if is_online || !only_online {
+                            println!("{user}\t{}", if is_online { "online" } else { "offline" });
+                        }
+                    }
+                    std::process::ExitCode::SUCCESS
+                }
             };
             client.close();
             Ok(code)

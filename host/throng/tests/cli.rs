@@ -135,6 +135,17 @@ async fn listen_receives_what_send_sends_with_acks() {
     assert_eq!(rejected.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&rejected.stdout).contains("rejected id=1 code=20"));
 
+    // Presence: the sender (bob) is gone, alice's listener too; ask in a batch.
+    let online = output(&[
+        "client", "--server", addr, "--cert", cert, "--token", &viewer, "online", "alice", "bob", "nobody",
+    ])
+    .await;
+    assert!(online.status.success(), "{}", String::from_utf8_lossy(&online.stderr));
+    let text = String::from_utf8_lossy(&online.stdout);
+    // The asking connection is alice's own, so alice is online.
+    assert!(text.contains("alice\tonline"), "{text}");
+    assert!(text.contains("nobody\toffline"), "{text}");
+
     // The dev certificate is reused on the next start.
     let cert_before = std::fs::read(cert).expect("cert");
     serve.kill().await.expect("kill serve");
