@@ -142,6 +142,7 @@ pub fn builtin_policy(rooms: &str, module: &str, params: &[(&str, &str)]) -> Pol
     PolicyRule {
         tenant: "*".into(),
         rooms: rooms.into(),
+        class: None,
         policy: PolicyChoice::Module(builtin(module, params)),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use throng_edge::config::RoomClass;
+use throng_edge::config::{PolicyChoice, PolicyRule, RoomClass};
 use throng_tests::{TestEdge, captured_logs, collect, log_text, viewers};
 use throng_wire::Kind;
 
@@ -22,6 +22,16 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
                 min_members: 100,
                 tick: Duration::from_millis(100),
             },
+        ];
+        // Large rooms run the native policy, everything else the Wasm one.
+        c.policies = vec![
+            PolicyRule {
+                tenant: "*".into(),
+                rooms: "*".into(),
+                class: Some("large".into()),
+                policy: PolicyChoice::Native { cap_per_sec: 0 },
+            },
+            throng_tests::builtin_policy("*", "policy-default", &[("cap_per_sec", "0")]),
         ];
     })
     .await;
@@ -90,6 +100,11 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
         logs.lines()
             .any(|l| l.contains("room changed size class") && l.contains("acme/big") && l.contains("large")),
         "the big room moved to the large class"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("room policy set") && l.contains("acme/big") && l.contains("Native")),
+        "a class rule picked the big room's policy once it was large"
     );
 }
 

@@ -65,6 +65,27 @@ async fn fifty_viewers_receive_a_hundred_messages_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_fanning_out_from_parallel_shards_delivers_everything_in_order() {
+    // A low threshold so 40 viewers take the path huge rooms take.
+    let edge = TestEdge::start(|c| c.rooms.shard_members = 8).await;
+    let mut audience = throng_tests::viewers(&edge, "acme", "huge", 40).await;
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _s = sender.join("huge").await.expect("join");
+    for i in 0..50 {
+        sender.send("huge", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    for (v, (_c, room)) in audience.iter_mut().enumerate() {
+        let (got, _) = collect(room, 50, Duration::from_secs(10)).await;
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+        assert_eq!(bodies, expected, "viewer {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_with_the_same_room_name_are_isolated() {
     let edge = TestEdge::start(|_| {}).await;
     let acme_viewer = edge.client("acme", "a", "viewer").await;

@@ -94,6 +94,8 @@ pub enum PolicyChoice {
 pub struct PolicyRule {
     pub tenant: String,
     pub rooms: String,
+    /// Only rooms currently in this size class (`[[rooms.class]]` name).
+    pub class: Option<String>,
     pub policy: PolicyChoice,
 }
 
@@ -150,6 +152,9 @@ pub struct RoomsConfig {
     pub group_rooms: Vec<String>,
     /// Size classes, ascending by `min_members`; the first starts at 0.
     pub classes: Vec<RoomClass>,
+    /// Rooms with at least this many members queue each batch for their
+    /// members from parallel shards.
+    pub shard_members: usize,
 }
 
 /// Rooms of at least `min_members` tick at `tick` (until the next class).
@@ -258,6 +263,7 @@ struct RawPolicyRule {
     tenant: String,
     #[serde(default = "star")]
     rooms: String,
+    class: Option<String>,
     module: String,
     #[serde(default)]
     params: BTreeMap<String, toml::Value>,
@@ -373,6 +379,7 @@ struct RawRooms {
     group_rooms: Vec<String>,
     #[serde(rename = "class")]
     classes: Vec<RawClass>,
+    shard_members: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,6 +404,7 @@ impl Default for RawRooms {
             inbox_capacity: 8192,
             group_rooms: Vec::new(),
             classes: Vec::new(),
+            shard_members: 20_000,
         }
     }
 }
@@ -587,6 +595,7 @@ impl Validator<'_> {
             inbox_capacity: self.range("rooms.inbox_capacity", r.inbox_capacity, 16, 10_000_000)?,
             group_rooms: r.group_rooms,
             classes: Vec::new(),
+            shard_members: self.range("rooms.shard_members", r.shard_members, 1, usize::MAX)?,
         };
         let mut rooms = rooms;
         rooms.classes = if r.classes.is_empty() {
@@ -687,9 +696,19 @@ impl Validator<'_> {
                     params,
                 })
             };
+            if let Some(class) = &rule.class
+                && !rooms.classes.iter().any(|c| c.name == *class)
+            {
+                let known: Vec<&str> = rooms.classes.iter().map(|c| c.name.as_str()).collect();
+                return Err(self.err(
+                    format!("{key}.class"),
+                    format!("no room class `{class}` (classes: {})", known.join(", ")),
+                ));
+            }
             policies.push(PolicyRule {
                 tenant: rule.tenant,
                 rooms: rule.rooms,
+                class: rule.class,
                 policy,
             });
         }
@@ -876,6 +895,24 @@ mod tests {
 
         let e = parse("").unwrap_err();
         assert!(e.to_string().contains("`tenants`"), "{e}");
+    }
+
+    #[test]
+    fn policy_rules_may_name_a_room_class() {
+        let classes = "[[rooms.class]]\nname = \"small\"\nmin_members = 0\ntick = \"20ms\"\n\
+                       [[rooms.class]]\nname = \"huge\"\nmin_members = 1000\ntick = \"200ms\"\n";
+        let ok = format!("{classes}[[policy]]\nclass = \"huge\"\nmodule = \"native\"\n{TENANT}");
+        let c = parse(&ok).unwrap();
+        assert_eq!(c.policies[0].class.as_deref(), Some("huge"));
+        let bad = format!("{classes}[[policy]]\nclass = \"giant\"\nmodule = \"native\"\n{TENANT}");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("policy[0].class") && e.contains("giant"), "{e}");
+        let e = parse(&format!(
+            "[[rooms.class]]\nname = \"x\"\nmin_members = 5\ntick = \"1s\"\n{TENANT}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rooms.class[0].min_members"), "{e}");
     }
 
     #[test]

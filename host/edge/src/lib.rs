@@ -326,8 +326,9 @@ async fn housekeeping(shared: Arc<Shared>) {
 /// Transport settings for many mostly idle viewers: the client may open one
 /// bidirectional (control) stream and no unidirectional ones, and its
 /// receive windows are small, because quinn sizes per-connection state from
-/// these limits.
-fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
+/// these limits. Public so the bare-quinn baseline of `throng load` runs
+/// the very same settings.
+pub fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
     let q = &config.quic;
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1u32.into())
@@ -344,7 +345,9 @@ fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
     Ok(t)
 }
 
-fn bind_udp(config: &Config) -> Result<std::net::UdpSocket, EdgeError> {
+/// The listener's UDP socket with the configured kernel buffers (shared with
+/// the bare-quinn baseline).
+pub fn bind_udp(config: &Config) -> Result<std::net::UdpSocket, EdgeError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let addr = config.listen;
     let err = |source| EdgeError::Bind { addr, source };

@@ -42,6 +42,7 @@ pub enum ResolvedPolicy {
 struct Rule {
     tenant: WildMatch,
     rooms: WildMatch,
+    class: Option<String>,
     policy: ResolvedPolicy,
 }
 
@@ -86,6 +87,7 @@ impl ModuleSet {
             rules.push(Rule {
                 tenant: WildMatch::new(&rule.tenant),
                 rooms: WildMatch::new(&rule.rooms),
+                class: rule.class.clone(),
                 policy,
             });
         }
@@ -126,11 +128,14 @@ impl ModuleSet {
         })
     }
 
-    /// The policy for `room` of `tenant`: the first matching rule's.
-    pub fn policy_for(&self, tenant: &str, room: &str) -> &ResolvedPolicy {
+    /// The policy for `room` of `tenant` in size class `class`: the first
+    /// matching rule's.
+    pub fn policy_for(&self, tenant: &str, room: &str, class: &str) -> &ResolvedPolicy {
         self.rules
             .iter()
-            .find(|r| r.tenant.matches(tenant) && r.rooms.matches(room))
+            .find(|r| {
+                r.tenant.matches(tenant) && r.rooms.matches(room) && r.class.as_deref().is_none_or(|c| c == class)
+            })
             .map_or(&self.default, |r| &r.policy)
     }
 

@@ -428,6 +428,8 @@ struct Room {
     tick_interval: Duration,
     classes: Vec<crate::config::RoomClass>,
     class: usize,
+    /// Rooms with at least this many members push batches from parallel shards.
+    shard_members: usize,
     presence_interval: Duration,
     linger: Duration,
     max_frame: u32,
@@ -467,6 +469,7 @@ impl Room {
             tick_interval: config.classes.first().map_or(config.tick, |c| c.tick),
             classes: config.classes.clone(),
             class: 0,
+            shard_members: config.shard_members,
             presence_interval: config.presence_interval,
             linger: config.empty_room_linger,
             max_frame: rooms.max_frame,
@@ -573,6 +576,34 @@ impl Room {
         }
     }
 
+    /// A huge room's member list, split into shards pushed by parallel
+    /// threads: the same bytes, queued for every member, in a fraction of
+    /// the time one thread takes. The QUIC writes themselves already run
+    /// in parallel in each viewer's writer task.
+    fn push_sharded(&self, delivery: &Arc<Delivery>) {
+        let slots: Vec<&Arc<ViewerSlot>> = self.members.values().collect();
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+        let shard = slots.len().div_ceil(threads);
+        let push = || {
+            std::thread::scope(|scope| {
+                for chunk in slots.chunks(shard.max(1)) {
+                    scope.spawn(move || {
+                        for slot in chunk {
+                            slot.push(Arc::clone(delivery));
+                        }
+                    });
+                }
+            })
+        };
+        // The room's task blocks for the push; let the runtime move its
+        // other tasks off this worker meanwhile.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(push),
+            _ => push(),
+        }
+        metrics::counter!("throng_sharded_fanouts_total").increment(1);
+    }
+
     /// Moves the room between size classes (with hysteresis); true when its
     /// tick changed.
     fn reclassify(&mut self) -> bool {
@@ -589,6 +620,8 @@ impl Room {
         }
         let class = &self.classes[self.class];
         tracing::info!(class = %class.name, members, tick_ms = class.tick.as_millis() as u64, "room changed size class");
+        // Policy rules may depend on the class: pick again at the next tick.
+        self.modules.mark_changed();
         metrics::counter!("throng_room_class_changes_total").increment(1);
         let changed = class.tick != self.tick_interval;
         self.tick_interval = class.tick;
@@ -618,7 +651,8 @@ impl Room {
             self.policy = RoomPolicy::Native(NativePolicy::new(0));
             return;
         }
-        let wanted = set.policy_for(&self.key.tenant, &self.key.name);
+        let class = self.classes.get(self.class).map_or("", |c| c.name.as_str());
+        let wanted = set.policy_for(&self.key.tenant, &self.key.name, class);
         let same = match (wanted, &self.policy) {
             (ResolvedPolicy::Native { cap_per_sec }, RoomPolicy::Native(p)) => p.cap_per_sec() == *cap_per_sec,
             (ResolvedPolicy::Wasm { module, params }, RoomPolicy::Wasm(w)) => {
@@ -834,8 +868,12 @@ impl Room {
                 }
             };
             let delivery = Arc::new(Delivery { frame, batch });
-            for slot in self.members.values() {
-                slot.push(Arc::clone(&delivery));
+            if self.members.len() >= self.shard_members {
+                self.push_sharded(&delivery);
+            } else {
+                for slot in self.members.values() {
+                    slot.push(Arc::clone(&delivery));
+                }
             }
             metrics::counter!("throng_batches_total").increment(1);
             metrics::counter!("throng_frames_queued_total").increment(self.members.len() as u64);

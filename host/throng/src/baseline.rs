@@ -66,11 +66,11 @@ pub async fn run(a: BareQuinnArgs) -> Result<std::process::ExitCode> {
     let identity = throng_edge::tls::identity(&config)?;
     let crypto = throng_edge::tls::server_crypto(&identity)?;
     let mut server = quinn::ServerConfig::with_crypto(crypto);
-    server.transport_config(Arc::new(transport(&config)?));
+    server.transport_config(Arc::new(throng_edge::transport(&config)?));
     let endpoint = quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(server),
-        bind_udp(&config)?,
+        throng_edge::bind_udp(&config)?,
         Arc::new(quinn::TokioRuntime),
     )
     .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -148,39 +148,6 @@ async fn serve(incoming: quinn::Incoming, mut frames: broadcast::Receiver<Bytes>
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
-}
-
-/// The edge's transport settings (see `transport()` in throng-edge): the
-/// same values from the same [quic] config keys.
-fn transport(config: &Config) -> Result<quinn::TransportConfig> {
-    let q = &config.quic;
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window(q.stream_receive_window.into())
-        .receive_window(q.connection_receive_window.into())
-        .send_window(q.send_window)
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(q.idle_timeout).context("quic.idle_timeout is out of range")?,
-        ))
-        .keep_alive_interval(q.keep_alive)
-        .datagram_receive_buffer_size(None)
-        .enable_segmentation_offload(q.segmentation_offload);
-    Ok(t)
-}
-
-fn bind_udp(config: &Config) -> Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let addr = config.listen;
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
-        .with_context(|| format!("cannot make a UDP socket for {addr}"))?;
-    // The kernel may clamp these (net.core.rmem_max), as for the edge.
-    let _ = socket.set_recv_buffer_size(config.quic.udp_recv_buffer);
-    let _ = socket.set_send_buffer_size(config.quic.udp_send_buffer);
-    socket
-        .bind(&addr.into())
-        .with_context(|| format!("cannot bind UDP {addr}"))?;
-    Ok(socket.into())
 }
 
 #[cfg(test)]
