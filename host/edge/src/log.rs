@@ -54,7 +54,14 @@ pub struct LogStats {
     /// Sum of append-to-commit times, for the mean.
     pub total_window_us: AtomicU64,
     pub appends: AtomicU64,
+    /// Appends waiting for a commit. The queue is unbounded (a room must
+    /// never block on the log), so this is what to watch: it grows only when
+    /// the disk cannot keep up with the group rooms' traffic.
+    pub queued: AtomicU64,
 }
+
+/// Above this many waiting appends the writer warns (at most every 10 s).
+const QUEUE_WARN: u64 = 100_000;
 
 /// The group log: one database, one writer thread.
 #[derive(Debug, Clone)]
@@ -129,6 +136,7 @@ impl GroupLog {
         if messages.is_empty() {
             return;
         }
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(Append {
             tenant: Arc::clone(tenant),
             room: Arc::clone(room),
@@ -190,6 +198,7 @@ fn decode(bytes: &[u8]) -> Result<Vec<Message>, LogError> {
 
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, stats: Arc<LogStats>) {
     let mut batch: Vec<Append> = Vec::new();
+    let mut warned: Option<Instant> = None;
     loop {
         // Wait for the first append, then gather what else arrives within the
         // interval, so one commit (one fsync) covers every room's ticks.
@@ -218,6 +227,15 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, sta
         }
         let now = Instant::now();
         stats.commits.fetch_add(1, Ordering::Relaxed);
+        let queued = stats.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed) - batch.len() as u64;
+        metrics::gauge!("throng_group_log_queued").set(queued as f64);
+        if queued > QUEUE_WARN && warned.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10)) {
+            warned = Some(now);
+            tracing::warn!(
+                queued,
+                "the group log is falling behind: acks are further from disk than the commit interval"
+            );
+        }
         for a in batch.drain(..) {
             let window = now.duration_since(a.queued_at).as_micros() as u64;
             stats.max_window_us.fetch_max(window, Ordering::Relaxed);
@@ -280,6 +298,15 @@ mod tests {
         }
         assert_eq!(committed.load(Ordering::Acquire), 10);
         assert_eq!(log.last_seq("acme", "g1").unwrap(), 10);
+        let start = Instant::now();
+        while log.stats().queued.load(Ordering::Relaxed) != 0 && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            log.stats().queued.load(Ordering::Relaxed),
+            0,
+            "every append was committed"
+        );
         assert_eq!(log.last_seq("acme", "g2").unwrap(), 1);
         assert_eq!(log.last_seq("acme", "nope").unwrap(), 0);
         let seqs = |from, to| -> Vec<u64> {
