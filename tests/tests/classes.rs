@@ -16,11 +16,13 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
                 name: "small".into(),
                 min_members: 0,
                 tick: Duration::from_millis(5),
+                workers: 1,
             },
             RoomClass {
                 name: "large".into(),
                 min_members: 100,
                 tick: Duration::from_millis(100),
+                workers: 1,
             },
         ];
         // Large rooms run the native policy, everything else the Wasm one.
@@ -105,6 +107,86 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
         logs.lines()
             .any(|l| l.contains("room policy set") && l.contains("acme/big") && l.contains("Native")),
         "a class rule picked the big room's policy once it was large"
+    );
+}
+
+/// A room that grows into the next class and shrinks back moves between the
+/// classes' thread pools, and its viewers' writers move with it: viewers that
+/// stay throughout get every message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_follow_their_room_between_class_pools() {
+    captured_logs();
+    let edge = TestEdge::start(|c| {
+        c.rooms.viewer_cap_per_sec = 0;
+        c.rooms.classes = vec![
+            RoomClass {
+                name: "small".into(),
+                min_members: 0,
+                tick: Duration::from_millis(10),
+                workers: 1,
+            },
+            RoomClass {
+                name: "large".into(),
+                min_members: 20,
+                tick: Duration::from_millis(30),
+                workers: 2,
+            },
+        ];
+    })
+    .await;
+    const SENT: usize = 150;
+    let stayers = viewers(&edge, "acme", "grow", 5).await;
+    let readers: Vec<_> = stayers
+        .into_iter()
+        .map(|(c, mut r)| {
+            tokio::spawn(async move {
+                let (got, batches) = collect(&mut r, SENT, Duration::from_secs(20)).await;
+                drop(c);
+                (got, batches.iter().map(|b| b.missed).sum::<u64>())
+            })
+        })
+        .collect();
+    let speaker = edge.client("acme", "speaker", "viewer").await;
+    let _own = speaker.join("grow").await.expect("join");
+    let send = tokio::spawn(async move {
+        for i in 0..SENT {
+            speaker
+                .submit("grow", Kind::Chat, format!("m{i}"))
+                .await
+                .expect("submit");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        speaker
+    });
+    // Grow past 20 members (up to the large pool), then shrink below 16
+    // (back to the small one) while the speaker talks.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let crowd = viewers(&edge, "acme", "grow", 30).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(crowd);
+    let _speaker = send.await.expect("sender");
+    for reader in readers {
+        let (got, missed) = reader.await.expect("reader");
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect();
+        let want: Vec<String> = (0..SENT).map(|i| format!("m{i}")).collect();
+        assert_eq!(missed, 0, "a stayer missed batches");
+        assert_eq!(bodies, want, "a stayer lost, repeated or reordered messages");
+        assert!(
+            got.windows(2).all(|w| w[1].seq == w[0].seq + 1),
+            "gap in sequence numbers"
+        );
+    }
+    let logs = log_text();
+    let moves: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("room changed size class") && l.contains("acme/grow"))
+        .collect();
+    assert!(
+        moves.iter().any(|l| l.contains("large")) && moves.iter().any(|l| l.contains("small")),
+        "the room moved up and back down: {moves:?}"
     );
 }
 

@@ -16,6 +16,9 @@ use crate::wasm::{Budget, WasmSettings};
 /// The embedded defaults `throng serve` uses without `--config`.
 pub const DEV_CONFIG: &str = include_str!("../../../edge-config/dev.toml");
 
+/// Most threads one size class may ask for.
+const MAX_CLASS_WORKERS: usize = 64;
+
 /// A configuration that is wrong, with the key at fault.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -160,11 +163,14 @@ pub struct RoomsConfig {
 /// Rooms of at least `min_members` tick at `tick` (until the next class).
 /// A room moves up when it reaches the next class's `min_members` and back
 /// down only below 80% of its own, so a room at the edge does not flap.
+/// Each class runs its rooms and their viewers' writers on its own
+/// `workers` threads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomClass {
     pub name: String,
     pub min_members: u64,
     pub tick: Duration,
+    pub workers: usize,
 }
 
 /// Where group rooms keep their log.
@@ -389,6 +395,12 @@ struct RawClass {
     min_members: u64,
     #[serde(with = "humantime_serde")]
     tick: Duration,
+    #[serde(default = "one")]
+    workers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for RawRooms {
@@ -603,6 +615,7 @@ impl Validator<'_> {
                 name: "default".into(),
                 min_members: 0,
                 tick: rooms.tick,
+                workers: 1,
             }]
         } else {
             let mut classes = Vec::new();
@@ -626,10 +639,17 @@ impl Validator<'_> {
                     }
                     _ => {}
                 }
+                if !(1..=MAX_CLASS_WORKERS).contains(&c.workers) {
+                    return Err(self.err(
+                        format!("{key}.workers"),
+                        format!("{} is not between 1 and {MAX_CLASS_WORKERS}", c.workers),
+                    ));
+                }
                 classes.push(RoomClass {
                     name: c.name,
                     min_members: c.min_members,
                     tick,
+                    workers: c.workers,
                 });
             }
             classes
@@ -913,6 +933,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("rooms.class[0].min_members"), "{e}");
+    }
+
+    #[test]
+    fn class_workers_default_to_one_and_are_bounded() {
+        let class = |workers: &str| {
+            format!("[[rooms.class]]\nname = \"small\"\nmin_members = 0\ntick = \"20ms\"\n{workers}{TENANT}")
+        };
+        assert_eq!(parse(&class("")).unwrap().rooms.classes[0].workers, 1);
+        assert_eq!(parse(&class("workers = 3\n")).unwrap().rooms.classes[0].workers, 3);
+        for bad in ["workers = 0\n", "workers = 65\n"] {
+            let e = parse(&class(bad)).unwrap_err().to_string();
+            assert!(e.contains("rooms.class[0].workers"), "{e}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::Shared;
 use crate::auth::Grant;
 use crate::log::GroupLog;
-use crate::room::{Inbound, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
+use crate::room::{Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
 
 /// Largest read from a stream at once; bounds buffering beyond one frame.
 const READ_CHUNK: usize = 64 * 1024;
@@ -411,7 +411,8 @@ impl Session<'_> {
             online: info.online,
         };
         let max_frame = limits.max_frame_bytes;
-        tokio::spawn(write_room(stream, joined_frame, catch_up, slot, max_frame, self.conn.clone()).in_current_span());
+        let writer = write_room(stream, joined_frame, catch_up, slot, max_frame, self.conn.clone());
+        info.writer.spawn(writer.in_current_span());
         self.joined.insert(room, JoinedRoom { handle });
     }
 
@@ -519,7 +520,7 @@ fn split_to_fit(messages: Vec<Message>, max_frame: u32) -> Vec<Vec<Message>> {
 }
 
 /// Writes `Joined`, then what a returning member missed, then drains the
-/// viewer's slot into its room stream.
+/// viewer's slot into its room stream. Runs on the room's class pool.
 async fn write_room(
     mut stream: SendStream,
     joined: Bytes,
@@ -528,27 +529,78 @@ async fn write_room(
     max_frame: u32,
     conn: Connection,
 ) {
-    tokio::select! {
-        _ = drain_room(&mut stream, joined, catch_up, &slot, max_frame) => {}
+    let opened = tokio::select! {
+        opened = open_room(&mut stream, joined, catch_up, &slot, max_frame) => opened,
         _ = slot.evicted() => {
-            tracing::info!("viewer too slow for too long; disconnecting");
-            close(&conn, ErrorCode::TooSlow, "too slow: fell behind for too long");
+            evict(&conn);
+            false
         }
+    };
+    if opened {
+        write_live(stream, slot, max_frame, conn).await;
     }
 }
 
-async fn drain_room(stream: &mut SendStream, joined: Bytes, catch_up: CatchUp, slot: &ViewerSlot, max_frame: u32) {
+/// Drains the viewer's slot; follows the room to another class's pool when
+/// it moves there.
+async fn write_live(mut stream: SendStream, slot: Arc<ViewerSlot>, max_frame: u32, conn: Connection) {
+    let moved = tokio::select! {
+        moved = drain_room(&mut stream, &slot, max_frame) => moved,
+        _ = slot.evicted() => {
+            evict(&conn);
+            None
+        }
+    };
+    if let Some(pool) = moved {
+        move_writer(&pool, stream, slot, max_frame, conn);
+    }
+}
+
+fn move_writer(
+    pool: &tokio::runtime::Handle,
+    stream: SendStream,
+    slot: Arc<ViewerSlot>,
+    max_frame: u32,
+    conn: Connection,
+) {
+    pool.spawn(write_live(stream, slot, max_frame, conn).in_current_span());
+}
+
+fn evict(conn: &Connection) {
+    tracing::info!("viewer too slow for too long; disconnecting");
+    close(conn, ErrorCode::TooSlow, "too slow: fell behind for too long");
+}
+
+/// Writes `Joined` and the catch-up; false if the stream is unusable.
+async fn open_room(
+    stream: &mut SendStream,
+    joined: Bytes,
+    catch_up: CatchUp,
+    slot: &ViewerSlot,
+    max_frame: u32,
+) -> bool {
     if stream.write_chunk(joined).await.is_err() {
         slot.close();
-        return;
+        return false;
     }
     if let Err(e) = catch_up.write(stream, max_frame).await {
         tracing::warn!(error = %e, "catch-up failed; closing the room stream");
         slot.close();
         let _ = stream.reset(u32::from(ErrorCode::Internal.code()).into());
-        return;
+        return false;
     }
-    while let Some((deliveries, missed)) = slot.next().await {
+    true
+}
+
+/// Writes batches until the room closes the slot (`None`) or moves to
+/// another pool (`Some`).
+async fn drain_room(stream: &mut SendStream, slot: &ViewerSlot, max_frame: u32) -> Option<tokio::runtime::Handle> {
+    loop {
+        let (deliveries, missed) = match slot.next().await {
+            Next::Batches(deliveries, missed) => (deliveries, missed),
+            Next::Move(pool) => return Some(pool),
+            Next::Done => break,
+        };
         for (i, d) in deliveries.iter().enumerate() {
             let frame = if i == 0 && missed > 0 {
                 // Rare path: this viewer fell behind, so it gets its own copy
@@ -561,9 +613,10 @@ async fn drain_room(stream: &mut SendStream, joined: Bytes, catch_up: CatchUp, s
             };
             if stream.write_chunk(frame).await.is_err() {
                 slot.close();
-                return;
+                return None;
             }
         }
     }
     let _ = stream.finish();
+    None
 }

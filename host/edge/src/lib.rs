@@ -32,6 +32,7 @@ pub mod presence;
 pub mod room;
 pub mod tls;
 pub mod wasm;
+mod workers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,6 +83,8 @@ pub enum EdgeError {
     Module(#[from] ModuleError),
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error("cannot start the room worker threads: {0}")]
+    Workers(#[source] std::io::Error),
 }
 
 /// State every connection shares.
@@ -124,6 +127,8 @@ pub struct Edge {
     reload: tokio::sync::Mutex<()>,
     group_log: GroupLog,
     shared: Arc<Shared>,
+    /// The size classes' threads; rooms stop when these are dropped.
+    workers: workers::ClassWorkers,
 }
 
 impl Edge {
@@ -155,6 +160,7 @@ impl Edge {
         let modules = ModuleSet::load(&config, &runtime, None).await?;
         let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));
         let shutdown = CancellationToken::new();
+        let workers = workers::ClassWorkers::start(&config.rooms.classes).map_err(EdgeError::Workers)?;
         let rooms = Rooms::new(RoomsSetup {
             config: config.rooms.clone(),
             max_frame: config.limits.max_frame_bytes,
@@ -163,6 +169,7 @@ impl Edge {
             modules: modules_rx,
             log: group_log.clone(),
             shutdown: shutdown.clone(),
+            pools: workers.handles(),
         });
         let l = &config.limits;
         let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
@@ -200,6 +207,7 @@ impl Edge {
             reload: tokio::sync::Mutex::new(()),
             group_log,
             shared,
+            workers,
         })
     }
 
@@ -258,6 +266,7 @@ impl Edge {
             modules,
             group_log,
             shared,
+            workers,
             ..
         } = self;
         shutdown.cancel();
@@ -276,7 +285,7 @@ impl Edge {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         // Everything holding the group log is gone now; let its writer
         // finish so the file is free for the next start.
-        drop((rooms, runtime, modules, shared));
+        drop((rooms, runtime, modules, shared, workers));
         let closed = tokio::task::spawn_blocking(move || group_log.close(Duration::from_secs(5))).await;
         if !matches!(closed, Ok(true)) {
             tracing::warn!("shutdown: the group log writer did not finish in 5 s");

@@ -39,6 +39,7 @@ use crate::modules::{ModuleSet, ResolvedPolicy};
 use crate::policy::{InboundBatch, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
 use crate::wasm::WasmRuntime;
 use crate::wasm::bindings::{self, RoomStats, Verdict};
+use crate::workers::Pools;
 
 /// Where a room sends acks and rejections for a sender's connection.
 pub type ReplyTx = mpsc::UnboundedSender<EdgeFrame>;
@@ -80,6 +81,9 @@ pub struct JoinInfo {
     /// Group rooms: the committed sequence range `(from, to)` the joiner
     /// missed, to read from the log and send before anything live.
     pub catch_up: Option<(u64, u64)>,
+    /// Where this viewer's writer should run: the room's class pool (the
+    /// slot says when the room moves to another).
+    pub writer: tokio::runtime::Handle,
     /// Group rooms: missed messages not yet committed, sent after the
     /// catch-up and before anything live.
     pub tail: Vec<Message>,
@@ -116,6 +120,19 @@ struct SlotState {
     closed: bool,
     /// Since when this viewer has been losing batches without catching up.
     behind_since: Option<Instant>,
+    /// The room moved to another class's pool; the writer should follow.
+    moved_to: Option<tokio::runtime::Handle>,
+}
+
+/// What a viewer's writer does next.
+#[derive(Debug)]
+pub enum Next {
+    /// Write these, the first preceded by `missed` lost batches.
+    Batches(Vec<Arc<Delivery>>, u64),
+    /// Continue on this pool (the room changed size class).
+    Move(tokio::runtime::Handle),
+    /// Closed and drained.
+    Done,
 }
 
 impl ViewerSlot {
@@ -167,6 +184,12 @@ impl ViewerSlot {
         self.notify.notify_one();
     }
 
+    /// Asks the writer to continue on `pool`, the room's new class pool.
+    fn rehome(&self, pool: tokio::runtime::Handle) {
+        self.lock().moved_to = Some(pool);
+        self.notify.notify_one();
+    }
+
     /// Resolves when the viewer is evicted for being too slow.
     pub async fn evicted(&self) {
         self.evicted.cancelled().await
@@ -176,22 +199,24 @@ impl ViewerSlot {
         self.evicted.is_cancelled()
     }
 
-    /// Waits for queued batches; returns them with the count missed before
-    /// them, or `None` once closed and drained.
-    pub async fn next(&self) -> Option<(Vec<Arc<Delivery>>, u64)> {
+    /// Waits for queued batches, a move, or the end.
+    pub async fn next(&self) -> Next {
         loop {
             {
                 let mut s = self.lock();
+                if let Some(pool) = s.moved_to.take() {
+                    return Next::Move(pool);
+                }
                 if !s.queue.is_empty() {
                     let missed = std::mem::take(&mut s.missed);
                     if missed == 0 {
                         // Nothing lost since the last drain: caught up.
                         s.behind_since = None;
                     }
-                    return Some((s.queue.drain(..).collect(), missed));
+                    return Next::Batches(s.queue.drain(..).collect(), missed);
                 }
                 if s.closed {
-                    return None;
+                    return Next::Done;
                 }
             }
             self.notify.notified().await;
@@ -268,6 +293,7 @@ pub struct Rooms {
     group_rooms: Vec<wildmatch::WildMatch>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+    pools: Pools,
 }
 
 /// What every room on an edge shares.
@@ -280,6 +306,8 @@ pub struct RoomsSetup {
     pub modules: watch::Receiver<Arc<ModuleSet>>,
     pub log: GroupLog,
     pub shutdown: CancellationToken,
+    /// Each size class's threads.
+    pub pools: Pools,
 }
 
 impl Rooms {
@@ -301,6 +329,7 @@ impl Rooms {
             log: setup.log,
             shutdown: setup.shutdown,
             tasks: tokio_util::task::TaskTracker::new(),
+            pools: setup.pools,
         })
     }
 
@@ -340,9 +369,22 @@ impl Rooms {
         map.insert(key.clone(), (id, tx.clone()));
         drop(map);
         let room = Room::new(key.clone(), id, self);
-        self.tasks.spawn(room.run(rx, Arc::clone(self)));
+        self.spawn(room, rx);
         metrics::gauge!("throng_rooms").increment(1.0);
         Ok(tx)
+    }
+
+    /// Runs `room` on its class's pool; again on another pool when it
+    /// changes class.
+    fn spawn(self: &Arc<Self>, room: Room, rx: mpsc::Receiver<Command>) {
+        let rooms = Arc::clone(self);
+        let pool = room.worker.clone();
+        let run = async move {
+            if let Some((room, rx)) = room.run(rx, &rooms).await {
+                rooms.spawn(room, rx);
+            }
+        };
+        pool.spawn(self.tasks.track_future(run));
     }
 
     /// Joins `member` to the room, creating the room if needed.
@@ -428,6 +470,10 @@ struct Room {
     tick_interval: Duration,
     classes: Vec<crate::config::RoomClass>,
     class: usize,
+    /// The pool of the room's class, where it and its viewers' writers run.
+    worker: tokio::runtime::Handle,
+    /// Set once the room has read where its group log ends.
+    started: bool,
     /// Rooms with at least this many members push batches from parallel shards.
     shard_members: usize,
     presence_interval: Duration,
@@ -469,6 +515,8 @@ impl Room {
             tick_interval: config.classes.first().map_or(config.tick, |c| c.tick),
             classes: config.classes.clone(),
             class: 0,
+            worker: rooms.pools.get(0),
+            started: false,
             shard_members: config.shard_members,
             presence_interval: config.presence_interval,
             linger: config.empty_room_linger,
@@ -477,9 +525,11 @@ impl Room {
         }
     }
 
+    /// Runs the room until it retires or the edge stops; or, when it changes
+    /// class, hands itself back to be run on its new class's pool.
     #[tracing::instrument(name = "room", skip_all, fields(room = %self.key))]
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>, rooms: Arc<Rooms>) {
-        if let Some(g) = &self.group {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, rooms: &Rooms) -> Option<(Self, mpsc::Receiver<Command>)> {
+        if let Some(g) = self.group.as_ref().filter(|_| !self.started) {
             // Sequence numbers continue where the log ends (joins wait).
             let (log, tenant, name) = (g.log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
             match tokio::task::spawn_blocking(move || log.last_seq(&tenant, &name)).await {
@@ -491,6 +541,7 @@ impl Room {
                 Err(e) => tracing::error!(error = %e, "group log reader failed"),
             }
         }
+        self.started = true;
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -501,6 +552,14 @@ impl Room {
                 _ = ticker.tick() => {
                     self.run_tick().await;
                     if self.reclassify() {
+                        let pool = rooms.pools.get(self.class);
+                        if pool.id() != self.worker.id() {
+                            for slot in self.members.values() {
+                                slot.rehome(pool.clone());
+                            }
+                            self.worker = pool;
+                            return Some((self, rx));
+                        }
                         ticker = tokio::time::interval(self.tick_interval);
                         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
                         ticker.reset();
@@ -524,6 +583,7 @@ impl Room {
         }
         metrics::gauge!("throng_rooms").decrement(1.0);
         tracing::debug!("room retired");
+        None
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -558,6 +618,7 @@ impl Room {
                 }
                 self.empty_since = None;
                 let _ = reply.send(JoinInfo {
+                    writer: self.worker.clone(),
                     online: self.members.len() as u64,
                     recent,
                     catch_up,
@@ -604,8 +665,8 @@ impl Room {
         metrics::counter!("throng_sharded_fanouts_total").increment(1);
     }
 
-    /// Moves the room between size classes (with hysteresis); true when its
-    /// tick changed.
+    /// Moves the room between size classes (with hysteresis); true when it
+    /// moved.
     fn reclassify(&mut self) -> bool {
         let members = self.members.len() as u64;
         let before = self.class;
@@ -623,9 +684,8 @@ impl Room {
         // Policy rules may depend on the class: pick again at the next tick.
         self.modules.mark_changed();
         metrics::counter!("throng_room_class_changes_total").increment(1);
-        let changed = class.tick != self.tick_interval;
         self.tick_interval = class.tick;
-        changed
+        true
     }
 
     /// Whether everything this room appended is committed: a group room must
