@@ -5,8 +5,9 @@
 //!
 //! Per tick:
 //! 1. Work out the viewer budget for this tick. Two limits hold together: a
-//!    token bucket (a quarter of the cap, at least one, refilled at the cap)
-//!    spreads messages over the second instead of one burst, and a sliding
+//!    token bucket (a quarter of the cap, but at least one tick's share,
+//!    refilled at the cap) spreads messages over the second instead of one
+//!    burst, and a sliding
 //!    one-second log of what went out (in tick time) makes "at most `cap`
 //!    messages in any one-second window" exact.
 //! 2. Host and system messages always go out (they spend budget, into debt
@@ -172,7 +173,11 @@ impl DefaultPolicy {
         let capped = self.cap_per_sec > 0;
         if capped {
             self.clock_ms += u64::from(tick_ms);
-            self.credit = (self.credit + f64::from(self.cap_per_sec) * f64::from(tick_ms) / 1000.0).min(self.burst);
+            let share = f64::from(self.cap_per_sec) * f64::from(tick_ms) / 1000.0;
+            // Slow ticks (huge rooms) need a bucket that holds a whole tick's
+            // share, or viewers would see less than the cap.
+            let burst = self.burst.max(share.floor());
+            self.credit = (self.credit + share).min(burst);
             while self.shown.front().is_some_and(|&t| t + 1000 <= self.clock_ms) {
                 self.shown.pop_front();
             }
@@ -360,6 +365,15 @@ mod tests {
         // Ticks of 100 ms: one message per ten ticks, never two within a second.
         assert!(delivered.len() >= 4, "{delivered:?}");
         assert!(delivered.windows(2).all(|w| w[1] - w[0] >= 10), "{delivered:?}");
+    }
+
+    #[test]
+    fn slow_ticks_still_show_the_whole_cap() {
+        let mut p = DefaultPolicy::new(20);
+        let inbound: Vec<_> = (0..100).map(|s| m(s, Kind::Chat)).collect();
+        let per_tick: Vec<usize> = (0..10).map(|_| p.plan(500, &inbound).deliver.len()).collect();
+        // 500 ms ticks: 10 a tick is 20 a second, the cap, and never more.
+        assert!(per_tick.iter().all(|&n| n == 10), "{per_tick:?}");
     }
 
     #[test]
