@@ -17,12 +17,14 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
                 min_members: 0,
                 tick: Duration::from_millis(5),
                 workers: 1,
+                spread: Duration::ZERO,
             },
             RoomClass {
                 name: "large".into(),
                 min_members: 100,
                 tick: Duration::from_millis(100),
                 workers: 1,
+                spread: Duration::ZERO,
             },
         ];
         // Large rooms run the native policy, everything else the Wasm one.
@@ -111,25 +113,30 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
 }
 
 /// A room that grows into the next class and shrinks back moves between the
-/// classes' thread pools, and its viewers' writers move with it: viewers that
-/// stay throughout get every message once, in order.
+/// classes' thread pools, and its viewers' writers move with it; in the
+/// large class its pushes are paced while viewers join and leave. Viewers
+/// that stay throughout get every message once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn viewers_follow_their_room_between_class_pools() {
     captured_logs();
     let edge = TestEdge::start(|c| {
         c.rooms.viewer_cap_per_sec = 0;
+        // The large class paces its pushes, 4 viewers a step.
+        c.rooms.pace_chunk = 4;
         c.rooms.classes = vec![
             RoomClass {
                 name: "small".into(),
                 min_members: 0,
                 tick: Duration::from_millis(10),
                 workers: 1,
+                spread: Duration::ZERO,
             },
             RoomClass {
                 name: "large".into(),
                 min_members: 20,
                 tick: Duration::from_millis(30),
                 workers: 2,
+                spread: Duration::from_millis(20),
             },
         ];
     })

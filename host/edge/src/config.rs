@@ -158,19 +158,24 @@ pub struct RoomsConfig {
     /// Rooms with at least this many members queue each batch for their
     /// members from parallel shards.
     pub shard_members: usize,
+    /// A class with a `spread` pushes a batch to this many viewers per step.
+    pub pace_chunk: usize,
 }
 
 /// Rooms of at least `min_members` tick at `tick` (until the next class).
 /// A room moves up when it reaches the next class's `min_members` and back
 /// down only below 80% of its own, so a room at the edge does not flap.
 /// Each class runs its rooms and their viewers' writers on its own
-/// `workers` threads.
+/// `workers` threads. A class with a `spread` pushes each batch in steps of
+/// `rooms.pace_chunk` viewers over that long, so the QUIC layer every room
+/// shares gets the huge room's work a bit at a time, not all at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomClass {
     pub name: String,
     pub min_members: u64,
     pub tick: Duration,
     pub workers: usize,
+    pub spread: Duration,
 }
 
 /// Where group rooms keep their log.
@@ -386,6 +391,7 @@ struct RawRooms {
     #[serde(rename = "class")]
     classes: Vec<RawClass>,
     shard_members: usize,
+    pace_chunk: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,6 +403,8 @@ struct RawClass {
     tick: Duration,
     #[serde(default = "one")]
     workers: usize,
+    #[serde(default, with = "humantime_serde")]
+    spread: Duration,
 }
 
 fn one() -> usize {
@@ -417,6 +425,7 @@ impl Default for RawRooms {
             group_rooms: Vec::new(),
             classes: Vec::new(),
             shard_members: 20_000,
+            pace_chunk: 256,
         }
     }
 }
@@ -608,6 +617,7 @@ impl Validator<'_> {
             group_rooms: r.group_rooms,
             classes: Vec::new(),
             shard_members: self.range("rooms.shard_members", r.shard_members, 1, usize::MAX)?,
+            pace_chunk: self.range("rooms.pace_chunk", r.pace_chunk, 1, usize::MAX)?,
         };
         let mut rooms = rooms;
         rooms.classes = if r.classes.is_empty() {
@@ -616,6 +626,7 @@ impl Validator<'_> {
                 min_members: 0,
                 tick: rooms.tick,
                 workers: 1,
+                spread: Duration::ZERO,
             }]
         } else {
             let mut classes = Vec::new();
@@ -645,11 +656,18 @@ impl Validator<'_> {
                         format!("{} is not between 1 and {MAX_CLASS_WORKERS}", c.workers),
                     ));
                 }
+                if c.spread >= tick {
+                    return Err(self.err(
+                        format!("{key}.spread"),
+                        format!("{:?} is not shorter than the class's tick {tick:?}", c.spread),
+                    ));
+                }
                 classes.push(RoomClass {
                     name: c.name,
                     min_members: c.min_members,
                     tick,
                     workers: c.workers,
+                    spread: c.spread,
                 });
             }
             classes
@@ -946,6 +964,9 @@ mod tests {
             let e = parse(&class(bad)).unwrap_err().to_string();
             assert!(e.contains("rooms.class[0].workers"), "{e}");
         }
+        assert_eq!(parse(&class("")).unwrap().rooms.classes[0].spread, Duration::ZERO);
+        let e = parse(&class("spread = \"20ms\"\n")).unwrap_err().to_string();
+        assert!(e.contains("rooms.class[0].spread"), "{e}");
     }
 
     #[test]

@@ -437,6 +437,59 @@ impl Rooms {
     }
 }
 
+/// A tick's batches on their way to a snapshot of the members, a step at a
+/// time. Members who join meanwhile got these messages in their join
+/// (`recent` / catch-up); members who leave have closed slots.
+struct PacedPush {
+    deliveries: Vec<Arc<Delivery>>,
+    slots: Vec<Arc<ViewerSlot>>,
+    /// Viewers per step.
+    chunk: usize,
+    gap: Duration,
+    next: usize,
+    /// When the next step is due.
+    due: Instant,
+}
+
+impl PacedPush {
+    /// Steps of about `chunk` viewers, evenly over `spread`, at least 1 ms
+    /// apart (the timer's grain): bigger steps when there would be more of
+    /// them than milliseconds in the spread.
+    fn new(deliveries: Vec<Arc<Delivery>>, slots: Vec<Arc<ViewerSlot>>, chunk: usize, spread: Duration) -> Self {
+        let steps = slots
+            .len()
+            .div_ceil(chunk.max(1))
+            .clamp(1, spread.as_millis().max(1) as usize);
+        Self {
+            chunk: slots.len().div_ceil(steps).max(1),
+            gap: spread / steps as u32,
+            deliveries,
+            slots,
+            next: 0,
+            due: Instant::now(),
+        }
+    }
+
+    /// Pushes one step; true when every viewer has the batches.
+    fn step(&mut self) -> bool {
+        let end = (self.next + self.chunk).min(self.slots.len());
+        for slot in &self.slots[self.next..end] {
+            for delivery in &self.deliveries {
+                slot.push(Arc::clone(delivery));
+            }
+        }
+        self.next = end;
+        self.due += self.gap;
+        self.next >= self.slots.len()
+    }
+
+    /// Pushes the rest at once.
+    fn finish(mut self) {
+        self.chunk = self.slots.len();
+        self.step();
+    }
+}
+
 /// A group room's log state.
 struct GroupState {
     log: GroupLog,
@@ -476,6 +529,10 @@ struct Room {
     started: bool,
     /// Rooms with at least this many members push batches from parallel shards.
     shard_members: usize,
+    /// Viewers per step of a paced push.
+    pace_chunk: usize,
+    /// A tick's batches still being pushed, step by step.
+    paced: Option<PacedPush>,
     presence_interval: Duration,
     linger: Duration,
     max_frame: u32,
@@ -518,6 +575,8 @@ impl Room {
             worker: rooms.pools.get(0),
             started: false,
             shard_members: config.shard_members,
+            pace_chunk: config.pace_chunk.max(1),
+            paced: None,
             presence_interval: config.presence_interval,
             linger: config.empty_room_linger,
             max_frame: rooms.max_frame,
@@ -545,15 +604,22 @@ impl Room {
         let mut ticker = tokio::time::interval(self.tick_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            let step_due = self.paced.as_ref().map(|p| p.due);
             tokio::select! {
                 biased;
                 _ = rooms.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(step_due.unwrap_or_else(Instant::now)), if step_due.is_some() => {
+                    self.pace_step();
+                }
                 Some(cmd) = rx.recv() => self.handle(cmd),
                 _ = ticker.tick() => {
+                    // A tick's batches go out before the next tick's.
+                    self.finish_paced();
                     self.run_tick().await;
                     if self.reclassify() {
                         let pool = rooms.pools.get(self.class);
                         if pool.id() != self.worker.id() {
+                            self.finish_paced();
                             for slot in self.members.values() {
                                 slot.rehome(pool.clone());
                             }
@@ -574,6 +640,7 @@ impl Room {
                 }
             }
         }
+        self.finish_paced();
         rx.close();
         // Whatever slipped in before close: joiners retry elsewhere (their
         // reply is dropped), leaves are moot.
@@ -663,6 +730,48 @@ impl Room {
             _ => push(),
         }
         metrics::counter!("throng_sharded_fanouts_total").increment(1);
+    }
+
+    /// Queues a tick's batches for every member: all at once, from parallel
+    /// shards for a huge room, or paced over the class's `spread`.
+    fn push(&mut self, deliveries: Vec<Arc<Delivery>>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
+        let members = self.members.len();
+        if spread.is_zero() || members <= self.pace_chunk {
+            for delivery in &deliveries {
+                if members >= self.shard_members {
+                    self.push_sharded(delivery);
+                } else {
+                    for slot in self.members.values() {
+                        slot.push(Arc::clone(delivery));
+                    }
+                }
+            }
+            return;
+        }
+        let slots = self.members.values().cloned().collect();
+        let mut paced = PacedPush::new(deliveries, slots, self.pace_chunk, spread);
+        if !paced.step() {
+            self.paced = Some(paced);
+        }
+        metrics::counter!("throng_paced_fanouts_total").increment(1);
+    }
+
+    /// Pushes the next step of a paced push.
+    fn pace_step(&mut self) {
+        if self.paced.as_mut().is_some_and(PacedPush::step) {
+            self.paced = None;
+        }
+    }
+
+    /// Pushes whatever a paced push has left, now.
+    fn finish_paced(&mut self) {
+        if let Some(p) = self.paced.take() {
+            p.finish();
+        }
     }
 
     /// Moves the room between size classes (with hysteresis); true when it
@@ -899,6 +1008,7 @@ impl Room {
             }
         }
         let mut counters = Some(counters);
+        let mut deliveries = Vec::with_capacity(chunks.len());
         for chunk in chunks {
             let batch = Batch {
                 room: self.key.name.to_string(),
@@ -927,16 +1037,70 @@ impl Room {
                     continue;
                 }
             };
-            let delivery = Arc::new(Delivery { frame, batch });
-            if self.members.len() >= self.shard_members {
-                self.push_sharded(&delivery);
-            } else {
-                for slot in self.members.values() {
-                    slot.push(Arc::clone(&delivery));
-                }
-            }
+            deliveries.push(Arc::new(Delivery { frame, batch }));
             metrics::counter!("throng_batches_total").increment(1);
             metrics::counter!("throng_frames_queued_total").increment(self.members.len() as u64);
         }
+        self.push(deliveries);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(tick: u64) -> Arc<Delivery> {
+        let batch = Batch {
+            room: "r".into(),
+            tick,
+            messages: Vec::new(),
+            counters: Counters::default(),
+            pinned: Vec::new(),
+            online: 0,
+            missed: 0,
+        };
+        let frame = encode(&EdgeFrame::Batch(batch.clone()), 1 << 16).expect("encodes");
+        Arc::new(Delivery { frame, batch })
+    }
+
+    fn queued(slots: &[Arc<ViewerSlot>]) -> Vec<usize> {
+        slots.iter().map(|s| s.lock().queue.len()).collect()
+    }
+
+    #[test]
+    fn a_paced_push_reaches_every_viewer_once_in_even_steps() {
+        let slots: Vec<_> = (0..10).map(|_| ViewerSlot::new(8, Duration::from_secs(30))).collect();
+        let mut paced = PacedPush::new(
+            vec![delivery(1), delivery(2)],
+            slots.clone(),
+            3,
+            Duration::from_millis(8),
+        );
+        // ceil(10 / 3) = 4 steps of 3, 2 ms apart.
+        assert_eq!((paced.chunk, paced.gap), (3, Duration::from_millis(2)));
+        let first_due = paced.due;
+        assert!(!paced.step());
+        assert_eq!(queued(&slots), [2, 2, 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(paced.due - first_due, Duration::from_millis(2));
+        assert!(!paced.step());
+        assert!(!paced.step());
+        assert!(paced.step());
+        assert_eq!(queued(&slots), [2; 10]);
+        // Both batches, in order, exactly once each.
+        for slot in &slots {
+            let ticks: Vec<u64> = slot.lock().queue.iter().map(|d| d.batch.tick).collect();
+            assert_eq!(ticks, [1, 2]);
+        }
+    }
+
+    #[test]
+    fn steps_are_never_closer_than_a_millisecond_and_finish_pushes_the_rest() {
+        let slots: Vec<_> = (0..1000).map(|_| ViewerSlot::new(8, Duration::from_secs(30))).collect();
+        // 1,000 steps of one would be 3 µs apart: 3 steps of 334 instead.
+        let mut paced = PacedPush::new(vec![delivery(1)], slots.clone(), 1, Duration::from_millis(3));
+        assert_eq!((paced.chunk, paced.gap), (334, Duration::from_millis(1)));
+        assert!(!paced.step());
+        paced.finish();
+        assert_eq!(queued(&slots), vec![1; 1000]);
     }
 }
