@@ -386,7 +386,14 @@ impl Session<'_> {
             name: Arc::from(room.as_str()),
         };
         let rooms_config = &self.shared.config.rooms;
-        let slot = ViewerSlot::new(rooms_config.viewer_queue_batches, rooms_config.max_behind);
+        let conn = self.conn.clone();
+        let slot = ViewerSlot::new(rooms_config.viewer_queue_batches, rooms_config.max_behind, move || {
+            tracing::info!(
+                connection = conn.stable_id(),
+                "viewer too slow for too long; disconnecting"
+            );
+            close(&conn, ErrorCode::TooSlow, "too slow: fell behind for too long");
+        });
         let (handle, info) = match self
             .shared
             .rooms
@@ -411,8 +418,9 @@ impl Session<'_> {
             online: info.online,
         };
         let max_frame = limits.max_frame_bytes;
-        let writer = write_room(stream, joined_frame, catch_up, slot, max_frame, self.conn.clone());
-        info.writer.spawn(writer.in_current_span());
+        // Not in the connection's span: see write_live.
+        info.writer
+            .spawn(write_room(stream, joined_frame, catch_up, slot, max_frame));
         self.joined.insert(room, JoinedRoom { handle });
     }
 
@@ -521,54 +529,33 @@ fn split_to_fit(messages: Vec<Message>, max_frame: u32) -> Vec<Vec<Message>> {
 
 /// Writes `Joined`, then what a returning member missed, then drains the
 /// viewer's slot into its room stream. Runs on the room's class pool.
-async fn write_room(
-    mut stream: SendStream,
-    joined: Bytes,
-    catch_up: CatchUp,
-    slot: Arc<ViewerSlot>,
-    max_frame: u32,
-    conn: Connection,
-) {
-    let opened = tokio::select! {
-        opened = open_room(&mut stream, joined, catch_up, &slot, max_frame) => opened,
-        _ = slot.evicted() => {
-            evict(&conn);
-            false
-        }
-    };
-    if opened {
-        write_live(stream, slot, max_frame, conn).await;
+async fn write_room(mut stream: SendStream, joined: Bytes, catch_up: CatchUp, slot: Arc<ViewerSlot>, max_frame: u32) {
+    if open_room(&mut stream, joined, catch_up, &slot, max_frame).await {
+        write_live(stream, slot, max_frame).await;
     }
 }
 
 /// Drains the viewer's slot; follows the room to another class's pool when
-/// it moves there.
-async fn write_live(mut stream: SendStream, slot: Arc<ViewerSlot>, max_frame: u32, conn: Connection) {
-    let moved = tokio::select! {
-        moved = drain_room(&mut stream, &slot, max_frame) => moved,
-        _ = slot.evicted() => {
-            evict(&conn);
-            None
-        }
-    };
-    if let Some(pool) = moved {
-        move_writer(&pool, stream, slot, max_frame, conn);
+/// it moves there. Not instrumented: entering a span on every wake-up of
+/// 10,000 writers costs more than the few lines they log.
+async fn write_live(mut stream: SendStream, slot: Arc<ViewerSlot>, max_frame: u32) {
+    if let Drained::Moved(pool) = drain_room(&mut stream, &slot, max_frame).await {
+        move_writer(&pool, stream, slot, max_frame);
     }
 }
 
-fn move_writer(
-    pool: &tokio::runtime::Handle,
-    stream: SendStream,
-    slot: Arc<ViewerSlot>,
-    max_frame: u32,
-    conn: Connection,
-) {
-    pool.spawn(write_live(stream, slot, max_frame, conn).in_current_span());
+fn move_writer(pool: &tokio::runtime::Handle, stream: SendStream, slot: Arc<ViewerSlot>, max_frame: u32) {
+    pool.spawn(write_live(stream, slot, max_frame));
 }
 
-fn evict(conn: &Connection) {
-    tracing::info!("viewer too slow for too long; disconnecting");
-    close(conn, ErrorCode::TooSlow, "too slow: fell behind for too long");
+/// How a writer's drain ended.
+enum Drained {
+    /// The room closed the slot (the viewer left, or the room retired).
+    Done,
+    /// The room moved to another class's pool.
+    Moved(tokio::runtime::Handle),
+    /// The slot closed the connection: too slow for too long.
+    Evicted,
 }
 
 /// Writes `Joined` and the catch-up; false if the stream is unusable.
@@ -592,13 +579,13 @@ async fn open_room(
     true
 }
 
-/// Writes batches until the room closes the slot (`None`) or moves to
-/// another pool (`Some`).
-async fn drain_room(stream: &mut SendStream, slot: &ViewerSlot, max_frame: u32) -> Option<tokio::runtime::Handle> {
+/// Writes batches until the room closes the slot, moves, or evicts.
+async fn drain_room(stream: &mut SendStream, slot: &ViewerSlot, max_frame: u32) -> Drained {
     loop {
         let (deliveries, missed) = match slot.next().await {
             Next::Batches(deliveries, missed) => (deliveries, missed),
-            Next::Move(pool) => return Some(pool),
+            Next::Move(pool) => return Drained::Moved(pool),
+            Next::Evicted => return Drained::Evicted,
             Next::Done => break,
         };
         for (i, d) in deliveries.iter().enumerate() {
@@ -613,10 +600,10 @@ async fn drain_room(stream: &mut SendStream, slot: &ViewerSlot, max_frame: u32) 
             };
             if stream.write_chunk(frame).await.is_err() {
                 slot.close();
-                return None;
+                return Drained::Done;
             }
         }
     }
     let _ = stream.finish();
-    None
+    Drained::Done
 }

@@ -103,14 +103,24 @@ pub struct Delivery {
 /// loses its oldest batches (counted as `missed`, reported in the next batch
 /// it gets), so it never stalls the room or holds more than `capacity`
 /// batches. A viewer still dropping batches `max_behind` after it started
-/// is evicted: its connection is closed with `TooSlow`.
-#[derive(Debug)]
+/// is evicted: `on_evict` runs (the connection closes it with `TooSlow`),
+/// from the pushing side, because the writer may be stuck in a write the
+/// viewer never reads.
 pub struct ViewerSlot {
     state: Mutex<SlotState>,
     notify: Notify,
     capacity: usize,
     max_behind: Duration,
-    evicted: CancellationToken,
+    on_evict: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for ViewerSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewerSlot")
+            .field("capacity", &self.capacity)
+            .field("max_behind", &self.max_behind)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -122,6 +132,8 @@ struct SlotState {
     behind_since: Option<Instant>,
     /// The room moved to another class's pool; the writer should follow.
     moved_to: Option<tokio::runtime::Handle>,
+    /// Behind for longer than `max_behind`: the viewer is to be disconnected.
+    evicted: bool,
 }
 
 /// What a viewer's writer does next.
@@ -131,18 +143,20 @@ pub enum Next {
     Batches(Vec<Arc<Delivery>>, u64),
     /// Continue on this pool (the room changed size class).
     Move(tokio::runtime::Handle),
+    /// Too slow for too long: disconnect the viewer.
+    Evicted,
     /// Closed and drained.
     Done,
 }
 
 impl ViewerSlot {
-    pub fn new(capacity: usize, max_behind: Duration) -> Arc<Self> {
+    pub fn new(capacity: usize, max_behind: Duration, on_evict: impl Fn() + Send + Sync + 'static) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(SlotState::default()),
             notify: Notify::new(),
             capacity: capacity.max(1),
             max_behind,
-            evicted: CancellationToken::new(),
+            on_evict: Box::new(on_evict),
         })
     }
 
@@ -165,11 +179,12 @@ impl ViewerSlot {
             let since = *s.behind_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= self.max_behind {
                 s.closed = true;
+                s.evicted = true;
                 s.queue.clear();
                 drop(s);
                 metrics::counter!("throng_viewers_evicted_total").increment(1);
-                self.evicted.cancel();
                 self.notify.notify_one();
+                (self.on_evict)();
                 return;
             }
         }
@@ -190,13 +205,8 @@ impl ViewerSlot {
         self.notify.notify_one();
     }
 
-    /// Resolves when the viewer is evicted for being too slow.
-    pub async fn evicted(&self) {
-        self.evicted.cancelled().await
-    }
-
     pub fn is_evicted(&self) -> bool {
-        self.evicted.is_cancelled()
+        self.lock().evicted
     }
 
     /// Waits for queued batches, a move, or the end.
@@ -204,6 +214,9 @@ impl ViewerSlot {
         loop {
             {
                 let mut s = self.lock();
+                if s.evicted {
+                    return Next::Evicted;
+                }
                 if let Some(pool) = s.moved_to.take() {
                     return Next::Move(pool);
                 }
@@ -1069,7 +1082,9 @@ mod tests {
 
     #[test]
     fn a_paced_push_reaches_every_viewer_once_in_even_steps() {
-        let slots: Vec<_> = (0..10).map(|_| ViewerSlot::new(8, Duration::from_secs(30))).collect();
+        let slots: Vec<_> = (0..10)
+            .map(|_| ViewerSlot::new(8, Duration::from_secs(30), || {}))
+            .collect();
         let mut paced = PacedPush::new(
             vec![delivery(1), delivery(2)],
             slots.clone(),
@@ -1095,7 +1110,9 @@ mod tests {
 
     #[test]
     fn steps_are_never_closer_than_a_millisecond_and_finish_pushes_the_rest() {
-        let slots: Vec<_> = (0..1000).map(|_| ViewerSlot::new(8, Duration::from_secs(30))).collect();
+        let slots: Vec<_> = (0..1000)
+            .map(|_| ViewerSlot::new(8, Duration::from_secs(30), || {}))
+            .collect();
         // 1,000 steps of one would be 3 µs apart: 3 steps of 334 instead.
         let mut paced = PacedPush::new(vec![delivery(1)], slots.clone(), 1, Duration::from_millis(3));
         assert_eq!((paced.chunk, paced.gap), (334, Duration::from_millis(1)));

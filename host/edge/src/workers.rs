@@ -15,30 +15,41 @@ use crate::config::RoomClass;
 /// The pools, in class order.
 pub struct ClassWorkers {
     pools: Vec<Pool>,
+    /// Where classes with `workers = 0` run: the edge's main threads.
+    main: Handle,
 }
 
 struct Pool {
     name: String,
-    /// Always `Some` until dropped.
+    /// `None` for a class on the main threads, and once dropped.
     runtime: Option<Runtime>,
 }
 
 impl ClassWorkers {
-    /// Starts `class.workers` threads for every class.
+    /// Starts `class.workers` threads for every class; a class with none
+    /// shares the threads of the runtime this is called on.
     pub fn start(classes: &[RoomClass]) -> std::io::Result<Self> {
         let mut pools = Vec::with_capacity(classes.len());
         for class in classes {
-            let runtime = Builder::new_multi_thread()
-                .worker_threads(class.workers.max(1))
-                .thread_name(format!("room-{}", class.name))
-                .enable_all()
-                .build()?;
+            let runtime = match class.workers {
+                0 => None,
+                n => Some(
+                    Builder::new_multi_thread()
+                        .worker_threads(n)
+                        .thread_name(format!("room-{}", class.name))
+                        .enable_all()
+                        .build()?,
+                ),
+            };
             pools.push(Pool {
                 name: class.name.clone(),
-                runtime: Some(runtime),
+                runtime,
             });
         }
-        Ok(Self { pools })
+        Ok(Self {
+            pools,
+            main: Handle::current(),
+        })
     }
 
     /// Where rooms of each class run, in class order.
@@ -50,8 +61,11 @@ impl ClassWorkers {
         Pools(
             self.pools
                 .iter()
-                .filter_map(|p| p.runtime.as_ref())
-                .map(|r| r.handle().clone())
+                .map(|p| {
+                    p.runtime
+                        .as_ref()
+                        .map_or_else(|| self.main.clone(), |r| r.handle().clone())
+                })
                 .collect(),
         )
     }
