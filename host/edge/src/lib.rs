@@ -306,7 +306,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, connections
         };
         match Arc::clone(&permits).try_acquire_owned() {
             Ok(permit) => {
-                connections.spawn(connection::serve(incoming, Arc::clone(&shared), permit));
+                let serve = connection::serve(incoming, Arc::clone(&shared), permit, connections.clone());
+                connections.spawn(serve);
             }
             Err(_) => {
                 metrics::counter!("throng_connections_refused_total").increment(1);

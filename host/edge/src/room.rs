@@ -42,7 +42,25 @@ use crate::wasm::bindings::{self, RoomStats, Verdict};
 use crate::workers::Pools;
 
 /// Where a room sends acks and rejections for a sender's connection.
-pub type ReplyTx = mpsc::UnboundedSender<EdgeFrame>;
+///
+/// Frames travel boxed: a tokio channel allocates room for 32 values when
+/// it is made, and 32 unboxed frames would be 4 KiB on every connection,
+/// most of which never sends anything.
+#[derive(Debug, Clone)]
+pub struct ReplyTx(mpsc::UnboundedSender<Box<EdgeFrame>>);
+
+impl ReplyTx {
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Box<EdgeFrame>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), rx)
+    }
+
+    /// Queues `frame` for the control stream; false once the connection's
+    /// writer is gone.
+    pub fn send(&self, frame: EdgeFrame) -> bool {
+        self.0.send(Box::new(frame)).is_ok()
+    }
+}
 
 /// A room's identity on this edge.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
