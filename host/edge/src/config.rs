@@ -625,7 +625,8 @@ impl Validator<'_> {
                 name: "default".into(),
                 min_members: 0,
                 tick: rooms.tick,
-                workers: 1,
+                // One class: nothing to keep apart, so no thread hop.
+                workers: 0,
                 spread: Duration::ZERO,
             }]
         } else {

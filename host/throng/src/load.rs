@@ -635,6 +635,7 @@ async fn measure(
     let endpoint = |i: usize| endpoints[i % endpoints.len()].clone();
 
     let rss_before = target.pid.map(procstat::memory).transpose()?;
+    let cpu_before = target.pid.map(procstat::cpu_seconds).transpose()?;
     let stats = Arc::new(Stats::new());
     let stop = CancellationToken::new();
     // Stops every connection task however this function returns.
@@ -736,6 +737,9 @@ async fn measure(
     }
     tokio::time::sleep(SETTLE).await;
     let rss_after = target.pid.map(procstat::memory).transpose()?;
+    let cpu_after = target.pid.map(procstat::cpu_seconds).transpose()?;
+    // The server's CPU for the handshakes, joins and the settle pause.
+    let setup_cpu_s = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
 
     // Traffic, then the window.
     let _ = go_tx.send(true);
@@ -853,6 +857,8 @@ async fn measure(
             join_failed: load(&stats.join_failed),
             setup_s,
             handshakes_per_sec: if setup_s > 0.0 { opened as f64 / setup_s } else { 0.0 },
+            server_cpu_s: setup_cpu_s,
+            handshakes_per_server_cpu_s: setup_cpu_s.filter(|&c| c > 0.0).map(|c| opened as f64 / c),
         },
         window_s,
         delivery: report::Delivery {

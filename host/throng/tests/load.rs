@@ -68,6 +68,9 @@ fn check_edge_run(r: &Value) {
     assert_eq!(u(r, "/connections/failed"), 0, "{r:#}");
     assert!(u(r, "/connections/opened") >= 51, "viewers and the sender: {r:#}");
     assert!(f(r, "/connections/handshakes_per_sec") > 0.0);
+    // The spawned edge's pid is known: its setup CPU is measured.
+    assert!(f(r, "/connections/server_cpu_s") > 0.0, "{r:#}");
+    assert!(f(r, "/connections/handshakes_per_server_cpu_s") > 0.0, "{r:#}");
 
     let window = f(r, "/window_s");
     assert!((1.9..4.0).contains(&window), "window {window}");

@@ -77,6 +77,13 @@ pub struct Connections {
     /// From the first handshake started to the last one finished.
     pub setup_s: f64,
     pub handshakes_per_sec: f64,
+    /// The server's CPU seconds from before the first handshake to the end
+    /// of setup (handshakes, Hello, joins, a short settle), when its pid is
+    /// known.
+    pub server_cpu_s: Option<f64>,
+    /// Connections opened per second of server CPU: the rate one server
+    /// core sustains, whatever limited the wall-clock rate.
+    pub handshakes_per_server_cpu_s: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -290,6 +297,9 @@ impl RunReport {
             c.setup_s,
             c.handshakes_per_sec
         );
+        if let (Some(cpu), Some(per_cpu)) = (c.server_cpu_s, c.handshakes_per_server_cpu_s) {
+            println!("  setup used {cpu:.2} s of server CPU = {per_cpu:.0} connections per server CPU second");
+        }
         println!(
             "  window {:.2} s: {} frames ({:.0}/s), {} messages ({:.0}/s), missed {}{}",
             self.window_s,
