@@ -135,3 +135,51 @@ async fn a_livecast_late_joiner_gets_the_ring_then_live_with_no_gap_or_duplicate
         assert_eq!(seqs, expected, "late joiner {i}: ring then live, seamless");
     }
 }
+
+/// A disk that falls behind makes group rooms refuse new messages with
+/// `ServerBusy` instead of holding ever more acked, uncommitted messages in
+/// memory; once the log catches up they are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_room_refuses_messages_while_its_log_is_behind() {
+    let edge = TestEdge::start(|c| {
+        c.rooms.group_rooms = vec!["group-*".into()];
+        // A slow disk: commits every 2 s, and at most 5 messages waiting.
+        c.storage.commit_interval = Duration::from_secs(2);
+        c.storage.max_queued = 5;
+    })
+    .await;
+    let member = edge.client("acme", "member", "viewer").await;
+    let mut room = member.join("group-busy").await.expect("join");
+    let sender = edge.client("acme", "lead", "viewer").await;
+    let _own = sender.join("group-busy").await.expect("join");
+    for i in 0..5 {
+        sender
+            .send("group-busy", Kind::Chat, format!("m{i}"))
+            .await
+            .expect("ack while the log has room");
+    }
+    let refused = sender
+        .send("group-busy", Kind::Chat, "refused")
+        .await
+        .expect_err("the log is 5 messages behind");
+    assert_eq!(refused.code(), Some(throng_wire::ErrorCode::ServerBusy), "{refused}");
+    let stats = edge.edge.log_stats();
+    assert_eq!(stats.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+    // The commit lands; messages are taken again.
+    let start = std::time::Instant::now();
+    while stats.queued_messages.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the log never committed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sender
+        .send("group-busy", Kind::Chat, "m5")
+        .await
+        .expect("ack once the log caught up");
+    let got: Vec<String> = take(&mut room, 6, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+}

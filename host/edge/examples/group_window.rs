@@ -19,7 +19,7 @@ fn main() {
     let secs: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let commit_ms: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     let dir = tempfile::tempdir().expect("tempdir");
-    let log = GroupLog::open(&dir.path().join("log.redb"), Duration::from_millis(commit_ms)).expect("open");
+    let log = GroupLog::open(&dir.path().join("log.redb"), Duration::from_millis(commit_ms), u64::MAX).expect("open");
     let tenant: Arc<str> = Arc::from("bench");
     let names: Vec<Arc<str>> = (0..rooms).map(|i| Arc::from(format!("group-{i}").as_str())).collect();
     let committed: Vec<Arc<AtomicU64>> = (0..rooms).map(|_| Arc::new(AtomicU64::new(0))).collect();

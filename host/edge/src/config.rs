@@ -185,6 +185,9 @@ pub struct StorageConfig {
     pub group_log: PathBuf,
     /// Longest wait before appended messages are committed together.
     pub commit_interval: Duration,
+    /// Messages waiting for a commit above which group rooms refuse new
+    /// messages (`ServerBusy`) until the log catches up.
+    pub max_queued: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +226,7 @@ struct RawStorage {
     group_log: PathBuf,
     #[serde(with = "humantime_serde")]
     commit_interval: Duration,
+    max_queued: u64,
 }
 
 impl Default for RawStorage {
@@ -230,6 +234,7 @@ impl Default for RawStorage {
         Self {
             group_log: PathBuf::from("group-log.redb"),
             commit_interval: Duration::from_millis(10),
+            max_queued: 1_000_000,
         }
     }
 }
@@ -687,6 +692,7 @@ impl Validator<'_> {
                 Duration::from_millis(1),
                 Duration::from_secs(10),
             )?,
+            max_queued: self.range("storage.max_queued", st.max_queued, 1, u64::MAX)?,
         };
 
         if raw.tenants.is_empty() {

@@ -155,7 +155,11 @@ impl Edge {
             source,
         })?;
 
-        let group_log = GroupLog::open(&config.group_log_path(), config.storage.commit_interval)?;
+        let group_log = GroupLog::open(
+            &config.group_log_path(),
+            config.storage.commit_interval,
+            config.storage.max_queued,
+        )?;
         let runtime = WasmRuntime::new(config.wasm.clone())?;
         let modules = ModuleSet::load(&config, &runtime, None).await?;
         let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));

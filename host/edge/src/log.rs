@@ -54,10 +54,14 @@ pub struct LogStats {
     /// Sum of append-to-commit times, for the mean.
     pub total_window_us: AtomicU64,
     pub appends: AtomicU64,
-    /// Appends waiting for a commit. The queue is unbounded (a room must
-    /// never block on the log), so this is what to watch: it grows only when
-    /// the disk cannot keep up with the group rooms' traffic.
+    /// Appends waiting for a commit: grows only when the disk cannot keep
+    /// up with the group rooms' traffic.
     pub queued: AtomicU64,
+    /// Messages in those appends. Rooms never block on the log; above the
+    /// log's `max_queued` they refuse new messages instead.
+    pub queued_messages: AtomicU64,
+    /// Messages refused because the log was behind.
+    pub refused: AtomicU64,
 }
 
 /// Above this many waiting appends the writer warns (at most every 10 s).
@@ -70,11 +74,14 @@ pub struct GroupLog {
     tx: mpsc::Sender<Append>,
     stats: Arc<LogStats>,
     writer_done: Arc<std::sync::atomic::AtomicBool>,
+    max_queued: u64,
 }
 
 impl GroupLog {
-    /// Opens (or creates) the log at `path` and starts its writer.
-    pub fn open(path: &Path, commit_interval: Duration) -> Result<Self, LogError> {
+    /// Opens (or creates) the log at `path` and starts its writer. Rooms
+    /// should refuse messages while more than `max_queued` wait for a commit
+    /// ([`GroupLog::is_behind`]).
+    pub fn open(path: &Path, commit_interval: Duration, max_queued: u64) -> Result<Self, LogError> {
         let open_err = |reason: String| LogError::Open {
             path: path.to_owned(),
             reason,
@@ -107,6 +114,7 @@ impl GroupLog {
             tx,
             stats,
             writer_done,
+            max_queued,
         })
     }
 
@@ -137,6 +145,9 @@ impl GroupLog {
             return;
         }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .queued_messages
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
         let _ = self.tx.send(Append {
             tenant: Arc::clone(tenant),
             room: Arc::clone(room),
@@ -144,6 +155,18 @@ impl GroupLog {
             committed: Arc::clone(committed),
             queued_at: Instant::now(),
         });
+    }
+
+    /// Whether so many messages wait for a commit that rooms should refuse
+    /// more (the disk is slow or failing).
+    pub fn is_behind(&self) -> bool {
+        self.stats.queued_messages.load(Ordering::Relaxed) >= self.max_queued
+    }
+
+    /// Counts messages a room refused because the log was behind.
+    pub fn refused(&self, n: u64) {
+        self.stats.refused.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("throng_group_log_refused_total").increment(n);
     }
 
     /// The highest sequence number stored for a room (0 if none).
@@ -228,6 +251,8 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, sta
         let now = Instant::now();
         stats.commits.fetch_add(1, Ordering::Relaxed);
         let queued = stats.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed) - batch.len() as u64;
+        let messages: u64 = batch.iter().map(|a| a.messages.len() as u64).sum();
+        stats.queued_messages.fetch_sub(messages, Ordering::Relaxed);
         metrics::gauge!("throng_group_log_queued").set(queued as f64);
         if queued > QUEUE_WARN && warned.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10)) {
             warned = Some(now);
@@ -282,7 +307,7 @@ mod tests {
     fn appends_commit_in_groups_and_read_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log.redb");
-        let log = GroupLog::open(&path, Duration::from_millis(5)).unwrap();
+        let log = GroupLog::open(&path, Duration::from_millis(5), u64::MAX).unwrap();
         let (t, r): (Arc<str>, Arc<str>) = (Arc::from("acme"), Arc::from("g1"));
         let other: Arc<str> = Arc::from("g2");
         let committed = Arc::new(AtomicU64::new(0));
@@ -323,13 +348,13 @@ mod tests {
         drop(log);
         // Reopened, it is all still there.
         std::thread::sleep(Duration::from_millis(20));
-        let again = GroupLog::open(&path, Duration::from_millis(5));
+        let again = GroupLog::open(&path, Duration::from_millis(5), u64::MAX);
         // The first writer thread may still hold the file briefly.
         let again = match again {
             Ok(l) => l,
             Err(_) => {
                 std::thread::sleep(Duration::from_millis(200));
-                GroupLog::open(&path, Duration::from_millis(5)).unwrap()
+                GroupLog::open(&path, Duration::from_millis(5), u64::MAX).unwrap()
             }
         };
         assert_eq!(again.last_seq("acme", "g1").unwrap(), 10);

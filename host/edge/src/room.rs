@@ -942,7 +942,19 @@ impl Room {
         if self.inbox.is_empty() && !presence_due {
             return;
         }
-        let inbox = std::mem::take(&mut self.inbox);
+        let mut inbox = std::mem::take(&mut self.inbox);
+        if let Some(g) = self.group.as_ref().filter(|g| !inbox.is_empty() && g.log.is_behind()) {
+            // The disk is behind: refuse rather than hold ever more acked,
+            // uncommitted messages in memory. Senders may retry.
+            g.log.refused(inbox.len() as u64);
+            for m in inbox.drain(..) {
+                let _ = m.reply.send(EdgeFrame::Rejected {
+                    client_msg_id: m.client_msg_id,
+                    code: ErrorCode::ServerBusy.code(),
+                    reason: "the group log is behind; try again shortly".into(),
+                });
+            }
+        }
         let inbox = self.filter(inbox).await;
         let mut metas = InboundBatch::with_capacity(inbox.len());
         for m in &inbox {
