@@ -386,6 +386,9 @@ async fn more_than_a_thousand_rooms_each_get_their_own_instance() {
     // instance, not a fixed 1,024.
     let runtime = WasmRuntime::new(WasmSettings {
         max_instances: 1200,
+        // This is about the pool's capacity, not time: a loaded machine
+        // must not fail `configure` on the default 5 ms wall-clock budget.
+        budget: throng_edge::wasm::Budget::Epoch(std::time::Duration::from_secs(1)),
         ..WasmSettings::default()
     })
     .expect("runtime");
