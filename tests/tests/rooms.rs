@@ -184,3 +184,77 @@ async fn a_group_room_refuses_messages_while_its_log_is_behind() {
         .collect();
     assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
 }
+
+fn bodies(messages: &[Message]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+fn names(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("m{i}")).collect()
+}
+
+/// Group membership persists, with each member's cursor (what it reported
+/// with `Seen`): a member coming back without a sequence of its own (another
+/// device, a restarted app), even across an edge restart, gets exactly what
+/// came after its cursor; a member that never reported gets everything since
+/// it first joined; a full group refuses new members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_resume_from_their_reported_cursor_across_restarts() {
+    let edge = TestEdge::start(|c| {
+        c.rooms.group_rooms = vec!["group-*".into()];
+        // Joined then carries no recent messages: all that arrives is resume.
+        c.rooms.recent_messages = 0;
+        c.rooms.group_max_members = 3;
+    })
+    .await;
+    let lead = edge.client("acme", "lead", "viewer").await;
+    let _lead_room = lead.join("group-crew").await.expect("join");
+    let ann = edge.client("acme", "ann", "viewer").await;
+    let mut ann_room = ann.join("group-crew").await.expect("join");
+    let bob = edge.client("acme", "bob", "viewer").await;
+    let bob_room = bob.join("group-crew").await.expect("join");
+    // Members are counted once committed (a few ms).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let eve = edge.client("acme", "eve", "viewer").await;
+    let full = eve.join("group-crew").await.expect_err("a fourth member");
+    assert_eq!(full.code(), Some(throng_wire::ErrorCode::RoomFull), "{full}");
+
+    for i in 0..10 {
+        lead.send("group-crew", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    let got = take(&mut ann_room, 10, Duration::from_secs(5)).await;
+    assert_eq!(bodies(&got), names(0..10));
+    // Ann processed five of them, says so, and goes away; so does Bob,
+    // without ever saying anything.
+    ann.seen("group-crew", got[4].seq).await.expect("seen");
+    ann.ping().await.expect("the edge read Seen");
+    ann.close();
+    bob.close();
+    drop((ann_room, bob_room));
+    for i in 10..15 {
+        lead.send("group-crew", Kind::Chat, format!("m{i}")).await.expect("ack");
+    }
+    lead.close();
+
+    // Members and cursors are on disk: they survive a restart.
+    let edge = edge.restart().await;
+    let ann = edge.client("acme", "ann", "viewer").await;
+    let mut ann_room = ann.join("group-crew").await.expect("a member rejoins");
+    let got = take(&mut ann_room, 10, Duration::from_secs(5)).await;
+    assert_eq!(bodies(&got), names(5..15), "ann resumes after her cursor");
+    let bob = edge.client("acme", "bob", "viewer").await;
+    let mut bob_room = bob.join("group-crew").await.expect("a member rejoins");
+    let got = take(&mut bob_room, 15, Duration::from_secs(5)).await;
+    assert_eq!(bodies(&got), names(0..15), "bob gets all since he joined");
+    // Then live, once each.
+    let lead = edge.client("acme", "lead", "viewer").await;
+    let _lead_room = lead.join("group-crew").await.expect("join");
+    lead.send("group-crew", Kind::Chat, "m15").await.expect("ack");
+    for room in [&mut ann_room, &mut bob_room] {
+        let (live, _) = collect(room, 1, Duration::from_secs(5)).await;
+        assert_eq!(bodies(&live), ["m15"]);
+    }
+}

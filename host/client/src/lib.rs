@@ -407,6 +407,19 @@ impl Client {
     }
 
     /// Leaves a room; its [`RoomStream`] ends once the edge finishes it.
+    /// Tells the edge this client has processed `room` up to `seq`. In a
+    /// group room the edge keeps it as this user's cursor: joining later
+    /// without `resume_from` (from any device) resumes after it. Call it
+    /// after processing, and nothing is lost or delivered twice.
+    pub async fn seen(&self, room: &str, seq: u64) -> Result<(), ClientError> {
+        self.inner
+            .write(&ClientFrame::Seen {
+                room: room.to_owned(),
+                seq,
+            })
+            .await
+    }
+
     pub async fn leave(&self, room: &str) -> Result<(), ClientError> {
         self.inner.write(&ClientFrame::Leave { room: room.to_owned() }).await
     }

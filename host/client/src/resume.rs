@@ -70,6 +70,16 @@ impl ResumableRoom {
     }
 
     /// How many times the connection was re-established.
+    /// Reports everything handed out so far as processed (`Client::seen`):
+    /// in a group room, a later join from anywhere resumes after it. Call it
+    /// once the app has dealt with what `next_batch` gave it.
+    pub async fn seen(&self) -> Result<(), ClientError> {
+        match self.last_seq {
+            Some(seq) => self.client.seen(&self.room, seq).await,
+            None => Ok(()),
+        }
+    }
+
     pub fn reconnects(&self) -> u64 {
         self.reconnects
     }

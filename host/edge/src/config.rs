@@ -160,6 +160,8 @@ pub struct RoomsConfig {
     pub shard_members: usize,
     /// A class with a `spread` pushes a batch to this many viewers per step.
     pub pace_chunk: usize,
+    /// Most members a group room takes (members persist across visits).
+    pub group_max_members: u64,
 }
 
 /// Rooms of at least `min_members` tick at `tick` (until the next class).
@@ -397,6 +399,7 @@ struct RawRooms {
     classes: Vec<RawClass>,
     shard_members: usize,
     pace_chunk: usize,
+    group_max_members: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -431,6 +434,7 @@ impl Default for RawRooms {
             classes: Vec::new(),
             shard_members: 20_000,
             pace_chunk: 256,
+            group_max_members: 10_000,
         }
     }
 }
@@ -623,6 +627,7 @@ impl Validator<'_> {
             classes: Vec::new(),
             shard_members: self.range("rooms.shard_members", r.shard_members, 1, usize::MAX)?,
             pace_chunk: self.range("rooms.pace_chunk", r.pace_chunk, 1, usize::MAX)?,
+            group_max_members: self.range("rooms.group_max_members", r.group_max_members, 1, 10_000_000)?,
         };
         let mut rooms = rooms;
         rooms.classes = if r.classes.is_empty() {

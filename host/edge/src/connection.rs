@@ -339,6 +339,17 @@ impl Session<'_> {
                     let _ = self.reply.send(refuse(code, reason));
                 }
             }
+            ClientFrame::Seen { room, seq } => {
+                if !self.joined.contains_key(&room) {
+                    let _ = self.reply.send(EdgeFrame::Error {
+                        code: ErrorCode::NotJoined.code(),
+                        text: format!("not in room `{room}`"),
+                    });
+                } else if self.shared.rooms.is_group(&room) {
+                    let name: Arc<str> = Arc::from(room.as_str());
+                    self.shared.rooms.log().set_cursor(&self.tenant, &name, &self.user, seq);
+                }
+            }
             ClientFrame::Ping { nonce } => {
                 let _ = self.reply.send(EdgeFrame::Pong { nonce });
             }
@@ -390,6 +401,24 @@ impl Session<'_> {
             });
             return;
         }
+        let membership = if self.shared.rooms.is_group(&room) {
+            match self.membership(&room).await {
+                Ok(m) => Some(m),
+                Err((code, text)) => {
+                    let _ = self.reply.send(EdgeFrame::JoinRefused {
+                        room,
+                        code: code.code(),
+                        text,
+                    });
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        // A returning member without a sequence of its own resumes after
+        // what it last said it had seen.
+        let resume_from = resume_from.or(membership.flatten());
         let Ok(stream) = self.conn.open_uni().await else {
             return; // the connection is gone; the read loop will notice
         };
@@ -422,6 +451,12 @@ impl Session<'_> {
                 return;
             }
         };
+        if membership == Some(None) {
+            // A new member: a member from here on, whatever it sees next.
+            let at = resume_from.unwrap_or(info.last_seq);
+            let name = Arc::clone(&key.name);
+            self.shared.rooms.log().set_cursor(&self.tenant, &name, &self.user, at);
+        }
         let joined_frame = joined_frame(&room, info.online, info.recent, limits.max_frame_bytes);
         let catch_up = CatchUp {
             log: info.catch_up.map(|range| (self.shared.rooms.log().clone(), range)),
@@ -434,6 +469,39 @@ impl Session<'_> {
         info.writer
             .spawn(write_room(stream, joined_frame, catch_up, slot, max_frame));
         self.joined.insert(room, JoinedRoom { handle });
+    }
+
+    /// A group room member's cursor (`Some(seq)`), or `None` for a user who
+    /// is not a member yet and may become one.
+    async fn membership(&self, room: &str) -> Result<Option<u64>, Fatal> {
+        let log = self.shared.rooms.log().clone();
+        let max = self.shared.config.rooms.group_max_members;
+        let (tenant, room, user) = (Arc::clone(&self.tenant), room.to_owned(), Arc::clone(&self.user));
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let cursor = log.cursor(&tenant, &room, &user)?;
+            let members = match cursor {
+                Some(_) => 0,
+                None => log.member_count(&tenant, &room)?,
+            };
+            Ok::<_, crate::log::LogError>((cursor, members))
+        })
+        .await;
+        match looked_up {
+            Ok(Ok((Some(cursor), _))) => Ok(Some(cursor)),
+            Ok(Ok((None, members))) if members >= max => Err((
+                ErrorCode::RoomFull,
+                format!("the group has {members} members, its maximum"),
+            )),
+            Ok(Ok((None, _))) => Ok(None),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read group membership");
+                Err((ErrorCode::Internal, "cannot read the group's membership".into()))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "membership lookup failed");
+                Err((ErrorCode::Internal, "cannot read the group's membership".into()))
+            }
+        }
     }
 
     async fn leave_all(&mut self) {

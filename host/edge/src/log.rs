@@ -6,6 +6,13 @@
 //! path. After a commit it raises each room's `committed` mark, so a room
 //! knows which messages it may stop keeping in memory.
 //!
+//! **Membership.** A group room's members are kept too: (tenant, room,
+//! user) → the member's cursor, the highest sequence it said it has
+//! processed (`Seen`). A member joining without `resume_from` resumes after
+//! its cursor; a first join records the member at the room's current end.
+//! Cursors are committed with the next group commit and read through an
+//! in-memory overlay of what is not committed yet.
+//!
 //! **What an ack promises.** A group room acks a message when it is
 //! sequenced, before it is on disk: the ack promises order (its sequence
 //! number) and that the message is committed within the durability window,
@@ -18,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use thiserror::Error;
 use throng_wire::Message;
 
@@ -26,6 +33,17 @@ use throng_wire::Message;
 /// `Vec<Message>` in sequence order. One entry per room tick, not per
 /// message: a commit of many rooms' ticks is then a few B-tree inserts.
 const TICKS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("ticks");
+
+/// (tenant, room, user) → the member's cursor.
+const MEMBERS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("members");
+
+type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// What the writer thread is handed.
+enum Work {
+    Append(Append),
+    Cursor(MemberKey, u64),
+}
 
 #[derive(Debug, Error)]
 pub enum LogError {
@@ -71,7 +89,9 @@ const QUEUE_WARN: u64 = 100_000;
 #[derive(Debug, Clone)]
 pub struct GroupLog {
     db: Arc<Database>,
-    tx: mpsc::Sender<Append>,
+    tx: mpsc::Sender<Work>,
+    /// Cursors queued and not yet committed, newest value per member.
+    cursors: Arc<std::sync::Mutex<std::collections::HashMap<MemberKey, u64>>>,
     stats: Arc<LogStats>,
     writer_done: Arc<std::sync::atomic::AtomicBool>,
     max_queued: u64,
@@ -94,24 +114,28 @@ impl GroupLog {
             // Make sure the table exists so readers never race its creation.
             let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
             w.open_table(TICKS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(MEMBERS).map_err(|e| open_err(e.to_string()))?;
             w.commit().map_err(|e| open_err(e.to_string()))?;
         }
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(LogStats::default());
         let writer_db = Arc::clone(&db);
         let writer_stats = Arc::clone(&stats);
+        let cursors = Arc::default();
+        let writer_cursors = Arc::clone(&cursors);
         let writer_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let done = Arc::clone(&writer_done);
         std::thread::Builder::new()
             .name("throng-group-log".into())
             .spawn(move || {
-                writer(writer_db, rx, commit_interval, writer_stats);
+                writer(writer_db, rx, commit_interval, writer_stats, writer_cursors);
                 done.store(true, Ordering::Release);
             })
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             db,
             tx,
+            cursors,
             stats,
             writer_done,
             max_queued,
@@ -148,13 +172,60 @@ impl GroupLog {
         self.stats
             .queued_messages
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
-        let _ = self.tx.send(Append {
+        let _ = self.tx.send(Work::Append(Append {
             tenant: Arc::clone(tenant),
             room: Arc::clone(room),
             messages,
             committed: Arc::clone(committed),
             queued_at: Instant::now(),
-        });
+        }));
+    }
+
+    /// Records `user` as a member of the room whose cursor is at least
+    /// `seq` (cursors never move back).
+    pub fn set_cursor(&self, tenant: &Arc<str>, room: &Arc<str>, user: &Arc<str>, seq: u64) {
+        let key = (Arc::clone(tenant), Arc::clone(room), Arc::clone(user));
+        {
+            let mut pending = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let v = pending.entry(key.clone()).or_insert(seq);
+            *v = (*v).max(seq);
+        }
+        let _ = self.tx.send(Work::Cursor(key, seq));
+    }
+
+    /// A member's cursor, or `None` if `user` is not a member of the room.
+    pub fn cursor(&self, tenant: &str, room: &str, user: &str) -> Result<Option<u64>, LogError> {
+        let pending = {
+            let p = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            p.get(&(Arc::from(tenant), Arc::from(room), Arc::from(user))).copied()
+        };
+        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
+        let t = r.open_table(MEMBERS).map_err(|e| LogError::Read(e.to_string()))?;
+        let stored = t
+            .get((tenant, room, user))
+            .map_err(|e| LogError::Read(e.to_string()))?
+            .map(|v| v.value());
+        Ok(pending.max(stored))
+    }
+
+    /// How many members a room has (committed ones: a member joining in the
+    /// same commit interval may not count yet).
+    pub fn member_count(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
+        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
+        let t = r.open_table(MEMBERS).map_err(|e| LogError::Read(e.to_string()))?;
+        let range = t
+            .range((tenant, room, "")..)
+            .map_err(|e| LogError::Read(e.to_string()))?;
+        let mut n = 0;
+        for entry in range {
+            let (k, _) = entry.map_err(|e| LogError::Read(e.to_string()))?;
+            let (t2, r2, _) = k.value();
+            if t2 != tenant || r2 != room {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Whether so many messages wait for a commit that rooms should refuse
@@ -219,14 +290,25 @@ fn decode(bytes: &[u8]) -> Result<Vec<Message>, LogError> {
     postcard::from_bytes(bytes).map_err(|e| LogError::Read(format!("corrupt log entry: {e}")))
 }
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, stats: Arc<LogStats>) {
+type Overlay = Arc<std::sync::Mutex<std::collections::HashMap<MemberKey, u64>>>;
+
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Work>, interval: Duration, stats: Arc<LogStats>, overlay: Overlay) {
     let mut batch: Vec<Append> = Vec::new();
+    let mut cursors: std::collections::HashMap<MemberKey, u64> = std::collections::HashMap::new();
+    let take = |work: Work, batch: &mut Vec<Append>, cursors: &mut std::collections::HashMap<MemberKey, u64>| match work
+    {
+        Work::Append(a) => batch.push(a),
+        Work::Cursor(key, seq) => {
+            let v = cursors.entry(key).or_insert(seq);
+            *v = (*v).max(seq);
+        }
+    };
     let mut warned: Option<Instant> = None;
     loop {
         // Wait for the first append, then gather what else arrives within the
         // interval, so one commit (one fsync) covers every room's ticks.
         match rx.recv() {
-            Ok(a) => batch.push(a),
+            Ok(w) => take(w, &mut batch, &mut cursors),
             Err(_) => return,
         }
         let deadline = Instant::now() + interval;
@@ -236,12 +318,12 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, sta
                 break;
             }
             match rx.recv_timeout(left) {
-                Ok(a) => batch.push(a),
+                Ok(w) => take(w, &mut batch, &mut cursors),
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
-        if let Err(e) = commit(&db, &batch) {
+        if let Err(e) = commit(&db, &batch, &cursors) {
             // The messages stay un-committed; their rooms keep them in memory
             // and the failure is loud. Retrying the same batch next round.
             tracing::error!(error = %e, appends = batch.len(), "group log commit failed; will retry");
@@ -271,12 +353,31 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Append>, interval: Duration, sta
                 a.committed.fetch_max(last.seq, Ordering::Release);
             }
         }
+        if !cursors.is_empty() {
+            // Committed cursors need no overlay, unless a newer one came in.
+            let mut pending = overlay.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, seq) in cursors.drain() {
+                if pending.get(&key).is_some_and(|&p| p <= seq) {
+                    pending.remove(&key);
+                }
+            }
+        }
         metrics::counter!("throng_group_log_commits_total").increment(1);
     }
 }
 
-fn commit(db: &Database, batch: &[Append]) -> Result<(), String> {
+fn commit(db: &Database, batch: &[Append], cursors: &std::collections::HashMap<MemberKey, u64>) -> Result<(), String> {
     let w = db.begin_write().map_err(|e| e.to_string())?;
+    if !cursors.is_empty() {
+        let mut t = w.open_table(MEMBERS).map_err(|e| e.to_string())?;
+        for ((tenant, room, user), &seq) in cursors {
+            let key = (&**tenant, &**room, &**user);
+            let old = t.get(key).map_err(|e| e.to_string())?.map(|v| v.value());
+            if old.is_none_or(|o| o < seq) {
+                t.insert(key, seq).map_err(|e| e.to_string())?;
+            }
+        }
+    }
     {
         let mut t = w.open_table(TICKS).map_err(|e| e.to_string())?;
         for a in batch {

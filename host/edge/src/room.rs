@@ -102,6 +102,8 @@ pub struct JoinInfo {
     /// Where this viewer's writer should run: the room's class pool (the
     /// slot says when the room moves to another).
     pub writer: tokio::runtime::Handle,
+    /// The room's highest sequence number so far.
+    pub last_seq: u64,
     /// Group rooms: missed messages not yet committed, sent after the
     /// catch-up and before anything live.
     pub tail: Vec<Message>,
@@ -717,6 +719,7 @@ impl Room {
                 self.empty_since = None;
                 let _ = reply.send(JoinInfo {
                     writer: self.worker.clone(),
+                    last_seq: self.next_seq - 1,
                     online: self.members.len() as u64,
                     recent,
                     catch_up,

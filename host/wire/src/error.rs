@@ -40,9 +40,12 @@ pub enum ErrorCode {
     TooSlow = 25,
     /// A presence query asked about more users than allowed.
     QueryTooLarge = 26,
+    /// A group room already has its maximum number of members.
+    RoomFull = 27,
     /// The user's send rate is exhausted.
     RateLimited = 30,
-    /// The edge holds its maximum number of connections.
+    /// The edge is overloaded: at its maximum number of connections (as an
+    /// `Error`, fatal), or a group room's log is behind (as a `Rejected`).
     ServerBusy = 40,
     /// The edge is shutting down.
     ShuttingDown = 41,
@@ -54,7 +57,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -71,6 +74,7 @@ impl ErrorCode {
         Self::BodyTooLarge,
         Self::TooSlow,
         Self::QueryTooLarge,
+        Self::RoomFull,
         Self::RateLimited,
         Self::ServerBusy,
         Self::ShuttingDown,

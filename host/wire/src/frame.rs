@@ -110,6 +110,11 @@ pub enum ClientFrame {
     /// Which of these users (of the client's tenant) are online on this
     /// edge? Answered by one `Presence` frame with the same `query_id`.
     Presence { query_id: u64, users: Vec<String> },
+    /// The client has processed everything in `room` up to `seq`. In a
+    /// group room the edge keeps this as the member's cursor: a later join
+    /// without `resume_from` (another device, a restarted app) resumes
+    /// after it. Livecast rooms ignore it.
+    Seen { room: String, seq: u64 },
 }
 
 /// Who the edge believes the client is, echoed in `Welcome`.

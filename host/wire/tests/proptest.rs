@@ -51,6 +51,7 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
         (any::<u64>(), prop::collection::vec(".{0,12}", 0..16))
             .prop_map(|(query_id, users)| ClientFrame::Presence { query_id, users }),
+        (".{0,16}", any::<u64>()).prop_map(|(room, seq)| ClientFrame::Seen { room, seq }),
     ]
 }
 
