@@ -6,7 +6,9 @@
 //! threads, not ahead of a small room's few; the OS shares the cores
 //! between the pools. QUIC itself (quinn's endpoint and connection drivers)
 //! stays on the edge's main runtime, because a connection may be in rooms
-//! of several classes.
+//! of several classes; that shared part is why a huge class also paces its
+//! pushes (`spread`, see `room`). A class with `workers = 0` runs on the
+//! main runtime: no thread hop per write, no isolation.
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
