@@ -46,6 +46,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// TCP address of the admin HTTP endpoint (`/stats`, `/metrics`); none
+    /// when absent.
+    pub admin: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Certificate chain and key (PEM). Without them a self-signed dev
     /// certificate is made in `data_dir` on first start and reused.
@@ -304,6 +307,7 @@ fn star() -> String {
 struct RawServer {
     listen: String,
     data_dir: PathBuf,
+    admin: Option<String>,
 }
 
 impl Default for RawServer {
@@ -311,6 +315,7 @@ impl Default for RawServer {
         Self {
             listen: "127.0.0.1:4433".into(),
             data_dir: PathBuf::from(".throng"),
+            admin: None,
         }
     }
 }
@@ -527,6 +532,13 @@ impl Validator<'_> {
                 format!("`{}` is not an ip:port address: {e}", raw.server.listen),
             )
         })?;
+        let admin = match &raw.server.admin {
+            None => None,
+            Some(a) => Some(
+                a.parse::<SocketAddr>()
+                    .map_err(|e| self.err("server.admin", format!("`{a}` is not an ip:port address: {e}")))?,
+            ),
+        };
         if raw.server.data_dir.as_os_str().is_empty() {
             return Err(self.err("server.data_dir", "must not be empty"));
         }
@@ -821,6 +833,7 @@ impl Validator<'_> {
 
         Ok(Config {
             listen,
+            admin,
             data_dir,
             tls,
             limits,

@@ -55,9 +55,15 @@ pub(crate) async fn serve(
     };
     metrics::counter!("throng_connections_total").increment(1);
     metrics::gauge!("throng_connections").increment(1.0);
+    shared
+        .open_connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tasks.spawn(
         async move {
             run(id, conn, &shared).await;
+            shared
+                .open_connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             metrics::gauge!("throng_connections").decrement(1.0);
             drop(permit);
         }

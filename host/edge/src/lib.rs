@@ -21,6 +21,7 @@
 //! handle; [`Edge::shutdown`] stops accepting, tells every connection, and
 //! waits for connections and rooms to finish.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 mod connection;
@@ -29,6 +30,7 @@ pub mod log;
 pub mod modules;
 pub mod policy;
 pub mod presence;
+pub mod procstat;
 pub mod room;
 pub mod tls;
 pub mod wasm;
@@ -85,6 +87,12 @@ pub enum EdgeError {
     Log(#[from] LogError),
     #[error("cannot start the room worker threads: {0}")]
     Workers(#[source] std::io::Error),
+    #[error("cannot bind the admin endpoint TCP {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// State every connection shares.
@@ -97,6 +105,8 @@ pub(crate) struct Shared {
     presence: presence::Presence,
     shutdown: CancellationToken,
     next_connection: AtomicU64,
+    /// Connections past their handshake and not yet closed.
+    open_connections: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -129,6 +139,7 @@ pub struct Edge {
     shared: Arc<Shared>,
     /// The size classes' threads; rooms stop when these are dropped.
     workers: workers::ClassWorkers,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl Edge {
@@ -193,11 +204,30 @@ impl Edge {
             presence: presence::Presence::default(),
             shutdown: shutdown.clone(),
             next_connection: AtomicU64::new(1),
+            open_connections: AtomicU64::new(0),
             config,
         });
         let connections = TaskTracker::new();
         connections.spawn(accept_loop(endpoint.clone(), Arc::clone(&shared), connections.clone()));
         connections.spawn(housekeeping(Arc::clone(&shared)));
+        let admin_addr = match shared.config.admin {
+            None => None,
+            Some(addr) => {
+                let listener = admin::bind(addr)
+                    .await
+                    .map_err(|source| EdgeError::AdminBind { addr, source })?;
+                let bound = listener.local_addr().unwrap_or(addr);
+                let state = Arc::new(admin::AdminState {
+                    shared: Arc::clone(&shared),
+                    wasm: Arc::clone(runtime.stats()),
+                    log: Arc::clone(group_log.stats()),
+                    started: std::time::Instant::now(),
+                });
+                connections.spawn(admin::serve(listener, state, shutdown.clone()));
+                tracing::info!(admin = %format!("http://{bound}"), "admin endpoint ready (/stats, /metrics)");
+                Some(bound)
+            }
+        };
         tracing::info!(quic = %local_addr, cert = %identity.cert_path.display(), "edge ready");
         Ok(Edge {
             endpoint,
@@ -212,7 +242,13 @@ impl Edge {
             group_log,
             shared,
             workers,
+            admin_addr,
         })
+    }
+
+    /// Where the admin HTTP endpoint listens, if it does.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Users of `tenant` online on this edge.

@@ -18,7 +18,7 @@
 //! (CPU sampled at both ends) → stop everything → report.
 
 mod conns;
-mod procstat;
+use throng_edge::procstat;
 mod report;
 mod server;
 mod stats;

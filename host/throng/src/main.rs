@@ -38,6 +38,10 @@ enum Command {
         /// Override server.data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Override server.admin: an ip:port for the admin HTTP endpoint, or
+        /// `off`.
+        #[arg(long, value_parser = parse_admin)]
+        admin: Option<Admin>,
     },
     /// Print a JWT signed with a tenant's key from the config.
     Token {
@@ -163,7 +167,8 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             config,
             listen,
             data_dir,
-        } => serve(config, listen, data_dir).await,
+            admin,
+        } => serve(config, listen, data_dir, admin).await,
         Command::Token {
             config,
             tenant,
@@ -236,17 +241,37 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     }
 }
 
+/// `--admin`: where the admin endpoint listens, or nowhere.
+#[derive(Debug, Clone, Copy)]
+struct Admin(Option<SocketAddr>);
+
+fn parse_admin(s: &str) -> Result<Admin, String> {
+    match s {
+        "off" => Ok(Admin(None)),
+        _ => s
+            .parse()
+            .map(|a| Admin(Some(a)))
+            .map_err(|e| format!("`{s}` is neither an ip:port address ({e}) nor `off`")),
+    }
+}
+
 async fn serve(
     config_path: Option<PathBuf>,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    admin: Option<Admin>,
 ) -> Result<std::process::ExitCode> {
+    // Before any metric is recorded, so /metrics sees them all.
+    throng_edge::admin::install_prometheus();
     let overrides = |mut config: Config| {
         if let Some(listen) = listen {
             config.listen = listen;
         }
         if let Some(dir) = &data_dir {
             config.data_dir = dir.clone();
+        }
+        if let Some(Admin(addr)) = admin {
+            config.admin = addr;
         }
         config
     };

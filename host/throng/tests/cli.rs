@@ -39,7 +39,14 @@ async fn listen_receives_what_send_sends_with_acks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let mut serve = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -150,7 +157,14 @@ async fn listen_receives_what_send_sends_with_acks() {
     let cert_before = std::fs::read(cert).expect("cert");
     serve.kill().await.expect("kill serve");
     let mut again = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(&data)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -1,8 +1,33 @@
-//! CPU time and memory of a process, from /proc (Linux only).
+//! CPU time and memory of a process, from /proc (Linux only): for the
+//! edge's own stats endpoint and for `throng load` measuring an edge.
 
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result, bail};
+use thiserror::Error;
+
+/// A /proc file could not be read or parsed.
+#[derive(Debug, Error)]
+#[error("{path}: {reason}")]
+pub struct ProcError {
+    pub path: String,
+    pub reason: String,
+}
+
+type Result<T, E = ProcError> = std::result::Result<T, E>;
+
+fn read(path: &str) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| ProcError {
+        path: path.to_owned(),
+        reason: format!("cannot read: {e}"),
+    })
+}
+
+fn parsed<T>(path: &str, r: std::result::Result<T, String>) -> Result<T> {
+    r.map_err(|reason| ProcError {
+        path: path.to_owned(),
+        reason: format!("unexpected format: {reason}"),
+    })
+}
 
 /// Clock ticks per second of /proc/<pid>/stat times. Read once from
 /// `getconf CLK_TCK` because the workspace forbids the unsafe sysconf call.
@@ -24,23 +49,22 @@ fn clock_ticks() -> u64 {
 /// utime + stime of `pid`, in seconds.
 pub fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    let (utime, stime) = parse_stat(&text).with_context(|| format!("unexpected format of {path}"))?;
+    let (utime, stime) = parsed(&path, parse_stat(&read(&path)?))?;
     Ok((utime + stime) as f64 / clock_ticks() as f64)
 }
 
 /// Fields 14 and 15 (utime, stime). The command name (field 2) may hold
 /// spaces and parentheses, so fields are counted after its last `)`.
-fn parse_stat(text: &str) -> Result<(u64, u64)> {
+fn parse_stat(text: &str) -> Result<(u64, u64), String> {
     let after = text
         .rsplit_once(')')
         .map(|(_, rest)| rest)
-        .context("no `)` after the name")?;
+        .ok_or("no `)` after the name")?;
     let fields: Vec<&str> = after.split_whitespace().collect();
     // `after` starts at field 3 (state), so field n is fields[n - 3].
-    let field = |n: usize| -> Result<u64> {
-        let f = fields.get(n - 3).with_context(|| format!("no field {n}"))?;
-        f.parse().with_context(|| format!("field {n} is `{f}`"))
+    let field = |n: usize| -> Result<u64, String> {
+        let f = fields.get(n - 3).ok_or_else(|| format!("no field {n}"))?;
+        f.parse().map_err(|_| format!("field {n} is `{f}`"))
     };
     Ok((field(14)?, field(15)?))
 }
@@ -48,22 +72,21 @@ fn parse_stat(text: &str) -> Result<(u64, u64)> {
 /// CPU seconds the whole machine spent busy (all CPUs, /proc/stat), so a
 /// run can tell how much of the machine other processes took meanwhile.
 pub fn machine_busy_seconds() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
-    let ticks = parse_machine_busy(&text).context("unexpected format of /proc/stat")?;
+    let ticks = parsed("/proc/stat", parse_machine_busy(&read("/proc/stat")?))?;
     Ok(ticks as f64 / clock_ticks() as f64)
 }
 
 /// user + nice + system + irq + softirq + steal of the `cpu` line: idle
 /// and iowait are not busy.
-fn parse_machine_busy(text: &str) -> Result<u64> {
-    let line = text.lines().find(|l| l.starts_with("cpu ")).context("no `cpu` line")?;
+fn parse_machine_busy(text: &str) -> Result<u64, String> {
+    let line = text.lines().find(|l| l.starts_with("cpu ")).ok_or("no `cpu` line")?;
     let fields: Vec<u64> = line
         .split_whitespace()
         .skip(1)
-        .map(|f| f.parse().with_context(|| format!("`{f}` is not a number")))
-        .collect::<Result<_>>()?;
+        .map(|f| f.parse().map_err(|_| format!("`{f}` is not a number")))
+        .collect::<Result<_, _>>()?;
     if fields.len() < 8 {
-        bail!("the cpu line has {} fields, expected at least 8", fields.len());
+        return Err(format!("the cpu line has {} fields, expected at least 8", fields.len()));
     }
     Ok(fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7])
 }
@@ -78,20 +101,19 @@ pub struct Memory {
 
 pub fn memory(pid: u32) -> Result<Memory> {
     let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    parse_status(&text).with_context(|| format!("unexpected format of {path}"))
+    parsed(&path, parse_status(&read(&path)?))
 }
 
-fn parse_status(text: &str) -> Result<Memory> {
-    let kib = |key: &str| -> Result<u64> {
+fn parse_status(text: &str) -> Result<Memory, String> {
+    let kib = |key: &str| -> Result<u64, String> {
         let line = text
             .lines()
             .find_map(|l| l.strip_prefix(key))
-            .with_context(|| format!("no {key}"))?;
+            .ok_or_else(|| format!("no {key}"))?;
         let Some(n) = line.trim().strip_suffix("kB") else {
-            bail!("{key} is not in kB: `{line}`");
+            return Err(format!("{key} is not in kB: `{line}`"));
         };
-        n.trim().parse().with_context(|| format!("{key} is `{line}`"))
+        n.trim().parse().map_err(|_| format!("{key} is `{line}`"))
     };
     Ok(Memory {
         rss_kib: kib("VmRSS:")?,

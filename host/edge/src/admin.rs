@@ -1,0 +1,159 @@
+//! The admin HTTP endpoint (`server.admin`): `GET /stats` answers JSON
+//! figures of this edge, `GET /metrics` the process's metrics in the
+//! Prometheus text format (when a Prometheus recorder is installed, see
+//! [`install_prometheus`]). It has no authentication: bind it to loopback or
+//! a private interface.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::log::LogStats;
+use crate::wasm::WasmStats;
+use crate::{Shared, procstat};
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Makes the `metrics` crate record into a Prometheus registry that
+/// `/metrics` renders. Once per process: later calls return the same
+/// handle; `None` if another recorder was installed first.
+pub fn install_prometheus() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(handle) => Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Prometheus metrics: cannot install the recorder");
+                None
+            }
+        })
+        .clone()
+}
+
+/// What `/stats` reads.
+pub(crate) struct AdminState {
+    pub shared: Arc<Shared>,
+    pub wasm: Arc<WasmStats>,
+    pub log: Arc<LogStats>,
+    pub started: Instant,
+}
+
+#[derive(Debug, Serialize)]
+struct Stats {
+    uptime_s: f64,
+    connections: u64,
+    rooms: usize,
+    process: Option<Process>,
+    wasm: Wasm,
+    group_log: GroupLog,
+}
+
+#[derive(Debug, Serialize)]
+struct Process {
+    cpu_s: f64,
+    rss_kib: u64,
+    peak_rss_kib: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Wasm {
+    instantiations: u64,
+    policy_failures: u64,
+    filter_failures: u64,
+    quarantines: u64,
+    fallback_ticks: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct GroupLog {
+    commits: u64,
+    messages: u64,
+    queued_appends: u64,
+    queued_messages: u64,
+    refused: u64,
+    max_window_us: u64,
+    mean_window_us: u64,
+}
+
+/// Serves until `shutdown`.
+pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let app = Router::new()
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let stop = shutdown.clone();
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "the admin endpoint stopped");
+    }
+}
+
+/// Binds the admin listener (before the edge reports ready, so a taken
+/// port is a start-up error).
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let me = std::process::id();
+    let process = match (procstat::cpu_seconds(me), procstat::memory(me)) {
+        (Ok(cpu_s), Ok(m)) => Some(Process {
+            cpu_s,
+            rss_kib: m.rss_kib,
+            peak_rss_kib: m.hwm_kib,
+        }),
+        // Not Linux, or /proc is not mounted: the rest still answers.
+        _ => None,
+    };
+    let appends = load(&s.log.appends);
+    Json(Stats {
+        uptime_s: s.started.elapsed().as_secs_f64(),
+        connections: s.shared.open_connections.load(Ordering::Relaxed),
+        rooms: s.shared.rooms.len(),
+        process,
+        wasm: Wasm {
+            instantiations: load(&s.wasm.instantiations),
+            policy_failures: load(&s.wasm.policy_failures),
+            filter_failures: load(&s.wasm.filter_failures),
+            quarantines: load(&s.wasm.quarantines),
+            fallback_ticks: load(&s.wasm.fallback_ticks),
+        },
+        group_log: GroupLog {
+            commits: load(&s.log.commits),
+            messages: load(&s.log.messages),
+            queued_appends: load(&s.log.queued),
+            queued_messages: load(&s.log.queued_messages),
+            refused: load(&s.log.refused),
+            max_window_us: load(&s.log.max_window_us),
+            mean_window_us: load(&s.log.total_window_us).checked_div(appends).unwrap_or(0),
+        },
+    })
+}
+
+async fn metrics(State(_): State<Arc<AdminState>>) -> Response {
+    match PROMETHEUS.get().and_then(Option::as_ref) {
+        Some(handle) => {
+            // Histograms and summaries need their buckets drained now and then;
+            // a scrape is a fine moment.
+            handle.run_upkeep();
+            handle.render().into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            "no Prometheus recorder in this process (throng serve installs one)\n",
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,55 @@
+//! The admin endpoint: `/stats` and `/metrics` over real HTTP.
+
+use std::net::SocketAddr;
+
+use throng_tests::{TestEdge, viewers};
+use throng_wire::Kind;
+
+/// GET `path` from the admin endpoint: (status, body).
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+        let mut response = agent.get(&url).call().expect("the admin endpoint answers");
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_to_string().expect("a text body");
+        (status, body)
+    })
+    .await
+    .expect("request task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_metrics_describe_the_running_edge() {
+    throng_edge::admin::install_prometheus().expect("the only recorder of this test process");
+    let edge = TestEdge::start(|c| c.admin = Some("127.0.0.1:0".parse().expect("addr"))).await;
+    let admin = edge.edge.admin_addr().expect("admin endpoint bound");
+    let _viewers = viewers(&edge, "acme", "lobby", 3).await;
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _own = sender.join("lobby").await.expect("join");
+    sender.send("lobby", Kind::Chat, "hi").await.expect("ack");
+
+    let (status, body) = get(admin, "/stats").await;
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(stats["connections"], 4, "{stats:#}");
+    assert_eq!(stats["rooms"], 1, "{stats:#}");
+    assert!(stats["process"]["rss_kib"].as_u64().unwrap_or(0) > 0, "{stats:#}");
+    assert!(stats["process"]["cpu_s"].as_f64().unwrap_or(-1.0) >= 0.0, "{stats:#}");
+    assert!(stats["wasm"]["instantiations"].is_u64(), "{stats:#}");
+    assert!(stats["group_log"]["queued_messages"].is_u64(), "{stats:#}");
+
+    let (status, body) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("throng_connections_total") && body.contains("throng_batches_total"),
+        "{body}"
+    );
+    let (status, _) = get(admin, "/nope").await;
+    assert_eq!(status, 404);
+
+    drop(sender);
+    edge.edge.shutdown().await;
+    let gone = tokio::net::TcpStream::connect(admin).await;
+    assert!(gone.is_err(), "the admin endpoint stops with the edge");
+}
