@@ -112,6 +112,11 @@ pub struct LoadArgs {
     /// PID of the --server process, to read its CPU time and RSS.
     #[arg(long, requires = "server")]
     edge_pid: Option<u32>,
+    /// The --server edge's admin endpoint (`server.admin`), e.g.
+    /// http://127.0.0.1:9433: its CPU time and RSS come from `/stats` when
+    /// the edge runs elsewhere.
+    #[arg(long, requires = "server", conflicts_with = "edge_pid")]
+    edge_stats: Option<String>,
     /// Allow a --server that is not on loopback.
     #[arg(long)]
     allow_remote: bool,
@@ -520,7 +525,56 @@ struct Target {
     addr: SocketAddr,
     cert: PathBuf,
     pid: Option<u32>,
+    /// The edge's admin endpoint, for a server measured over HTTP.
+    stats: Option<String>,
     spawned: Option<Server>,
+}
+
+/// The measured server's CPU seconds so far: from /proc for a local pid,
+/// else from the edge's `/stats`.
+async fn server_cpu(target: &Target) -> Result<Option<f64>> {
+    if let Some(pid) = target.pid {
+        return Ok(Some(procstat::cpu_seconds(pid)?));
+    }
+    match &target.stats {
+        Some(url) => Ok(Some(remote_process(url).await?.0)),
+        None => Ok(None),
+    }
+}
+
+async fn server_memory(target: &Target) -> Result<Option<procstat::Memory>> {
+    if let Some(pid) = target.pid {
+        return Ok(Some(procstat::memory(pid)?));
+    }
+    match &target.stats {
+        Some(url) => Ok(Some(remote_process(url).await?.1)),
+        None => Ok(None),
+    }
+}
+
+/// (cpu seconds, memory) from an edge's `GET <url>/stats`.
+async fn remote_process(url: &str) -> Result<(f64, procstat::Memory)> {
+    let url = format!("{}/stats", url.trim_end_matches('/'));
+    let body = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || -> Result<String> {
+            let mut response = ureq::get(&url).call().with_context(|| format!("GET {url}"))?;
+            response
+                .body_mut()
+                .read_to_string()
+                .with_context(|| format!("GET {url}: body"))
+        }
+    })
+    .await
+    .context("stats request task")??;
+    let stats: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{url}: not JSON"))?;
+    let p = &stats["process"];
+    let (Some(cpu_s), Some(rss_kib), Some(hwm_kib)) =
+        (p["cpu_s"].as_f64(), p["rss_kib"].as_u64(), p["peak_rss_kib"].as_u64())
+    else {
+        bail!("{url}: no process figures (is the edge on Linux?)");
+    };
+    Ok((cpu_s, procstat::Memory { rss_kib, hwm_kib }))
 }
 
 async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize, dir: &Path) -> Result<Target> {
@@ -532,6 +586,7 @@ async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize,
                     addr,
                     cert: cert.clone(),
                     pid: a.edge_pid,
+                    stats: a.edge_stats.clone(),
                     spawned: None,
                 });
             }
@@ -577,6 +632,7 @@ async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize,
         addr: server.addr,
         cert: server.cert.clone(),
         pid: Some(server.pid),
+        stats: None,
         spawned: Some(server),
     })
 }
@@ -634,8 +690,8 @@ async fn measure(
         .collect::<Result<Vec<_>>>()?;
     let endpoint = |i: usize| endpoints[i % endpoints.len()].clone();
 
-    let rss_before = target.pid.map(procstat::memory).transpose()?;
-    let cpu_before = target.pid.map(procstat::cpu_seconds).transpose()?;
+    let rss_before = server_memory(target).await?;
+    let cpu_before = server_cpu(target).await?;
     let stats = Arc::new(Stats::new());
     let stop = CancellationToken::new();
     // Stops every connection task however this function returns.
@@ -736,8 +792,8 @@ async fn measure(
         ));
     }
     tokio::time::sleep(SETTLE).await;
-    let rss_after = target.pid.map(procstat::memory).transpose()?;
-    let cpu_after = target.pid.map(procstat::cpu_seconds).transpose()?;
+    let rss_after = server_memory(target).await?;
+    let cpu_after = server_cpu(target).await?;
     // The server's CPU for the handshakes, joins and the settle pause.
     let setup_cpu_s = cpu_before.zip(cpu_after).map(|(b, a)| a - b);
 
@@ -753,7 +809,7 @@ async fn measure(
         progress.update(&stats, total, None);
     }
     let me = std::process::id();
-    let server_cpu0 = target.pid.map(procstat::cpu_seconds).transpose()?;
+    let server_cpu0 = server_cpu(target).await?;
     let own_cpu0 = procstat::cpu_seconds(me)?;
     let machine0 = procstat::machine_busy_seconds()?;
     stats.measuring.store(true, Ordering::Relaxed);
@@ -766,10 +822,10 @@ async fn measure(
     }
     stats.measuring.store(false, Ordering::Relaxed);
     let window_s = window_start.elapsed().as_secs_f64();
-    let server_cpu1 = target.pid.map(procstat::cpu_seconds).transpose()?;
+    let server_cpu1 = server_cpu(target).await?;
     let own_cpu1 = procstat::cpu_seconds(me)?;
     let machine1 = procstat::machine_busy_seconds()?;
-    let rss_end = target.pid.map(procstat::memory).transpose()?;
+    let rss_end = server_memory(target).await?;
 
     progress.phase("stopping");
     stop.cancel();
@@ -790,11 +846,12 @@ async fn measure(
     let messages = load(&stats.messages);
     let opened = load(&stats.connected);
     let per = |cpu: f64, n: u64| (n > 0).then(|| cpu * 1e6 / n as f64);
-    let server = match (target.pid, server_cpu0, server_cpu1, rss_end) {
-        (Some(pid), Some(c0), Some(c1), Some(end)) => {
+    let server = match (server_cpu0, server_cpu1, rss_end) {
+        (Some(c0), Some(c1), Some(end)) => {
             let cpu_s = c1 - c0;
             Some(report::ServerUsage {
-                pid,
+                pid: target.pid,
+                stats_url: target.stats.clone(),
                 cpu_s,
                 cores: cpu_s / window_s,
                 us_cpu_per_frame: per(cpu_s, frames),

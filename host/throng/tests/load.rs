@@ -201,3 +201,94 @@ async fn refuses_a_remote_server_and_bad_input() {
         assert!(out.stdout.is_empty(), "{args:?}: no report on failure");
     }
 }
+
+/// An edge measured over its admin endpoint (`--edge-stats`), as for an
+/// edge on another machine: CPU and RSS come from `/stats`, not /proc.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_is_measured_through_its_stats_endpoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("load.toml");
+    let out = Command::new(BIN)
+        .args(["load", "--write-config"])
+        .arg(&config)
+        .output()
+        .await
+        .expect("write-config runs");
+    assert!(out.status.success());
+    // A free port for the admin endpoint (released just before the edge binds it).
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text.replacen(
+        "[server]\n",
+        &format!("[server]\nadmin = \"127.0.0.1:{admin_port}\"\n"),
+        1,
+    );
+    std::fs::write(&config, text).expect("write config");
+
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serve starts");
+    let mut lines = tokio::io::BufReader::new(serve.stdout.take().expect("stdout"));
+    let mut ready = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut ready),
+    )
+    .await
+    .expect("ready in time")
+    .expect("ready line");
+    let rest = ready.trim().strip_prefix("throng ready quic=").expect("ready line");
+    let (addr, cert) = rest.split_once(" cert=").expect("cert");
+
+    let stats = format!("http://127.0.0.1:{admin_port}");
+    let config_str = config.to_str().expect("utf-8 path");
+    let all = [
+        "--server",
+        addr,
+        "--cert",
+        cert,
+        "--config",
+        config_str,
+        "--edge-stats",
+        &stats,
+        "--viewers",
+        "20",
+        "--senders",
+        "1",
+        "--rate",
+        "100",
+        "--duration",
+        "1s",
+        "--warmup",
+        "0s",
+        "--json",
+        "--quiet",
+    ];
+    let run = Command::new(BIN).arg("load").args(all).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("load finishes")
+        .expect("load runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        r.pointer("/server/stats_url").and_then(Value::as_str),
+        Some(stats.as_str())
+    );
+    assert!(f(&r, "/server/cpu_s") > 0.0, "{r:#}");
+    assert!(u(&r, "/server/rss_end_kib") > 0, "{r:#}");
+    assert!(f(&r, "/server/rss_per_connection_bytes").is_finite(), "{r:#}");
+    assert!(f(&r, "/connections/server_cpu_s") > 0.0, "{r:#}");
+    let _ = serve.kill().await;
+}

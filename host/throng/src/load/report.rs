@@ -183,7 +183,10 @@ pub struct Churn {
 
 #[derive(Debug, Serialize)]
 pub struct ServerUsage {
-    pub pid: u32,
+    /// The process measured through /proc, or
+    pub pid: Option<u32>,
+    /// the edge's admin endpoint measured through `/stats`.
+    pub stats_url: Option<String>,
     /// utime + stime spent in the window.
     pub cpu_s: f64,
     /// cpu_s / window_s: 1.0 is one core busy.
@@ -353,8 +356,11 @@ impl RunReport {
         match &self.server {
             Some(s) => {
                 println!(
-                    "  server pid {}: {:.3} CPU s ({:.2} cores), {} µs/frame, {} µs/message",
-                    s.pid,
+                    "  server {}: {:.3} CPU s ({:.2} cores), {} µs/frame, {} µs/message",
+                    s.pid
+                        .map(|p| format!("pid {p}"))
+                        .or_else(|| s.stats_url.clone())
+                        .unwrap_or_default(),
                     s.cpu_s,
                     s.cores,
                     opt(s.us_cpu_per_frame, 2),
