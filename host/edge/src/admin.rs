@@ -4,7 +4,6 @@
 //! [`install_prometheus`]). It has no authentication: bind it to loopback or
 //! a private interface.
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -97,12 +96,6 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminSta
     {
         tracing::error!(error = %e, "the admin endpoint stopped");
     }
-}
-
-/// Binds the admin listener (before the edge reports ready, so a taken
-/// port is a start-up error).
-pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {

@@ -460,8 +460,10 @@ impl Session<'_> {
         if membership == Some(None) {
             // A new member: a member from here on, whatever it sees next.
             let at = resume_from.unwrap_or(info.last_seq);
-            let name = Arc::clone(&key.name);
-            self.shared.rooms.log().set_cursor(&self.tenant, &name, &self.user, at);
+            self.shared
+                .rooms
+                .log()
+                .set_cursor(&self.tenant, &key.name, &self.user, at);
         }
         let joined_frame = joined_frame(&room, info.online, info.recent, limits.max_frame_bytes);
         let catch_up = CatchUp {

@@ -213,7 +213,9 @@ impl Edge {
         let admin_addr = match shared.config.admin {
             None => None,
             Some(addr) => {
-                let listener = admin::bind(addr)
+                // Bound before the edge reports ready: a taken port is a
+                // start-up error, not a silent missing endpoint.
+                let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|source| EdgeError::AdminBind { addr, source })?;
                 let bound = listener.local_addr().unwrap_or(addr);
