@@ -117,6 +117,17 @@ impl TestEdge {
     }
 }
 
+/// Makes every room of `config` tick every `tick`. The tick lives in the
+/// size classes once the config is parsed; `rooms.tick` alone changes
+/// nothing.
+pub fn set_tick(config: &mut Config, tick: Duration) {
+    config.rooms.tick = tick;
+    for class in &mut config.rooms.classes {
+        class.tick = tick;
+        class.spread = class.spread.min(tick / 2);
+    }
+}
+
 /// Receives batches until `n` messages arrived (or `limit` passes), returning
 /// them with the batches they came in.
 pub async fn collect(room: &mut RoomStream, n: usize, limit: Duration) -> (Vec<Message>, Vec<Batch>) {

@@ -168,7 +168,7 @@ async fn a_quiet_room_keeps_flowing_while_another_floods_the_same_connection() {
 async fn likes_become_counters_and_the_cap_bounds_chat() {
     let edge = TestEdge::start(|c| {
         c.rooms.viewer_cap_per_sec = 20;
-        c.rooms.tick = Duration::from_millis(50);
+        throng_tests::set_tick(c, Duration::from_millis(50));
     })
     .await;
     let viewer = edge.client("acme", "v", "viewer").await;

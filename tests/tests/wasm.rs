@@ -25,7 +25,7 @@ async fn drain(room: &mut throng_client::RoomStream, quiet: Duration) -> Vec<Bat
 async fn the_cap_holds_for_300_viewers_under_1000_messages_a_second() {
     const CAP: usize = 20;
     let edge = TestEdge::start(|c| {
-        c.rooms.tick = Duration::from_millis(50);
+        throng_tests::set_tick(c, Duration::from_millis(50));
         c.policies
             .push(builtin_policy("*", "policy-default", &[("cap_per_sec", "20")]));
     })
@@ -295,7 +295,7 @@ async fn a_failing_filter_fails_open_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
     let edge = TestEdge::start(|c| {
-        c.rooms.tick = Duration::from_millis(20);
+        throng_tests::set_tick(c, Duration::from_millis(20));
         c.policies
             .push(builtin_policy("*", "policy-default", &[("cap_per_sec", "0")]));
     })

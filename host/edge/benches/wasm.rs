@@ -37,6 +37,7 @@ fn stats(tick: u64) -> RoomStats {
     RoomStats {
         tick,
         tick_ms: 50,
+        elapsed_ms: 50,
         online: 10_000,
     }
 }

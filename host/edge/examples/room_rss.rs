@@ -54,6 +54,7 @@ fn main() {
         let stats = RoomStats {
             tick: 1,
             tick_ms: 50,
+            elapsed_ms: 50,
             online: 1,
         };
         rt.block_on(wasm.plan_tick(&mut room, stats, &metas)).expect("plan");

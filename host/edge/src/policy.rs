@@ -129,7 +129,7 @@ impl NativePolicy {
 
     pub fn plan_tick(&mut self, stats: &RoomStats, inbound: &InboundBatch) -> Plan {
         let metas = inbound.columns().metas();
-        let p = self.inner.plan(stats.tick_ms, &metas);
+        let p = self.inner.plan(stats.elapsed_ms, stats.tick_ms, &metas);
         Plan {
             deliver: p.deliver,
             counters: Counters {
@@ -153,6 +153,9 @@ pub struct WasmPolicy {
     label: Arc<str>,
     instance: Option<PolicyInstance>,
     fallback: NativePolicy,
+    /// Room time since the fallback last ran: its clock must not stand
+    /// still while the module decides.
+    fallback_elapsed: u32,
     strikes: Strikes,
 }
 
@@ -183,6 +186,7 @@ impl WasmPolicy {
             label,
             instance: None,
             fallback,
+            fallback_elapsed: 0,
             strikes: Strikes::default(),
         };
         p.ensure_instance().await;
@@ -255,6 +259,7 @@ impl WasmPolicy {
     }
 
     pub async fn plan_tick(&mut self, stats: &RoomStats, inbound: &InboundBatch) -> Plan {
+        self.fallback_elapsed = self.fallback_elapsed.saturating_add(stats.elapsed_ms);
         if self.ensure_instance().await
             && let Some(instance) = self.instance.as_mut()
         {
@@ -281,7 +286,11 @@ impl WasmPolicy {
             }
         }
         self.runtime.stats().fallback_ticks.fetch_add(1, Ordering::Relaxed);
-        self.fallback.plan_tick(stats, inbound)
+        let stats = RoomStats {
+            elapsed_ms: std::mem::take(&mut self.fallback_elapsed),
+            ..*stats
+        };
+        self.fallback.plan_tick(&stats, inbound)
     }
 }
 
@@ -314,6 +323,7 @@ mod tests {
         RoomStats {
             tick,
             tick_ms: 100,
+            elapsed_ms: 100,
             online: 3,
         }
     }

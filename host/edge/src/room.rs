@@ -523,6 +523,56 @@ impl PacedPush {
     }
 }
 
+/// Room time: whole ticks since the room started, counted from the wall
+/// clock, so that ticks a busy machine ran late still count, and whole, so
+/// that a second of room time is exactly a second's worth of tick numbers
+/// (jitter in when a tick's plan runs must not push a message out of, or
+/// into, a policy's one-second window). Batches carry this tick number, so
+/// a viewer can check the cap by tick numbers too.
+#[derive(Debug)]
+struct RoomClock {
+    origin: Instant,
+    tick: Duration,
+    /// The tick number at `origin`.
+    base: u64,
+    /// The tick number last reported to the policy.
+    told: u64,
+}
+
+impl RoomClock {
+    fn new(tick: Duration) -> Self {
+        Self {
+            origin: Instant::now(),
+            tick: tick.max(Duration::from_millis(1)),
+            base: 0,
+            told: 0,
+        }
+    }
+
+    /// The current tick number (rounded to the nearest tick).
+    fn now(&self) -> u64 {
+        let tick = self.tick.as_micros();
+        let ticks = (self.origin.elapsed().as_micros() + tick / 2) / tick;
+        self.base + u64::try_from(ticks).unwrap_or(u64::MAX / 2)
+    }
+
+    /// Room time up to tick `now` since the previous call, in milliseconds.
+    fn elapsed_ms(&mut self, now: u64) -> u32 {
+        let ticks = now.saturating_sub(self.told);
+        self.told = self.told.max(now);
+        u32::try_from(u128::from(ticks) * self.tick.as_millis()).unwrap_or(u32::MAX)
+    }
+
+    /// The room's tick changed (it moved to another size class): count on
+    /// from here in the new tick.
+    fn retick(&mut self, tick: Duration) {
+        self.base = self.now();
+        self.told = self.told.min(self.base);
+        self.origin = Instant::now();
+        self.tick = tick.max(Duration::from_millis(1));
+    }
+}
+
 /// A group room's log state.
 struct GroupState {
     log: GroupLog,
@@ -554,6 +604,7 @@ struct Room {
     presence_sent_at: Instant,
     empty_since: Option<Instant>,
     tick_interval: Duration,
+    clock: RoomClock,
     classes: Vec<crate::config::RoomClass>,
     class: usize,
     /// The pool of the room's class, where it and its viewers' writers run.
@@ -603,6 +654,7 @@ impl Room {
             presence_sent_at: Instant::now(),
             empty_since: Some(Instant::now()),
             tick_interval: config.classes.first().map_or(config.tick, |c| c.tick),
+            clock: RoomClock::new(config.classes.first().map_or(config.tick, |c| c.tick)),
             classes: config.classes.clone(),
             class: 0,
             worker: rooms.pools.get(0),
@@ -828,6 +880,7 @@ impl Room {
         self.modules.mark_changed();
         metrics::counter!("throng_room_class_changes_total").increment(1);
         self.tick_interval = class.tick;
+        self.clock.retick(class.tick);
         true
     }
 
@@ -938,7 +991,9 @@ impl Room {
     }
 
     async fn run_tick(&mut self) {
-        self.tick += 1;
+        // Tick numbers follow room time: a tick the machine ran late skips a
+        // number rather than stretching the room's second.
+        self.tick = self.clock.now().max(self.tick + 1);
         self.apply_modules().await;
         let online = self.members.len() as u64;
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
@@ -974,9 +1029,27 @@ impl Room {
         let stats = RoomStats {
             tick: self.tick,
             tick_ms: tick_ms(self.tick_interval),
+            elapsed_ms: self.clock.elapsed_ms(self.tick),
             online,
         };
         let plan = self.policy.plan_tick(&stats, &metas).await;
+        let left_out = metas
+            .kinds
+            .iter()
+            .filter(|&&k| k != throng_policy_core::Kind::Like.code())
+            .count()
+            .saturating_sub(plan.deliver.len());
+        if left_out > 0 {
+            // Dropped messages were accepted (and are acked below): count
+            // them, so operators see what the cap costs.
+            let class = self.classes.get(self.class).map_or("", |c| c.name.as_str());
+            metrics::counter!(
+                "throng_policy_dropped_total",
+                "tenant" => self.key.tenant.to_string(),
+                "class" => class.to_owned(),
+            )
+            .increment(left_out as u64);
+        }
 
         // Every accepted message gets a sequence number and an ack, delivered
         // or not; delivered ones carry the same number to viewers.

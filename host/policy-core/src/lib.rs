@@ -3,21 +3,35 @@
 //! Used natively by the edge (its built-in and fallback policy) and compiled
 //! to Wasm in `modules/policy-default`, so both run the same algorithm.
 //!
-//! Per tick:
-//! 1. Work out the viewer budget for this tick. Two limits hold together: a
-//!    token bucket (a quarter of the cap, but at least one tick's share,
-//!    refilled at the cap) spreads messages over the second instead of one
-//!    burst, and a sliding
-//!    one-second log of what went out (in tick time) makes "at most `cap`
-//!    messages in any one-second window" exact.
-//! 2. Host and system messages always go out (they spend budget, into debt
+//! The cap is a promise both ways: if no more than `cap` messages arrive in
+//! any second, every one is delivered; if more arrive, viewers are shown at
+//! most `cap` in any second of room time, and the cap is used.
+//!
+//! Room time is what the room says elapsed (`elapsed_ms`), including ticks
+//! on which the policy was not called because nothing arrived: a clock that
+//! only moved on busy ticks refilled too slowly and dropped messages far
+//! below the cap.
+//!
+//! Per call:
+//! 1. Advance room time; refill the token bucket at `cap` per second. The
+//!    bucket holds a whole second (`cap`) while the room is under its cap,
+//!    so a burst at or below the cap goes out whole; once the room has had
+//!    to drop (within the last second) it holds only a quarter of the cap
+//!    (at least one tick's share), which spreads a saturated room's messages
+//!    over the second instead of showing them in one lump.
+//! 2. A sliding one-second log of what went out makes "at most `cap` in any
+//!    one-second window" exact. Gifts and chat fill at most `cap - 1` places
+//!    of it: the last is kept for host messages, which are never dropped
+//!    (so the promise below the cap is for `cap - 1` chat messages a
+//!    second, and a host message).
+//! 3. Host and system messages always go out (they spend budget, into debt
 //!    if need be, so what follows keeps the bound); the newest host message
 //!    is pinned.
-//! 3. Likes become a counter; gifts are counted by name.
-//! 4. Gifts, then chat, share the remaining budget round-robin across
+//! 4. Likes become a counter; gifts are counted by name.
+//! 5. Gifts, then chat, share the remaining budget round-robin across
 //!    senders: every sender's first message before anyone's second, so one
 //!    spammer cannot fill the screen.
-//! 5. Deliveries keep arrival order.
+//! 6. Deliveries keep arrival order.
 
 use std::collections::VecDeque;
 
@@ -117,28 +131,44 @@ pub struct Plan {
 /// Longest gift name counted; longer names are cut.
 pub const MAX_GIFT_NAME: usize = 32;
 
+/// How long the room stays in its smoothing mode after it last dropped a
+/// message, and the length of the cap's window: one second.
+const WINDOW_MS: u64 = 1000;
+
+/// Arrival times closer than this to a second apart count as a second
+/// apart: the edge stamps arrivals in whole milliseconds, and a sender's own
+/// timer is a few milliseconds late now and then.
+const ARRIVAL_SLACK_MS: u64 = 10;
+
 /// The default policy's state for one room.
 #[derive(Debug, Clone)]
 pub struct DefaultPolicy {
     cap_per_sec: u32,
+    /// Bucket size while the room is saturated (a quarter of the cap).
     burst: f64,
     credit: f64,
-    /// Tick time: the sum of tick lengths seen so far.
+    /// Room time: the sum of the elapsed times the room reported.
     clock_ms: u64,
-    /// When each message of the last second went out (tick time).
-    shown: VecDeque<u64>,
+    /// Each message of the last second that went out: when (room time),
+    /// and when it arrived (the edge's clock, `received_ms`).
+    shown: VecDeque<(u64, u64)>,
+    /// When the room last had more gifts or chat than it could show.
+    dropped_at: Option<u64>,
+    /// Gift and chat messages left out so far.
+    dropped: u64,
 }
 
 impl DefaultPolicy {
     /// `cap_per_sec == 0` turns the cap off.
     pub fn new(cap_per_sec: u32) -> Self {
-        let burst = (f64::from(cap_per_sec) / 4.0).floor().max(1.0);
         Self {
             cap_per_sec,
-            burst,
-            credit: burst,
+            burst: (f64::from(cap_per_sec) / 4.0).floor().max(1.0),
+            credit: f64::from(cap_per_sec),
             clock_ms: 0,
             shown: VecDeque::new(),
+            dropped_at: None,
+            dropped: 0,
         }
     }
 
@@ -167,18 +197,70 @@ impl DefaultPolicy {
         self.cap_per_sec
     }
 
-    /// Decides one tick.
-    pub fn plan(&mut self, tick_ms: u32, inbound: &[Meta<'_>]) -> Plan {
+    /// Gift and chat messages this policy has left out since it was made.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Whether the room dropped a message within the last second.
+    fn saturated(&self) -> bool {
+        self.dropped_at.is_some_and(|t| t + WINDOW_MS > self.clock_ms)
+    }
+
+    /// The bucket's size while saturated: a quarter of the cap, but at least
+    /// one tick's share, or slow-ticking (huge) rooms would show less than
+    /// the cap.
+    fn saturated_bucket(&self, tick_ms: u32) -> f64 {
+        let cap = f64::from(self.cap_per_sec);
+        self.burst.max((cap * f64::from(tick_ms) / 1000.0).floor()).min(cap)
+    }
+
+    /// How many more gift or chat messages may go out now, the latest of
+    /// which arrived at `arrived` (the edge's clock).
+    ///
+    /// Gifts and chat fill at most `cap - 1` places of the window: the last
+    /// is kept for host messages, which are never dropped, so the cap holds
+    /// with them; in a saturated room it also absorbs a tick that ran late.
+    ///
+    /// A room under its cap counts the window by arrival: a message that
+    /// arrived a second after an earlier one was delivered does not count
+    /// against it, even if ticks put the two deliveries closer (the earlier
+    /// one waited for its tick, the later did not). Without this, a sender
+    /// just under the cap lost a message whenever its timing straddled a
+    /// tick. The window in room time still never holds more than the cap.
+    fn room(&self, cap: usize, arrived: u64) -> usize {
+        let credit = self.credit.floor().max(0.0) as usize;
+        let reserve = usize::from(cap >= 2);
+        let counted = if self.saturated() {
+            self.shown.len()
+        } else {
+            self.shown
+                .iter()
+                .filter(|&&(_, at)| at + WINDOW_MS > arrived + ARRIVAL_SLACK_MS)
+                .count()
+        };
+        credit
+            .min(cap.saturating_sub(counted + reserve))
+            .min(cap.saturating_sub(self.shown.len()))
+    }
+
+    /// Decides one call: `elapsed_ms` of room time passed since the previous
+    /// call (however many ticks that spans), `tick_ms` is the room's tick.
+    pub fn plan(&mut self, elapsed_ms: u32, tick_ms: u32, inbound: &[Meta<'_>]) -> Plan {
         let mut plan = Plan::default();
         let capped = self.cap_per_sec > 0;
+        let cap = f64::from(self.cap_per_sec);
         if capped {
-            self.clock_ms += u64::from(tick_ms);
-            let share = f64::from(self.cap_per_sec) * f64::from(tick_ms) / 1000.0;
+            self.clock_ms += u64::from(elapsed_ms);
             // Slow ticks (huge rooms) need a bucket that holds a whole tick's
-            // share, or viewers would see less than the cap.
-            let burst = self.burst.max(share.floor());
-            self.credit = (self.credit + share).min(burst);
-            while self.shown.front().is_some_and(|&t| t + 1000 <= self.clock_ms) {
+            // share, or a saturated room's viewers would see less than the cap.
+            let size = if self.saturated() {
+                self.saturated_bucket(tick_ms)
+            } else {
+                cap
+            };
+            self.credit = (self.credit + cap * f64::from(elapsed_ms) / 1000.0).min(size);
+            while self.shown.front().is_some_and(|&(t, _)| t + WINDOW_MS <= self.clock_ms) {
                 self.shown.pop_front();
             }
         }
@@ -194,7 +276,7 @@ impl DefaultPolicy {
                     }
                     if capped {
                         self.credit -= 1.0;
-                        self.shown.push_back(self.clock_ms);
+                        self.shown.push_back((self.clock_ms, m.received_ms));
                     }
                 }
                 Kind::Like => plan.likes += 1,
@@ -211,16 +293,26 @@ impl DefaultPolicy {
                 plan.deliver.extend(group.iter().map(|&i| i as u32));
                 continue;
             }
-            let window_room = (self.cap_per_sec as usize).saturating_sub(self.shown.len());
-            let room = (self.credit.floor().max(0.0) as usize).min(window_room);
-            if room == 0 {
-                continue;
+            let cap_n = self.cap_per_sec as usize;
+            // The window by arrival is counted from the tick's latest
+            // arrival; the window in room time bounds the rest.
+            let arrived = group.iter().map(|&i| inbound[i].received_ms).max().unwrap_or(0);
+            let mut room = self.room(cap_n, arrived);
+            if group.len() > room {
+                // More than fits: the room is saturated. From now on the
+                // bucket is small, so what goes out is spread over the
+                // second instead of shown in one lump, and the window is
+                // counted strictly (see `room`).
+                self.credit = self.credit.min(self.saturated_bucket(tick_ms));
+                self.dropped_at = Some(self.clock_ms);
+                room = self.room(cap_n, arrived);
             }
             let picked = round_robin(inbound, &group, room);
             self.credit -= picked.len() as f64;
-            for _ in &picked {
-                self.shown.push_back(self.clock_ms);
-            }
+            let now = self.clock_ms;
+            self.shown
+                .extend(picked.iter().map(|&i| (now, inbound[i as usize].received_ms)));
+            self.dropped += (group.len() - picked.len()) as u64;
             plan.deliver.extend(picked);
         }
         plan.deliver.sort_unstable();
@@ -247,6 +339,9 @@ fn count_gift(gifts: &mut Vec<(String, u64)>, name: &str) {
 /// `room` is small (a tick's share of the cap), so a linear scan with a short
 /// list of this round's senders beats hashing every message.
 fn round_robin(inbound: &[Meta<'_>], group: &[usize], room: usize) -> Vec<u32> {
+    if room == 0 {
+        return Vec::new();
+    }
     if group.len() <= room {
         return group.iter().map(|&i| i as u32).collect();
     }
@@ -294,6 +389,7 @@ mod tests {
         let mut p = DefaultPolicy::new(0);
         let plan = p.plan(
             50,
+            50,
             &[m(1, Kind::Chat), m(1, Kind::Like), m(2, Kind::Gift), m(3, Kind::Host)],
         );
         assert_eq!(plan.deliver, vec![0, 2, 3]);
@@ -302,54 +398,153 @@ mod tests {
         assert_eq!(plan.pinned, vec![3]);
     }
 
+    /// A room ticking every `tick_ms` that calls the policy only on ticks
+    /// with messages, as the edge does. `arrivals` are (ms, sender, kind),
+    /// in time order. Returns (delivery ms, index into `arrivals`) pairs.
+    fn simulate(cap: u32, tick_ms: u32, arrivals: &[(u64, u64, Kind)]) -> Vec<(u64, usize)> {
+        let mut p = DefaultPolicy::new(cap);
+        let end = arrivals.last().map_or(0, |a| a.0) + u64::from(tick_ms);
+        let mut delivered = Vec::new();
+        let mut next = 0;
+        let mut last_call = 0;
+        let mut now = 0;
+        while now <= end {
+            let first = next;
+            while next < arrivals.len() && arrivals[next].0 <= now {
+                next += 1;
+            }
+            if first == next {
+                now += u64::from(tick_ms);
+                continue; // an empty tick: the policy is not called
+            }
+            let inbound: Vec<_> = arrivals[first..next]
+                .iter()
+                .map(|&(t, s, k)| Meta {
+                    received_ms: t,
+                    ..m(s, k)
+                })
+                .collect();
+            let plan = p.plan((now - last_call) as u32, tick_ms, &inbound);
+            last_call = now;
+            delivered.extend(plan.deliver.iter().map(|&i| (now, first + i as usize)));
+            now += u64::from(tick_ms);
+        }
+        delivered
+    }
+
+    fn steady(rate_per_sec: u64, secs: u64, senders: u64) -> Vec<(u64, u64, Kind)> {
+        let n = rate_per_sec * secs;
+        (0..n)
+            .map(|i| (i * 1000 / rate_per_sec, i % senders, Kind::Chat))
+            .collect()
+    }
+
+    fn max_in_any_second(times: &[u64]) -> usize {
+        (0..times.len())
+            .map(|i| times[i..].iter().take_while(|&&t| t < times[i] + 1000).count())
+            .max()
+            .unwrap_or(0)
+    }
+
     #[test]
-    fn every_one_second_window_holds_at_most_the_cap() {
+    fn at_or_below_the_cap_every_message_goes_out_across_empty_ticks() {
+        for tick in [5, 20, 50, 500] {
+            for rate in [1, 2, 5, 8, 19] {
+                let arrivals = steady(rate, 10, 1);
+                let delivered = simulate(20, tick, &arrivals);
+                let order: Vec<usize> = delivered.iter().map(|d| d.1).collect();
+                assert_eq!(
+                    order,
+                    (0..arrivals.len()).collect::<Vec<_>>(),
+                    "{rate}/s at {tick} ms ticks lost or reordered messages"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_sender_just_under_the_cap_with_a_jittery_timer_loses_nothing() {
+        for tick in [5, 20, 50, 500] {
+            // 19 a second, each up to 6 ms late (a loaded sender's timer),
+            // so deliveries a second apart straddle ticks now and then.
+            let arrivals: Vec<_> = (0..190u64)
+                .map(|i| (i * 1000 / 19 + (i * 7919) % 7, 1, Kind::Chat))
+                .collect();
+            let delivered = simulate(20, tick, &arrivals);
+            let lost: Vec<_> = (0..arrivals.len())
+                .filter(|i| !delivered.iter().any(|d| d.1 == *i))
+                .collect();
+            assert_eq!(delivered.len(), arrivals.len(), "at {tick} ms ticks: lost {lost:?}");
+        }
+    }
+
+    #[test]
+    fn bursts_up_to_the_cap_after_quiet_gaps_all_go_out() {
+        for tick in [20, 50, 500] {
+            let mut arrivals = Vec::new();
+            for (burst, at) in [(19u64, 0u64), (19, 3_000), (1, 6_500), (19, 9_000), (7, 10_000)] {
+                arrivals.extend((0..burst).map(|i| (at + i, i % 3, Kind::Chat)));
+            }
+            let delivered = simulate(20, tick, &arrivals);
+            let lost: Vec<_> = (0..arrivals.len())
+                .filter(|i| !delivered.iter().any(|d| d.1 == *i))
+                .collect();
+            assert_eq!(delivered.len(), arrivals.len(), "at {tick} ms ticks: lost {lost:?}");
+        }
+    }
+
+    #[test]
+    fn above_the_cap_every_second_holds_at_most_the_cap_and_uses_it() {
+        for tick in [20, 50, 100, 500] {
+            for factor in [2, 10, 100] {
+                let mut arrivals = steady(20 * factor, 10, 7);
+                // A host message every 700 ms, all of which must go out.
+                for s in 0..14u64 {
+                    arrivals.push((s * 700 + 333, 99, Kind::Host));
+                }
+                arrivals.sort_by_key(|a| a.0);
+                let delivered = simulate(20, tick, &arrivals);
+                let times: Vec<u64> = delivered.iter().map(|d| d.0).collect();
+                let most = max_in_any_second(&times);
+                assert!(most <= 20, "{factor}x at {tick} ms: {most} in one second");
+                let hosts = delivered.iter().filter(|d| arrivals[d.1].2 == Kind::Host).count();
+                assert_eq!(hosts, 14, "{factor}x at {tick} ms: host messages dropped");
+                // Once saturated (after the first second), at least 90% of the cap.
+                for start in (1_000..9_000).step_by(250) {
+                    let n = times.iter().filter(|&&t| t >= start && t < start + 1000).count();
+                    assert!(n >= 18, "{factor}x at {tick} ms: {n} in the second from {start} ms");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_saturated_room_spreads_its_messages_over_the_second() {
+        let delivered = simulate(20, 50, &steady(200, 5, 7));
+        // After the first second, no tick shows more than a quarter of the cap.
+        let mut per_tick = std::collections::BTreeMap::new();
+        for (t, _) in delivered.iter().filter(|d| d.0 >= 2_000) {
+            *per_tick.entry(*t).or_insert(0) += 1;
+        }
+        assert!(per_tick.values().all(|&n| n <= 5), "{per_tick:?}");
+    }
+
+    #[test]
+    fn the_bucket_refills_across_ticks_that_never_reach_the_policy() {
         let mut p = DefaultPolicy::new(20);
-        let mut per_tick = Vec::new();
-        for tick in 0..100 {
-            let mut inbound = vec![m(tick % 7, Kind::Chat); 50];
-            if tick % 10 == 0 {
-                inbound.push(m(99, Kind::Host));
-            }
-            let plan = p.plan(100, &inbound);
-            if tick % 10 == 0 {
-                assert!(plan.deliver.contains(&50), "host message dropped at tick {tick}");
-            }
-            per_tick.push(plan.deliver.len());
+        // Saturate: 100 at once, a quarter of the cap goes out.
+        let flood: Vec<_> = (0..100).map(|s| m(s, Kind::Chat)).collect();
+        assert_eq!(p.plan(5, 5, &flood).deliver.len(), 5);
+        assert_eq!(p.dropped(), 95);
+        // 3 s of empty 5 ms ticks the policy never saw, then a burst of 19
+        // (the cap, less the place kept for host messages).
+        let burst: Vec<_> = (0..19).map(|s| m(s, Kind::Chat)).collect();
+        assert_eq!(p.plan(3_000, 5, &burst).deliver.len(), 19);
+        // A message a tick for a while: each one goes out.
+        for i in 0..50 {
+            assert_eq!(p.plan(1_000, 5, &[m(i, Kind::Chat)]).deliver, vec![0]);
         }
-        for w in per_tick.windows(10) {
-            let n: usize = w.iter().sum();
-            assert!(n <= 20, "{n} in one second");
-        }
-        let total: usize = per_tick.iter().sum();
-        assert!(total >= 190, "the cap should be used: {total} in 10 s");
-    }
-
-    #[test]
-    fn a_spammer_cannot_fill_the_screen() {
-        let mut p = DefaultPolicy::new(20); // burst of 5 on the first tick
-        let mut inbound = vec![m(666, Kind::Chat); 100];
-        inbound.extend([m(1, Kind::Chat), m(2, Kind::Chat), m(3, Kind::Chat)]);
-        let plan = p.plan(1, &inbound);
-        assert_eq!(plan.deliver.len(), 5);
-        for quiet in [100, 101, 102] {
-            assert!(
-                plan.deliver.contains(&quiet),
-                "sender of #{quiet} was crowded out: {:?}",
-                plan.deliver
-            );
-        }
-    }
-
-    #[test]
-    fn gifts_come_before_chat_when_the_budget_is_short() {
-        let mut p = DefaultPolicy::new(4); // burst 1
-        let plan = p.plan(1, &[m(1, Kind::Chat), m(2, Kind::Gift)]);
-        assert_eq!(plan.deliver, vec![1]);
-        let mut p = DefaultPolicy::new(1);
-        let plan = p.plan(1, &[m(1, Kind::Chat), m(2, Kind::Gift)]);
-        assert_eq!(plan.deliver, vec![1]);
-        assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
+        assert_eq!(p.dropped(), 95);
     }
 
     #[test]
@@ -357,7 +552,7 @@ mod tests {
         let mut p = DefaultPolicy::new(1);
         let mut delivered = Vec::new();
         for tick in 0..50u64 {
-            let plan = p.plan(100, &[m(tick, Kind::Chat)]);
+            let plan = p.plan(100, 100, &[m(tick, Kind::Chat)]);
             if !plan.deliver.is_empty() {
                 delivered.push(tick);
             }
@@ -371,9 +566,39 @@ mod tests {
     fn slow_ticks_still_show_the_whole_cap() {
         let mut p = DefaultPolicy::new(20);
         let inbound: Vec<_> = (0..100).map(|s| m(s, Kind::Chat)).collect();
-        let per_tick: Vec<usize> = (0..10).map(|_| p.plan(500, &inbound).deliver.len()).collect();
-        // 500 ms ticks: 10 a tick is 20 a second, the cap, and never more.
-        assert!(per_tick.iter().all(|&n| n == 10), "{per_tick:?}");
+        let per_tick: Vec<usize> = (0..10).map(|_| p.plan(500, 500, &inbound).deliver.len()).collect();
+        // 500 ms ticks: a tick's share (10) a tick, less the one place kept
+        // for host messages: 19 a second, 95% of the cap, never more.
+        assert!(per_tick.iter().all(|&n| n == 10 || n == 9), "{per_tick:?}");
+        for pair in per_tick.windows(2) {
+            assert_eq!(pair[0] + pair[1], 19, "{per_tick:?}");
+        }
+    }
+
+    #[test]
+    fn a_spammer_cannot_fill_the_screen() {
+        let mut p = DefaultPolicy::new(20);
+        let mut inbound = vec![m(666, Kind::Chat); 100];
+        inbound.extend([m(1, Kind::Chat), m(2, Kind::Chat), m(3, Kind::Chat)]);
+        let plan = p.plan(1, 1, &inbound);
+        // A flood: the bucket shrinks to a quarter of the cap at once.
+        assert_eq!(plan.deliver.len(), 5);
+        for quiet in [100, 101, 102] {
+            assert!(
+                plan.deliver.contains(&quiet),
+                "sender of #{quiet} was crowded out: {:?}",
+                plan.deliver
+            );
+        }
+    }
+
+    #[test]
+    fn gifts_come_before_chat_when_the_budget_is_short() {
+        let mut p = DefaultPolicy::new(1);
+        let plan = p.plan(1, 1, &[m(1, Kind::Chat), m(2, Kind::Gift)]);
+        assert_eq!(plan.deliver, vec![1]);
+        assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
+        assert_eq!(p.dropped(), 1);
     }
 
     #[test]

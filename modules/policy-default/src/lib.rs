@@ -43,7 +43,7 @@ impl Guest for PolicyDefault {
         let plan = POLICY.with(|p| {
             p.borrow_mut()
                 .get_or_insert_with(|| DefaultPolicy::new(DEFAULT_CAP_PER_SEC))
-                .plan(stats.tick_ms, &metas)
+                .plan(stats.elapsed_ms, stats.tick_ms, &metas)
         });
         TickPlan {
             deliver: plan.deliver,
