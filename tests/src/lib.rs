@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::{Bytes, BytesMut};
 use throng_client::{Client, ConnectOptions, RoomStream};
 use throng_edge::auth::{Claims, sign, unix_now};
 use throng_edge::config::TenantConfig;
 use throng_edge::config::{ModuleSource, ModuleUse, PolicyChoice, PolicyRule};
 use throng_edge::{Config, Edge};
-use throng_wire::{Batch, Message};
+use throng_wire::{Batch, ClientFrame, EdgeFrame, ErrorCode, FrameDecoder, Message, encode};
 
 /// Two HS256 tenants with generous limits, so tests measure behaviour, not throttling.
 pub const TEST_CONFIG: &str = r#"
@@ -101,6 +102,7 @@ impl TestEdge {
             role: role.into(),
             rooms: rooms.into(),
             exp,
+            nbf: None,
         };
         sign(&claims, t, None).expect("sign")
     }
@@ -114,6 +116,59 @@ impl TestEdge {
         Client::connect(self.options(self.token(tenant, user, role, "*")))
             .await
             .expect("client connects")
+    }
+}
+
+/// A raw QUIC connection speaking ALPN throng/1, to send what no client
+/// library would: (connection, control send stream, control recv stream).
+pub async fn raw(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = raw_connection(edge).await;
+    let (send, recv) = conn.open_bi().await.expect("control stream");
+    (conn, send, recv)
+}
+
+/// A raw QUIC connection to `edge`, with no stream opened yet.
+pub async fn raw_connection(edge: &TestEdge) -> quinn::Connection {
+    let config = throng_client::tls::client_config(&edge.roots(), Duration::from_secs(5), Duration::from_secs(10))
+        .expect("client config");
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(config);
+    endpoint
+        .connect(edge.edge.local_addr(), "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake")
+}
+
+/// Reads edge frames until the control stream ends (or 5 s pass).
+pub async fn drain(recv: &mut quinn::RecvStream) -> Vec<EdgeFrame> {
+    let d = FrameDecoder::new(1 << 20);
+    let mut buf = BytesMut::new();
+    let mut frames = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(chunk)) = recv.read_chunk(65536, true).await {
+            buf.extend_from_slice(&chunk.bytes);
+            while let Ok(Some(f)) = d.decode::<EdgeFrame>(&mut buf) {
+                frames.push(f);
+            }
+        }
+    })
+    .await;
+    frames
+}
+
+/// A client frame, encoded.
+pub fn frame(f: &ClientFrame) -> Bytes {
+    encode(f, 1 << 20).expect("encode")
+}
+
+/// The application close code of a connection the edge closed, once it is.
+pub async fn close_code(conn: &quinn::Connection, within: Duration) -> Option<ErrorCode> {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            ErrorCode::from_code(u16::try_from(c.error_code.into_inner()).ok()?)
+        }
+        _ => None,
     }
 }
 

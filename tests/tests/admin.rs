@@ -53,3 +53,29 @@ async fn stats_and_metrics_describe_the_running_edge() {
     let gone = tokio::net::TcpStream::connect(admin).await;
     assert!(gone.is_err(), "the admin endpoint stops with the edge");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_requests_cannot_hold_the_admin_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let edge = TestEdge::start(|c| c.admin = Some("127.0.0.1:0".parse().expect("addr"))).await;
+    let admin = edge.edge.admin_addr().expect("admin endpoint bound");
+    // 200 clients that start a request and never finish its headers.
+    let mut partial = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(admin).await.expect("connect");
+        s.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .expect("write");
+        partial.push(s);
+    }
+    // A real request still gets through, soon.
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(8), get(admin, "/stats")).await;
+    let (status, _) = answered.expect("/stats answers while partial requests wait");
+    assert_eq!(status, 200);
+    // And every partial request is cut off.
+    for mut s in partial {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(15), s.read(&mut buf)).await;
+        assert!(read.is_ok(), "a partial request was held open");
+    }
+}

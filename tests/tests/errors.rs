@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use throng_client::{Client, ClientError};
 use throng_edge::auth::unix_now;
-use throng_tests::{TestEdge, collect};
-use throng_wire::{ClientFrame, EdgeFrame, ErrorCode, FrameDecoder, Kind, encode};
+use throng_tests::{TestEdge, collect, drain, frame, raw};
+use throng_wire::{ClientFrame, EdgeFrame, ErrorCode, Kind};
 
 async fn refused_with(edge: &TestEdge, token: String) -> ClientError {
     Client::connect(edge.options(token))
@@ -48,42 +48,6 @@ async fn each_kind_of_bad_token_is_refused_with_its_code() {
     }
     // And a good token still works afterwards.
     Client::connect(edge.options(good)).await.expect("good token");
-}
-
-/// A raw QUIC connection speaking ALPN throng/1, to send what no client library would.
-async fn raw(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let config = throng_client::tls::client_config(&edge.roots(), Duration::from_secs(5), Duration::from_secs(10))
-        .expect("client config");
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(config);
-    let conn = endpoint
-        .connect(edge.edge.local_addr(), "localhost")
-        .expect("connect")
-        .await
-        .expect("handshake");
-    let (send, recv) = conn.open_bi().await.expect("control stream");
-    (conn, send, recv)
-}
-
-/// Reads edge frames until the control stream ends; returns them.
-async fn drain(recv: &mut quinn::RecvStream) -> Vec<EdgeFrame> {
-    let d = FrameDecoder::new(1 << 20);
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(Some(chunk)) = recv.read_chunk(65536, true).await {
-            buf.extend_from_slice(&chunk.bytes);
-            while let Ok(Some(f)) = d.decode::<EdgeFrame>(&mut buf) {
-                frames.push(f);
-            }
-        }
-    })
-    .await;
-    frames
-}
-
-fn frame(f: &ClientFrame) -> Bytes {
-    encode(f, 1 << 20).expect("encode")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

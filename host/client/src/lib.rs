@@ -138,6 +138,37 @@ pub struct ConnectOptions {
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Where to get a later token before the current one expires. With it,
+    /// the client refreshes by itself (see [`TokenSource`]); without it, the
+    /// edge ends the session at the token's expiry.
+    pub refresh: Option<TokenSource>,
+}
+
+/// Gives the client a fresh token when its current one nears expiry (a
+/// call to the application's auth service, typically). The client asks
+/// when a fifth of the token's remaining life is left (at least 2 s, at
+/// most a minute before expiry), sends it as `Refresh`, and asks again, a
+/// second apart, if that fails.
+#[derive(Clone)]
+pub struct TokenSource(Arc<TokenFn>);
+
+type TokenFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
+type TokenFn = dyn Fn() -> TokenFuture + Send + Sync;
+
+impl TokenSource {
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<String, String>> + Send + 'static,
+    {
+        Self(Arc::new(move || Box::pin(f())))
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource")
+    }
 }
 
 impl ConnectOptions {
@@ -150,7 +181,14 @@ impl ConnectOptions {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
+            refresh: None,
         }
+    }
+
+    /// Refreshes the token through `source` before it expires.
+    pub fn with_refresh(mut self, source: TokenSource) -> Self {
+        self.refresh = Some(source);
+        self
     }
 }
 
@@ -170,6 +208,8 @@ struct Pending {
     joins: HashMap<String, JoinTx>,
     pings: HashMap<u64, oneshot::Sender<()>>,
     presence: HashMap<u64, oneshot::Sender<Result<Vec<bool>, ClientError>>>,
+    /// The one refresh under way.
+    refresh: Option<oneshot::Sender<Result<u64, ClientError>>>,
     fatal: Option<ClientError>,
 }
 
@@ -177,6 +217,8 @@ struct Inner {
     pending: Mutex<Pending>,
     control: tokio::sync::Mutex<SendStream>,
     max_frame: u32,
+    /// When the session's token expires, seconds since the Unix epoch.
+    expires_at: AtomicU64,
 }
 
 impl Inner {
@@ -200,7 +242,32 @@ impl Inner {
         for (_, tx) in p.presence.drain() {
             let _ = tx.send(Err(err.clone()));
         }
+        if let Some(tx) = p.refresh.take() {
+            let _ = tx.send(Err(err.clone()));
+        }
         p.pings.clear();
+    }
+
+    /// Sends `Refresh` and waits for the edge's answer: the new expiry.
+    async fn refresh(&self, token: String) -> Result<u64, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending();
+            if let Some(e) = &p.fatal {
+                return Err(e.clone());
+            }
+            if p.refresh.is_some() {
+                return Err(ClientError::Protocol("a refresh is already under way".into()));
+            }
+            p.refresh = Some(tx);
+        }
+        if let Err(e) = self.write(&ClientFrame::Refresh { token }).await {
+            self.pending().refresh = None;
+            return Err(e);
+        }
+        let expires_at = rx.await.unwrap_or(Err(ClientError::Closed))?;
+        self.expires_at.store(expires_at, Ordering::Relaxed);
+        Ok(expires_at)
     }
 
     async fn write(&self, frame: &ClientFrame) -> Result<(), ClientError> {
@@ -330,7 +397,11 @@ impl Client {
                 .map_err(|e| ClientError::Connection(e.to_string()))?;
             let mut buf = FrameBuffer::<EdgeFrame>::new(throng_wire::DEFAULT_MAX_FRAME);
             match read_frame(&mut recv, &mut buf, &conn).await? {
-                Some(EdgeFrame::Welcome { session, limits }) => Ok((conn, send, recv, buf, session, limits)),
+                Some(EdgeFrame::Welcome {
+                    session,
+                    limits,
+                    expires_at,
+                }) => Ok((conn, send, recv, buf, session, limits, expires_at)),
                 Some(EdgeFrame::Error { code, text }) => Err(ClientError::Edge {
                     code: ErrorCode::from_code(code),
                     raw: code,
@@ -343,16 +414,21 @@ impl Client {
                     .unwrap_or(ClientError::Protocol("control stream ended before Welcome".into()))),
             }
         };
-        let (conn, send, recv, buf, session, limits) = tokio::time::timeout(opts.handshake_timeout, handshake)
-            .await
-            .map_err(|_| ClientError::Timeout("the edge's Welcome"))??;
+        let (conn, send, recv, buf, session, limits, expires_at) =
+            tokio::time::timeout(opts.handshake_timeout, handshake)
+                .await
+                .map_err(|_| ClientError::Timeout("the edge's Welcome"))??;
 
         let inner = Arc::new(Inner {
             pending: Mutex::new(Pending::default()),
             control: tokio::sync::Mutex::new(send),
             max_frame: limits.max_frame_bytes,
+            expires_at: AtomicU64::new(expires_at),
         });
         tokio::spawn(read_control(recv, buf, Arc::clone(&inner), conn.clone()));
+        if let Some(source) = opts.refresh.clone() {
+            tokio::spawn(keep_fresh(Arc::clone(&inner), conn.clone(), source));
+        }
         tokio::spawn(accept_rooms(conn.clone(), Arc::clone(&inner), limits.max_frame_bytes));
         Ok(Client {
             _close: Arc::new(CloseOnDrop(conn.clone())),
@@ -363,6 +439,18 @@ impl Client {
             next_id: Arc::new(AtomicU64::new(1)),
             _endpoint: endpoint,
         })
+    }
+
+    /// When the session's token expires (seconds since the Unix epoch);
+    /// the edge ends the session then unless it is refreshed.
+    pub fn expires_at(&self) -> u64 {
+        self.inner.expires_at.load(Ordering::Relaxed)
+    }
+
+    /// Sends a later token for the same user; returns its expiry. A refused
+    /// token changes nothing (the error says why).
+    pub async fn refresh(&self, token: impl Into<String>) -> Result<u64, ClientError> {
+        self.inner.refresh(token.into()).await
     }
 
     /// Who the edge believes we are.
@@ -623,6 +711,20 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
                     let _ = tx.send(());
                 }
             }
+            EdgeFrame::Refreshed { expires_at } => {
+                if let Some(tx) = inner.pending().refresh.take() {
+                    let _ = tx.send(Ok(expires_at));
+                }
+            }
+            EdgeFrame::RefreshRefused { code, text } => {
+                if let Some(tx) = inner.pending().refresh.take() {
+                    let _ = tx.send(Err(ClientError::Edge {
+                        code: ErrorCode::from_code(code),
+                        raw: code,
+                        text,
+                    }));
+                }
+            }
             EdgeFrame::Error { code, text } => {
                 let err = ClientError::Edge {
                     code: ErrorCode::from_code(code),
@@ -641,6 +743,49 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
                 )));
                 conn.close(u32::from(ErrorCode::UnexpectedFrame.code()).into(), b"unexpected frame");
                 return;
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Refreshes the session's token through `source` before each expiry,
+/// until the connection ends.
+async fn keep_fresh(inner: Arc<Inner>, conn: Connection, source: TokenSource) {
+    let mut retry_at: Option<u64> = None;
+    loop {
+        let expires_at = inner.expires_at.load(Ordering::Relaxed);
+        let now = unix_now();
+        let left = expires_at.saturating_sub(now);
+        let margin = (left / 5).clamp(2, 60);
+        let due = retry_at.unwrap_or(expires_at.saturating_sub(margin)).max(now);
+        let wait = Duration::from_secs(due - now);
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if inner.pending().fatal.is_some() {
+            return;
+        }
+        let outcome = match (source.0)().await {
+            Ok(token) => inner.refresh(token).await,
+            Err(e) => Err(ClientError::Protocol(format!("the token source failed: {e}"))),
+        };
+        match outcome {
+            Ok(_) => retry_at = None,
+            Err(e) => {
+                tracing::warn!(error = %e, "token refresh failed; retrying");
+                retry_at = Some(unix_now() + 1);
+                if unix_now() > expires_at {
+                    return; // the edge ends the session; nothing to keep fresh
+                }
             }
         }
     }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -49,7 +49,10 @@ pub(crate) struct AdminState {
 #[derive(Debug, Serialize)]
 struct Stats {
     uptime_s: f64,
+    /// Authenticated connections.
     connections: u64,
+    /// Connections handshaking or not yet past Hello.
+    unauthenticated_connections: usize,
     rooms: usize,
     process: Option<Process>,
     wasm: Wasm,
@@ -83,19 +86,57 @@ struct GroupLog {
     mean_window_us: u64,
 }
 
-/// Serves until `shutdown`.
+/// Admin connections served at once; more wait in the kernel's backlog.
+const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// A request's headers must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// No admin connection lives longer than this, whatever it sends: the
+/// endpoint answers small requests, so a client holding one open is either
+/// gone or hostile.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown`. Bounded: at most `MAX_ADMIN_CONNECTIONS` at a
+/// time, headers within `HEADER_TIMEOUT`, each connection at most
+/// `CONNECTION_DEADLINE` (500 partial requests once held it for good).
 pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .with_state(state);
-    let stop = shutdown.clone();
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "the admin endpoint stopped");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_DEADLINE, conn) => {}
+            }
+            drop(permit);
+        });
     }
+    tasks.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
 }
 
 async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
@@ -114,6 +155,7 @@ async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
     Json(Stats {
         uptime_s: s.started.elapsed().as_secs_f64(),
         connections: s.shared.open_connections.load(Ordering::Relaxed),
+        unauthenticated_connections: s.shared.admission.unauthenticated(),
         rooms: s.shared.rooms.len(),
         process,
         wasm: Wasm {

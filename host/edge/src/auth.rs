@@ -17,8 +17,17 @@ use wildmatch::WildMatch;
 
 use crate::config::TenantConfig;
 
-/// Seconds of clock skew tolerated on `exp`.
-const LEEWAY_SECS: u64 = 5;
+/// Seconds of clock skew tolerated on `exp` and `nbf`.
+pub const LEEWAY_SECS: u64 = 5;
+/// Longest token accepted; checked before anything is decoded.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Longest user id (`sub`), in bytes.
+pub const MAX_SUB_BYTES: usize = 256;
+/// Longest room pattern (`rooms`), in bytes.
+pub const MAX_ROOMS_PATTERN_BYTES: usize = 256;
+/// How much of an untrusted value (from a token not yet verified) an error
+/// message quotes.
+const QUOTE: usize = 64;
 
 /// Why a token was refused. Each maps to a stable wire code.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -33,6 +42,10 @@ pub enum AuthError {
     Algorithm { found: String, expected: String },
     #[error("token has expired")]
     Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token is {0} bytes; the limit is {MAX_TOKEN_BYTES}")]
+    TooLong(usize),
     #[error("token signature does not verify with the tenant's key")]
     BadSignature,
 }
@@ -45,6 +58,8 @@ impl AuthError {
             Self::UnknownTenant(_) => ErrorCode::UnknownTenant,
             Self::Algorithm { .. } => ErrorCode::AlgorithmNotAllowed,
             Self::Expired => ErrorCode::TokenExpired,
+            Self::NotYetValid => ErrorCode::TokenInvalid,
+            Self::TooLong(_) => ErrorCode::TokenMalformed,
             Self::BadSignature => ErrorCode::TokenInvalid,
         }
     }
@@ -63,12 +78,17 @@ pub struct Claims {
     pub rooms: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// Not before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// What a verified token grants.
 #[derive(Debug, Clone)]
 pub struct Grant {
     pub session: Session,
+    /// When the token expires, seconds since the Unix epoch.
+    pub expires_at: u64,
     rooms: WildMatch,
 }
 
@@ -132,6 +152,9 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLong(token.len()));
+        }
         let mut parts = token.split('.');
         let (Some(header), Some(payload), Some(_sig), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
@@ -142,28 +165,30 @@ impl Authenticator {
         let tenant = self
             .tenants
             .get(&tenant_id)
-            .ok_or_else(|| AuthError::UnknownTenant(tenant_id.clone()))?;
+            .ok_or_else(|| AuthError::UnknownTenant(crate::untrusted(&tenant_id, QUOTE)))?;
         let expected = format!("{:?}", tenant.algorithm);
         if header.alg != expected {
             return Err(AuthError::Algorithm {
-                found: header.alg,
+                found: crate::untrusted(&header.alg, QUOTE),
                 expected,
             });
         }
 
         let mut validation = Validation::new(tenant.algorithm);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         let data = jsonwebtoken::decode::<Claims>(token, &tenant.key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidSignature => AuthError::BadSignature,
             ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => AuthError::Algorithm {
-                found: header_alg(token),
+                found: crate::untrusted(&header_alg(token), QUOTE),
                 expected: expected.clone(),
             },
             // An ES256 signature of the wrong shape is a signature that does not verify.
             ErrorKind::InvalidEcdsaKey | ErrorKind::Crypto(_) => AuthError::BadSignature,
-            _ => AuthError::Malformed(e.to_string()),
+            _ => AuthError::Malformed(crate::untrusted(&e.to_string(), 2 * QUOTE)),
         })?;
         let claims = data.claims;
         if claims.tenant != tenant_id {
@@ -172,9 +197,28 @@ impl Authenticator {
         if claims.sub.is_empty() {
             return Err(AuthError::Malformed("empty `sub` claim".into()));
         }
-        let role: Role = claims.role.parse().map_err(AuthError::Malformed)?;
+        // The user id is echoed to other viewers and written to logs.
+        if claims.sub.len() > MAX_SUB_BYTES {
+            return Err(AuthError::Malformed(format!(
+                "`sub` is {} bytes; the limit is {MAX_SUB_BYTES}",
+                claims.sub.len()
+            )));
+        }
+        if claims.sub.chars().any(char::is_control) {
+            return Err(AuthError::Malformed("`sub` contains control characters".into()));
+        }
+        let role: Role = claims
+            .role
+            .parse()
+            .map_err(|e: String| AuthError::Malformed(crate::untrusted(&e, 2 * QUOTE)))?;
         if claims.rooms.is_empty() {
             return Err(AuthError::Malformed("empty `rooms` claim".into()));
+        }
+        if claims.rooms.len() > MAX_ROOMS_PATTERN_BYTES {
+            return Err(AuthError::Malformed(format!(
+                "`rooms` is {} bytes; the limit is {MAX_ROOMS_PATTERN_BYTES}",
+                claims.rooms.len()
+            )));
         }
         Ok(Grant {
             session: Session {
@@ -182,6 +226,7 @@ impl Authenticator {
                 user: claims.sub,
                 role,
             },
+            expires_at: claims.exp,
             rooms: WildMatch::new(&claims.rooms),
         })
     }
@@ -191,7 +236,8 @@ fn decode_json_part<T: serde::de::DeserializeOwned>(part: &str, what: &str) -> R
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|e| AuthError::Malformed(format!("{what} is not base64url: {e}")))?;
-    serde_json::from_slice(&bytes).map_err(|e| AuthError::Malformed(format!("{what}: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AuthError::Malformed(crate::untrusted(&format!("{what}: {e}"), 2 * QUOTE)))
 }
 
 fn header_alg(token: &str) -> String {
@@ -246,6 +292,7 @@ mod tests {
             role: "viewer".into(),
             rooms: "show-*".into(),
             exp,
+            nbf: None,
         }
     }
 
@@ -292,5 +339,39 @@ mod tests {
             a.verify(&sign(&c, &t, None).unwrap()).unwrap_err().code(),
             ErrorCode::TokenMalformed
         );
+        let mut c = claims(unix_now() + 600);
+        c.nbf = Some(unix_now() + 300);
+        assert_eq!(
+            a.verify(&sign(&c, &t, None).unwrap()).unwrap_err(),
+            AuthError::NotYetValid
+        );
+        let mut c = claims(unix_now() + 60);
+        c.sub = "x".repeat(44 * 1024);
+        assert_eq!(
+            a.verify(&sign(&c, &t, None).unwrap()).unwrap_err().code(),
+            ErrorCode::TokenMalformed
+        );
+        let mut c = claims(unix_now() + 60);
+        c.sub = "a".repeat(MAX_SUB_BYTES + 1);
+        assert_eq!(
+            a.verify(&sign(&c, &t, None).unwrap()).unwrap_err().code(),
+            ErrorCode::TokenMalformed
+        );
+        let mut c = claims(unix_now() + 60);
+        c.sub = "alice\nINFO forged line".into();
+        assert_eq!(
+            a.verify(&sign(&c, &t, None).unwrap()).unwrap_err().code(),
+            ErrorCode::TokenMalformed
+        );
+    }
+
+    #[test]
+    fn untrusted_values_in_errors_are_escaped_and_bounded() {
+        let (_, t) = tenant();
+        let mut c = claims(unix_now() + 60);
+        c.tenant = format!("evil\n2026-01-01 INFO forged\u{1b}[31m{}", "x".repeat(500));
+        let e = auth().verify(&sign(&c, &t, None).unwrap()).unwrap_err().to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.len() < 200, "{e}");
     }
 }

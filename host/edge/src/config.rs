@@ -120,6 +120,7 @@ pub struct TlsFiles {
 
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
+    /// Authenticated connections (past Hello) at once.
     pub max_connections: u32,
     pub max_rooms_per_connection: u32,
     pub max_frame_bytes: u32,
@@ -127,6 +128,30 @@ pub struct LimitsConfig {
     pub send_rate_per_sec: u32,
     pub send_burst: u32,
     pub hello_timeout: Duration,
+    /// Connections not yet authenticated (handshaking or before Hello), at
+    /// once, and from one source address.
+    pub max_unauthenticated: u32,
+    pub max_unauthenticated_per_ip: u32,
+    /// A QUIC handshake not complete within this is dropped.
+    pub handshake_timeout: Duration,
+    /// Above this many unauthenticated connections, new ones must prove
+    /// their address first (a QUIC Retry round trip).
+    pub retry_above: u32,
+    /// Replies (acks, errors, pongs…) queued for one connection; a client
+    /// that lets more pile up is not reading, and is closed (`TooSlow`).
+    pub reply_queue: u32,
+    /// Control frames (everything but Send) a connection may send a
+    /// second, sustained and in a burst; beyond, they are refused
+    /// (`RateLimited`), and a connection that keeps on is closed.
+    pub control_rate_per_sec: u32,
+    pub control_burst: u32,
+    /// Rooms one tenant may have alive on this edge.
+    pub max_rooms_per_tenant: u32,
+    /// New rooms one user may create a second (sustained, and a burst).
+    pub room_create_rate_per_sec: u32,
+    pub room_create_burst: u32,
+    /// New rooms one connection may create over its life.
+    pub max_room_creations_per_connection: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -338,6 +363,18 @@ struct RawLimits {
     send_burst: u32,
     #[serde(with = "humantime_serde")]
     hello_timeout: Duration,
+    max_unauthenticated: u32,
+    max_unauthenticated_per_ip: u32,
+    #[serde(with = "humantime_serde")]
+    handshake_timeout: Duration,
+    retry_above: u32,
+    reply_queue: u32,
+    control_rate_per_sec: u32,
+    control_burst: u32,
+    max_rooms_per_tenant: u32,
+    room_create_rate_per_sec: u32,
+    room_create_burst: u32,
+    max_room_creations_per_connection: u32,
 }
 
 impl Default for RawLimits {
@@ -350,6 +387,17 @@ impl Default for RawLimits {
             send_rate_per_sec: 10,
             send_burst: 20,
             hello_timeout: Duration::from_secs(5),
+            max_unauthenticated: 2_000,
+            max_unauthenticated_per_ip: 64,
+            handshake_timeout: Duration::from_secs(5),
+            retry_above: 200,
+            reply_queue: 1_024,
+            control_rate_per_sec: 100,
+            control_burst: 200,
+            max_rooms_per_tenant: 5_000,
+            room_create_rate_per_sec: 5,
+            room_create_burst: 20,
+            max_room_creations_per_connection: 100,
         }
     }
 }
@@ -569,6 +617,37 @@ impl Validator<'_> {
                 l.hello_timeout,
                 Duration::from_millis(100),
                 Duration::from_secs(120),
+            )?,
+            max_unauthenticated: self.range("limits.max_unauthenticated", l.max_unauthenticated, 1, 1_000_000)?,
+            max_unauthenticated_per_ip: self.range(
+                "limits.max_unauthenticated_per_ip",
+                l.max_unauthenticated_per_ip,
+                1,
+                1_000_000,
+            )?,
+            handshake_timeout: self.duration(
+                "limits.handshake_timeout",
+                l.handshake_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(60),
+            )?,
+            retry_above: self.range("limits.retry_above", l.retry_above, 0, 1_000_000)?,
+            reply_queue: self.range("limits.reply_queue", l.reply_queue, 16, 1_000_000)?,
+            control_rate_per_sec: self.range("limits.control_rate_per_sec", l.control_rate_per_sec, 1, 1_000_000)?,
+            control_burst: self.range("limits.control_burst", l.control_burst, 1, 10_000_000)?,
+            max_rooms_per_tenant: self.range("limits.max_rooms_per_tenant", l.max_rooms_per_tenant, 1, 10_000_000)?,
+            room_create_rate_per_sec: self.range(
+                "limits.room_create_rate_per_sec",
+                l.room_create_rate_per_sec,
+                1,
+                1_000_000,
+            )?,
+            room_create_burst: self.range("limits.room_create_burst", l.room_create_burst, 1, 10_000_000)?,
+            max_room_creations_per_connection: self.range(
+                "limits.max_room_creations_per_connection",
+                l.max_room_creations_per_connection,
+                1,
+                10_000_000,
             )?,
         };
 

@@ -12,17 +12,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use quinn::{Connection, RecvStream, SendStream};
 use throng_wire::{
     Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name,
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::Shared;
+use crate::admission::Unauthenticated;
 use crate::auth::Grant;
 use crate::log::GroupLog;
-use crate::room::{Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
+use crate::room::{Creator, Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
 
 /// Largest read from a stream at once; bounds buffering beyond one frame.
 const READ_CHUNK: usize = 64 * 1024;
@@ -38,18 +40,24 @@ type Fatal = (ErrorCode, String);
 pub(crate) async fn serve(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
-    permit: OwnedSemaphorePermit,
+    slot: Unauthenticated,
     tasks: tokio_util::task::TaskTracker,
 ) {
     let id = shared.next_connection_id();
     let remote = incoming.remote_address();
     let span = tracing::info_span!("conn", id, %remote, tenant = tracing::field::Empty, user = tracing::field::Empty);
-    let conn = match incoming.into_future().instrument(span.clone()).await {
-        Ok(c) => c,
-        Err(e) => {
+    let handshake = tokio::time::timeout(shared.config.limits.handshake_timeout, incoming.into_future());
+    let conn = match handshake.instrument(span.clone()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             let _enter = span.enter();
             tracing::debug!(error = %e, "handshake failed");
-            metrics::counter!("throng_handshakes_failed_total").increment(1);
+            metrics::counter!("throng_handshakes_failed_total", "reason" => "error").increment(1);
+            return;
+        }
+        Err(_) => {
+            // Dropping the connecting future abandons the handshake.
+            metrics::counter!("throng_handshakes_failed_total", "reason" => "timeout").increment(1);
             return;
         }
     };
@@ -60,18 +68,17 @@ pub(crate) async fn serve(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tasks.spawn(
         async move {
-            run(id, conn, &shared).await;
+            run(id, conn, &shared, slot).await;
             shared
                 .open_connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             metrics::gauge!("throng_connections").decrement(1.0);
-            drop(permit);
         }
         .instrument(span),
     );
 }
 
-async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
+async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthenticated) {
     let limits = &shared.config.limits;
     let (send, recv) = match tokio::time::timeout(limits.hello_timeout, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -84,7 +91,16 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
             return;
         }
     };
-    let (reply, replies) = ReplyTx::channel();
+    let closer = conn.clone();
+    let (reply, replies) = ReplyTx::channel(limits.reply_queue as usize, move || {
+        // The queue is full, so no error frame could get through: the
+        // close carries the code. Closing twice is harmless.
+        if closer.close_reason().is_none() {
+            tracing::info!(code = %ErrorCode::TooSlow, "closing: the client does not read its replies");
+            metrics::counter!("throng_connections_closed_total", "reason" => "not_reading").increment(1);
+            close(&closer, ErrorCode::TooSlow, "too slow: not reading replies");
+        }
+    });
     let writer = tokio::spawn(write_control(send, replies, conn.clone(), limits.max_frame_bytes));
     let mut reader = Reader {
         recv,
@@ -102,8 +118,16 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
             .map_err(|e| (e.code(), e.to_string())),
         Ok(Ok(Some(_))) => Err((ErrorCode::UnexpectedFrame, "the first frame must be Hello".into())),
     };
-    let grant = match outcome {
-        Ok(Some(grant)) => grant,
+    let outcome = match outcome {
+        // Authenticated: trade the half-open slot for a viewer's.
+        Ok(Some(grant)) => match shared.admission.authenticate(slot) {
+            Some(permit) => Ok(Some((grant, permit))),
+            None => Err((ErrorCode::ServerBusy, "the edge is at max_connections".into())),
+        },
+        other => other.map(|_| None),
+    };
+    let (grant, _permit) = match outcome {
+        Ok(Some(granted)) => granted,
         Ok(None) => return,
         Err(fatal) => {
             tracing::info!(code = %fatal.0, reason = %fatal.1, "refused");
@@ -120,7 +144,9 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
     let _ = reply.send(EdgeFrame::Welcome {
         session: grant.session.clone(),
         limits: shared.wire_limits.clone(),
+        expires_at: grant.expires_at,
     });
+    let expiry = expiry_deadline(grant.expires_at);
 
     shared.presence.connected(&grant.session.tenant, &grant.session.user);
     let mut session = Session {
@@ -130,14 +156,38 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
         rate_key: format!("{}\u{0}{}", grant.session.tenant, grant.session.user),
         tenant: Arc::from(grant.session.tenant.as_str()),
         user: Arc::from(grant.session.user.as_str()),
-        grant,
+        grant: Box::new(grant),
         reply: reply.clone(),
         joined: HashMap::new(),
+        control: Box::new(RateLimiter::direct(
+            Quota::per_second(crate::nonzero(limits.control_rate_per_sec))
+                .allow_burst(crate::nonzero(limits.control_burst)),
+        )),
+        control_refused: 0,
+        rooms_created: 0,
+        expiry,
     };
+    // Boxed, and reset rather than remade: a timer is large, and this task
+    // lives as long as the viewer.
+    let mut expiry = Box::pin(tokio::time::sleep_until(session.expiry));
+    // Why the edge ends the connection, when it does: the close carries it
+    // (fatal codes are closed by the writer already; this covers the rest).
+    let mut last_words: Option<Fatal> = None;
     loop {
         let frame = tokio::select! {
             _ = shared.shutdown.cancelled() => {
                 let _ = reply.send(error_frame((ErrorCode::ShuttingDown, "the edge is shutting down".into())));
+                break;
+            }
+            _ = &mut expiry => {
+                // A token's `exp` holds for the whole session, not just its
+                // start: without a Refresh, the session ends with it.
+                tracing::info!(code = %ErrorCode::TokenExpired, "closing: the token expired");
+                metrics::counter!("throng_connections_closed_total", "reason" => "token_expired").increment(1);
+                let _ = reply.send(error_frame((
+                    ErrorCode::TokenExpired,
+                    "the token expired; send Refresh with a later token before it does".into(),
+                )));
                 break;
             }
             frame = reader.next() => frame,
@@ -147,8 +197,12 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
                 // Boxed: a join's state is large and only lives while joining.
                 if let Err(fatal) = Box::pin(session.on_frame(frame)).await {
                     tracing::info!(code = %fatal.0, reason = %fatal.1, "closing on protocol error");
-                    let _ = reply.send(error_frame(fatal));
+                    let _ = reply.send(error_frame(fatal.clone()));
+                    last_words = Some(fatal);
                     break;
+                }
+                if expiry.deadline() != session.expiry {
+                    expiry.as_mut().reset(session.expiry); // refreshed
                 }
             }
             Ok(None) | Err(ReadError::Stream) => break,
@@ -169,7 +223,17 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
     if tokio::time::timeout(LINGER_ON_ERROR * 2, writer).await.is_err() {
         tracing::debug!("control writer did not finish in time");
     }
-    conn.close(0u32.into(), b"bye");
+    match last_words {
+        Some((code, text)) => close(&conn, code, &text),
+        None => conn.close(0u32.into(), b"bye"),
+    }
+}
+
+/// When a session whose token expires at `exp` (Unix seconds) must end.
+fn expiry_deadline(exp: u64) -> tokio::time::Instant {
+    let left = (exp + crate::auth::LEEWAY_SECS).saturating_sub(crate::auth::unix_now());
+    // Far-future expiries would overflow an Instant; a year is forever here.
+    tokio::time::Instant::now() + Duration::from_secs(left.min(365 * 24 * 3600))
 }
 
 fn error_frame((code, text): Fatal) -> EdgeFrame {
@@ -223,7 +287,7 @@ impl Reader {
 /// connection closes with the error's code.
 async fn write_control(
     mut send: SendStream,
-    mut replies: mpsc::UnboundedReceiver<Box<EdgeFrame>>,
+    mut replies: mpsc::Receiver<Box<EdgeFrame>>,
     conn: Connection,
     max_frame: u32,
 ) {
@@ -258,6 +322,9 @@ async fn write_control(
         }
     }
     let _ = send.finish();
+    // The connection closes next: give the last replies (an error among
+    // them, maybe) a moment to be read first.
+    let _ = tokio::time::timeout(LINGER_ON_ERROR, send.stopped()).await;
 }
 
 struct JoinedRoom {
@@ -268,16 +335,45 @@ struct Session<'a> {
     id: u64,
     conn: Connection,
     shared: &'a Arc<Shared>,
-    grant: Grant,
+    /// Boxed: read on every frame, but large, and an idle viewer keeps it.
+    grant: Box<Grant>,
     tenant: Arc<str>,
     user: Arc<str>,
     rate_key: String,
     reply: ReplyTx,
     joined: HashMap<String, JoinedRoom>,
+    /// Control frames (all but Send) of this connection.
+    control: Box<DefaultDirectRateLimiter>,
+    /// Control frames refused in a row; too many and the connection closes.
+    control_refused: u32,
+    /// Rooms this connection's joins created.
+    rooms_created: u32,
+    /// When the session's token expires (with the leeway).
+    expiry: tokio::time::Instant,
 }
 
 impl Session<'_> {
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
+        if !matches!(frame, ClientFrame::Send { .. }) {
+            if self.control.check().is_err() {
+                self.control_refused += 1;
+                metrics::counter!("throng_control_frames_refused_total").increment(1);
+                if self.control_refused > self.shared.config.limits.control_burst {
+                    return Err((
+                        ErrorCode::RateLimited,
+                        "control frames far beyond the rate limit".into(),
+                    ));
+                }
+                if self.control_refused == 1 {
+                    let _ = self.reply.send(EdgeFrame::Error {
+                        code: ErrorCode::RateLimited.code(),
+                        text: "control frames too fast; slow down".into(),
+                    });
+                }
+                return Ok(());
+            }
+            self.control_refused = 0;
+        }
         match frame {
             ClientFrame::Hello { .. } => {
                 return Err((ErrorCode::UnexpectedFrame, "Hello was already received".into()));
@@ -304,10 +400,20 @@ impl Session<'_> {
                     reason,
                 };
                 let limits = &self.shared.config.limits;
-                let Some(joined) = self.joined.get(&room) else {
+                // The rate limit comes first: every Send costs the sender,
+                // whatever is wrong with it.
+                if self.shared.limiter.check_key(&self.rate_key).is_err() {
+                    metrics::counter!("throng_rate_limited_total").increment(1);
                     let _ = self
                         .reply
-                        .send(refuse(ErrorCode::NotJoined, format!("join `{room}` before sending")));
+                        .send(refuse(ErrorCode::RateLimited, "send rate exceeded; slow down".into()));
+                    return Ok(());
+                }
+                let Some(joined) = self.joined.get(&room) else {
+                    let _ = self.reply.send(refuse(
+                        ErrorCode::NotJoined,
+                        format!("join `{}` before sending", crate::untrusted(&room, 64)),
+                    ));
                     return Ok(());
                 };
                 let verdict = if body.len() > limits.max_body_bytes as usize {
@@ -324,9 +430,6 @@ impl Session<'_> {
                             kind.as_str()
                         ),
                     ))
-                } else if self.shared.limiter.check_key(&self.rate_key).is_err() {
-                    metrics::counter!("throng_rate_limited_total").increment(1);
-                    Err((ErrorCode::RateLimited, "send rate exceeded; slow down".into()))
                 } else {
                     let inbound = Inbound {
                         sender: Arc::clone(&self.user),
@@ -337,7 +440,9 @@ impl Session<'_> {
                         received_ms: crate::unix_now_ms(),
                     };
                     joined.handle.send(inbound).map_err(|(_, e)| match e {
-                        RoomError::Overloaded => (ErrorCode::RateLimited, "room is overloaded; retry later".into()),
+                        RoomError::Overloaded | RoomError::Limit(_) => {
+                            (ErrorCode::RateLimited, "room is overloaded; retry later".into())
+                        }
                         RoomError::ShuttingDown => (ErrorCode::ShuttingDown, "the edge is shutting down".into()),
                     })
                 };
@@ -356,6 +461,7 @@ impl Session<'_> {
                     self.shared.rooms.log().set_cursor(&self.tenant, &name, &self.user, seq);
                 }
             }
+            ClientFrame::Refresh { token } => self.refresh(&token),
             ClientFrame::Ping { nonce } => {
                 let _ = self.reply.send(EdgeFrame::Pong { nonce });
             }
@@ -381,6 +487,31 @@ impl Session<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Takes a later token for the same tenant and user: its rights and
+    /// expiry from now on. A refused one changes nothing.
+    fn refresh(&mut self, token: &str) {
+        let answer = match self.shared.auth.verify(token) {
+            Ok(g) if g.session.tenant != self.grant.session.tenant || g.session.user != self.grant.session.user => {
+                EdgeFrame::RefreshRefused {
+                    code: ErrorCode::Forbidden.code(),
+                    text: "a refresh token must be for the same tenant and user".into(),
+                }
+            }
+            Ok(g) => {
+                let expires_at = g.expires_at;
+                self.expiry = expiry_deadline(expires_at);
+                *self.grant = g;
+                metrics::counter!("throng_token_refreshes_total").increment(1);
+                EdgeFrame::Refreshed { expires_at }
+            }
+            Err(e) => EdgeFrame::RefreshRefused {
+                code: e.code().code(),
+                text: e.to_string(),
+            },
+        };
+        let _ = self.reply.send(answer);
     }
 
     async fn join(&mut self, room: String, resume_from: Option<u64>) {
@@ -441,22 +572,32 @@ impl Session<'_> {
             );
             close(&conn, ErrorCode::TooSlow, "too slow: fell behind for too long");
         });
-        let (handle, info) = match self
+        let creator = Creator {
+            user: &self.rate_key,
+            connection_may_create: self.rooms_created < limits.max_room_creations_per_connection,
+        };
+        let (handle, info, created) = match self
             .shared
             .rooms
-            .join(&key, self.id, Arc::clone(&slot), resume_from)
+            .join(&key, self.id, Arc::clone(&slot), resume_from, creator)
             .await
         {
             Ok(joined) => joined,
             Err(e) => {
+                let code = match e {
+                    RoomError::Limit(_) => ErrorCode::RoomLimit,
+                    RoomError::Overloaded => ErrorCode::ServerBusy,
+                    RoomError::ShuttingDown => ErrorCode::ShuttingDown,
+                };
                 let _ = self.reply.send(EdgeFrame::JoinRefused {
                     room,
-                    code: ErrorCode::ShuttingDown.code(),
+                    code: code.code(),
                     text: e.to_string(),
                 });
                 return;
             }
         };
+        self.rooms_created += u32::from(created);
         if membership == Some(None) {
             // A new member: a member from here on, whatever it sees next.
             let at = resume_from.unwrap_or(info.last_seq);
@@ -712,10 +853,12 @@ mod tests {
 
     /// A task holds its future's largest state for as long as it lives, and
     /// these live as long as a viewer stays: an idle viewer costs what they
-    /// weigh. (With this toolchain: 1,072, 376 and 376 bytes.)
+    /// weigh. (With this toolchain: 1,344, 376 and 376 bytes; `run` grew
+    /// from 1,072 when sessions got their token's expiry timer, a control
+    /// frame limiter and an admission permit.)
     #[test]
     fn long_lived_per_viewer_tasks_stay_small() {
-        assert!(size3(run) <= 1280, "run: {}", size3(run));
+        assert!(size4(run) <= 1408, "run: {}", size4(run));
         assert!(size3(write_live) <= 512, "write_live: {}", size3(write_live));
         assert!(size4(write_control) <= 512, "write_control: {}", size4(write_control));
     }

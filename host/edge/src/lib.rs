@@ -22,6 +22,7 @@
 //! waits for connections and rooms to finish.
 
 pub mod admin;
+mod admission;
 pub mod auth;
 pub mod config;
 mod connection;
@@ -44,7 +45,6 @@ use std::time::Duration;
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use thiserror::Error;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -107,6 +107,7 @@ pub(crate) struct Shared {
     next_connection: AtomicU64,
     /// Connections past their handshake and not yet closed.
     open_connections: AtomicU64,
+    admission: Arc<admission::Admission>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -171,7 +172,14 @@ impl Edge {
             config.storage.commit_interval,
             config.storage.max_queued,
         )?;
-        let runtime = WasmRuntime::new(config.wasm.clone())?;
+        let mut wasm = config.wasm.clone();
+        wasm.max_instances = fit_to_map_count(wasm.max_instances);
+        // The pool's instances serve rooms' policies and tenants' filters;
+        // rooms get what the filters leave, so a crowd of new rooms meets a
+        // typed refusal at join, never an empty pool.
+        let filter_instances: usize = config.filters.values().map(Vec::len).sum::<usize>() + FILTER_SPARE;
+        let max_rooms = (wasm.max_instances as usize).saturating_sub(filter_instances).max(1);
+        let runtime = WasmRuntime::new(wasm)?;
         let modules = ModuleSet::load(&config, &runtime, None).await?;
         let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));
         let shutdown = CancellationToken::new();
@@ -185,6 +193,10 @@ impl Edge {
             log: group_log.clone(),
             shutdown: shutdown.clone(),
             pools: workers.handles(),
+            max_rooms,
+            max_rooms_per_tenant: config.limits.max_rooms_per_tenant as usize,
+            room_create_rate_per_sec: config.limits.room_create_rate_per_sec,
+            room_create_burst: config.limits.room_create_burst,
         });
         let l = &config.limits;
         let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
@@ -205,6 +217,7 @@ impl Edge {
             shutdown: shutdown.clone(),
             next_connection: AtomicU64::new(1),
             open_connections: AtomicU64::new(0),
+            admission: admission::Admission::new(&config.limits),
             config,
         });
         let connections = TaskTracker::new();
@@ -335,25 +348,93 @@ impl Edge {
     }
 }
 
-fn nonzero(n: u32) -> std::num::NonZeroU32 {
+/// Pool instances kept for filters beyond those configured (a reload may
+/// add some).
+const FILTER_SPARE: usize = 64;
+
+/// Memory maps one pooled Wasm instance costs the process (measured: the
+/// kernel's default `vm.max_map_count` of 65,530 ran out near 10,400 live
+/// instances, with the edge's own maps besides).
+const MAPS_PER_INSTANCE: u64 = 6;
+/// Maps left for everything else: threads, allocator arenas, the binary.
+const MAPS_FOR_THE_REST: u64 = 8_192;
+
+/// `max_instances`, lowered if the kernel's `vm.max_map_count` could not
+/// map that many: past the limit, allocations fail and the process aborts.
+fn fit_to_map_count(max_instances: u32) -> u32 {
+    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+    else {
+        return max_instances;
+    };
+    let fits = limit.saturating_sub(MAPS_FOR_THE_REST) / MAPS_PER_INSTANCE;
+    let fits = u32::try_from(fits).unwrap_or(u32::MAX).max(1);
+    if fits < max_instances {
+        tracing::warn!(
+            max_map_count = limit,
+            configured = max_instances,
+            using = fits,
+            "wasm.max_instances lowered to what vm.max_map_count allows (raise it with sysctl for more rooms)"
+        );
+        fits
+    } else {
+        tracing::info!(
+            max_map_count = limit,
+            max_instances,
+            "Wasm instance pool fits vm.max_map_count"
+        );
+        max_instances
+    }
+}
+
+/// An untrusted string (a client's room name, a token's claim) made fit for
+/// a log line or an error text: at most `max` characters, control
+/// characters escaped (no forged lines, no terminal escape sequences), and
+/// a mark where it was cut.
+pub fn untrusted(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max) + 8);
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub(crate) fn nonzero(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, connections: TaskTracker) {
-    let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections as usize));
     loop {
         let incoming = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             i = endpoint.accept() => match i { Some(i) => i, None => break },
         };
-        match Arc::clone(&permits).try_acquire_owned() {
-            Ok(permit) => {
-                let serve = connection::serve(incoming, Arc::clone(&shared), permit, connections.clone());
+        // Under a crowd of half-open connections, a newcomer first proves it
+        // can receive at its address (one round trip, no state kept here),
+        // so spoofed or fire-and-forget Initials cost a packet, not a slot.
+        if shared.admission.wants_retry() && !incoming.remote_address_validated() && incoming.may_retry() {
+            metrics::counter!("throng_handshake_retries_total").increment(1);
+            let _ = incoming.retry();
+            continue;
+        }
+        match shared.admission.admit(incoming.remote_address().ip()) {
+            Ok(slot) => {
+                let serve = connection::serve(incoming, Arc::clone(&shared), slot, connections.clone());
                 connections.spawn(serve);
             }
-            Err(_) => {
-                metrics::counter!("throng_connections_refused_total").increment(1);
-                tracing::warn!(remote = %incoming.remote_address(), "at max_connections; refusing");
+            Err(why) => {
+                // Debug, not warn: a flood would otherwise flood the log too.
+                metrics::counter!("throng_connections_refused_total", "reason" => why.as_str()).increment(1);
+                tracing::debug!(remote = %incoming.remote_address(), reason = why.as_str(), "refusing a new connection");
                 incoming.refuse();
             }
         }
@@ -370,6 +451,7 @@ async fn housekeeping(shared: Arc<Shared>) {
                 // enough for their bucket to be full again.
                 shared.limiter.retain_recent();
                 shared.limiter.shrink_to_fit();
+                shared.rooms.forget_quiet_creators();
             }
         }
     }

@@ -28,6 +28,7 @@ fn cut(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+use governor::DefaultKeyedRateLimiter;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -43,22 +44,57 @@ use crate::workers::Pools;
 
 /// Where a room sends acks and rejections for a sender's connection.
 ///
-/// Frames travel boxed: a tokio channel allocates room for 32 values when
-/// it is made, and 32 unboxed frames would be 4 KiB on every connection,
-/// most of which never sends anything.
-#[derive(Debug, Clone)]
-pub struct ReplyTx(mpsc::UnboundedSender<Box<EdgeFrame>>);
+/// Bounded: a client that does not read its control stream (grants no flow
+/// control credit) while it keeps asking (pings, sends) would otherwise
+/// grow the edge's memory without end. When the queue is full the reply is
+/// dropped and the connection is flagged as not reading; its task closes it
+/// with `TooSlow`.
+///
+/// Frames travel boxed: a tokio channel allocates room for 32 values at a
+/// time, and 32 unboxed frames would be 4 KiB on every connection, most of
+/// which never sends anything.
+#[derive(Clone)]
+pub struct ReplyTx {
+    tx: mpsc::Sender<Box<EdgeFrame>>,
+    /// Runs once when a reply does not fit: the connection closes the
+    /// client with `TooSlow`.
+    on_overflow: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for ReplyTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyTx").finish_non_exhaustive()
+    }
+}
 
 impl ReplyTx {
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Box<EdgeFrame>>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Self(tx), rx)
+    /// A queue of `capacity` replies; `on_overflow` runs when one did not fit.
+    pub fn channel(
+        capacity: usize,
+        on_overflow: impl Fn() + Send + Sync + 'static,
+    ) -> (Self, mpsc::Receiver<Box<EdgeFrame>>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (
+            Self {
+                tx,
+                on_overflow: Arc::new(on_overflow),
+            },
+            rx,
+        )
     }
 
     /// Queues `frame` for the control stream; false once the connection's
-    /// writer is gone.
+    /// writer is gone or the client stopped reading.
     pub fn send(&self, frame: EdgeFrame) -> bool {
-        self.0.send(Box::new(frame)).is_ok()
+        match self.tx.try_send(Box::new(frame)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("throng_reply_queue_overflows_total").increment(1);
+                (self.on_overflow)();
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 }
 
@@ -262,6 +298,9 @@ impl ViewerSlot {
 pub enum RoomError {
     #[error("the room's inbox is full")]
     Overloaded,
+    /// Creating the room would pass a limit; the text says which.
+    #[error("{0}")]
+    Limit(&'static str),
     #[error("the edge is shutting down")]
     ShuttingDown,
 }
@@ -315,7 +354,13 @@ impl RoomHandle {
 /// Every room on this edge.
 #[derive(Debug)]
 pub struct Rooms {
-    map: Mutex<HashMap<RoomKey, (u64, mpsc::Sender<Command>)>>,
+    map: Mutex<RoomMap>,
+    /// New rooms per user (tenant and user id).
+    creations: DefaultKeyedRateLimiter<String>,
+    /// Rooms alive on this edge at most: what the Wasm instance pool holds
+    /// besides the tenants' filters.
+    max_rooms: usize,
+    max_rooms_per_tenant: usize,
     next_id: AtomicU64,
     config: RoomsConfig,
     max_frame: u32,
@@ -327,6 +372,22 @@ pub struct Rooms {
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
     pools: Pools,
+}
+
+/// The live rooms, and how many each tenant has.
+#[derive(Debug, Default)]
+struct RoomMap {
+    rooms: HashMap<RoomKey, (u64, mpsc::Sender<Command>)>,
+    per_tenant: HashMap<Arc<str>, usize>,
+}
+
+/// Who asks for a room that may not exist yet, and what they may create.
+#[derive(Debug, Clone, Copy)]
+pub struct Creator<'a> {
+    /// The user's rate key (tenant and user id).
+    pub user: &'a str,
+    /// Whether the connection may create another room (its own limit).
+    pub connection_may_create: bool,
 }
 
 /// What every room on an edge shares.
@@ -341,12 +402,23 @@ pub struct RoomsSetup {
     pub shutdown: CancellationToken,
     /// Each size class's threads.
     pub pools: Pools,
+    /// Rooms alive at most (see [`Rooms`]).
+    pub max_rooms: usize,
+    pub max_rooms_per_tenant: usize,
+    /// New rooms per user: sustained per second, and burst.
+    pub room_create_rate_per_sec: u32,
+    pub room_create_burst: u32,
 }
 
 impl Rooms {
     pub fn new(setup: RoomsSetup) -> Arc<Self> {
+        let quota = governor::Quota::per_second(crate::nonzero(setup.room_create_rate_per_sec))
+            .allow_burst(crate::nonzero(setup.room_create_burst));
         Arc::new(Self {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(RoomMap::default()),
+            creations: governor::RateLimiter::keyed(quota),
+            max_rooms: setup.max_rooms.max(1),
+            max_rooms_per_tenant: setup.max_rooms_per_tenant.max(1),
             next_id: AtomicU64::new(1),
             config: setup.config.clone(),
             max_frame: setup.max_frame,
@@ -366,7 +438,7 @@ impl Rooms {
         })
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<RoomKey, (u64, mpsc::Sender<Command>)>> {
+    fn map(&self) -> MutexGuard<'_, RoomMap> {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -382,29 +454,58 @@ impl Rooms {
 
     /// Rooms currently alive on this edge.
     pub fn len(&self) -> usize {
-        self.map().len()
+        self.map().rooms.len()
+    }
+
+    /// Forgets rate-limit state of users whose bucket is full again.
+    pub fn forget_quiet_creators(&self) {
+        self.creations.retain_recent();
+        self.creations.shrink_to_fit();
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn handle(self: &Arc<Self>, key: &RoomKey) -> Result<mpsc::Sender<Command>, RoomError> {
+    /// The room's inbox, making the room if it is not alive and `creator`
+    /// may make it. Room limits are checked here, under the map lock, so
+    /// concurrent joins cannot pass them together.
+    fn handle(
+        self: &Arc<Self>,
+        key: &RoomKey,
+        creator: Creator<'_>,
+    ) -> Result<(mpsc::Sender<Command>, bool), RoomError> {
         if self.shutdown.is_cancelled() {
             return Err(RoomError::ShuttingDown);
         }
         let mut map = self.map();
-        if let Some((_, tx)) = map.get(key) {
-            return Ok(tx.clone());
+        if let Some((_, tx)) = map.rooms.get(key) {
+            return Ok((tx.clone(), false));
+        }
+        let refusal = if map.rooms.len() >= self.max_rooms {
+            Some(("the edge has no room for another room", "edge"))
+        } else if map.per_tenant.get(&key.tenant).copied().unwrap_or(0) >= self.max_rooms_per_tenant {
+            Some(("the tenant has as many rooms on this edge as it may", "tenant"))
+        } else if !creator.connection_may_create {
+            Some(("this connection has created as many rooms as it may", "connection"))
+        } else if self.creations.check_key(&creator.user.to_owned()).is_err() {
+            Some(("creating new rooms too fast; try again shortly", "user"))
+        } else {
+            None
+        };
+        if let Some((why, limit)) = refusal {
+            metrics::counter!("throng_room_creations_refused_total", "limit" => limit).increment(1);
+            return Err(RoomError::Limit(why));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.config.inbox_capacity);
-        map.insert(key.clone(), (id, tx.clone()));
+        map.rooms.insert(key.clone(), (id, tx.clone()));
+        *map.per_tenant.entry(Arc::clone(&key.tenant)).or_default() += 1;
         drop(map);
         let room = Room::new(key.clone(), id, self);
         self.spawn(room, rx);
         metrics::gauge!("throng_rooms").increment(1.0);
-        Ok(tx)
+        Ok((tx, true))
     }
 
     /// Runs `room` on its class's pool; again on another pool when it
@@ -420,19 +521,21 @@ impl Rooms {
         pool.spawn(self.tasks.track_future(run));
     }
 
-    /// Joins `member` to the room, creating the room if needed.
+    /// Joins `member` to the room, creating the room if needed and
+    /// `creator` may. The flag says whether this join created it.
     pub async fn join(
         self: &Arc<Self>,
         key: &RoomKey,
         member: u64,
         slot: Arc<ViewerSlot>,
         resume_from: Option<u64>,
-    ) -> Result<(RoomHandle, JoinInfo), RoomError> {
+        creator: Creator<'_>,
+    ) -> Result<(RoomHandle, JoinInfo, bool), RoomError> {
         // A room retiring between our lookup and our command drops the reply;
         // the next lookup then makes a fresh room. Bounded, because a retiring
         // room leaves the map before it stops reading.
         for _ in 0..16 {
-            let tx = self.handle(key)?;
+            let (tx, created) = self.handle(key, creator)?;
             let (reply, answer) = oneshot::channel();
             let cmd = Command::Join {
                 member,
@@ -444,7 +547,7 @@ impl Rooms {
                 continue;
             }
             if let Ok(info) = answer.await {
-                return Ok((RoomHandle { tx }, info));
+                return Ok((RoomHandle { tx }, info, created));
             }
         }
         Err(RoomError::ShuttingDown)
@@ -463,8 +566,14 @@ impl Rooms {
         if !rx.is_empty() {
             return false;
         }
-        if map.get(key).is_some_and(|(i, _)| *i == id) {
-            map.remove(key);
+        if map.rooms.get(key).is_some_and(|(i, _)| *i == id) {
+            map.rooms.remove(key);
+            if let Some(n) = map.per_tenant.get_mut(&key.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    map.per_tenant.remove(&key.tenant);
+                }
+            }
         }
         true
     }
@@ -619,6 +728,9 @@ struct Room {
     paced: Option<PacedPush>,
     presence_interval: Duration,
     linger: Duration,
+    inbox_capacity: usize,
+    /// The cap of the built-in policy an empty room falls back to.
+    default_cap: u32,
     max_frame: u32,
     max_body: u32,
 }
@@ -664,6 +776,8 @@ impl Room {
             paced: None,
             presence_interval: config.presence_interval,
             linger: config.empty_room_linger,
+            inbox_capacity: config.inbox_capacity,
+            default_cap: config.viewer_cap_per_sec,
             max_frame: rooms.max_frame,
             max_body: rooms.max_body,
         }
@@ -690,14 +804,26 @@ impl Room {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let step_due = self.paced.as_ref().map(|p| p.due);
+            // An empty room with nothing left to do stops ticking: it only
+            // waits for a joiner or the end of its linger.
+            let idle = self.members.is_empty() && self.inbox.is_empty() && step_due.is_none() && self.log_settled();
+            let retire_at = self.empty_since.map(|t| t + self.linger);
+            // A full inbox stops taking commands until the next tick drains
+            // it: senders then find the channel full (`Overloaded`), and a
+            // flood can neither grow memory nor starve the ticks.
+            let inbox_open = self.inbox.len() < self.inbox_capacity;
             tokio::select! {
                 biased;
                 _ = rooms.shutdown.cancelled() => break,
                 _ = tokio::time::sleep_until(step_due.unwrap_or_else(Instant::now)), if step_due.is_some() => {
                     self.pace_step();
                 }
-                Some(cmd) = rx.recv() => self.handle(cmd),
-                _ = ticker.tick() => {
+                _ = tokio::time::sleep_until(retire_at.unwrap_or_else(Instant::now)), if idle && retire_at.is_some() => {
+                    if rooms.retire(&self.key, self.id, &rx) {
+                        break;
+                    }
+                }
+                _ = ticker.tick(), if !idle => {
                     // A tick's batches go out before the next tick's.
                     self.finish_paced();
                     self.run_tick().await;
@@ -723,6 +849,7 @@ impl Room {
                         break;
                     }
                 }
+                Some(cmd) = rx.recv(), if inbox_open => self.handle(cmd),
             }
         }
         self.finish_paced();
@@ -782,8 +909,14 @@ impl Room {
                 if let Some(slot) = self.members.remove(&member) {
                     slot.close();
                 }
-                if self.members.is_empty() {
+                if self.members.is_empty() && self.empty_since.is_none() {
                     self.empty_since = Some(Instant::now());
+                    if matches!(self.policy, RoomPolicy::Wasm(_)) {
+                        // Nobody to show anything to: give the instance back
+                        // to the pool; a joiner's first tick makes a new one.
+                        self.policy = RoomPolicy::Native(NativePolicy::new(self.default_cap));
+                        self.modules.mark_changed();
+                    }
                 }
             }
             Command::Send(inbound) => self.inbox.push(inbound),
@@ -994,7 +1127,11 @@ impl Room {
         // Tick numbers follow room time: a tick the machine ran late skips a
         // number rather than stretching the room's second.
         self.tick = self.clock.now().max(self.tick + 1);
-        self.apply_modules().await;
+        if !self.members.is_empty() {
+            // An empty room keeps the built-in policy (see Leave) until
+            // someone joins: no Wasm instance for nobody.
+            self.apply_modules().await;
+        }
         let online = self.members.len() as u64;
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.inbox.is_empty() && !presence_due {

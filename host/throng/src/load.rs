@@ -516,6 +516,7 @@ fn token(a: &LoadArgs, plan: &Plan, user: String, role: Role) -> Result<String> 
         role: role.as_str().to_owned(),
         rooms: "*".into(),
         exp: unix_now() + hard_cap(a).as_secs() * 4 + 3600,
+        nbf: None,
     };
     sign(&claims, tenant, plan.tenant_key.as_deref()).map_err(|e| anyhow::anyhow!("cannot sign a token: {e}"))
 }

@@ -192,6 +192,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 role: role.as_str().to_owned(),
                 rooms,
                 exp: unix_now() + ttl.as_secs(),
+                nbf: None,
             };
             let token = sign(&claims, tenant_config, private.as_deref()).map_err(anyhow::Error::msg)?;
             println!("{token}");

@@ -42,6 +42,10 @@ pub enum ErrorCode {
     QueryTooLarge = 26,
     /// A group room already has its maximum number of members.
     RoomFull = 27,
+    /// A join would create a room beyond a limit (the tenant's rooms on
+    /// this edge, the user's or the connection's rate of new rooms, or the
+    /// edge's capacity for rooms). Not fatal; try again later.
+    RoomLimit = 28,
     /// The user's send rate is exhausted.
     RateLimited = 30,
     /// The edge is overloaded: at its maximum number of connections (as an
@@ -57,7 +61,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -75,6 +79,7 @@ impl ErrorCode {
         Self::TooSlow,
         Self::QueryTooLarge,
         Self::RoomFull,
+        Self::RoomLimit,
         Self::RateLimited,
         Self::ServerBusy,
         Self::ShuttingDown,

@@ -115,6 +115,11 @@ pub enum ClientFrame {
     /// without `resume_from` (another device, a restarted app) resumes
     /// after it. Livecast rooms ignore it.
     Seen { room: String, seq: u64 },
+    /// A later token for the same tenant and user, before the current one
+    /// expires: the session goes on under the new token's rights and
+    /// expiry. Answered by `Refreshed` or `RefreshRefused`. Without it, the
+    /// edge closes the connection with `TokenExpired` at the token's `exp`.
+    Refresh { token: String },
 }
 
 /// Who the edge believes the client is, echoed in `Welcome`.
@@ -194,8 +199,14 @@ pub struct Batch {
 /// Edge → client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EdgeFrame {
-    /// Answers `Hello`: who the edge believes the client is, and the limits.
-    Welcome { session: Session, limits: Limits },
+    /// Answers `Hello`: who the edge believes the client is, the limits,
+    /// and when the token expires (seconds since the Unix epoch): the
+    /// session ends then unless the client sends `Refresh` first.
+    Welcome {
+        session: Session,
+        limits: Limits,
+        expires_at: u64,
+    },
     /// First frame of a room's stream: the room, who is online and what was
     /// said recently.
     Joined {
@@ -223,6 +234,10 @@ pub enum EdgeFrame {
     Presence { query_id: u64, online: Vec<bool> },
     /// A presence query was refused (e.g. too many users at once).
     PresenceRefused { query_id: u64, code: u16, text: String },
+    /// A `Refresh` was accepted: the session now expires at `expires_at`.
+    Refreshed { expires_at: u64 },
+    /// A `Refresh` was refused; the session still ends at the old expiry.
+    RefreshRefused { code: u16, text: String },
 }
 
 /// Checks a room name: 1 to [`MAX_ROOM_NAME`] bytes of `[A-Za-z0-9._:-]`.

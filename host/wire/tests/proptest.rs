@@ -52,13 +52,16 @@ fn client_frame() -> impl Strategy<Value = ClientFrame> {
         (any::<u64>(), prop::collection::vec(".{0,12}", 0..16))
             .prop_map(|(query_id, users)| ClientFrame::Presence { query_id, users }),
         (".{0,16}", any::<u64>()).prop_map(|(room, seq)| ClientFrame::Seen { room, seq }),
+        ".{0,64}".prop_map(|token| ClientFrame::Refresh { token }),
     ]
 }
 
 fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
     prop_oneof![
-        (".{0,16}", ".{0,16}", role(), any::<[u32; 5]>(), any::<u64>()).prop_map(|(tenant, user, role, l, idle)| {
+        (".{0,16}", ".{0,16}", role(), any::<[u32; 5]>(), any::<[u64; 2]>()).prop_map(|(tenant, user, role, l, t)| {
+            let [idle, expires_at] = t;
             EdgeFrame::Welcome {
+                expires_at,
                 session: Session { tenant, user, role },
                 limits: Limits {
                     max_frame_bytes: l[0],
@@ -109,6 +112,8 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
         (".{0,16}", any::<u16>(), ".{0,32}").prop_map(|(room, code, text)| EdgeFrame::JoinRefused { room, code, text }),
         (any::<u64>(), prop::collection::vec(any::<bool>(), 0..64))
             .prop_map(|(query_id, online)| EdgeFrame::Presence { query_id, online }),
+        any::<u64>().prop_map(|expires_at| EdgeFrame::Refreshed { expires_at }),
+        (any::<u16>(), ".{0,32}").prop_map(|(code, text)| EdgeFrame::RefreshRefused { code, text }),
     ]
 }
 

@@ -1,0 +1,281 @@
+//! Hostile clients over real QUIC: each costs a bounded amount, gets a typed
+//! refusal or close, and never hurts anyone else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use throng_client::{Client, ClientError};
+use throng_tests::{TestEdge, close_code, drain, frame, raw, raw_connection};
+use throng_wire::{ClientFrame, EdgeFrame, ErrorCode, Kind};
+
+/// Says Hello on a raw connection whose client grants the edge almost no
+/// flow-control credit on the control stream: replies pile up at the edge.
+async fn non_reading_client(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let mut config = throng_client::tls::client_config(&edge.roots(), Duration::from_secs(5), Duration::from_secs(30))
+        .expect("client config");
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(1024u32.into())
+        .receive_window(4096u32.into());
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(edge.edge.local_addr(), "localhost")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, recv) = conn.open_bi().await.expect("control stream");
+    let token = edge.token("acme", "mute", "viewer", "*");
+    send.write_all(&frame(&ClientFrame::Hello { token }))
+        .await
+        .expect("hello");
+    (conn, send, recv)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_closed_with_too_slow() {
+    let edge = TestEdge::start(|c| {
+        c.limits.reply_queue = 64;
+        c.limits.control_rate_per_sec = 1_000_000;
+        c.limits.control_burst = 1_000_000;
+    })
+    .await;
+    let (conn, mut send, _recv) = non_reading_client(&edge).await;
+    // Pings without end (bounded here): each asks for a Pong nobody reads.
+    let flood = async {
+        for nonce in 0..200_000u64 {
+            if send.write_all(&frame(&ClientFrame::Ping { nonce })).await.is_err() {
+                return nonce;
+            }
+        }
+        200_000
+    };
+    let (sent, code) = tokio::join!(flood, close_code(&conn, Duration::from_secs(20)));
+    assert_eq!(code, Some(ErrorCode::TooSlow), "closed after {sent} pings");
+    // Others are served meanwhile and after.
+    let other = edge.client("acme", "ok", "viewer").await;
+    other.ping().await.expect("another client is served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_frames_beyond_the_rate_are_refused_then_the_connection_closes() {
+    let edge = TestEdge::start(|c| {
+        c.limits.control_rate_per_sec = 10;
+        c.limits.control_burst = 20;
+    })
+    .await;
+    let (conn, mut send, mut recv) = raw(&edge).await;
+    let token = edge.token("acme", "pinger", "viewer", "*");
+    send.write_all(&frame(&ClientFrame::Hello { token }))
+        .await
+        .expect("hello");
+    for nonce in 0..500u64 {
+        if send.write_all(&frame(&ClientFrame::Ping { nonce })).await.is_err() {
+            break;
+        }
+    }
+    let frames = drain(&mut recv).await;
+    let pongs = frames.iter().filter(|f| matches!(f, EdgeFrame::Pong { .. })).count();
+    assert!(
+        (1..=40).contains(&pongs),
+        "{pongs} pongs for 500 pings at 10/s, burst 20"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f, EdgeFrame::Error { code, .. } if *code == ErrorCode::RateLimited.code())),
+        "the client is told it is too fast: {frames:?}"
+    );
+    assert_eq!(
+        close_code(&conn, Duration::from_secs(5)).await,
+        Some(ErrorCode::RateLimited)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_to_rooms_not_joined_count_against_the_senders_rate() {
+    let edge = TestEdge::start(|c| {
+        c.limits.send_rate_per_sec = 5;
+        c.limits.send_burst = 10;
+    })
+    .await;
+    let client = edge.client("acme", "stray", "viewer").await;
+    let mut pending = Vec::new();
+    for i in 0..100 {
+        pending.push(
+            client
+                .submit("never-joined", Kind::Chat, format!("{i}"))
+                .await
+                .expect("submit"),
+        );
+    }
+    let (mut not_joined, mut limited) = (0, 0);
+    for p in pending {
+        match p.ack().await.expect_err("nothing is accepted").code() {
+            Some(ErrorCode::NotJoined) => not_joined += 1,
+            Some(ErrorCode::RateLimited) => limited += 1,
+            other => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    assert!(not_joined <= 15, "{not_joined} got past the rate limit");
+    assert!(limited >= 85, "{limited} rate-limited");
+}
+
+async fn join_code(client: &Client, room: &str) -> Option<ErrorCode> {
+    match client.join(room).await {
+        Ok(_) => None,
+        Err(e @ ClientError::JoinRefused { .. }) => e.code(),
+        Err(e) => panic!("join {room}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_creation_is_limited_per_connection_user_and_tenant() {
+    let edge = TestEdge::start(|c| {
+        c.limits.max_room_creations_per_connection = 3;
+        c.limits.room_create_rate_per_sec = 1;
+        c.limits.room_create_burst = 1_000;
+        c.limits.max_rooms_per_tenant = 5;
+    })
+    .await;
+    // Per connection: a fourth new room is refused, an existing one is not.
+    let a = edge.client("acme", "cycler", "viewer").await;
+    for i in 0..3 {
+        let room = format!("c{i}");
+        assert_eq!(join_code(&a, &room).await, None);
+        a.leave(&room).await.expect("leave");
+    }
+    assert_eq!(join_code(&a, "c3").await, Some(ErrorCode::RoomLimit));
+    let b = edge.client("acme", "other", "viewer").await;
+    let _c0 = b.join("c0").await.expect("a live room");
+    assert_eq!(join_code(&a, "c0").await, None, "joining a live room creates nothing");
+
+    // Per tenant: acme has c0, c1, c2 (lingering) plus two more, then no more.
+    assert_eq!(join_code(&b, "t1").await, None);
+    assert_eq!(join_code(&b, "t2").await, None);
+    assert_eq!(join_code(&b, "t3").await, Some(ErrorCode::RoomLimit));
+    let g = edge.client("globex", "g", "viewer").await;
+    assert_eq!(join_code(&g, "t3").await, None, "another tenant is unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_creation_is_rate_limited_per_user() {
+    let edge = TestEdge::start(|c| {
+        c.limits.room_create_rate_per_sec = 1;
+        c.limits.room_create_burst = 2;
+        c.limits.max_rooms_per_connection = 8;
+    })
+    .await;
+    // Two connections of one user share the user's rate.
+    let a = edge.client("acme", "hasty", "viewer").await;
+    let b = edge.client("acme", "hasty", "viewer").await;
+    assert_eq!(join_code(&a, "r1").await, None);
+    assert_eq!(join_code(&b, "r2").await, None);
+    assert_eq!(join_code(&b, "r3").await, Some(ErrorCode::RoomLimit));
+    let other = edge.client("acme", "calm", "viewer").await;
+    assert_eq!(join_code(&other, "r3").await, None, "another user is unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_refuses_new_rooms_and_spares_live_ones() {
+    let edge = TestEdge::start(|c| {
+        // 64 instances are kept for tenant filters: three for rooms.
+        c.wasm.max_instances = 67;
+        c.policies.push(throng_tests::builtin_policy(
+            "*",
+            "policy-default",
+            &[("cap_per_sec", "0")],
+        ));
+        c.limits.room_create_burst = 1_000;
+    })
+    .await;
+    let mut streams = Vec::new();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = edge.client("acme", &format!("u{i}"), "host").await;
+        streams.push(c.join(&format!("p{i}")).await.expect("room within the pool"));
+        clients.push(c);
+    }
+    let late = edge.client("globex", "late", "viewer").await;
+    assert_eq!(join_code(&late, "p3").await, Some(ErrorCode::RoomLimit));
+    // The live rooms still run their module and deliver.
+    clients[0].send("p0", Kind::Chat, "still here").await.expect("ack");
+    let (got, _) = throng_tests::collect(&mut streams[0], 1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        edge.edge
+            .wasm_stats()
+            .fallback_ticks
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_never_lock_out_viewers() {
+    let edge = TestEdge::start(|c| {
+        c.limits.max_connections = 3;
+        c.limits.max_unauthenticated = 40;
+        c.limits.max_unauthenticated_per_ip = 40;
+        c.limits.hello_timeout = Duration::from_secs(30);
+    })
+    .await;
+    // Twenty connections that finish the handshake and never say Hello.
+    let mut half_open = Vec::new();
+    for _ in 0..20 {
+        half_open.push(raw_connection(&edge).await);
+    }
+    // Viewers up to max_connections still get in.
+    let mut viewers = Vec::new();
+    for i in 0..3 {
+        viewers.push(edge.client("acme", &format!("v{i}"), "viewer").await);
+    }
+    let err = Client::connect(edge.options(edge.token("acme", "v4", "viewer", "*")))
+        .await
+        .expect_err("a fourth authenticated connection");
+    assert_eq!(err.code(), Some(ErrorCode::ServerBusy), "{err}");
+    drop(half_open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_half_open_connections_from_one_address_are_refused() {
+    let edge = TestEdge::start(|c| {
+        c.limits.max_unauthenticated_per_ip = 5;
+        c.limits.hello_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut half_open = Vec::new();
+    for _ in 0..5 {
+        half_open.push(raw_connection(&edge).await);
+    }
+    let err = Client::connect(edge.options(edge.token("acme", "v", "viewer", "*")))
+        .await
+        .expect_err("a sixth unauthenticated connection from 127.0.0.1");
+    assert!(
+        matches!(err.code(), Some(ErrorCode::ServerBusy))
+            || matches!(err, ClientError::Connect(_) | ClientError::Connection(_)),
+        "{err}"
+    );
+    // Once they go, the address is welcome again.
+    for c in &half_open {
+        c.close(0u32.into(), b"bye");
+    }
+    drop(half_open);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Client::connect(edge.options(edge.token("acme", "v", "viewer", "*"))).await {
+            Ok(c) => {
+                c.ping().await.expect("ping");
+                break;
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                // A poll interval: the edge frees the slots as it notices
+                // the closes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("still refused after the half-open ones left: {e}"),
+        }
+    }
+}

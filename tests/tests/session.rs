@@ -1,0 +1,97 @@
+//! A token's `exp` holds for the whole session: the edge closes it with
+//! `TokenExpired` unless the client refreshed it with a later token.
+
+use std::time::Duration;
+
+use throng_client::{Client, TokenSource};
+use throng_edge::auth::{LEEWAY_SECS, unix_now};
+use throng_tests::TestEdge;
+use throng_wire::{ErrorCode, Kind};
+
+/// A token that the edge still accepts (inside its leeway) but that runs
+/// out within two seconds.
+fn nearly_expired(edge: &TestEdge, user: &str) -> String {
+    edge.token_exp("acme", user, "host", "*", unix_now() + 2 - LEEWAY_SECS)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_with_its_token() {
+    let edge = TestEdge::start(|_| {}).await;
+    let client = Client::connect(edge.options(nearly_expired(&edge, "brief")))
+        .await
+        .expect("accepted while valid");
+    let _room = client.join("lobby").await.expect("join");
+    client.send("lobby", Kind::Chat, "while valid").await.expect("ack");
+    let ended = tokio::time::timeout(Duration::from_secs(10), client.closed())
+        .await
+        .expect("the edge ends the session at expiry");
+    assert_eq!(ended.code(), Some(ErrorCode::TokenExpired), "{ended}");
+    let after = client.send("lobby", Kind::Chat, "too late").await;
+    assert!(after.is_err(), "nothing is sent after expiry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_session_goes_on_past_the_first_tokens_expiry() {
+    let edge = TestEdge::start(|_| {}).await;
+    let later = edge.token("acme", "kept", "host", "*");
+    let client = Client::connect(edge.options(nearly_expired(&edge, "kept")))
+        .await
+        .expect("connect");
+    let first = client.expires_at();
+    let new_exp = client.refresh(later).await.expect("refreshed");
+    assert!(new_exp > first + 3000, "{new_exp} vs {first}");
+    assert_eq!(client.expires_at(), new_exp);
+    // Past the first token's expiry (and its leeway) the session still works.
+    let mut room = client.join("lobby").await.expect("join");
+    let wait_until = tokio::time::Instant::now() + Duration::from_secs(LEEWAY_SECS + 3);
+    while tokio::time::Instant::now() < wait_until {
+        client.ping().await.expect("still connected");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    client
+        .send("lobby", Kind::Chat, "after")
+        .await
+        .expect("ack after the first expiry");
+    let batch = room.next_batch().await.expect("batch").expect("ok");
+    assert_eq!(batch.messages[0].body, b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_library_refreshes_by_itself_through_its_callback() {
+    let edge = TestEdge::start(|_| {}).await;
+    let fresh = edge.token("acme", "auto", "viewer", "*");
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = std::sync::Arc::clone(&calls);
+    let source = TokenSource::new(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = fresh.clone();
+        async move { Ok(t) }
+    });
+    let client = Client::connect(edge.options(nearly_expired(&edge, "auto")).with_refresh(source))
+        .await
+        .expect("connect");
+    let wait_until = tokio::time::Instant::now() + Duration::from_secs(LEEWAY_SECS + 3);
+    while tokio::time::Instant::now() < wait_until {
+        client.ping().await.expect("the callback kept the session alive");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(client.expires_at() > unix_now() + 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_for_another_user_or_a_bad_token_changes_nothing() {
+    let edge = TestEdge::start(|_| {}).await;
+    let client = edge.client("acme", "mallory", "viewer").await;
+    let before = client.expires_at();
+    let other = edge.token("acme", "alice", "host", "*");
+    let err = client.refresh(other).await.expect_err("another user's token");
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{err}");
+    let err = client.refresh("not.a.token").await.expect_err("garbage");
+    assert_eq!(err.code(), Some(ErrorCode::TokenMalformed), "{err}");
+    let expired = edge.token_exp("acme", "mallory", "viewer", "*", unix_now() - 600);
+    let err = client.refresh(expired).await.expect_err("an expired token");
+    assert_eq!(err.code(), Some(ErrorCode::TokenExpired), "{err}");
+    assert_eq!(client.expires_at(), before);
+    client.ping().await.expect("the session goes on");
+}
