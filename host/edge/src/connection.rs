@@ -96,7 +96,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>) {
         Ok(Err(ReadError::Stream)) | Ok(Ok(None)) => Ok(None),
         Ok(Err(ReadError::Decode(fatal))) => Err(fatal),
         Ok(Ok(Some(ClientFrame::Hello { token }))) => shared
-            .auth
+            .authenticator()
             .verify(&token)
             .map(Some)
             .map_err(|e| (e.code(), e.to_string())),
