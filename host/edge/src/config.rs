@@ -1211,6 +1211,60 @@ mod tests {
     }
 
     #[test]
+    fn filters_fail_closed_unless_they_say_open() {
+        let filter = |extra: &str| {
+            format!(
+                "[tenants.acme]\nhs256_secret = \"0123456789abcdef\"\n\
+                 filters = [{{ module = \"builtin:filter-keywords\", params = {{ words = \"x\" }}{extra} }}]\n"
+            )
+        };
+        let c = parse(&filter("")).unwrap();
+        assert_eq!(c.filters["acme"][0].on_failure, OnFailure::Closed);
+        let c = parse(&filter(", on_failure = \"open\"")).unwrap();
+        assert_eq!(c.filters["acme"][0].on_failure, OnFailure::Open);
+        let e = parse(&filter(", on_failure = \"maybe\"")).unwrap_err().to_string();
+        assert!(e.contains("tenants.acme.filters[0].on_failure"), "{e}");
+        // Test modules are not built in.
+        let e = parse(&filter("").replace("filter-keywords", "filter-trap"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no built-in module `filter-trap`"), "{e}");
+    }
+
+    #[test]
+    fn the_budget_keys_parse_and_a_reload_names_what_needs_a_restart() {
+        let c = parse(&format!(
+            "[wasm]\ncall_budget_per_message = \"1ms\"\ninstantiate_budget = \"3s\"\n\
+             quarantine_cooldown = \"5s\"\nquarantine_cooldown_max = \"1m\"\n{TENANT}"
+        ))
+        .unwrap();
+        assert_eq!(c.wasm.budget_per_message, Duration::from_millis(1));
+        assert_eq!(c.wasm.instantiate_budget, Duration::from_secs(3));
+        assert_eq!(c.wasm.quarantine_cooldown_max, Duration::from_secs(60));
+        let e = parse(&format!(
+            "[wasm]\nquarantine_cooldown = \"5m\"\nquarantine_cooldown_max = \"1m\"\n{TENANT}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("wasm.quarantine_cooldown_max"), "{e}");
+
+        let mut next = c.clone();
+        assert!(c.restart_needed(&next).is_empty());
+        next.limits.max_body_bytes = 100;
+        next.wasm.budget = Budget::Epoch(Duration::from_millis(7));
+        next.tenants.insert(
+            "new".into(),
+            TenantConfig::Hs256 {
+                secret: b"0123456789abcdef".to_vec(),
+            },
+        );
+        assert_eq!(
+            c.restart_needed(&next),
+            ["limits.max_body_bytes (4096 -> 100)", "wasm.call_budget (5ms -> 7ms)"]
+        );
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_file() {
         let c = parse(&format!("[server]\ndata_dir = \"state\"\n{TENANT}")).unwrap();
         assert_eq!(c.data_dir, Path::new("/etc/throng/state"));

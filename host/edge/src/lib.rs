@@ -11,8 +11,10 @@
 //!   batch, queues it for every member.
 //! - [`policy`]: the per-room decision of what goes out: the built-in
 //!   [`policy::NativePolicy`] or an operator's Wasm module with a native fallback.
-//! - [`filter`]: a tenant's Wasm message filters, one instance per tenant.
-//! - [`wasm`]: the engine, module cache, per-call budgets and limits.
+//! - [`filter`]: a tenant's Wasm message filters: one warm instance (and a
+//!   spare) per tenant, made at load; `on_failure` closed or open.
+//! - [`wasm`]: the engine, module cache (memory and disk), budgets, limits,
+//!   quarantine.
 //! - [`modules`]: which module runs where (edge-config), reloadable.
 //! - [`log`]: group rooms' durable log (redb), written in group commits.
 //! - [`presence`]: who is online on this edge, for batched queries.

@@ -716,3 +716,35 @@ fn reason(e: &wasmtime::Error) -> String {
     let text = e.to_string();
     text.lines().next().unwrap_or("error").to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_cool_downs_double_up_to_the_cap_and_end() {
+        let settings = WasmSettings {
+            quarantine_after: 2,
+            quarantine_cooldown: Duration::from_millis(10),
+            quarantine_cooldown_max: Duration::from_millis(35),
+            ..WasmSettings::default()
+        };
+        let mut strikes = Strikes::default();
+        let mut cooldowns = Vec::new();
+        for _ in 0..4 {
+            assert_eq!(strikes.strike(&settings), None, "one failure is not enough");
+            let cooldown = strikes.strike(&settings).expect("the second quarantines");
+            assert!(strikes.is_quarantined());
+            cooldowns.push(cooldown);
+            // Bounded: the cool-down is at most 35 ms.
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while strikes.is_quarantined() {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let ms: Vec<u128> = cooldowns.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [10, 20, 35, 35]);
+        assert_eq!(strikes.level(), 4);
+    }
+}
