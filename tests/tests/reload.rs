@@ -17,6 +17,8 @@ fn masking(words: &str) -> throng_edge::config::ModuleUse {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_configure_fails_the_whole_reload_and_changes_nothing() {
     let edge = TestEdge::start(|c| {
+        // About configure, not time: room for a machine busy elsewhere.
+        c.wasm.budget = throng_edge::wasm::Budget::Epoch(Duration::from_millis(200));
         c.policies
             .push(builtin_policy("*", "policy-default", &[("cap_per_sec", "0")]));
         c.filters.insert("acme".into(), vec![masking("scam")]);

@@ -24,6 +24,10 @@ data_dir = "data"
 [limits]
 max_body_bytes = {max_body}
 
+# About reload, not time: room for a machine busy elsewhere.
+[wasm]
+call_budget = "200ms"
+
 [[policy]]
 module = "builtin:policy-default"
 params = {{ cap_per_sec = {cap} }}

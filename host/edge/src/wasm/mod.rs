@@ -420,10 +420,15 @@ impl WasmRuntime {
             .as_ref()
             .map(|dir| dir.join(format!("{}-{}.cwasm", hash.hex(), self.engine_key)));
         if let Some(path) = &cached {
+            let started = Instant::now();
             match self.read_cached(path) {
                 Ok(Some(component)) => {
                     self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(module = %hash, "compiled module from the disk cache");
+                    tracing::info!(
+                        module = %hash,
+                        ms = started.elapsed().as_millis() as u64,
+                        "loaded compiled module from the disk cache"
+                    );
                     return Ok(component);
                 }
                 Ok(None) => {}
