@@ -219,6 +219,43 @@ pub fn builtin(module: &str, params: &[(&str, &str)]) -> ModuleUse {
         key: format!("test.{module}"),
         source: ModuleSource::Builtin(module.into()),
         params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        on_failure: throng_edge::filter::OnFailure::Closed,
+    }
+}
+
+/// A test module (from `throng-test-modules`, which `builtin:` does not
+/// offer) with params, by its path, as a filter chain entry or policy.
+pub fn test_module(module: &str, params: &[(&str, &str)]) -> ModuleUse {
+    let path = test_module_path(module);
+    ModuleUse {
+        key: format!("test.{module}"),
+        source: ModuleSource::Path(path.into()),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        on_failure: throng_edge::filter::OnFailure::Closed,
+    }
+}
+
+fn test_module_path(name: &str) -> &'static str {
+    use throng_test_modules as t;
+    match name {
+        "filter-slow" => t::FILTER_SLOW_PATH,
+        "filter-slow-start" => t::FILTER_SLOW_START_PATH,
+        "filter-trap" => t::FILTER_TRAP_PATH,
+        "hostile-loop" => t::HOSTILE_LOOP_PATH,
+        "hostile-memory" => t::HOSTILE_MEMORY_PATH,
+        "hostile-plan" => t::HOSTILE_PLAN_PATH,
+        "hostile-trap" => t::HOSTILE_TRAP_PATH,
+        other => panic!("no path for test module `{other}`"),
+    }
+}
+
+/// A `[[policy]]` rule running a test module on rooms matching `rooms`.
+pub fn test_policy(rooms: &str, module: &str, params: &[(&str, &str)]) -> PolicyRule {
+    PolicyRule {
+        tenant: "*".into(),
+        rooms: rooms.into(),
+        class: None,
+        policy: PolicyChoice::Module(test_module(module, params)),
     }
 }
 

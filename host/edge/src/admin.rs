@@ -69,10 +69,30 @@ struct Process {
 #[derive(Debug, Serialize)]
 struct Wasm {
     instantiations: u64,
+    /// Modules compiled, and modules taken from the disk cache instead.
+    compilations: u64,
+    cache_hits: u64,
     policy_failures: u64,
     filter_failures: u64,
+    /// Messages of batches a filter could not judge.
+    filter_unjudged: u64,
     quarantines: u64,
     fallback_ticks: u64,
+    /// Quarantines in force, per tenant and module.
+    quarantined: Vec<Quarantined>,
+}
+
+#[derive(Debug, Serialize)]
+struct Quarantined {
+    /// `filter` or `policy`.
+    kind: &'static str,
+    tenant: String,
+    /// The tenant (filters) or `tenant/room` (policies).
+    label: String,
+    module: String,
+    remaining_s: f64,
+    /// Quarantines in a row (the cool-down doubles with each).
+    level: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -160,10 +180,26 @@ async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
         process,
         wasm: Wasm {
             instantiations: load(&s.wasm.instantiations),
+            compilations: load(&s.wasm.compilations),
+            cache_hits: load(&s.wasm.cache_hits),
             policy_failures: load(&s.wasm.policy_failures),
             filter_failures: load(&s.wasm.filter_failures),
+            filter_unjudged: load(&s.wasm.filter_unjudged),
             quarantines: load(&s.wasm.quarantines),
             fallback_ticks: load(&s.wasm.fallback_ticks),
+            quarantined: s
+                .wasm
+                .quarantined()
+                .into_iter()
+                .map(|q| Quarantined {
+                    kind: q.kind,
+                    tenant: q.tenant,
+                    label: q.label,
+                    module: q.module.hex(),
+                    remaining_s: q.until.saturating_duration_since(Instant::now()).as_secs_f64(),
+                    level: q.level,
+                })
+                .collect(),
         },
         group_log: GroupLog {
             commits: load(&s.log.commits),

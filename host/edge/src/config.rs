@@ -11,6 +11,7 @@ use serde::Deserialize;
 use thiserror::Error;
 use throng_wire::{DEFAULT_MAX_FRAME, HARD_MAX_FRAME};
 
+use crate::filter::OnFailure;
 use crate::wasm::{Budget, WasmSettings};
 
 /// The embedded defaults `throng serve` uses without `--config`.
@@ -83,6 +84,10 @@ pub struct ModuleUse {
     pub key: String,
     pub source: ModuleSource,
     pub params: Vec<(String, String)>,
+    /// Filters: what happens to a batch the filter could not judge
+    /// (`on_failure`, default closed). Policies always fall back to the
+    /// built-in policy and ignore it.
+    pub on_failure: OnFailure,
 }
 
 /// What policy a room runs.
@@ -109,6 +114,160 @@ impl Config {
     /// The group log's file: `storage.group_log`, relative to the data dir.
     pub fn group_log_path(&self) -> PathBuf {
         self.data_dir.join(&self.storage.group_log)
+    }
+
+    /// Where compiled modules are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.data_dir.join("cache")
+    }
+
+    /// Every setting that differs in `next` and that a running edge cannot
+    /// take without a restart, as `key (old -> new)`. A reload applies
+    /// tenants (keys, filters) and `[[policy]]`; everything else is here.
+    pub fn restart_needed(&self, next: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        macro_rules! diff {
+            ($prefix:literal, $a:expr, $b:expr, [$($field:ident),* $(,)?]) => {
+                $(
+                    let (a, b) = (format!("{:?}", $a.$field), format!("{:?}", $b.$field));
+                    if a != b {
+                        out.push(format!(concat!($prefix, stringify!($field), " ({} -> {})"), a, b));
+                    }
+                )*
+            };
+        }
+        diff!("server.", self, next, [listen, admin, data_dir]);
+        let (a, b) = (self.tls.as_ref(), next.tls.as_ref());
+        if a.map(|t| (&t.cert, &t.key)) != b.map(|t| (&t.cert, &t.key)) {
+            out.push(format!("tls ({a:?} -> {b:?})"));
+        }
+        diff!(
+            "limits.",
+            self.limits,
+            next.limits,
+            [
+                max_connections,
+                max_rooms_per_connection,
+                max_frame_bytes,
+                max_body_bytes,
+                send_rate_per_sec,
+                send_burst,
+                hello_timeout,
+            ]
+        );
+        diff!(
+            "quic.",
+            self.quic,
+            next.quic,
+            [
+                idle_timeout,
+                keep_alive,
+                udp_recv_buffer,
+                udp_send_buffer,
+                segmentation_offload,
+                stream_receive_window,
+                connection_receive_window,
+                send_window,
+            ]
+        );
+        diff!(
+            "rooms.",
+            self.rooms,
+            next.rooms,
+            [
+                tick,
+                viewer_cap_per_sec,
+                recent_messages,
+                viewer_queue_batches,
+                max_behind,
+                presence_interval,
+                empty_room_linger,
+                inbox_capacity,
+                group_rooms,
+                shard_members,
+                pace_chunk,
+                group_max_members,
+            ]
+        );
+        if self.rooms.classes != next.rooms.classes {
+            out.push(format!(
+                "rooms.class ({:?} -> {:?})",
+                self.rooms.classes, next.rooms.classes
+            ));
+        }
+        diff!(
+            "storage.",
+            self.storage,
+            next.storage,
+            [group_log, commit_interval, max_queued]
+        );
+        let (a, b) = (&self.wasm, &next.wasm);
+        let budget = |w: &WasmSettings| match w.budget {
+            Budget::Epoch(d) => ("wasm.call_budget", format!("{d:?}")),
+            Budget::Fuel(f) => ("wasm.fuel_per_call", f.to_string()),
+        };
+        if budget(a) != budget(b) {
+            let ((ka, va), (kb, vb)) = (budget(a), budget(b));
+            out.push(if ka == kb {
+                format!("{ka} ({va} -> {vb})")
+            } else {
+                format!("wasm.budget ({ka} = {va} -> {kb} = {vb})")
+            });
+        }
+        let key = |k: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug, out: &mut Vec<String>| {
+            let (a, b) = (format!("{a:?}"), format!("{b:?}"));
+            if a != b {
+                out.push(format!("wasm.{k} ({a} -> {b})"));
+            }
+        };
+        key(
+            "call_budget_per_message",
+            &a.budget_per_message,
+            &b.budget_per_message,
+            &mut out,
+        );
+        key("fuel_per_message", &a.fuel_per_message, &b.fuel_per_message, &mut out);
+        key(
+            "instantiate_budget",
+            &a.instantiate_budget,
+            &b.instantiate_budget,
+            &mut out,
+        );
+        key("instantiate_fuel", &a.instantiate_fuel, &b.instantiate_fuel, &mut out);
+        key("max_module_bytes", &a.max_module_bytes, &b.max_module_bytes, &mut out);
+        key(
+            "policy_memory_bytes",
+            &a.policy_memory_bytes,
+            &b.policy_memory_bytes,
+            &mut out,
+        );
+        key(
+            "filter_memory_bytes",
+            &a.filter_memory_bytes,
+            &b.filter_memory_bytes,
+            &mut out,
+        );
+        key("max_instances", &a.max_instances, &b.max_instances, &mut out);
+        key("quarantine_after", &a.quarantine_after, &b.quarantine_after, &mut out);
+        key(
+            "quarantine_window",
+            &a.quarantine_window,
+            &b.quarantine_window,
+            &mut out,
+        );
+        key(
+            "quarantine_cooldown",
+            &a.quarantine_cooldown,
+            &b.quarantine_cooldown,
+            &mut out,
+        );
+        key(
+            "quarantine_cooldown_max",
+            &a.quarantine_cooldown_max,
+            &b.quarantine_cooldown_max,
+            &mut out,
+        );
+        out
     }
 }
 
@@ -275,7 +434,13 @@ struct RawWasm {
     budget: String,
     #[serde(with = "humantime_serde")]
     call_budget: Duration,
+    #[serde(with = "humantime_serde")]
+    call_budget_per_message: Duration,
     fuel_per_call: u64,
+    fuel_per_message: u64,
+    #[serde(with = "humantime_serde")]
+    instantiate_budget: Duration,
+    instantiate_fuel: u64,
     max_module_bytes: usize,
     policy_memory_bytes: usize,
     filter_memory_bytes: usize,
@@ -283,6 +448,10 @@ struct RawWasm {
     quarantine_after: u32,
     #[serde(with = "humantime_serde")]
     quarantine_window: Duration,
+    #[serde(with = "humantime_serde")]
+    quarantine_cooldown: Duration,
+    #[serde(with = "humantime_serde")]
+    quarantine_cooldown_max: Duration,
 }
 
 impl Default for RawWasm {
@@ -291,13 +460,19 @@ impl Default for RawWasm {
         Self {
             budget: "epoch".into(),
             call_budget: Duration::from_millis(5),
+            call_budget_per_message: d.budget_per_message,
             fuel_per_call: 50_000_000,
+            fuel_per_message: d.fuel_per_message,
+            instantiate_budget: d.instantiate_budget,
+            instantiate_fuel: d.instantiate_fuel,
             max_module_bytes: d.max_module_bytes,
             policy_memory_bytes: d.policy_memory_bytes,
             filter_memory_bytes: d.filter_memory_bytes,
             max_instances: d.max_instances,
             quarantine_after: d.quarantine_after,
             quarantine_window: d.quarantine_window,
+            quarantine_cooldown: d.quarantine_cooldown,
+            quarantine_cooldown_max: d.quarantine_cooldown_max,
         }
     }
 }
@@ -321,6 +496,7 @@ struct RawModuleUse {
     module: String,
     #[serde(default)]
     params: BTreeMap<String, toml::Value>,
+    on_failure: Option<String>,
 }
 
 fn star() -> String {
@@ -817,6 +993,35 @@ impl Validator<'_> {
                 Duration::from_secs(1),
                 Duration::from_secs(86_400),
             )?,
+            budget_per_message: self.duration(
+                "wasm.call_budget_per_message",
+                w.call_budget_per_message,
+                Duration::ZERO,
+                Duration::from_secs(1),
+            )?,
+            fuel_per_message: self.range("wasm.fuel_per_message", w.fuel_per_message, 0, 1 << 36)?,
+            instantiate_budget: self.duration(
+                "wasm.instantiate_budget",
+                w.instantiate_budget,
+                Duration::from_millis(10),
+                Duration::from_secs(600),
+            )?,
+            instantiate_fuel: self.range("wasm.instantiate_fuel", w.instantiate_fuel, 10_000, 1 << 44)?,
+            quarantine_cooldown: self.duration(
+                "wasm.quarantine_cooldown",
+                w.quarantine_cooldown,
+                Duration::from_millis(100),
+                Duration::from_secs(86_400),
+            )?,
+            quarantine_cooldown_max: self.duration(
+                "wasm.quarantine_cooldown_max",
+                w.quarantine_cooldown_max,
+                w.quarantine_cooldown.max(Duration::from_millis(100)),
+                Duration::from_secs(7 * 86_400),
+            )?,
+            // Set by the edge from server.data_dir (which --data-dir may
+            // still change).
+            cache_dir: None,
         };
 
         let mut policies = Vec::new();
@@ -835,6 +1040,7 @@ impl Validator<'_> {
                     source: self.module_source(&format!("{key}.module"), &rule.module, wasm.max_module_bytes)?,
                     key: format!("{key}.module"),
                     params,
+                    on_failure: OnFailure::Closed,
                 })
             };
             if let Some(class) = &rule.class
@@ -861,10 +1067,21 @@ impl Validator<'_> {
             let mut chain = Vec::new();
             for (i, f) in t.filters.into_iter().enumerate() {
                 let fkey = format!("{key}.filters[{i}]");
+                let on_failure = match f.on_failure.as_deref() {
+                    None | Some("closed") => OnFailure::Closed,
+                    Some("open") => OnFailure::Open,
+                    Some(other) => {
+                        return Err(self.err(
+                            format!("{fkey}.on_failure"),
+                            format!("`{other}`: expected \"open\" or \"closed\""),
+                        ));
+                    }
+                };
                 chain.push(ModuleUse {
                     source: self.module_source(&format!("{fkey}.module"), &f.module, wasm.max_module_bytes)?,
                     key: format!("{fkey}.module"),
                     params: self.params(&format!("{fkey}.params"), f.params)?,
+                    on_failure,
                 });
             }
             if !chain.is_empty() {
@@ -960,8 +1177,8 @@ impl Validator<'_> {
 
     fn module_source(&self, key: &str, text: &str, max_bytes: usize) -> Result<ModuleSource, ConfigError> {
         if let Some(name) = text.strip_prefix("builtin:") {
-            if !throng_guest_artifacts::ALL.iter().any(|(n, _)| *n == name) {
-                let known: Vec<&str> = throng_guest_artifacts::ALL.iter().map(|(n, _)| *n).collect();
+            if !throng_guest_artifacts::BUILTIN.iter().any(|(n, _)| *n == name) {
+                let known: Vec<&str> = throng_guest_artifacts::BUILTIN.iter().map(|(n, _)| *n).collect();
                 return Err(self.err(
                     key,
                     format!("no built-in module `{name}` (built in: {})", known.join(", ")),
@@ -1070,6 +1287,60 @@ mod tests {
         assert_eq!(parse(&class("")).unwrap().rooms.classes[0].spread, Duration::ZERO);
         let e = parse(&class("spread = \"20ms\"\n")).unwrap_err().to_string();
         assert!(e.contains("rooms.class[0].spread"), "{e}");
+    }
+
+    #[test]
+    fn filters_fail_closed_unless_they_say_open() {
+        let filter = |extra: &str| {
+            format!(
+                "[tenants.acme]\nhs256_secret = \"0123456789abcdef\"\n\
+                 filters = [{{ module = \"builtin:filter-keywords\", params = {{ words = \"x\" }}{extra} }}]\n"
+            )
+        };
+        let c = parse(&filter("")).unwrap();
+        assert_eq!(c.filters["acme"][0].on_failure, OnFailure::Closed);
+        let c = parse(&filter(", on_failure = \"open\"")).unwrap();
+        assert_eq!(c.filters["acme"][0].on_failure, OnFailure::Open);
+        let e = parse(&filter(", on_failure = \"maybe\"")).unwrap_err().to_string();
+        assert!(e.contains("tenants.acme.filters[0].on_failure"), "{e}");
+        // Test modules are not built in.
+        let e = parse(&filter("").replace("filter-keywords", "filter-trap"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no built-in module `filter-trap`"), "{e}");
+    }
+
+    #[test]
+    fn the_budget_keys_parse_and_a_reload_names_what_needs_a_restart() {
+        let c = parse(&format!(
+            "[wasm]\ncall_budget_per_message = \"1ms\"\ninstantiate_budget = \"3s\"\n\
+             quarantine_cooldown = \"5s\"\nquarantine_cooldown_max = \"1m\"\n{TENANT}"
+        ))
+        .unwrap();
+        assert_eq!(c.wasm.budget_per_message, Duration::from_millis(1));
+        assert_eq!(c.wasm.instantiate_budget, Duration::from_secs(3));
+        assert_eq!(c.wasm.quarantine_cooldown_max, Duration::from_secs(60));
+        let e = parse(&format!(
+            "[wasm]\nquarantine_cooldown = \"5m\"\nquarantine_cooldown_max = \"1m\"\n{TENANT}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("wasm.quarantine_cooldown_max"), "{e}");
+
+        let mut next = c.clone();
+        assert!(c.restart_needed(&next).is_empty());
+        next.limits.max_body_bytes = 100;
+        next.wasm.budget = Budget::Epoch(Duration::from_millis(7));
+        next.tenants.insert(
+            "new".into(),
+            TenantConfig::Hs256 {
+                secret: b"0123456789abcdef".to_vec(),
+            },
+        );
+        assert_eq!(
+            c.restart_needed(&next),
+            ["limits.max_body_bytes (4096 -> 100)", "wasm.call_budget (5ms -> 7ms)"]
+        );
     }
 
     #[test]

@@ -112,7 +112,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
         Ok(Err(ReadError::Stream)) | Ok(Ok(None)) => Ok(None),
         Ok(Err(ReadError::Decode(fatal))) => Err(fatal),
         Ok(Ok(Some(ClientFrame::Hello { token }))) => shared
-            .auth
+            .authenticator()
             .verify(&token)
             .map(Some)
             .map_err(|e| (e.code(), e.to_string())),
@@ -492,7 +492,7 @@ impl Session<'_> {
     /// Takes a later token for the same tenant and user: its rights and
     /// expiry from now on. A refused one changes nothing.
     fn refresh(&mut self, token: &str) {
-        let answer = match self.shared.auth.verify(token) {
+        let answer = match self.shared.authenticator().verify(token) {
             Ok(g) if g.session.tenant != self.grant.session.tenant || g.session.user != self.grant.session.user => {
                 EdgeFrame::RefreshRefused {
                     code: ErrorCode::Forbidden.code(),

@@ -2,34 +2,81 @@
 //!
 //! One [`TenantFilter`] per tenant and module on this edge, shared by all of
 //! the tenant's rooms; each room calls it once per tick with its whole
-//! inbox. A filter that fails (trap, budget, wrong number of verdicts)
-//! **fails open** for that batch: the messages go on unfiltered, the failure
-//! is counted and logged with tenant and module hash, and after
-//! `quarantine_after` failures within `quarantine_window` the filter is
-//! quarantined (skipped) until the next module change. Failing open keeps
-//! a broken filter from silencing every room of the tenant; a tenant that
-//! needs fail-closed moderation should say so and get a config switch.
+//! inbox. Its instance is made, configured and warmed up when the config is
+//! loaded ([`TenantFilter::load`]), so a room never waits for a cold one,
+//! and its place in the instance pool is kept for it (see
+//! [`WasmRuntime::reserve_for_filters`]).
+//!
+//! A batch the filter cannot judge (trap, budget, wrong number of verdicts,
+//! quarantined, or no instance yet after a failure) goes the filter's
+//! [`OnFailure`] way: `closed` (the default) rejects every message of it to
+//! its sender with `FilterUnavailable`, `open` passes it on unfiltered;
+//! both are counted. A filter keeps a second warm instance: after a
+//! failure the spare takes over at once (the next batch is judged) and a
+//! new spare is made in the background, off the rooms' ticks. After `quarantine_after` failures
+//! within `quarantine_window` the filter is quarantined for a cool-down
+//! that doubles with each repeat ([`Strikes`]), then gets a fresh instance.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crate::wasm::bindings::{Message, Verdict};
 use crate::wasm::filter::{FilterInstance, FilterModule};
 use crate::wasm::policy::CallFailure;
-use crate::wasm::{Failure, Strikes, WasmRuntime};
+use crate::wasm::{Failure, Quarantine, Strikes, WasmRuntime};
+
+/// What happens to a batch its filter could not judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFailure {
+    /// Every message of the batch is rejected with `FilterUnavailable`.
+    #[default]
+    Closed,
+    /// The batch passes on unfiltered.
+    Open,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Closed => "closed",
+            OnFailure::Open => "open",
+        }
+    }
+}
+
+/// Why a batch went unjudged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unjudged {
+    #[error("the filter failed on this batch")]
+    Failed,
+    #[error("the filter is quarantined")]
+    Quarantined,
+    #[error("the filter is starting again after a failure")]
+    NotReady,
+}
 
 /// A tenant's instance of one filter module.
 pub struct TenantFilter {
     runtime: Arc<WasmRuntime>,
     module: Arc<FilterModule>,
     params: Vec<(String, String)>,
+    on_failure: OnFailure,
     tenant: Arc<str>,
     state: tokio::sync::Mutex<FilterState>,
+    /// A replacement instance is being made.
+    warming: AtomicBool,
+    /// Where replacements are made: the edge's main runtime, not a room's.
+    spawner: tokio::runtime::Handle,
 }
 
 struct FilterState {
     instance: Option<FilterInstance>,
+    /// Takes over when `instance` fails.
+    spare: Option<FilterInstance>,
     strikes: Strikes,
+    /// A quarantine is shown in stats and metrics until a batch finds it over.
+    shown: bool,
 }
 
 impl std::fmt::Debug for TenantFilter {
@@ -37,27 +84,49 @@ impl std::fmt::Debug for TenantFilter {
         f.debug_struct("TenantFilter")
             .field("tenant", &self.tenant)
             .field("module", &self.module.hash())
+            .field("on_failure", &self.on_failure)
             .finish_non_exhaustive()
     }
 }
 
+impl Drop for TenantFilter {
+    fn drop(&mut self) {
+        self.runtime.stats().release("filter", &self.tenant, self.module.hash());
+    }
+}
+
 impl TenantFilter {
-    pub fn new(
+    /// Instantiates, configures and warms up the filter for `tenant`. An
+    /// error (e.g. `configure` refused its params) means the config that
+    /// names it must not be applied. Call it on the edge's main runtime.
+    pub async fn load(
         runtime: Arc<WasmRuntime>,
         module: Arc<FilterModule>,
         params: Vec<(String, String)>,
+        on_failure: OnFailure,
         tenant: Arc<str>,
-    ) -> Self {
-        Self {
+    ) -> Result<Arc<Self>, CallFailure> {
+        let instance = runtime
+            .instantiate_filter(&module, Arc::clone(&tenant), params.clone())
+            .await?;
+        let spare = runtime
+            .instantiate_filter(&module, Arc::clone(&tenant), params.clone())
+            .await?;
+        Ok(Arc::new(Self {
             runtime,
             module,
             params,
+            on_failure,
             tenant,
             state: tokio::sync::Mutex::new(FilterState {
-                instance: None,
+                instance: Some(instance),
+                spare: Some(spare),
                 strikes: Strikes::default(),
+                shown: false,
             }),
-        }
+            warming: AtomicBool::new(false),
+            spawner: tokio::runtime::Handle::current(),
+        }))
     }
 
     pub fn module(&self) -> &Arc<FilterModule> {
@@ -68,46 +137,64 @@ impl TenantFilter {
         &self.params
     }
 
-    /// One verdict per message, or `None` when the filter is unavailable
-    /// (failed this time, or quarantined): the batch then passes unfiltered.
-    pub async fn run(&self, batch: &[Message]) -> Option<Vec<Verdict>> {
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// One verdict per message, or why the batch went unjudged.
+    pub async fn run(self: &Arc<Self>, batch: &[Message]) -> Result<Vec<Verdict>, Unjudged> {
         let mut state = self.state.lock().await;
         if state.strikes.is_quarantined() {
-            return None;
+            return Err(Unjudged::Quarantined);
+        }
+        if std::mem::take(&mut state.shown) {
+            self.runtime.stats().release("filter", &self.tenant, self.module.hash());
+            tracing::info!(tenant = %self.tenant, module = %self.module.hash(), "filter module quarantine over");
         }
         if state.instance.is_none() {
-            match self
-                .runtime
-                .instantiate_filter(&self.module, Arc::clone(&self.tenant), self.params.clone())
-                .await
-            {
-                Ok(i) => state.instance = Some(i),
-                Err(f) => {
-                    self.fail(&mut state, f);
-                    return None;
-                }
-            }
+            state.instance = state.spare.take();
         }
-        let instance = state.instance.as_mut()?;
+        let Some(instance) = state.instance.as_mut() else {
+            // The cool-down is over (or a replacement failed): try again.
+            drop(state);
+            self.replace_instance(Duration::ZERO);
+            return Err(Unjudged::NotReady);
+        };
         match self.runtime.filter(instance, batch).await {
-            Ok(v) => Some(v),
+            Ok(v) => Ok(v),
             Err(f) => {
-                self.fail(&mut state, f);
-                None
+                // A trapped instance may hold broken state: never reuse it.
+                state.instance = None;
+                let wait = self.fail(&mut state, f);
+                drop(state);
+                self.replace_instance(wait);
+                Err(Unjudged::Failed)
             }
         }
     }
 
-    fn fail(&self, state: &mut FilterState, f: CallFailure) {
+    /// Records a failure; returns how long to wait before making a new
+    /// instance (the cool-down, if this failure quarantined the filter).
+    fn fail(&self, state: &mut FilterState, f: CallFailure) -> Duration {
         let stats = self.runtime.stats();
         stats.filter_failures.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("throng_wasm_filter_failures_total").increment(1);
+        metrics::counter!(
+            "throng_wasm_filter_failures_total",
+            "tenant" => self.tenant.to_string(),
+            "module" => self.module.hash().short(),
+        )
+        .increment(1);
         tracing::warn!(
             tenant = %self.tenant,
             module = %self.module.hash(),
             reason = %f.reason,
             elapsed_us = f.elapsed.as_micros() as u64,
-            "filter module failed; this batch passes unfiltered"
+            on_failure = self.on_failure.as_str(),
+            "filter module failed; this batch goes unjudged"
         );
         stats.record(Failure {
             label: self.tenant.to_string(),
@@ -115,11 +202,68 @@ impl TenantFilter {
             reason: f.reason,
             elapsed: f.elapsed,
         });
-        state.instance = None;
-        if state.strikes.strike(self.runtime.settings()) {
-            stats.quarantines.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("throng_wasm_quarantines_total").increment(1);
-            tracing::error!(tenant = %self.tenant, module = %self.module.hash(), "filter module quarantined");
+        let Some(cooldown) = state.strikes.strike(self.runtime.settings()) else {
+            return Duration::ZERO;
+        };
+        stats.quarantine(Quarantine {
+            kind: "filter",
+            tenant: self.tenant.to_string(),
+            label: self.tenant.to_string(),
+            module: self.module.hash(),
+            until: std::time::Instant::now() + cooldown,
+            level: state.strikes.level(),
+        });
+        state.shown = true;
+        tracing::error!(
+            tenant = %self.tenant,
+            module = %self.module.hash(),
+            cooldown_s = cooldown.as_secs_f64(),
+            on_failure = self.on_failure.as_str(),
+            "filter module quarantined for a cool-down"
+        );
+        cooldown
+    }
+
+    /// Refills the instance and the spare after `wait`, in the background,
+    /// unless that is under way already. Two attempts at most; ends early
+    /// when the filter is replaced or dropped.
+    fn replace_instance(self: &Arc<Self>, wait: Duration) {
+        if self.warming.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        self.spawner.spawn(async move {
+            tokio::time::sleep(wait).await;
+            for _ in 0..2 {
+                let Some(this) = weak.upgrade() else { return };
+                let made = this
+                    .runtime
+                    .instantiate_filter(&this.module, Arc::clone(&this.tenant), this.params.clone())
+                    .await;
+                let mut state = this.state.lock().await;
+                match made {
+                    Ok(instance) => {
+                        if state.instance.is_none() {
+                            state.instance = Some(instance);
+                        } else {
+                            state.spare = Some(instance);
+                        }
+                        if state.spare.is_some() {
+                            break;
+                        }
+                    }
+                    // Counted like any failure: a filter that cannot start
+                    // again is quarantined too. The next batch after the
+                    // cool-down tries again.
+                    Err(f) => {
+                        this.fail(&mut state, f);
+                        break;
+                    }
+                }
+            }
+            if let Some(this) = weak.upgrade() {
+                this.warming.store(false, Ordering::Release);
+            }
+        });
     }
 }

@@ -11,8 +11,10 @@
 //!   batch, queues it for every member.
 //! - [`policy`]: the per-room decision of what goes out: the built-in
 //!   [`policy::NativePolicy`] or an operator's Wasm module with a native fallback.
-//! - [`filter`]: a tenant's Wasm message filters, one instance per tenant.
-//! - [`wasm`]: the engine, module cache, per-call budgets and limits.
+//! - [`filter`]: a tenant's Wasm message filters: one warm instance (and a
+//!   spare) per tenant, made at load; `on_failure` closed or open.
+//! - [`wasm`]: the engine, module cache (memory and disk), budgets, limits,
+//!   quarantine.
 //! - [`modules`]: which module runs where (edge-config), reloadable.
 //! - [`log`]: group rooms' durable log (redb), written in group commits.
 //! - [`presence`]: who is online on this edge, for batched queries.
@@ -98,7 +100,8 @@ pub enum EdgeError {
 /// State every connection shares.
 pub(crate) struct Shared {
     config: Config,
-    auth: Authenticator,
+    /// Tenants and their keys; a reload replaces it.
+    auth: std::sync::RwLock<Arc<Authenticator>>,
     rooms: Arc<Rooms>,
     limiter: DefaultKeyedRateLimiter<String>,
     wire_limits: throng_wire::Limits,
@@ -122,6 +125,21 @@ impl Shared {
     fn next_connection_id(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// The tenants and keys in force now.
+    fn authenticator(&self) -> Arc<Authenticator> {
+        Arc::clone(&self.auth.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// What a reload changed, and what it could not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reload {
+    /// The new module set's generation.
+    pub generation: u64,
+    /// Changed settings a running edge cannot take (`key (old -> new)`);
+    /// they apply at the next restart.
+    pub needs_restart: Vec<String>,
 }
 
 /// A running edge host.
@@ -174,10 +192,12 @@ impl Edge {
         )?;
         let mut wasm = config.wasm.clone();
         wasm.max_instances = fit_to_map_count(wasm.max_instances);
-        // The pool's instances serve rooms' policies and tenants' filters;
-        // rooms get what the filters leave, so a crowd of new rooms meets a
-        // typed refusal at join, never an empty pool.
-        let filter_instances: usize = config.filters.values().map(Vec::len).sum::<usize>() + FILTER_SPARE;
+        wasm.cache_dir = Some(config.cache_dir());
+        // The pool's instances serve rooms' policies and tenants' filters
+        // (an instance and a warm spare each); rooms get what the filters
+        // leave, so a crowd of new rooms meets a typed refusal at join,
+        // never an empty pool.
+        let filter_instances: usize = 2 * config.filters.values().map(Vec::len).sum::<usize>() + FILTER_SPARE;
         let max_rooms = (wasm.max_instances as usize).saturating_sub(filter_instances).max(1);
         let runtime = WasmRuntime::new(wasm)?;
         let modules = ModuleSet::load(&config, &runtime, None).await?;
@@ -209,7 +229,9 @@ impl Edge {
             idle_timeout_ms: config.quic.idle_timeout.as_millis() as u64,
         };
         let shared = Arc::new(Shared {
-            auth: Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?,
+            auth: std::sync::RwLock::new(Arc::new(
+                Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?,
+            )),
             rooms: Arc::clone(&rooms),
             limiter: RateLimiter::keyed(quota),
             wire_limits,
@@ -271,17 +293,39 @@ impl Edge {
         self.shared.presence.count(tenant)
     }
 
-    /// Applies the modules of a new config (policies and filters) to running
-    /// rooms: each room swaps at its next tick boundary, viewers stay
-    /// connected. Other settings need a restart. On error nothing changes.
-    pub async fn reload(&self, config: &Config) -> Result<u64, EdgeError> {
+    /// Applies a new config's tenants (keys and filters) and policies:
+    /// every module is loaded and its `configure` dry-run first, and any
+    /// failure (a bad key, a module that refuses its params) changes
+    /// nothing. Rooms swap at their next tick boundary; viewers stay
+    /// connected; new connections use the new keys. Other changed settings
+    /// are named in [`Reload::needs_restart`] (and logged), not applied.
+    pub async fn reload(&self, config: &Config) -> Result<Reload, EdgeError> {
         let _one_at_a_time = self.reload.lock().await;
+        let auth = Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?;
         let current = Arc::clone(&self.modules.borrow());
         let next = ModuleSet::load(config, &self.runtime, Some(&current)).await?;
         let generation = next.generation;
+        let filters = next.filter_count();
+        *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
         self.modules.send_replace(Arc::new(next));
-        tracing::info!(generation, "modules reloaded");
-        Ok(generation)
+        // Old filters go as rooms swap; over-reserving meanwhile is harmless.
+        self.runtime
+            .reserve_for_filters(u32::try_from(filters * 2).unwrap_or(u32::MAX));
+        // Against what the edge started with: that is what still runs.
+        let needs_restart = self.shared.config.restart_needed(config);
+        for setting in &needs_restart {
+            tracing::warn!(%setting, "changed setting needs a restart; not applied");
+        }
+        tracing::info!(
+            generation,
+            tenants = config.tenants.len(),
+            needs_restart = needs_restart.len(),
+            "config reloaded: tenants, keys, filters and policies"
+        );
+        Ok(Reload {
+            generation,
+            needs_restart,
+        })
     }
 
     /// Group log durability figures.

@@ -1,10 +1,17 @@
 //! Which modules run where: edge-config's `[[policy]]` rules and tenant
 //! filter chains, loaded and compiled into a [`ModuleSet`].
 //!
+//! Loading tells the truth before anything changes: every policy module's
+//! `configure` is dry-run with its rule's params, and every new filter is
+//! instantiated, configured and warmed up; a refusal fails the whole load,
+//! naming the config key, module and reason. Compilation runs on blocking
+//! threads and is cached on disk (see [`crate::wasm`]).
+//!
 //! Rooms watch the current set; on a change (SIGHUP reload) each room swaps
 //! at its next tick boundary: a room whose module or params changed gets a
 //! fresh instance and `configure` runs again; viewers stay connected.
-//! Filters whose module and params did not change keep their instance.
+//! Filters whose module, params and `on_failure` did not change keep their
+//! instance.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +22,7 @@ use wildmatch::WildMatch;
 
 use crate::config::{Config, ModuleSource, ModuleUse, PolicyChoice};
 use crate::filter::TenantFilter;
+use crate::wasm::policy::CallFailure;
 use crate::wasm::policy::PolicyModule;
 use crate::wasm::{ModuleHash, WasmError, WasmRuntime};
 
@@ -57,10 +65,29 @@ pub struct ModuleSet {
 }
 
 impl ModuleSet {
-    /// Loads and compiles what `config` names. Compilation runs on blocking
-    /// threads. Filters equal (module and params) to one in `previous` are
-    /// reused, instance and all.
+    /// Loads and compiles what `config` names, dry-runs every policy's
+    /// `configure` and makes every new filter's warm instance. Compilation
+    /// runs on blocking threads. Filters equal (module, params, on_failure)
+    /// to one in `previous` are reused, instance and all. Call it on the
+    /// edge's main runtime (filters make their replacements there).
     pub async fn load(
+        config: &Config,
+        runtime: &Arc<WasmRuntime>,
+        previous: Option<&ModuleSet>,
+    ) -> Result<ModuleSet, ModuleError> {
+        let before = previous.map_or(0, ModuleSet::filter_count);
+        let wanted: usize = config.filters.values().map(Vec::len).sum();
+        // Old and new filters live side by side until rooms swap; each may
+        // need a place for a replacement as well.
+        runtime.reserve_for_filters(places(before + wanted));
+        let loaded = Self::load_inner(config, runtime, previous).await;
+        if loaded.is_err() {
+            runtime.reserve_for_filters(places(before));
+        }
+        loaded
+    }
+
+    async fn load_inner(
         config: &Config,
         runtime: &Arc<WasmRuntime>,
         previous: Option<&ModuleSet>,
@@ -78,6 +105,11 @@ impl ModuleSet {
                         .await
                         .map_err(|e| err(m, e.to_string()))?
                         .map_err(|e| err(m, e.to_string()))?;
+                    let label: Arc<str> = Arc::from(format!("dry-run/{}", m.key).as_str());
+                    runtime
+                        .dry_run_policy(&module, label, m.params.clone())
+                        .await
+                        .map_err(|f| refused(m, f))?;
                     ResolvedPolicy::Wasm {
                         module,
                         params: m.params.clone(),
@@ -104,17 +136,26 @@ impl ModuleSet {
                 let reuse = previous.and_then(|p| {
                     p.filters_for(tenant)
                         .iter()
-                        .find(|f| f.module().hash() == module.hash() && f.params() == m.params.as_slice())
+                        .find(|f| {
+                            f.module().hash() == module.hash()
+                                && f.params() == m.params.as_slice()
+                                && f.on_failure() == m.on_failure
+                        })
                         .cloned()
                 });
-                loaded.push(reuse.unwrap_or_else(|| {
-                    Arc::new(TenantFilter::new(
+                let filter = match reuse {
+                    Some(f) => f,
+                    None => TenantFilter::load(
                         Arc::clone(runtime),
                         module,
                         m.params.clone(),
+                        m.on_failure,
                         Arc::from(tenant.as_str()),
-                    ))
-                }));
+                    )
+                    .await
+                    .map_err(|f| refused(m, f))?,
+                };
+                loaded.push(filter);
             }
             filters.insert(tenant.clone(), loaded);
         }
@@ -144,12 +185,35 @@ impl ModuleSet {
         self.filters.get(tenant).map_or(&[], Vec::as_slice)
     }
 
+    /// Tenant filters in this set.
+    pub fn filter_count(&self) -> usize {
+        self.filters.values().map(Vec::len).sum()
+    }
+
     /// The cap of the built-in policy when no rule matches.
     pub fn default_cap(&self) -> u32 {
         match self.default {
             ResolvedPolicy::Native { cap_per_sec } => cap_per_sec,
             ResolvedPolicy::Wasm { .. } => 0,
         }
+    }
+}
+
+/// Pool places to keep for `filters` tenant filters: each one's instance
+/// and its replacement.
+fn places(filters: usize) -> u32 {
+    u32::try_from(filters.saturating_mul(2)).unwrap_or(u32::MAX)
+}
+
+fn refused(m: &ModuleUse, f: CallFailure) -> ModuleError {
+    err(m, format!("{}: {}", source_name(&m.source), f.reason))
+}
+
+fn source_name(source: &ModuleSource) -> String {
+    match source {
+        ModuleSource::Builtin(name) => format!("builtin:{name}"),
+        ModuleSource::Path(path) => path.display().to_string(),
+        ModuleSource::Hash(hex) => format!("sha256:{hex}"),
     }
 }
 
@@ -162,7 +226,7 @@ fn err(m: &ModuleUse, reason: String) -> ModuleError {
 
 fn read(m: &ModuleUse, data_dir: &Path) -> Result<Vec<u8>, ModuleError> {
     match &m.source {
-        ModuleSource::Builtin(name) => throng_guest_artifacts::ALL
+        ModuleSource::Builtin(name) => throng_guest_artifacts::BUILTIN
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, bytes)| bytes.to_vec())

@@ -9,7 +9,9 @@
 //! is replaced *for that tick* by its native fallback, so viewers never miss
 //! a tick; the failure is counted and logged with room and module hash, and
 //! after `quarantine_after` failures within `quarantine_window` the module
-//! is quarantined for the room (native until the next module change).
+//! is quarantined for the room: native for a cool-down that doubles with
+//! each repeat (`quarantine_cooldown`, capped at `quarantine_cooldown_max`),
+//! then a fresh instance.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,7 +22,7 @@ use throng_wire::{Counters, GiftCount, Kind};
 
 use crate::wasm::bindings::RoomStats;
 use crate::wasm::policy::{CallFailure, PolicyInstance, PolicyModule};
-use crate::wasm::{Failure, Strikes, WasmRuntime};
+use crate::wasm::{Failure, Quarantine, Strikes, WasmRuntime};
 
 /// What a policy knows of a tick's inbound messages (the WIT `inbound`
 /// record: parallel lists).
@@ -169,6 +171,13 @@ impl std::fmt::Debug for WasmPolicy {
     }
 }
 
+impl Drop for WasmPolicy {
+    fn drop(&mut self) {
+        // A retired or swapped room's quarantine is over with it.
+        self.runtime.stats().release("policy", &self.label, self.module.hash());
+    }
+}
+
 impl WasmPolicy {
     /// Instantiates the module for the room. A failure here is a failure
     /// like any other: the room runs on the fallback and retries next tick.
@@ -219,6 +228,9 @@ impl WasmPolicy {
         {
             Ok(i) => {
                 self.instance = Some(i);
+                if self.strikes.level() > 0 {
+                    self.runtime.stats().release("policy", &self.label, self.module.hash());
+                }
                 true
             }
             Err(f) => {
@@ -231,7 +243,12 @@ impl WasmPolicy {
     fn fail(&mut self, f: CallFailure) {
         let stats = self.runtime.stats();
         stats.policy_failures.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("throng_wasm_policy_failures_total").increment(1);
+        metrics::counter!(
+            "throng_wasm_policy_failures_total",
+            "tenant" => self.label.split('/').next().unwrap_or_default().to_owned(),
+            "module" => self.module.hash().short(),
+        )
+        .increment(1);
         tracing::warn!(
             room = %self.label,
             module = %self.module.hash(),
@@ -247,13 +264,21 @@ impl WasmPolicy {
         });
         // A trapped instance may hold broken state: start afresh next tick.
         self.instance = None;
-        if self.strikes.strike(self.runtime.settings()) {
-            stats.quarantines.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("throng_wasm_quarantines_total").increment(1);
+        if let Some(cooldown) = self.strikes.strike(self.runtime.settings()) {
+            let tenant = self.label.split('/').next().unwrap_or_default().to_owned();
+            stats.quarantine(Quarantine {
+                kind: "policy",
+                tenant,
+                label: self.label.to_string(),
+                module: self.module.hash(),
+                until: std::time::Instant::now() + cooldown,
+                level: self.strikes.level(),
+            });
             tracing::error!(
                 room = %self.label,
                 module = %self.module.hash(),
-                "policy module quarantined for this room; the built-in policy takes over"
+                cooldown_s = cooldown.as_secs_f64(),
+                "policy module quarantined for this room; the built-in policy takes over for the cool-down"
             );
         }
     }

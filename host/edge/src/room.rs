@@ -34,7 +34,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RoomsConfig;
-use crate::filter::TenantFilter;
+use crate::filter::{OnFailure, TenantFilter};
 use crate::log::GroupLog;
 use crate::modules::{ModuleSet, ResolvedPolicy};
 use crate::policy::{InboundBatch, NativePolicy, RoomPolicy, WasmPolicy, tick_ms, wit_kind};
@@ -1077,7 +1077,9 @@ impl Room {
     }
 
     /// Runs the tenant's filters over the inbox, one call per filter for the
-    /// whole batch; rejected senders are told why.
+    /// whole batch; rejected senders are told why. A batch a filter could
+    /// not judge goes its `on_failure` way: closed rejects every message of
+    /// it (`FilterUnavailable`), open passes it on; never silently.
     async fn filter(&mut self, mut inbox: Vec<Inbound>) -> Vec<Inbound> {
         for filter in &self.filters {
             if inbox.is_empty() {
@@ -1096,7 +1098,37 @@ impl Room {
             for (m, b) in inbox.iter_mut().zip(batch) {
                 m.body = b.body;
             }
-            let Some(verdicts) = verdicts else { continue };
+            let verdicts = match verdicts {
+                Ok(v) => v,
+                Err(why) => {
+                    let on_failure = filter.on_failure();
+                    self.runtime
+                        .stats()
+                        .filter_unjudged
+                        .fetch_add(inbox.len() as u64, Ordering::Relaxed);
+                    metrics::counter!(
+                        "throng_filter_unjudged_total",
+                        "tenant" => self.key.tenant.to_string(),
+                        "module" => filter.module().hash().short(),
+                        "on_failure" => on_failure.as_str(),
+                    )
+                    .increment(inbox.len() as u64);
+                    match on_failure {
+                        OnFailure::Open => continue,
+                        OnFailure::Closed => {
+                            let reason = format!("message filter unavailable: {why}");
+                            for m in inbox.drain(..) {
+                                let _ = m.reply.send(EdgeFrame::Rejected {
+                                    client_msg_id: m.client_msg_id,
+                                    code: ErrorCode::FilterUnavailable.code(),
+                                    reason: reason.clone(),
+                                });
+                            }
+                            break;
+                        }
+                    }
+                }
+            };
             let mut kept = Vec::with_capacity(inbox.len());
             for (mut m, verdict) in inbox.into_iter().zip(verdicts) {
                 match verdict {

@@ -1,13 +1,16 @@
-//! The guest modules of `modules/`, built and embedded for the host's tests
-//! and benchmarks.
+//! The guest modules of `modules/`: built here, and the ones the edge ships
+//! (`builtin:policy-default`, `builtin:filter-keywords`) embedded.
 //!
 //! `build.rs` runs `cargo build --release --target wasm32-wasip2 --locked` on
 //! the separate guest workspace `modules/Cargo.toml` (target directory
 //! `target/guest-modules`, or `$CARGO_TARGET_DIR/guest-modules`), installing
 //! the `wasm32-wasip2` target with rustup if it is missing. rustc's output for
 //! that target is already a component, so each module is copied as is into
-//! `OUT_DIR`; this crate exposes, per module, `<NAME>_PATH` (the copy's
-//! absolute path) and `<NAME>` (its bytes), plus [`ALL`].
+//! `OUT_DIR`; this crate exposes, per shipped module, `<NAME>_PATH` (the
+//! copy's absolute path) and `<NAME>` (its bytes), plus [`BUILTIN`]. The
+//! test modules (hostile policies, failing and slow filters) are embedded by
+//! `throng-test-modules`, a dev-dependency, so the edge binary carries only
+//! real modules.
 //!
 //! The build script reruns when a guest crate, `modules/Cargo.{toml,lock}`,
 //! `wit/` or `host/policy-core` changes.
@@ -19,9 +22,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_module_is_a_component() {
-        assert_eq!(ALL.len(), 7);
-        for (name, bytes) in ALL {
+    fn only_real_modules_are_built_in_and_each_is_a_component() {
+        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["filter-keywords", "policy-default"]);
+        for (name, bytes) in BUILTIN {
             assert!(bytes.len() > 8, "{name} is too short");
             assert_eq!(&bytes[..4], b"\0asm", "{name} lacks the wasm magic");
             assert_eq!(&bytes[4..8], [0x0d, 0x00, 0x01, 0x00], "{name} is not a component");
@@ -30,19 +34,14 @@ mod tests {
 
     #[test]
     fn names_paths_and_bytes_agree() {
-        let named: [(&str, &str, &[u8]); 7] = [
+        let named: [(&str, &str, &[u8]); 2] = [
             ("policy-default", POLICY_DEFAULT_PATH, POLICY_DEFAULT),
             ("filter-keywords", FILTER_KEYWORDS_PATH, FILTER_KEYWORDS),
-            ("hostile-loop", HOSTILE_LOOP_PATH, HOSTILE_LOOP),
-            ("hostile-memory", HOSTILE_MEMORY_PATH, HOSTILE_MEMORY),
-            ("hostile-trap", HOSTILE_TRAP_PATH, HOSTILE_TRAP),
-            ("hostile-plan", HOSTILE_PLAN_PATH, HOSTILE_PLAN),
-            ("filter-trap", FILTER_TRAP_PATH, FILTER_TRAP),
         ];
         for (name, path, bytes) in named {
             assert!(
-                ALL.iter().any(|(n, b)| *n == name && b.as_ptr() == bytes.as_ptr()),
-                "{name} missing from ALL"
+                BUILTIN.iter().any(|(n, b)| *n == name && b.as_ptr() == bytes.as_ptr()),
+                "{name} missing from BUILTIN"
             );
             assert!(path.ends_with(&format!("{name}.wasm")), "{path}");
             assert_eq!(

@@ -284,14 +284,19 @@ async fn serve(
         match next_signal().await? {
             Signal::Stop => break,
             Signal::Reload => {
-                // A bad config on reload is logged and changes nothing.
+                // A bad config on reload is logged and changes nothing;
+                // settings that need a restart are named by the edge.
                 let result = match load_config(config_path.as_deref()) {
                     Ok(config) => edge.reload(&overrides(config)).await.map_err(anyhow::Error::from),
                     Err(e) => Err(e),
                 };
                 match result {
-                    Ok(generation) => tracing::info!(generation, "config reloaded on SIGHUP"),
-                    Err(e) => tracing::error!("config reload failed, keeping the running modules: {e:#}"),
+                    Ok(r) => tracing::info!(
+                        generation = r.generation,
+                        needs_restart = r.needs_restart.len(),
+                        "SIGHUP: config reloaded"
+                    ),
+                    Err(e) => tracing::error!("SIGHUP: config reload failed; nothing changed: {e:#}"),
                 }
             }
         }

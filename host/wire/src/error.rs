@@ -55,13 +55,18 @@ pub enum ErrorCode {
     ShuttingDown = 41,
     /// A tenant filter rejected the message.
     Filtered = 50,
+    /// A tenant filter configured `on_failure = "closed"` could not judge
+    /// the message's batch (it failed, is quarantined, or is starting
+    /// again), so the message was not delivered. Not fatal; sending again
+    /// later may succeed.
+    FilterUnavailable = 51,
     /// Something went wrong on the edge; not the client's fault.
     Internal = 99,
 }
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -84,6 +89,7 @@ impl ErrorCode {
         Self::ServerBusy,
         Self::ShuttingDown,
         Self::Filtered,
+        Self::FilterUnavailable,
         Self::Internal,
     ];
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use super::bindings::filter::{MessageFilter, MessageFilterPre};
-use super::bindings::{Message, Verdict};
+use super::bindings::{Kind, Message, Verdict};
 use super::policy::CallFailure;
 use super::{GuestState, ModuleHash, WasmError, WasmRuntime, reason};
 
@@ -45,7 +45,10 @@ impl std::fmt::Debug for FilterInstance {
 }
 
 impl WasmRuntime {
-    /// Instantiates `module` for a tenant and calls its `configure`.
+    /// Instantiates `module` for a tenant, calls its `configure` and warms
+    /// it up with a one-message batch (a filter carrying a language runtime
+    /// may do its real start-up on its first call), all under the
+    /// instantiation budget: this runs at load, never on a room's tick.
     pub async fn instantiate_filter(
         &self,
         module: &Arc<FilterModule>,
@@ -58,7 +61,7 @@ impl WasmRuntime {
             elapsed: started.elapsed(),
         };
         let mut store = self.store(label, module.hash, params.clone(), self.settings.filter_memory_bytes);
-        self.arm(&mut store);
+        self.arm_instantiate(&mut store);
         let bindings = module.pre.instantiate_async(&mut store).await.map_err(|e| {
             fail(
                 WasmError::Instantiate {
@@ -72,11 +75,20 @@ impl WasmRuntime {
             .instantiations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut instance = FilterInstance { store, bindings };
-        self.arm(&mut instance.store);
         match instance.bindings.call_configure(&mut instance.store, &params).await {
-            Ok(Ok(())) => Ok(instance),
-            Ok(Err(msg)) => Err(fail(format!("configure refused its params: {msg}"))),
-            Err(e) => Err(fail(format!("configure failed: {}", reason(&e)))),
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => return Err(fail(format!("configure refused its params: {msg}"))),
+            Err(e) => return Err(fail(format!("configure failed: {}", reason(&e)))),
+        }
+        let warm_up = [Message {
+            sender: "throng-warm-up".into(),
+            kind: Kind::Chat,
+            body: b"warm-up".to_vec(),
+        }];
+        match instance.bindings.call_filter(&mut instance.store, &warm_up).await {
+            Ok(v) if v.len() == 1 => Ok(instance),
+            Ok(v) => Err(fail(format!("warm-up call: {} verdicts for 1 message", v.len()))),
+            Err(e) => Err(fail(format!("warm-up call failed: {}", reason(&e)))),
         }
     }
 
@@ -84,7 +96,7 @@ impl WasmRuntime {
     /// there is exactly one verdict per message.
     pub async fn filter(&self, instance: &mut FilterInstance, batch: &[Message]) -> Result<Vec<Verdict>, CallFailure> {
         let started = Instant::now();
-        self.arm(&mut instance.store);
+        self.arm(&mut instance.store, batch.len());
         let verdicts = instance
             .bindings
             .call_filter(&mut instance.store, batch)

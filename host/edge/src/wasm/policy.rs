@@ -40,6 +40,8 @@ pub struct PolicyInstance {
     store: Store<GuestState>,
     bindings: super::bindings::policy::RoomPolicy,
     hash: ModuleHash,
+    /// Its place in the count of room instances (none for a dry run).
+    _place: Option<super::PolicyPlace>,
 }
 
 impl std::fmt::Debug for PolicyInstance {
@@ -56,16 +58,43 @@ pub struct CallFailure {
 }
 
 impl WasmRuntime {
-    /// Instantiates `module` for one room and calls its `configure`.
+    /// Instantiates `module` for one room and calls its `configure`, under
+    /// the instantiation budget. Refused when the rest of the instance pool
+    /// is kept for tenant filters.
     pub async fn instantiate_policy(
         &self,
         module: &Arc<PolicyModule>,
         label: Arc<str>,
         params: Vec<(String, String)>,
     ) -> Result<PolicyInstance, CallFailure> {
+        let place = self.take_policy_place().map_err(|e| CallFailure {
+            reason: e.to_string(),
+            elapsed: Duration::ZERO,
+        })?;
+        self.instantiate_policy_in(module, label, params, Some(place)).await
+    }
+
+    /// Instantiates `module` and runs `configure` with `params` once, to
+    /// find out before a config is applied whether the module takes them.
+    pub async fn dry_run_policy(
+        &self,
+        module: &Arc<PolicyModule>,
+        label: Arc<str>,
+        params: Vec<(String, String)>,
+    ) -> Result<(), CallFailure> {
+        self.instantiate_policy_in(module, label, params, None).await.map(drop)
+    }
+
+    async fn instantiate_policy_in(
+        &self,
+        module: &Arc<PolicyModule>,
+        label: Arc<str>,
+        params: Vec<(String, String)>,
+        place: Option<super::PolicyPlace>,
+    ) -> Result<PolicyInstance, CallFailure> {
         let started = Instant::now();
         let mut store = self.store(label, module.hash, params.clone(), self.settings.policy_memory_bytes);
-        self.arm(&mut store);
+        self.arm_instantiate(&mut store);
         let bindings = module
             .pre
             .instantiate_async(&mut store)
@@ -85,8 +114,8 @@ impl WasmRuntime {
             store,
             bindings,
             hash: module.hash,
+            _place: place,
         };
-        self.arm(&mut instance.store);
         match instance.bindings.call_configure(&mut instance.store, &params).await {
             Ok(Ok(())) => Ok(instance),
             Ok(Err(msg)) => Err(CallFailure {
@@ -108,7 +137,8 @@ impl WasmRuntime {
         inbound: &Inbound,
     ) -> Result<TickPlan, CallFailure> {
         let started = Instant::now();
-        self.arm(&mut instance.store);
+        // A plan sees metadata only: its budget is the fixed part.
+        self.arm(&mut instance.store, 0);
         let plan = instance
             .bindings
             .call_plan_tick(&mut instance.store, stats, inbound)
