@@ -166,10 +166,15 @@ impl Edge {
             source,
         })?;
 
-        let group_log = GroupLog::open(
+        let group_log = GroupLog::open_with(
             &config.group_log_path(),
             config.storage.commit_interval,
             config.storage.max_queued,
+            log::Retention {
+                max_age: config.rooms.group_retention.max_age,
+                max_messages: config.rooms.group_retention.max_messages,
+                compact_interval: config.storage.compact_interval,
+            },
         )?;
         let runtime = WasmRuntime::new(config.wasm.clone())?;
         let modules = ModuleSet::load(&config, &runtime, None).await?;

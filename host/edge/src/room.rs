@@ -107,6 +107,9 @@ pub struct JoinInfo {
     /// Group rooms: missed messages not yet committed, sent after the
     /// catch-up and before anything live.
     pub tail: Vec<Message>,
+    /// Group rooms: the highest sequence the room has handed out, kept
+    /// current, so a `Seen` beyond it can be refused.
+    pub head: Option<Arc<AtomicU64>>,
 }
 
 /// One encoded batch frame, shared by every member it goes to.
@@ -264,6 +267,10 @@ pub enum RoomError {
     Overloaded,
     #[error("the edge is shutting down")]
     ShuttingDown,
+    /// A group room could not read where its log ends; the next join
+    /// tries again.
+    #[error("the room's log cannot be read now; try again")]
+    Unavailable,
 }
 
 enum Command {
@@ -271,7 +278,7 @@ enum Command {
         member: u64,
         slot: Arc<ViewerSlot>,
         resume_from: Option<u64>,
-        reply: oneshot::Sender<JoinInfo>,
+        reply: oneshot::Sender<Result<JoinInfo, RoomError>>,
     },
     Leave {
         member: u64,
@@ -443,8 +450,10 @@ impl Rooms {
             if tx.send(cmd).await.is_err() {
                 continue;
             }
-            if let Ok(info) = answer.await {
-                return Ok((RoomHandle { tx }, info));
+            match answer.await {
+                Ok(Ok(info)) => return Ok((RoomHandle { tx }, info)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {}
             }
         }
         Err(RoomError::ShuttingDown)
@@ -454,6 +463,15 @@ impl Rooms {
     pub async fn drained(&self) {
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Removes a room that could not start, whatever is queued for it: the
+    /// next join makes a fresh one, which tries again.
+    fn forget(&self, key: &RoomKey, id: u64) {
+        let mut map = self.map();
+        if map.get(key).is_some_and(|(i, _)| *i == id) {
+            map.remove(key);
+        }
     }
 
     /// Removes a retiring room if nothing is queued for it, under the map
@@ -580,6 +598,8 @@ struct GroupState {
     committed: Arc<AtomicU64>,
     /// Appended, not yet known to be committed, oldest first.
     pending: VecDeque<Message>,
+    /// The highest sequence handed out (what members may say they saw).
+    head: Arc<AtomicU64>,
 }
 
 struct Room {
@@ -633,6 +653,7 @@ impl Room {
             log: rooms.log.clone(),
             committed: Arc::new(AtomicU64::new(0)),
             pending: VecDeque::new(),
+            head: Arc::new(AtomicU64::new(0)),
         });
         Self {
             label: Arc::from(key.to_string().as_str()),
@@ -676,13 +697,43 @@ impl Room {
         if let Some(g) = self.group.as_ref().filter(|_| !self.started) {
             // Sequence numbers continue where the log ends (joins wait).
             let (log, tenant, name) = (g.log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
-            match tokio::task::spawn_blocking(move || log.last_seq(&tenant, &name)).await {
-                Ok(Ok(last)) => {
+            let last = match tokio::task::spawn_blocking(move || log.last_seq(&tenant, &name)).await {
+                Ok(last) => last.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("reader task failed: {e}")),
+            };
+            match last {
+                Ok(last) => {
                     self.next_seq = last + 1;
                     g.committed.store(last, Ordering::Release);
+                    g.head.store(last, Ordering::Release);
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot read the group log; numbering from 1"),
-                Err(e) => tracing::error!(error = %e, "group log reader failed"),
+                Err(e) => {
+                    // Numbering from 1 would overwrite the log. This room
+                    // never starts: whoever is queued is refused, and the
+                    // next join makes a fresh room that reads again.
+                    tracing::error!(error = %e, "cannot read where the group log ends; refusing joins");
+                    metrics::counter!("throng_group_room_start_failed_total", "tenant" => self.key.tenant.to_string())
+                        .increment(1);
+                    rooms.forget(&self.key, self.id);
+                    rx.close();
+                    while let Ok(cmd) = rx.try_recv() {
+                        match cmd {
+                            Command::Join { reply, .. } => {
+                                let _ = reply.send(Err(RoomError::Unavailable));
+                            }
+                            Command::Send(m) => {
+                                let _ = m.reply.send(EdgeFrame::Rejected {
+                                    client_msg_id: m.client_msg_id,
+                                    code: ErrorCode::ServerBusy.code(),
+                                    reason: RoomError::Unavailable.to_string(),
+                                });
+                            }
+                            Command::Leave { .. } => {}
+                        }
+                    }
+                    metrics::gauge!("throng_rooms").decrement(1.0);
+                    return None;
+                }
             }
         }
         self.started = true;
@@ -769,14 +820,15 @@ impl Room {
                     old.close();
                 }
                 self.empty_since = None;
-                let _ = reply.send(JoinInfo {
+                let _ = reply.send(Ok(JoinInfo {
                     writer: self.worker.clone(),
                     last_seq: self.next_seq - 1,
                     online: self.members.len() as u64,
                     recent,
                     catch_up,
                     tail,
-                });
+                    head: self.group.as_ref().map(|g| Arc::clone(&g.head)),
+                }));
             }
             Command::Leave { member } => {
                 if let Some(slot) = self.members.remove(&member) {
@@ -1091,6 +1143,7 @@ impl Room {
                     .append(&self.key.tenant, &self.key.name, messages.clone(), &g.committed);
                 g.pending.extend(messages.iter().cloned());
             }
+            g.head.store(self.next_seq - 1, Ordering::Release);
         }
         for m in &messages {
             if self.recent_cap > 0 {

@@ -42,6 +42,9 @@ pub enum ErrorCode {
     QueryTooLarge = 26,
     /// A group room already has its maximum number of members.
     RoomFull = 27,
+    /// A `Seen` for a sequence number the room has not reached; the
+    /// cursor stays where it was.
+    SeqOutOfRange = 28,
     /// The user's send rate is exhausted.
     RateLimited = 30,
     /// The edge is overloaded: at its maximum number of connections (as an
@@ -57,7 +60,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -75,6 +78,7 @@ impl ErrorCode {
         Self::TooSlow,
         Self::QueryTooLarge,
         Self::RoomFull,
+        Self::SeqOutOfRange,
         Self::RateLimited,
         Self::ServerBusy,
         Self::ShuttingDown,
