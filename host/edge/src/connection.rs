@@ -514,7 +514,13 @@ impl Session<'_> {
         // Not in the connection's span: see write_live.
         info.writer
             .spawn(write_room(stream, joined_frame, catch_up, slot, max_frame));
-        self.joined.insert(room, JoinedRoom { handle, head: info.head });
+        self.joined.insert(
+            room,
+            JoinedRoom {
+                handle,
+                head: info.head,
+            },
+        );
     }
 
     /// Makes this user a member of a group room, or finds it is one:

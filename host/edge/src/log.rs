@@ -452,7 +452,11 @@ fn decode(bytes: &[u8]) -> Result<Vec<Message>, LogError> {
 
 type Overlay = Arc<std::sync::Mutex<HashMap<MemberKey, u64>>>;
 
-fn count_members(t: &impl ReadableTable<(&'static str, &'static str, &'static str), u64>, tenant: &str, room: &str) -> Result<u64, LogError> {
+fn count_members(
+    t: &impl ReadableTable<(&'static str, &'static str, &'static str), u64>,
+    tenant: &str,
+    room: &str,
+) -> Result<u64, LogError> {
     let range = t.range((tenant, room, "")..).map_err(read_err)?;
     let mut n = 0;
     for entry in range {
@@ -473,7 +477,9 @@ fn last_seq_of(
     room: &str,
 ) -> Result<u64, LogError> {
     let pruned = pruned.get((tenant, room)).map_err(read_err)?.map_or(0, |v| v.value());
-    let mut range = ticks.range((tenant, room, 0)..=(tenant, room, u64::MAX)).map_err(read_err)?;
+    let mut range = ticks
+        .range((tenant, room, 0)..=(tenant, room, u64::MAX))
+        .map_err(read_err)?;
     let stored = match range.next_back() {
         Some(Ok((_, v))) => decode(v.value())?.last().map_or(0, |m| m.seq),
         Some(Err(e)) => return Err(read_err(e)),
@@ -714,8 +720,12 @@ impl Writer {
                     })
                     .collect::<Result<_, _>>()?;
                 for (ms, tenant, room, first) in old {
-                    ages.remove((ms, tenant.as_str(), room.as_str(), first)).map_err(write_err)?;
-                    let last = match ticks.remove((tenant.as_str(), room.as_str(), first)).map_err(write_err)? {
+                    ages.remove((ms, tenant.as_str(), room.as_str(), first))
+                        .map_err(write_err)?;
+                    let last = match ticks
+                        .remove((tenant.as_str(), room.as_str(), first))
+                        .map_err(write_err)?
+                    {
                         Some(v) => decode(v.value())?.last().map_or(first, |m| m.seq),
                         None => continue, // removed by count already
                     };
@@ -725,7 +735,10 @@ impl Writer {
                 }
             }
             for ((tenant, room), mark) in marks {
-                let old = pruned.get((&*tenant, &*room)).map_err(write_err)?.map_or(0, |v| v.value());
+                let old = pruned
+                    .get((&*tenant, &*room))
+                    .map_err(write_err)?
+                    .map_or(0, |v| v.value());
                 if mark > old {
                     pruned.insert((&*tenant, &*room), mark).map_err(write_err)?;
                 }
