@@ -355,3 +355,84 @@ async fn a_room_whose_log_end_cannot_be_read_refuses_joins_and_never_renumbers()
     lead.close();
     edge.shutdown().await;
 }
+
+/// What retention buys on disk: the same appends (10 rooms, 2,000 messages
+/// of 200 bytes each) to a log that keeps everything and to one that keeps
+/// each room's newest 100 and compacts. Prints both file sizes.
+#[test]
+fn retention_and_compaction_bound_the_file() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    use throng_edge::log::{GroupLog, Retention};
+
+    const ROOMS: usize = 10;
+    const TICKS_PER_ROOM: u64 = 100;
+    const PER_TICK: u64 = 20;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fill = |name: &str, retention: Retention| -> (GroupLog, std::path::PathBuf) {
+        let path = dir.path().join(name);
+        let log = GroupLog::open_with(&path, Duration::from_millis(5), u64::MAX, retention).expect("open");
+        let tenant: Arc<str> = Arc::from("bench");
+        let committed: Vec<Arc<AtomicU64>> = (0..ROOMS).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        for t in 0..TICKS_PER_ROOM {
+            for (r, c) in committed.iter().enumerate() {
+                let room: Arc<str> = Arc::from(format!("group-{r}").as_str());
+                let messages = (1..=PER_TICK)
+                    .map(|i| Message {
+                        seq: t * PER_TICK + i,
+                        sender: "u".into(),
+                        kind: Kind::Chat,
+                        body: vec![b'x'; 200],
+                    })
+                    .collect();
+                log.append(&tenant, &room, messages, c);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while committed
+            .iter()
+            .any(|c| c.load(Ordering::Acquire) < TICKS_PER_ROOM * PER_TICK)
+        {
+            assert!(Instant::now() < deadline, "every append commits");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (log, path)
+    };
+    let size = |p: &std::path::Path| std::fs::metadata(p).expect("log file").len();
+
+    let (_all, all_path) = fill("all.redb", Retention::default());
+    let everything = size(&all_path);
+    let (kept, kept_path) = fill(
+        "kept.redb",
+        Retention {
+            max_messages: Some(100),
+            compact_interval: Duration::ZERO,
+            ..Retention::default()
+        },
+    );
+    // Each room keeps its last 5 ticks (seq 1901..=2000): 95 of 100 go.
+    let stats = kept.stats();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while stats.pruned_ticks.load(Ordering::Relaxed) < 95 * ROOMS as u64 || size(&kept_path) * 4 > everything {
+        assert!(
+            Instant::now() < deadline,
+            "retention and compaction shrink the file: {} bytes kept of {everything}, {} ticks removed",
+            size(&kept_path),
+            stats.pruned_ticks.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(stats.pruned_ticks.load(Ordering::Relaxed), 95 * ROOMS as u64);
+    assert_eq!(kept.last_seq("bench", "group-3").expect("read"), 2000);
+    assert_eq!(kept.pruned_through("bench", "group-3").expect("read"), 1900);
+    let left = kept.read("bench", "group-3", 1, 2000, 1000).expect("read");
+    assert_eq!(left.first().map(|m| m.seq), Some(1901));
+    assert_eq!(left.len(), 100);
+    println!(
+        "group log file: {everything} bytes keeping all {} messages, {} bytes keeping {} (max_messages = 100, compacted {} times)",
+        ROOMS as u64 * TICKS_PER_ROOM * PER_TICK,
+        size(&kept_path),
+        ROOMS * 100,
+        stats.compactions.load(Ordering::Relaxed)
+    );
+}

@@ -103,7 +103,9 @@ pub enum Admission {
     /// joined (0 for members from before join points were kept).
     Member { cursor: u64, joined_at: u64 },
     /// A member from now on; its cursor and join point are the room's last
-    /// committed sequence.
+    /// committed sequence. Messages the room sequenced but had not yet
+    /// committed (one commit interval's worth) are after it, so a new
+    /// member may read those few from just before it joined.
     New { joined_at: u64 },
     /// Not a member, and the room has its maximum.
     Full { members: u64 },
