@@ -119,6 +119,16 @@ async fn seen_beyond_the_end_is_refused_and_a_cursor_never_moves_back() {
     let mut room = ann.join("group-seen").await.expect("rejoin");
     let (got, _) = collect(&mut room, 4, Duration::from_secs(5)).await;
     assert_eq!(bodies(&got), names(4..8));
+
+    // A new member asking to start past the end starts at the end.
+    let eve = edge.client("acme", "eve", "viewer").await;
+    drop(eve.join_from("group-seen", Some(u64::MAX)).await.expect("join"));
+    eve.close();
+    lead.send("group-seen", Kind::Chat, "m8").await.expect("ack");
+    let eve = edge.client("acme", "eve", "viewer").await;
+    let mut room = eve.join("group-seen").await.expect("rejoin");
+    let (got, _) = collect(&mut room, 1, Duration::from_secs(5)).await;
+    assert_eq!(bodies(&got), ["m8"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

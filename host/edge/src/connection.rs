@@ -497,7 +497,8 @@ impl Session<'_> {
         if let Some(Admission::New { joined_at }) = admission {
             // A member since admit; its cursor starts where it starts
             // reading (never before it joined: set_cursor only moves up).
-            let at = requested.unwrap_or(info.last_seq).max(joined_at);
+            // Nor past the room's end: that would skip what comes next.
+            let at = requested.unwrap_or(info.last_seq).min(info.last_seq).max(joined_at);
             self.shared
                 .rooms
                 .log()
