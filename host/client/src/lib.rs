@@ -296,7 +296,7 @@ pub struct Client {
     /// Closes the connection when the last clone of this client is dropped
     /// (the reader tasks hold the connection too, so it would stay open).
     _close: Arc<CloseOnDrop>,
-    _endpoint: quinn::Endpoint,
+    endpoint: quinn::Endpoint,
 }
 
 struct CloseOnDrop(Connection);
@@ -437,7 +437,7 @@ impl Client {
             session,
             limits,
             next_id: Arc::new(AtomicU64::new(1)),
-            _endpoint: endpoint,
+            endpoint,
         })
     }
 
@@ -618,6 +618,18 @@ impl Client {
     /// Closes the connection.
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"client closed");
+    }
+
+    /// Closes the connection and waits (at most `limit`) until the close has
+    /// gone out, so the edge drops this session now rather than after its
+    /// idle timeout. A process about to exit wants this: [`Client::close`]
+    /// only queues the close, and the packet dies with the runtime. Returns
+    /// whether the close finished in time. With an endpoint shared through
+    /// [`Client::connect_with`] it also waits for that endpoint's other
+    /// connections.
+    pub async fn close_and_wait(&self, limit: Duration) -> bool {
+        self.close();
+        tokio::time::timeout(limit, self.endpoint.wait_idle()).await.is_ok()
     }
 }
 

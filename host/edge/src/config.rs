@@ -349,6 +349,31 @@ pub struct RoomsConfig {
     pub pace_chunk: usize,
     /// Most members a group room takes (members persist across visits).
     pub group_max_members: u64,
+    /// What of a group room's history a new member may read.
+    pub group_history: GroupHistory,
+    /// What the group log keeps per room.
+    pub group_retention: GroupRetention,
+}
+
+/// `rooms.group_history`: what a group member may read from before it
+/// joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupHistory {
+    /// Nothing: a member reads what came after it joined, whatever
+    /// `resume_from` it asks for.
+    #[default]
+    SinceJoin,
+    /// Everything the log still has.
+    All,
+}
+
+/// `[rooms.group_retention]`: unset keys keep everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GroupRetention {
+    /// Messages older than this are removed.
+    pub max_age: Option<Duration>,
+    /// At most about this many messages per room (the newest).
+    pub max_messages: Option<u64>,
 }
 
 /// Rooms of at least `min_members` tick at `tick` (until the next class).
@@ -377,6 +402,9 @@ pub struct StorageConfig {
     /// Messages waiting for a commit above which group rooms refuse new
     /// messages (`ServerBusy`) until the log catches up.
     pub max_queued: u64,
+    /// Least time between two compactions of the group log's file (after
+    /// retention removed something).
+    pub compact_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -416,6 +444,8 @@ struct RawStorage {
     #[serde(with = "humantime_serde")]
     commit_interval: Duration,
     max_queued: u64,
+    #[serde(with = "humantime_serde")]
+    compact_interval: Duration,
 }
 
 impl Default for RawStorage {
@@ -424,6 +454,7 @@ impl Default for RawStorage {
             group_log: PathBuf::from("group-log.redb"),
             commit_interval: Duration::from_millis(10),
             max_queued: 1_000_000,
+            compact_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -629,6 +660,16 @@ struct RawRooms {
     shard_members: usize,
     pace_chunk: usize,
     group_max_members: u64,
+    group_history: String,
+    group_retention: RawRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    #[serde(default, with = "humantime_serde")]
+    max_age: Option<Duration>,
+    max_messages: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -664,6 +705,8 @@ impl Default for RawRooms {
             shard_members: 20_000,
             pace_chunk: 256,
             group_max_members: 10_000,
+            group_history: "since_join".into(),
+            group_retention: RawRetention::default(),
         }
     }
 }
@@ -895,6 +938,35 @@ impl Validator<'_> {
             shard_members: self.range("rooms.shard_members", r.shard_members, 1, usize::MAX)?,
             pace_chunk: self.range("rooms.pace_chunk", r.pace_chunk, 1, usize::MAX)?,
             group_max_members: self.range("rooms.group_max_members", r.group_max_members, 1, 10_000_000)?,
+            group_history: match r.group_history.as_str() {
+                "since_join" => GroupHistory::SinceJoin,
+                "all" => GroupHistory::All,
+                other => {
+                    return Err(self.err(
+                        "rooms.group_history",
+                        format!("`{other}` is neither \"since_join\" nor \"all\""),
+                    ));
+                }
+            },
+            group_retention: GroupRetention {
+                max_age: r
+                    .group_retention
+                    .max_age
+                    .map(|d| {
+                        self.duration(
+                            "rooms.group_retention.max_age",
+                            d,
+                            Duration::from_secs(1),
+                            Duration::from_secs(100 * 365 * 86_400),
+                        )
+                    })
+                    .transpose()?,
+                max_messages: r
+                    .group_retention
+                    .max_messages
+                    .map(|n| self.range("rooms.group_retention.max_messages", n, 1, u64::MAX))
+                    .transpose()?,
+            },
         };
         let mut rooms = rooms;
         rooms.classes = if r.classes.is_empty() {
@@ -965,6 +1037,12 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
             max_queued: self.range("storage.max_queued", st.max_queued, 1, u64::MAX)?,
+            compact_interval: self.duration(
+                "storage.compact_interval",
+                st.compact_interval,
+                Duration::ZERO,
+                Duration::from_secs(365 * 86_400),
+            )?,
         };
 
         if raw.tenants.is_empty() {

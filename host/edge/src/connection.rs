@@ -23,7 +23,8 @@ use tracing::Instrument;
 use crate::Shared;
 use crate::admission::Unauthenticated;
 use crate::auth::Grant;
-use crate::log::GroupLog;
+use crate::config::GroupHistory;
+use crate::log::{Admission, GroupLog};
 use crate::room::{Creator, Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
 
 /// Largest read from a stream at once; bounds buffering beyond one frame.
@@ -329,6 +330,8 @@ async fn write_control(
 
 struct JoinedRoom {
     handle: RoomHandle,
+    /// Group rooms: the room's highest sequence so far (see `Seen`).
+    head: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 struct Session<'a> {
@@ -444,23 +447,39 @@ impl Session<'_> {
                             (ErrorCode::RateLimited, "room is overloaded; retry later".into())
                         }
                         RoomError::ShuttingDown => (ErrorCode::ShuttingDown, "the edge is shutting down".into()),
+                        // Only joins meet a room that cannot start.
+                        RoomError::Unavailable => (ErrorCode::ServerBusy, e.to_string()),
                     })
                 };
                 if let Err((code, reason)) = verdict {
                     let _ = self.reply.send(refuse(code, reason));
                 }
             }
-            ClientFrame::Seen { room, seq } => {
-                if !self.joined.contains_key(&room) {
+            ClientFrame::Seen { room, seq } => match self.joined.get(&room).map(|r| r.head.as_ref()) {
+                None => {
                     let _ = self.reply.send(EdgeFrame::Error {
                         code: ErrorCode::NotJoined.code(),
                         text: format!("not in room `{room}`"),
                     });
-                } else if self.shared.rooms.is_group(&room) {
+                }
+                // A cursor past the room's end would skip whatever comes
+                // next, for good: refuse it and keep the cursor.
+                Some(Some(head)) if seq > head.load(std::sync::atomic::Ordering::Acquire) => {
+                    let _ = self.reply.send(EdgeFrame::Error {
+                        code: ErrorCode::SeqOutOfRange.code(),
+                        text: format!(
+                            "seen {seq} is beyond room `{room}`'s last message {}",
+                            head.load(std::sync::atomic::Ordering::Acquire)
+                        ),
+                    });
+                }
+                Some(Some(_)) => {
                     let name: Arc<str> = Arc::from(room.as_str());
+                    // Never moves a cursor back (see GroupLog::set_cursor).
                     self.shared.rooms.log().set_cursor(&self.tenant, &name, &self.user, seq);
                 }
-            }
+                Some(None) => {} // livecast rooms keep no cursors
+            },
             ClientFrame::Refresh { token } => self.refresh(&token),
             ClientFrame::Ping { nonce } => {
                 let _ = self.reply.send(EdgeFrame::Pong { nonce });
@@ -538,9 +557,9 @@ impl Session<'_> {
             });
             return;
         }
-        let membership = if self.shared.rooms.is_group(&room) {
+        let admission = if self.shared.rooms.is_group(&room) {
             match self.membership(&room).await {
-                Ok(m) => Some(m),
+                Ok(a) => Some(a),
                 Err((code, text)) => {
                     let _ = self.reply.send(EdgeFrame::JoinRefused {
                         room,
@@ -554,8 +573,21 @@ impl Session<'_> {
             None
         };
         // A returning member without a sequence of its own resumes after
-        // what it last said it had seen.
-        let resume_from = resume_from.or(membership.flatten());
+        // what it last said it had seen; under `since_join` nobody reads
+        // from before they joined, whatever they ask for.
+        let requested = resume_from;
+        let since_join = self.shared.config.rooms.group_history == GroupHistory::SinceJoin;
+        let resume_from = match admission {
+            None => resume_from,
+            Some(Admission::Member { cursor, joined_at }) => {
+                let floor = if since_join { joined_at } else { 0 };
+                Some(resume_from.unwrap_or(cursor).max(floor))
+            }
+            Some(Admission::New { joined_at }) if since_join => Some(resume_from.unwrap_or(joined_at).max(joined_at)),
+            Some(Admission::New { .. }) => resume_from,
+            // `membership` turns a full room into a refusal.
+            Some(Admission::Full { .. }) => return,
+        };
         let Ok(stream) = self.conn.open_uni().await else {
             return; // the connection is gone; the read loop will notice
         };
@@ -586,7 +618,7 @@ impl Session<'_> {
             Err(e) => {
                 let code = match e {
                     RoomError::Limit(_) => ErrorCode::RoomLimit,
-                    RoomError::Overloaded => ErrorCode::ServerBusy,
+                    RoomError::Unavailable | RoomError::Overloaded => ErrorCode::ServerBusy,
                     RoomError::ShuttingDown => ErrorCode::ShuttingDown,
                 };
                 let _ = self.reply.send(EdgeFrame::JoinRefused {
@@ -598,9 +630,11 @@ impl Session<'_> {
             }
         };
         self.rooms_created += u32::from(created);
-        if membership == Some(None) {
-            // A new member: a member from here on, whatever it sees next.
-            let at = resume_from.unwrap_or(info.last_seq);
+        if let Some(Admission::New { joined_at }) = admission {
+            // A member since admit; its cursor starts where it starts
+            // reading (never before it joined: set_cursor only moves up).
+            // Nor past the room's end: that would skip what comes next.
+            let at = requested.unwrap_or(info.last_seq).min(info.last_seq).max(joined_at);
             self.shared
                 .rooms
                 .log()
@@ -617,31 +651,30 @@ impl Session<'_> {
         // Not in the connection's span: see write_live.
         info.writer
             .spawn(write_room(stream, joined_frame, catch_up, slot, max_frame));
-        self.joined.insert(room, JoinedRoom { handle });
+        self.joined.insert(
+            room,
+            JoinedRoom {
+                handle,
+                head: info.head,
+            },
+        );
     }
 
-    /// A group room member's cursor (`Some(seq)`), or `None` for a user who
-    /// is not a member yet and may become one.
-    async fn membership(&self, room: &str) -> Result<Option<u64>, Fatal> {
+    /// Makes this user a member of a group room, or finds it is one:
+    /// refused with `RoomFull` when the room has its maximum (checked and
+    /// recorded in one log transaction, so the cap is exact however many
+    /// join at once).
+    async fn membership(&self, room: &str) -> Result<Admission, Fatal> {
         let log = self.shared.rooms.log().clone();
         let max = self.shared.config.rooms.group_max_members;
         let (tenant, room, user) = (Arc::clone(&self.tenant), room.to_owned(), Arc::clone(&self.user));
-        let looked_up = tokio::task::spawn_blocking(move || {
-            let cursor = log.cursor(&tenant, &room, &user)?;
-            let members = match cursor {
-                Some(_) => 0,
-                None => log.member_count(&tenant, &room)?,
-            };
-            Ok::<_, crate::log::LogError>((cursor, members))
-        })
-        .await;
+        let looked_up = tokio::task::spawn_blocking(move || log.admit(&tenant, &room, &user, max)).await;
         match looked_up {
-            Ok(Ok((Some(cursor), _))) => Ok(Some(cursor)),
-            Ok(Ok((None, members))) if members >= max => Err((
+            Ok(Ok(Admission::Full { members })) => Err((
                 ErrorCode::RoomFull,
                 format!("the group has {members} members, its maximum"),
             )),
-            Ok(Ok((None, _))) => Ok(None),
+            Ok(Ok(admission)) => Ok(admission),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot read group membership");
                 Err((ErrorCode::Internal, "cannot read the group's membership".into()))
@@ -699,7 +732,9 @@ const CATCH_UP_CHUNK: usize = 256;
 impl CatchUp {
     /// Writes the missed messages in order, as batches of tick 0.
     async fn write(self, stream: &mut SendStream, max_frame: u32) -> Result<(), String> {
-        let batch = |messages: Vec<Message>| {
+        // `missed` in a catch-up batch counts sequence numbers retention
+        // removed before the member came back.
+        let batch = |messages: Vec<Message>, missed: u64| {
             encode(
                 &EdgeFrame::Batch(Batch {
                     room: self.key.name.to_string(),
@@ -708,13 +743,27 @@ impl CatchUp {
                     counters: Counters::default(),
                     pinned: Vec::new(),
                     online: self.online,
-                    missed: 0,
+                    missed,
                 }),
                 max_frame,
             )
             .map_err(|e| e.to_string())
         };
         if let Some((log, (mut from, to))) = self.log.clone() {
+            // What retention removed is gone: start after it, and say in
+            // the first batch how many sequence numbers were lost.
+            let pruned = {
+                let (log, tenant, room) = (log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
+                tokio::task::spawn_blocking(move || log.pruned_through(&tenant, &room))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+            };
+            let mut missed = 0;
+            if pruned >= from {
+                missed = pruned.min(to) - from + 1;
+                from = pruned + 1;
+            }
             while from <= to {
                 let (log, tenant, room) = (log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
                 let chunk = tokio::task::spawn_blocking(move || log.read(&tenant, &room, from, to, CATCH_UP_CHUNK))
@@ -724,13 +773,23 @@ impl CatchUp {
                 let Some(last) = chunk.last().map(|m| m.seq) else { break };
                 from = last + 1;
                 for frame in split_to_fit(chunk, max_frame) {
-                    stream.write_chunk(batch(frame)?).await.map_err(|e| e.to_string())?;
+                    stream
+                        .write_chunk(batch(frame, std::mem::take(&mut missed))?)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
+            }
+            if missed > 0 {
+                // Everything asked for was removed: an empty batch says so.
+                stream
+                    .write_chunk(batch(Vec::new(), missed)?)
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
         if !self.tail.is_empty() {
             for frame in split_to_fit(self.tail.clone(), max_frame) {
-                stream.write_chunk(batch(frame)?).await.map_err(|e| e.to_string())?;
+                stream.write_chunk(batch(frame, 0)?).await.map_err(|e| e.to_string())?;
             }
         }
         Ok(())

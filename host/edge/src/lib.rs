@@ -185,10 +185,15 @@ impl Edge {
             source,
         })?;
 
-        let group_log = GroupLog::open(
+        let group_log = GroupLog::open_with(
             &config.group_log_path(),
             config.storage.commit_interval,
             config.storage.max_queued,
+            log::Retention {
+                max_age: config.rooms.group_retention.max_age,
+                max_messages: config.rooms.group_retention.max_messages,
+                compact_interval: config.storage.compact_interval,
+            },
         )?;
         let mut wasm = config.wasm.clone();
         wasm.max_instances = fit_to_map_count(wasm.max_instances);

@@ -13,19 +13,36 @@
 //! Cursors are committed with the next group commit and read through an
 //! in-memory overlay of what is not committed yet.
 //!
+//! **Who reads what.** A user becomes a member in one write transaction
+//! ([`GroupLog::admit`]): membership checked, members counted against the
+//! cap and the member recorded together, so concurrent joiners cannot all
+//! pass a count read before any of them was written. The member's join
+//! point is kept with it; a room configured `since_join` serves nothing at
+//! or before it.
+//!
+//! **Retention.** The writer enforces [`Retention`] after its commits, a
+//! bounded number of ticks per pass: per room at most `max_messages` (by
+//! sequence number, whole ticks) and nothing older than `max_age`. What it
+//! removed is remembered per room ([`GroupLog::pruned_through`]), so a
+//! member coming back from before it learns how much it lost, and a room
+//! whose every tick aged out still numbers on from its last sequence. Freed
+//! pages are reused by redb; the file itself shrinks only by compaction,
+//! which stops every reader and writer while it runs, so it runs at most
+//! every `compact_interval` and only after retention removed something.
+//!
 //! **What an ack promises.** A group room acks a message when it is
 //! sequenced, before it is on disk: the ack promises order (its sequence
 //! number) and that the message is committed within the durability window,
 //! one `commit_interval` plus one commit (fsync), unless the edge dies in
 //! that window. BENCHMARKS.md has the measured window.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, mpsc};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use thiserror::Error;
 use throng_wire::Message;
 
@@ -36,6 +53,63 @@ const TICKS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("t
 
 /// (tenant, room, user) → the member's cursor.
 const MEMBERS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("members");
+
+/// (tenant, room, user) → the room's last committed sequence when the user
+/// became a member. Members from before this table have no row (read as 0).
+const JOINED: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("joined");
+
+/// (commit time, ms since the Unix epoch; tenant; room; first seq) → (): the
+/// ticks in the order they age out. Written only while a `max_age` is set;
+/// a row whose tick retention already removed by count is simply dropped.
+const AGES: TableDefinition<(u64, &str, &str, u64), ()> = TableDefinition::new("ages");
+
+/// (tenant, room) → the highest sequence retention removed.
+const PRUNED: TableDefinition<(&str, &str), u64> = TableDefinition::new("pruned");
+
+/// Most ticks one retention pass removes, so a pass (and the commits
+/// waiting behind it) stays short however much has to go; the rest goes
+/// in the next passes.
+const PRUNE_BUDGET: usize = 4096;
+
+/// Least time between retention passes.
+const PRUNE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What the group log keeps, per room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Ticks committed longer ago than this are removed.
+    pub max_age: Option<Duration>,
+    /// At most about this many messages per room (by sequence number,
+    /// whole ticks: a tick across the line stays).
+    pub max_messages: Option<u64>,
+    /// Least time between two compactions of the file.
+    pub compact_interval: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_age: None,
+            max_messages: None,
+            compact_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The outcome of [`GroupLog::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Already a member: its cursor, and the room's last sequence when it
+    /// joined (0 for members from before join points were kept).
+    Member { cursor: u64, joined_at: u64 },
+    /// A member from now on; its cursor and join point are the room's last
+    /// committed sequence. Messages the room sequenced but had not yet
+    /// committed (one commit interval's worth) are after it, so a new
+    /// member may read those few from just before it joined.
+    New { joined_at: u64 },
+    /// Not a member, and the room has its maximum.
+    Full { members: u64 },
+}
 
 type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
 
@@ -51,6 +125,16 @@ pub enum LogError {
     Open { path: PathBuf, reason: String },
     #[error("group log read failed: {0}")]
     Read(String),
+    #[error("group log write failed: {0}")]
+    Write(String),
+}
+
+fn read_err(e: impl std::fmt::Display) -> LogError {
+    LogError::Read(e.to_string())
+}
+
+fn write_err(e: impl std::fmt::Display) -> LogError {
+    LogError::Write(e.to_string())
 }
 
 /// One room's batch of messages waiting for the next commit.
@@ -80,15 +164,28 @@ pub struct LogStats {
     pub queued_messages: AtomicU64,
     /// Messages refused because the log was behind.
     pub refused: AtomicU64,
+    /// Ticks retention removed.
+    pub pruned_ticks: AtomicU64,
+    /// Compactions of the file that ran.
+    pub compactions: AtomicU64,
 }
 
 /// Above this many waiting appends the writer warns (at most every 10 s).
 const QUEUE_WARN: u64 = 100_000;
 
+/// The database, behind a lock only compaction takes for writing: it
+/// needs the database to itself. Every transaction is begun and finished
+/// under a read guard.
+type Db = Arc<RwLock<Database>>;
+
+fn db_guard(db: &Db) -> RwLockReadGuard<'_, Database> {
+    db.read().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The group log: one database, one writer thread.
 #[derive(Debug, Clone)]
 pub struct GroupLog {
-    db: Arc<Database>,
+    db: Db,
     tx: mpsc::Sender<Work>,
     /// Cursors queued and not yet committed, newest value per member.
     cursors: Arc<std::sync::Mutex<std::collections::HashMap<MemberKey, u64>>>,
@@ -102,6 +199,16 @@ impl GroupLog {
     /// should refuse messages while more than `max_queued` wait for a commit
     /// ([`GroupLog::is_behind`]).
     pub fn open(path: &Path, commit_interval: Duration, max_queued: u64) -> Result<Self, LogError> {
+        Self::open_with(path, commit_interval, max_queued, Retention::default())
+    }
+
+    /// [`GroupLog::open`], keeping what `retention` says.
+    pub fn open_with(
+        path: &Path,
+        commit_interval: Duration,
+        max_queued: u64,
+        retention: Retention,
+    ) -> Result<Self, LogError> {
         let open_err = |reason: String| LogError::Open {
             path: path.to_owned(),
             reason,
@@ -109,14 +216,18 @@ impl GroupLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         }
-        let db = Arc::new(Database::create(path).map_err(|e| open_err(e.to_string()))?);
+        let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
         {
-            // Make sure the table exists so readers never race its creation.
+            // Make sure the tables exist so readers never race their creation.
             let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
             w.open_table(TICKS).map_err(|e| open_err(e.to_string()))?;
             w.open_table(MEMBERS).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(JOINED).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(AGES).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(PRUNED).map_err(|e| open_err(e.to_string()))?;
             w.commit().map_err(|e| open_err(e.to_string()))?;
         }
+        let db = Arc::new(RwLock::new(db));
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(LogStats::default());
         let writer_db = Arc::clone(&db);
@@ -128,7 +239,17 @@ impl GroupLog {
         std::thread::Builder::new()
             .name("throng-group-log".into())
             .spawn(move || {
-                writer(writer_db, rx, commit_interval, writer_stats, writer_cursors);
+                let mut writer = Writer {
+                    db: writer_db,
+                    stats: writer_stats,
+                    overlay: writer_cursors,
+                    retention,
+                    touched: HashMap::new(),
+                    pruned_at: Instant::now(),
+                    freed_since_compaction: 0,
+                    compacted_at: Instant::now(),
+                };
+                writer.run(rx, commit_interval);
                 done.store(true, Ordering::Release);
             })
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
@@ -199,33 +320,68 @@ impl GroupLog {
             let p = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
             p.get(&(Arc::from(tenant), Arc::from(room), Arc::from(user))).copied()
         };
-        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
-        let t = r.open_table(MEMBERS).map_err(|e| LogError::Read(e.to_string()))?;
-        let stored = t
-            .get((tenant, room, user))
-            .map_err(|e| LogError::Read(e.to_string()))?
-            .map(|v| v.value());
+        let db = db_guard(&self.db);
+        let r = db.begin_read().map_err(read_err)?;
+        let t = r.open_table(MEMBERS).map_err(read_err)?;
+        let stored = t.get((tenant, room, user)).map_err(read_err)?.map(|v| v.value());
         Ok(pending.max(stored))
+    }
+
+    /// Makes `user` a member of the room unless it has `max_members`
+    /// already; the check and the insert are one write transaction, so the
+    /// cap is exact under concurrent joins. A member is only looked up.
+    pub fn admit(&self, tenant: &str, room: &str, user: &str, max_members: u64) -> Result<Admission, LogError> {
+        let joined_at = |db: &Database| -> Result<u64, LogError> {
+            let r = db.begin_read().map_err(read_err)?;
+            let t = r.open_table(JOINED).map_err(read_err)?;
+            Ok(t.get((tenant, room, user)).map_err(read_err)?.map_or(0, |v| v.value()))
+        };
+        if let Some(cursor) = self.cursor(tenant, room, user)? {
+            let joined_at = joined_at(&db_guard(&self.db))?;
+            return Ok(Admission::Member { cursor, joined_at });
+        }
+        let db = db_guard(&self.db);
+        let w = db.begin_write().map_err(write_err)?;
+        let admission = {
+            let mut members = w.open_table(MEMBERS).map_err(write_err)?;
+            let existing = members.get((tenant, room, user)).map_err(write_err)?.map(|v| v.value());
+            let count = count_members(&members, tenant, room)?;
+            if let Some(cursor) = existing {
+                // Made a member by a join that won the race to the lock.
+                Admission::Member { cursor, joined_at: 0 }
+            } else if count >= max_members {
+                Admission::Full { members: count }
+            } else {
+                let at = last_seq_in(&w, tenant, room)?;
+                members.insert((tenant, room, user), at).map_err(write_err)?;
+                w.open_table(JOINED)
+                    .map_err(write_err)?
+                    .insert((tenant, room, user), at)
+                    .map_err(write_err)?;
+                Admission::New { joined_at: at }
+            }
+        };
+        match admission {
+            Admission::New { .. } => w.commit().map_err(write_err)?,
+            Admission::Member { cursor, .. } => {
+                w.abort().map_err(write_err)?;
+                return Ok(Admission::Member {
+                    cursor,
+                    joined_at: joined_at(&db)?,
+                });
+            }
+            Admission::Full { .. } => w.abort().map_err(write_err)?,
+        }
+        Ok(admission)
     }
 
     /// How many members a room has (committed ones: a member joining in the
     /// same commit interval may not count yet).
     pub fn member_count(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
-        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
-        let t = r.open_table(MEMBERS).map_err(|e| LogError::Read(e.to_string()))?;
-        let range = t
-            .range((tenant, room, "")..)
-            .map_err(|e| LogError::Read(e.to_string()))?;
-        let mut n = 0;
-        for entry in range {
-            let (k, _) = entry.map_err(|e| LogError::Read(e.to_string()))?;
-            let (t2, r2, _) = k.value();
-            if t2 != tenant || r2 != room {
-                break;
-            }
-            n += 1;
-        }
-        Ok(n)
+        let db = db_guard(&self.db);
+        let r = db.begin_read().map_err(read_err)?;
+        let t = r.open_table(MEMBERS).map_err(read_err)?;
+        count_members(&t, tenant, room)
     }
 
     /// Whether so many messages wait for a commit that rooms should refuse
@@ -240,18 +396,23 @@ impl GroupLog {
         metrics::counter!("throng_group_log_refused_total").increment(n);
     }
 
-    /// The highest sequence number stored for a room (0 if none).
+    /// The highest sequence number a room has committed (0 if none),
+    /// retained or not.
     pub fn last_seq(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
-        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
-        let t = r.open_table(TICKS).map_err(|e| LogError::Read(e.to_string()))?;
-        let mut range = t
-            .range((tenant, room, 0)..=(tenant, room, u64::MAX))
-            .map_err(|e| LogError::Read(e.to_string()))?;
-        match range.next_back() {
-            Some(Ok((_, v))) => Ok(decode(v.value())?.last().map_or(0, |m| m.seq)),
-            Some(Err(e)) => Err(LogError::Read(e.to_string())),
-            None => Ok(0),
-        }
+        let db = db_guard(&self.db);
+        let r = db.begin_read().map_err(read_err)?;
+        let ticks = r.open_table(TICKS).map_err(read_err)?;
+        let pruned = r.open_table(PRUNED).map_err(read_err)?;
+        last_seq_of(&ticks, &pruned, tenant, room)
+    }
+
+    /// The highest sequence retention removed from a room (0 if none):
+    /// a catch-up from at or below it lost that much.
+    pub fn pruned_through(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
+        let db = db_guard(&self.db);
+        let r = db.begin_read().map_err(read_err)?;
+        let t = r.open_table(PRUNED).map_err(read_err)?;
+        Ok(t.get((tenant, room)).map_err(read_err)?.map_or(0, |v| v.value()))
     }
 
     /// Up to `limit` messages of a room with `from <= seq <= to`, in order.
@@ -259,7 +420,8 @@ impl GroupLog {
         if from > to {
             return Ok(Vec::new());
         }
-        let r = self.db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
+        let db = db_guard(&self.db);
+        let r = db.begin_read().map_err(|e| LogError::Read(e.to_string()))?;
         let t = r.open_table(TICKS).map_err(|e| LogError::Read(e.to_string()))?;
         // The tick holding `from` starts at or before it; later ticks start
         // after it.
@@ -290,46 +452,143 @@ fn decode(bytes: &[u8]) -> Result<Vec<Message>, LogError> {
     postcard::from_bytes(bytes).map_err(|e| LogError::Read(format!("corrupt log entry: {e}")))
 }
 
-type Overlay = Arc<std::sync::Mutex<std::collections::HashMap<MemberKey, u64>>>;
+type Overlay = Arc<std::sync::Mutex<HashMap<MemberKey, u64>>>;
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<Work>, interval: Duration, stats: Arc<LogStats>, overlay: Overlay) {
-    let mut batch: Vec<Append> = Vec::new();
-    let mut cursors: std::collections::HashMap<MemberKey, u64> = std::collections::HashMap::new();
-    let take = |work: Work, batch: &mut Vec<Append>, cursors: &mut std::collections::HashMap<MemberKey, u64>| match work
-    {
-        Work::Append(a) => batch.push(a),
-        Work::Cursor(key, seq) => {
-            let v = cursors.entry(key).or_insert(seq);
-            *v = (*v).max(seq);
+fn count_members(
+    t: &impl ReadableTable<(&'static str, &'static str, &'static str), u64>,
+    tenant: &str,
+    room: &str,
+) -> Result<u64, LogError> {
+    let range = t.range((tenant, room, "")..).map_err(read_err)?;
+    let mut n = 0;
+    for entry in range {
+        let (k, _) = entry.map_err(read_err)?;
+        let (t2, r2, _) = k.value();
+        if t2 != tenant || r2 != room {
+            break;
         }
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn last_seq_of(
+    ticks: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
+    pruned: &impl ReadableTable<(&'static str, &'static str), u64>,
+    tenant: &str,
+    room: &str,
+) -> Result<u64, LogError> {
+    let pruned = pruned.get((tenant, room)).map_err(read_err)?.map_or(0, |v| v.value());
+    let mut range = ticks
+        .range((tenant, room, 0)..=(tenant, room, u64::MAX))
+        .map_err(read_err)?;
+    let stored = match range.next_back() {
+        Some(Ok((_, v))) => decode(v.value())?.last().map_or(0, |m| m.seq),
+        Some(Err(e)) => return Err(read_err(e)),
+        None => 0,
     };
-    let mut warned: Option<Instant> = None;
-    loop {
-        // Wait for the first append, then gather what else arrives within the
-        // interval, so one commit (one fsync) covers every room's ticks.
-        match rx.recv() {
-            Ok(w) => take(w, &mut batch, &mut cursors),
-            Err(_) => return,
-        }
-        let deadline = Instant::now() + interval;
+    Ok(stored.max(pruned))
+}
+
+fn last_seq_in(w: &WriteTransaction, tenant: &str, room: &str) -> Result<u64, LogError> {
+    let ticks = w.open_table(TICKS).map_err(write_err)?;
+    let pruned = w.open_table(PRUNED).map_err(write_err)?;
+    last_seq_of(&ticks, &pruned, tenant, room)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The writer thread's state.
+struct Writer {
+    db: Db,
+    stats: Arc<LogStats>,
+    overlay: Overlay,
+    retention: Retention,
+    /// Rooms appended to since their last count-based pruning, with their
+    /// last committed sequence.
+    touched: HashMap<(Arc<str>, Arc<str>), u64>,
+    pruned_at: Instant,
+    /// Ticks removed since the last compaction.
+    freed_since_compaction: u64,
+    compacted_at: Instant,
+}
+
+impl Writer {
+    fn run(&mut self, rx: mpsc::Receiver<Work>, interval: Duration) {
+        let mut batch: Vec<Append> = Vec::new();
+        let mut cursors: HashMap<MemberKey, u64> = HashMap::new();
+        let take = |work: Work, batch: &mut Vec<Append>, cursors: &mut HashMap<MemberKey, u64>| match work {
+            Work::Append(a) => batch.push(a),
+            Work::Cursor(key, seq) => {
+                let v = cursors.entry(key).or_insert(seq);
+                *v = (*v).max(seq);
+            }
+        };
+        let mut warned: Option<Instant> = None;
+        let retaining = self.retention.max_age.is_some() || self.retention.max_messages.is_some();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+            // Wait for the first append, then gather what else arrives within the
+            // interval, so one commit (one fsync) covers every room's ticks. With
+            // retention on, wake now and then even when idle: ticks age out
+            // without new appends.
+            let first = if retaining {
+                match rx.recv_timeout(PRUNE_INTERVAL) {
+                    Ok(w) => Some(w),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(w) => Some(w),
+                    Err(_) => return,
+                }
+            };
+            if let Some(w) = first {
+                take(w, &mut batch, &mut cursors);
+                let deadline = Instant::now() + interval;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match rx.recv_timeout(left) {
+                        Ok(w) => take(w, &mut batch, &mut cursors),
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                if let Err(e) = self.commit(&batch, &cursors) {
+                    // The messages stay un-committed; their rooms keep them in memory
+                    // and the failure is loud. Retrying the same batch next round.
+                    tracing::error!(error = %e, appends = batch.len(), "group log commit failed; will retry");
+                    std::thread::sleep(interval.max(Duration::from_millis(10)));
+                    continue;
+                }
+                self.committed(&mut batch, &mut cursors, &mut warned);
             }
-            match rx.recv_timeout(left) {
-                Ok(w) => take(w, &mut batch, &mut cursors),
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            if retaining && self.pruned_at.elapsed() >= PRUNE_INTERVAL {
+                self.pruned_at = Instant::now();
+                match self.prune() {
+                    Ok(n) => self.freed_since_compaction += n,
+                    Err(e) => tracing::error!(error = %e, "group log retention pass failed; will retry"),
+                }
+                self.maybe_compact();
             }
         }
-        if let Err(e) = commit(&db, &batch, &cursors) {
-            // The messages stay un-committed; their rooms keep them in memory
-            // and the failure is loud. Retrying the same batch next round.
-            tracing::error!(error = %e, appends = batch.len(), "group log commit failed; will retry");
-            std::thread::sleep(interval.max(Duration::from_millis(10)));
-            continue;
-        }
+    }
+
+    /// Bookkeeping after a successful commit.
+    fn committed(
+        &mut self,
+        batch: &mut Vec<Append>,
+        cursors: &mut HashMap<MemberKey, u64>,
+        warned: &mut Option<Instant>,
+    ) {
+        let stats = &self.stats;
         let now = Instant::now();
         stats.commits.fetch_add(1, Ordering::Relaxed);
         let queued = stats.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed) - batch.len() as u64;
@@ -337,7 +596,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Work>, interval: Duration, stats
         stats.queued_messages.fetch_sub(messages, Ordering::Relaxed);
         metrics::gauge!("throng_group_log_queued").set(queued as f64);
         if queued > QUEUE_WARN && warned.is_none_or(|t| now.duration_since(t) > Duration::from_secs(10)) {
-            warned = Some(now);
+            *warned = Some(now);
             tracing::warn!(
                 queued,
                 "the group log is falling behind: acks are further from disk than the commit interval"
@@ -351,11 +610,15 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Work>, interval: Duration, stats
             stats.messages.fetch_add(a.messages.len() as u64, Ordering::Relaxed);
             if let Some(last) = a.messages.last() {
                 a.committed.fetch_max(last.seq, Ordering::Release);
+                if self.retention.max_messages.is_some() {
+                    let e = self.touched.entry((a.tenant, a.room)).or_insert(0);
+                    *e = (*e).max(last.seq);
+                }
             }
         }
         if !cursors.is_empty() {
             // Committed cursors need no overlay, unless a newer one came in.
-            let mut pending = overlay.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.overlay.lock().unwrap_or_else(|e| e.into_inner());
             for (key, seq) in cursors.drain() {
                 if pending.get(&key).is_some_and(|&p| p <= seq) {
                     pending.remove(&key);
@@ -364,30 +627,155 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Work>, interval: Duration, stats
         }
         metrics::counter!("throng_group_log_commits_total").increment(1);
     }
-}
 
-fn commit(db: &Database, batch: &[Append], cursors: &std::collections::HashMap<MemberKey, u64>) -> Result<(), String> {
-    let w = db.begin_write().map_err(|e| e.to_string())?;
-    if !cursors.is_empty() {
-        let mut t = w.open_table(MEMBERS).map_err(|e| e.to_string())?;
-        for ((tenant, room, user), &seq) in cursors {
-            let key = (&**tenant, &**room, &**user);
-            let old = t.get(key).map_err(|e| e.to_string())?.map(|v| v.value());
-            if old.is_none_or(|o| o < seq) {
-                t.insert(key, seq).map_err(|e| e.to_string())?;
+    fn commit(&self, batch: &[Append], cursors: &HashMap<MemberKey, u64>) -> Result<(), String> {
+        let db = db_guard(&self.db);
+        let w = db.begin_write().map_err(|e| e.to_string())?;
+        if !cursors.is_empty() {
+            let mut t = w.open_table(MEMBERS).map_err(|e| e.to_string())?;
+            for ((tenant, room, user), &seq) in cursors {
+                let key = (&**tenant, &**room, &**user);
+                let old = t.get(key).map_err(|e| e.to_string())?.map(|v| v.value());
+                // Only members have cursors (admit makes them): a cursor
+                // never makes a member, so the count stays exact, and it
+                // never moves back.
+                if old.is_some_and(|o| o < seq) {
+                    t.insert(key, seq).map_err(|e| e.to_string())?;
+                }
             }
         }
+        {
+            let mut t = w.open_table(TICKS).map_err(|e| e.to_string())?;
+            let mut ages = w.open_table(AGES).map_err(|e| e.to_string())?;
+            let now = now_ms();
+            for a in batch {
+                let Some(first) = a.messages.first() else { continue };
+                let bytes = postcard::to_allocvec(&a.messages).map_err(|e| e.to_string())?;
+                t.insert((&*a.tenant, &*a.room, first.seq), bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+                if self.retention.max_age.is_some() {
+                    ages.insert((now, &*a.tenant, &*a.room, first.seq), ())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        w.commit().map_err(|e| e.to_string())
     }
-    {
-        let mut t = w.open_table(TICKS).map_err(|e| e.to_string())?;
-        for a in batch {
-            let Some(first) = a.messages.first() else { continue };
-            let bytes = postcard::to_allocvec(&a.messages).map_err(|e| e.to_string())?;
-            t.insert((&*a.tenant, &*a.room, first.seq), bytes.as_slice())
-                .map_err(|e| e.to_string())?;
+
+    /// One retention pass, at most [`PRUNE_BUDGET`] ticks; returns how many
+    /// it removed.
+    fn prune(&mut self) -> Result<u64, LogError> {
+        let db = db_guard(&self.db);
+        let w = db.begin_write().map_err(write_err)?;
+        let mut budget = PRUNE_BUDGET;
+        let mut removed = 0u64;
+        {
+            let mut ticks = w.open_table(TICKS).map_err(write_err)?;
+            let mut pruned = w.open_table(PRUNED).map_err(write_err)?;
+            let mut marks: BTreeMap<(Arc<str>, Arc<str>), u64> = BTreeMap::new();
+            if let Some(max) = self.retention.max_messages {
+                let rooms: Vec<_> = self.touched.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                for ((tenant, room), last) in rooms {
+                    if budget == 0 {
+                        break;
+                    }
+                    let cutoff = last.saturating_sub(max);
+                    // Tick i ends where tick i+1 starts: every tick but the
+                    // last one starting at or below cutoff + 1 ends at or
+                    // below the cutoff.
+                    let starts: Vec<u64> = ticks
+                        .range((&*tenant, &*room, 0)..=(&*tenant, &*room, cutoff.saturating_add(1)))
+                        .map_err(write_err)?
+                        .take(budget + 1)
+                        .map(|e| e.map(|(k, _)| k.value().2).map_err(write_err))
+                        .collect::<Result<_, _>>()?;
+                    let whole = starts.len() == budget + 1;
+                    if let Some((&next, gone)) = starts.split_last() {
+                        for &first in gone {
+                            ticks.remove((&*tenant, &*room, first)).map_err(write_err)?;
+                        }
+                        if !gone.is_empty() {
+                            let mark = marks.entry((tenant.clone(), room.clone())).or_insert(0);
+                            *mark = (*mark).max(next - 1);
+                            removed += gone.len() as u64;
+                            budget -= gone.len();
+                        }
+                    }
+                    if !whole {
+                        self.touched.remove(&(tenant, room));
+                    }
+                }
+            }
+            if let Some(max_age) = self.retention.max_age {
+                let cutoff = now_ms().saturating_sub(max_age.as_millis() as u64);
+                let mut ages = w.open_table(AGES).map_err(write_err)?;
+                let old: Vec<(u64, String, String, u64)> = ages
+                    .range((0, "", "", 0)..(cutoff, "", "", 0))
+                    .map_err(write_err)?
+                    .take(budget)
+                    .map(|e| {
+                        e.map(|(k, _)| {
+                            let (ms, t, r, s) = k.value();
+                            (ms, t.to_owned(), r.to_owned(), s)
+                        })
+                        .map_err(write_err)
+                    })
+                    .collect::<Result<_, _>>()?;
+                for (ms, tenant, room, first) in old {
+                    ages.remove((ms, tenant.as_str(), room.as_str(), first))
+                        .map_err(write_err)?;
+                    let last = match ticks
+                        .remove((tenant.as_str(), room.as_str(), first))
+                        .map_err(write_err)?
+                    {
+                        Some(v) => decode(v.value())?.last().map_or(first, |m| m.seq),
+                        None => continue, // removed by count already
+                    };
+                    let mark = marks.entry((Arc::from(tenant), Arc::from(room))).or_insert(0);
+                    *mark = (*mark).max(last);
+                    removed += 1;
+                }
+            }
+            for ((tenant, room), mark) in marks {
+                let old = pruned
+                    .get((&*tenant, &*room))
+                    .map_err(write_err)?
+                    .map_or(0, |v| v.value());
+                if mark > old {
+                    pruned.insert((&*tenant, &*room), mark).map_err(write_err)?;
+                }
+            }
+        }
+        if removed == 0 {
+            w.abort().map_err(write_err)?;
+            return Ok(0);
+        }
+        w.commit().map_err(write_err)?;
+        self.stats.pruned_ticks.fetch_add(removed, Ordering::Relaxed);
+        metrics::counter!("throng_group_log_pruned_ticks_total").increment(removed);
+        Ok(removed)
+    }
+
+    /// Compacts the file if retention freed something and the last
+    /// compaction is long enough ago. Readers and writers wait meanwhile.
+    fn maybe_compact(&mut self) {
+        if self.freed_since_compaction == 0 || self.compacted_at.elapsed() < self.retention.compact_interval {
+            return;
+        }
+        let start = Instant::now();
+        let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+        self.compacted_at = Instant::now();
+        match db.compact() {
+            Ok(_) => {
+                self.freed_since_compaction = 0;
+                self.stats.compactions.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("throng_group_log_compactions_total").increment(1);
+                tracing::info!(ms = start.elapsed().as_millis() as u64, "group log compacted");
+            }
+            // A reader is in a transaction: try again after the interval.
+            Err(e) => tracing::warn!(error = %e, "group log compaction skipped"),
         }
     }
-    w.commit().map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

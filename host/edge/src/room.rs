@@ -143,6 +143,9 @@ pub struct JoinInfo {
     /// Group rooms: missed messages not yet committed, sent after the
     /// catch-up and before anything live.
     pub tail: Vec<Message>,
+    /// Group rooms: the highest sequence the room has handed out, kept
+    /// current, so a `Seen` beyond it can be refused.
+    pub head: Option<Arc<AtomicU64>>,
 }
 
 /// One encoded batch frame, shared by every member it goes to.
@@ -303,6 +306,10 @@ pub enum RoomError {
     Limit(&'static str),
     #[error("the edge is shutting down")]
     ShuttingDown,
+    /// A group room could not read where its log ends; the next join
+    /// tries again.
+    #[error("the room's log cannot be read now; try again")]
+    Unavailable,
 }
 
 enum Command {
@@ -310,7 +317,7 @@ enum Command {
         member: u64,
         slot: Arc<ViewerSlot>,
         resume_from: Option<u64>,
-        reply: oneshot::Sender<JoinInfo>,
+        reply: oneshot::Sender<Result<JoinInfo, RoomError>>,
     },
     Leave {
         member: u64,
@@ -379,6 +386,21 @@ pub struct Rooms {
 struct RoomMap {
     rooms: HashMap<RoomKey, (u64, mpsc::Sender<Command>)>,
     per_tenant: HashMap<Arc<str>, usize>,
+}
+
+impl RoomMap {
+    /// Removes room `id` under `key` (not a newer room of the same name).
+    fn remove(&mut self, key: &RoomKey, id: u64) {
+        if self.rooms.get(key).is_some_and(|(i, _)| *i == id) {
+            self.rooms.remove(key);
+            if let Some(n) = self.per_tenant.get_mut(&key.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_tenant.remove(&key.tenant);
+                }
+            }
+        }
+    }
 }
 
 /// Who asks for a room that may not exist yet, and what they may create.
@@ -546,8 +568,10 @@ impl Rooms {
             if tx.send(cmd).await.is_err() {
                 continue;
             }
-            if let Ok(info) = answer.await {
-                return Ok((RoomHandle { tx }, info, created));
+            match answer.await {
+                Ok(Ok(info)) => return Ok((RoomHandle { tx }, info, created)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {}
             }
         }
         Err(RoomError::ShuttingDown)
@@ -559,6 +583,12 @@ impl Rooms {
         self.tasks.wait().await;
     }
 
+    /// Removes a room that could not start, whatever is queued for it: the
+    /// next join makes a fresh one, which tries again.
+    fn forget(&self, key: &RoomKey, id: u64) {
+        self.map().remove(key, id);
+    }
+
     /// Removes a retiring room if nothing is queued for it, under the map
     /// lock, so no joiner can find it afterwards.
     fn retire(&self, key: &RoomKey, id: u64, rx: &mpsc::Receiver<Command>) -> bool {
@@ -566,15 +596,7 @@ impl Rooms {
         if !rx.is_empty() {
             return false;
         }
-        if map.rooms.get(key).is_some_and(|(i, _)| *i == id) {
-            map.rooms.remove(key);
-            if let Some(n) = map.per_tenant.get_mut(&key.tenant) {
-                *n -= 1;
-                if *n == 0 {
-                    map.per_tenant.remove(&key.tenant);
-                }
-            }
-        }
+        map.remove(key, id);
         true
     }
 }
@@ -689,6 +711,8 @@ struct GroupState {
     committed: Arc<AtomicU64>,
     /// Appended, not yet known to be committed, oldest first.
     pending: VecDeque<Message>,
+    /// The highest sequence handed out (what members may say they saw).
+    head: Arc<AtomicU64>,
 }
 
 struct Room {
@@ -745,6 +769,7 @@ impl Room {
             log: rooms.log.clone(),
             committed: Arc::new(AtomicU64::new(0)),
             pending: VecDeque::new(),
+            head: Arc::new(AtomicU64::new(0)),
         });
         Self {
             label: Arc::from(key.to_string().as_str()),
@@ -790,13 +815,43 @@ impl Room {
         if let Some(g) = self.group.as_ref().filter(|_| !self.started) {
             // Sequence numbers continue where the log ends (joins wait).
             let (log, tenant, name) = (g.log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
-            match tokio::task::spawn_blocking(move || log.last_seq(&tenant, &name)).await {
-                Ok(Ok(last)) => {
+            let last = match tokio::task::spawn_blocking(move || log.last_seq(&tenant, &name)).await {
+                Ok(last) => last.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("reader task failed: {e}")),
+            };
+            match last {
+                Ok(last) => {
                     self.next_seq = last + 1;
                     g.committed.store(last, Ordering::Release);
+                    g.head.store(last, Ordering::Release);
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot read the group log; numbering from 1"),
-                Err(e) => tracing::error!(error = %e, "group log reader failed"),
+                Err(e) => {
+                    // Numbering from 1 would overwrite the log. This room
+                    // never starts: whoever is queued is refused, and the
+                    // next join makes a fresh room that reads again.
+                    tracing::error!(error = %e, "cannot read where the group log ends; refusing joins");
+                    metrics::counter!("throng_group_room_start_failed_total", "tenant" => self.key.tenant.to_string())
+                        .increment(1);
+                    rooms.forget(&self.key, self.id);
+                    rx.close();
+                    while let Ok(cmd) = rx.try_recv() {
+                        match cmd {
+                            Command::Join { reply, .. } => {
+                                let _ = reply.send(Err(RoomError::Unavailable));
+                            }
+                            Command::Send(m) => {
+                                let _ = m.reply.send(EdgeFrame::Rejected {
+                                    client_msg_id: m.client_msg_id,
+                                    code: ErrorCode::ServerBusy.code(),
+                                    reason: RoomError::Unavailable.to_string(),
+                                });
+                            }
+                            Command::Leave { .. } => {}
+                        }
+                    }
+                    metrics::gauge!("throng_rooms").decrement(1.0);
+                    return None;
+                }
             }
         }
         self.started = true;
@@ -896,14 +951,15 @@ impl Room {
                     old.close();
                 }
                 self.empty_since = None;
-                let _ = reply.send(JoinInfo {
+                let _ = reply.send(Ok(JoinInfo {
                     writer: self.worker.clone(),
                     last_seq: self.next_seq - 1,
                     online: self.members.len() as u64,
                     recent,
                     catch_up,
                     tail,
-                });
+                    head: self.group.as_ref().map(|g| Arc::clone(&g.head)),
+                }));
             }
             Command::Leave { member } => {
                 if let Some(slot) = self.members.remove(&member) {
@@ -1260,6 +1316,7 @@ impl Room {
                     .append(&self.key.tenant, &self.key.name, messages.clone(), &g.committed);
                 g.pending.extend(messages.iter().cloned());
             }
+            g.head.store(self.next_seq - 1, Ordering::Release);
         }
         for m in &messages {
             if self.recent_cap > 0 {

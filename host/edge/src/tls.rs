@@ -75,8 +75,14 @@ fn load(cert_path: &Path, key_path: &Path) -> Result<Identity, TlsError> {
     })
 }
 
+/// Where the dev certificate of an edge with this `data_dir` lives (clients
+/// default to trusting it).
+pub fn dev_cert_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("dev-cert.pem")
+}
+
 fn dev_identity(data_dir: &Path) -> Result<Identity, TlsError> {
-    let cert_path = data_dir.join("dev-cert.pem");
+    let cert_path = dev_cert_path(data_dir);
     let key_path = data_dir.join("dev-key.pem");
     if cert_path.exists() && key_path.exists() {
         return load(&cert_path, &key_path);

@@ -3,16 +3,31 @@
 mod baseline;
 mod load;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use throng_client::{Client, ClientError, ConnectOptions};
 use throng_edge::auth::{Claims, sign, unix_now};
 use throng_edge::{Config, Edge};
-use throng_wire::{Kind, Role};
+use throng_wire::{Batch, Kind, Message, Role};
+
+/// Where `throng serve` listens on its embedded dev config; a client aimed
+/// here may trust the dev certificate without being told where it is.
+const DEV_SERVER: &str = "127.0.0.1:4433";
+
+/// How long `client` commands wait for an edge's certificate-checked hello
+/// to come back, wherever they aim: a typo in `--server` should not look
+/// like a hang.
+const CONNECT_TIMEOUT: &str = "1500ms";
+
+/// How long an exiting client waits for its QUIC close to go out, so the
+/// edge drops its session (and presence) at once instead of after the
+/// idle timeout.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(
@@ -21,8 +36,67 @@ use throng_wire::{Kind, Role};
     about = "Throng: an edge host for livecast rooms over QUIC"
 )]
 struct Cli {
+    /// How log lines on stderr are written.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `--role`: the wire's roles, listed in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    /// Reads rooms, sends chat, likes and gifts.
+    Viewer,
+    /// May also send host and system messages.
+    Host,
+    /// The same sending rights as a host.
+    Moderator,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Viewer => Role::Viewer,
+            RoleArg::Host => Role::Host,
+            RoleArg::Moderator => Role::Moderator,
+        }
+    }
+}
+
+/// `--kind`: the wire's message kinds, listed in `--help`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KindArg {
+    /// A chat line.
+    Chat,
+    /// Folded into the room's like counter.
+    Like,
+    /// A gift: the body names it; counted per name.
+    Gift,
+    /// From the room's host (host and moderator roles only); never dropped.
+    Host,
+    /// From the service (host and moderator roles only).
+    System,
+}
+
+impl From<KindArg> for Kind {
+    fn from(k: KindArg) -> Self {
+        match k {
+            KindArg::Chat => Kind::Chat,
+            KindArg::Like => Kind::Like,
+            KindArg::Gift => Kind::Gift,
+            KindArg::Host => Kind::Host,
+            KindArg::System => Kind::System,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -52,8 +126,8 @@ enum Command {
         tenant: String,
         #[arg(long)]
         user: String,
-        #[arg(long, default_value = "viewer")]
-        role: Role,
+        #[arg(long, value_enum, default_value_t = RoleArg::Viewer)]
+        role: RoleArg,
         /// Rooms the token may join: a pattern with * and ? wildcards.
         #[arg(long, default_value = "*")]
         rooms: String,
@@ -67,11 +141,17 @@ enum Command {
     /// Connect to an edge as a client.
     Client {
         /// Edge address, host:port.
-        #[arg(long, default_value = "127.0.0.1:4433")]
+        #[arg(long, default_value = DEV_SERVER)]
         server: String,
-        /// Certificate to trust (the ready line prints it).
+        /// Certificate to trust (the ready line prints it). Defaults to the
+        /// dev certificate, `<data_dir>/dev-cert.pem` of the embedded dev
+        /// config, when --server is the dev default.
         #[arg(long)]
-        cert: PathBuf,
+        cert: Option<PathBuf>,
+        /// How long to wait for the edge to answer (QUIC and TLS handshake,
+        /// then its Welcome), e.g. 500ms, 10s.
+        #[arg(long, default_value = CONNECT_TIMEOUT, value_parser = humantime::parse_duration)]
+        connect_timeout: Duration,
         /// JWT from `throng token`.
         #[arg(long, env = "THRONG_TOKEN")]
         token: String,
@@ -87,13 +167,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ClientAction {
-    /// Print what a room delivers.
+    /// Print what a room delivers: the recent messages the join brings,
+    /// then each batch's messages and counters.
     Listen {
         room: String,
-        /// Exit after this many messages.
+        /// Exit after this many messages (recent ones included).
         #[arg(long)]
         count: Option<u64>,
-        /// One JSON object per delivered message.
+        /// One JSON object per line: `"type": "message"` for each message
+        /// (`"recent": true` for those the join brought), `"type": "batch"`
+        /// for a batch's counters (likes, gifts) and missed batches.
         #[arg(long)]
         json: bool,
     },
@@ -101,8 +184,8 @@ enum ClientAction {
     Send {
         room: String,
         text: String,
-        #[arg(long, default_value = "chat")]
-        kind: Kind,
+        #[arg(long, value_enum, default_value_t = KindArg::Chat)]
+        kind: KindArg,
         /// How many times to send it.
         #[arg(long, default_value_t = 1)]
         repeat: u64,
@@ -129,13 +212,15 @@ fn main() -> std::process::ExitCode {
     } else {
         "warn"
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .init();
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+    );
+    match cli.log_format {
+        // Colour codes are noise in a file or a pipe.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -189,7 +274,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let claims = Claims {
                 tenant,
                 sub: user,
-                role: role.as_str().to_owned(),
+                role: Role::from(role).as_str().to_owned(),
                 rooms,
                 exp: unix_now() + ttl.as_secs(),
                 nbf: None,
@@ -201,45 +286,81 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Client {
             server,
             cert,
+            connect_timeout,
             token,
             action,
         } => {
-            let roots = throng_client::tls::load_certs(&cert)?;
-            let client = Client::connect(ConnectOptions::new(server.clone(), roots, token))
-                .await
-                .with_context(|| format!("cannot connect to {server}"))?;
-            let code = match action {
-                ClientAction::Listen { room, count, json } => listen(&client, &room, count, json).await?,
-                ClientAction::Send {
-                    room,
-                    text,
-                    kind,
-                    repeat,
-                    rate,
-                } => send(&client, &room, &text, kind, repeat, rate).await?,
-                ClientAction::Online {
-                    mut users,
-                    file,
-                    only_online,
-                } => {
-                    if let Some(path) = file {
-                        let text = std::fs::read_to_string(&path)
-                            .with_context(|| format!("cannot read {}", path.display()))?;
-                        users.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned));
-                    }
-                    let online = client.online(&users).await.context("presence query failed")?;
-                    for (user, is_online) in users.iter().zip(online) {
-                        if is_online || !only_online {
-                            println!("{user}\t{}", if is_online { "online" } else { "offline" });
-                        }
-                    }
-                    std::process::ExitCode::SUCCESS
-                }
+            let cert = match cert {
+                Some(cert) => cert,
+                None if server == DEV_SERVER => dev_cert()?,
+                None => bail!("--cert is needed for a server other than the dev default {DEV_SERVER}"),
             };
-            client.close();
-            Ok(code)
+            let roots = throng_client::tls::load_certs(&cert)
+                .with_context(|| format!("cannot trust the certificate {}", cert.display()))?;
+            let mut options = ConnectOptions::new(server.clone(), roots, token);
+            options.handshake_timeout = connect_timeout;
+            // The handshake timeout does not cover resolving the name.
+            let client = match tokio::time::timeout(connect_timeout, Client::connect(options)).await {
+                Ok(Ok(client)) => client,
+                Err(_) | Ok(Err(ClientError::Timeout(_))) => bail!(
+                    "no answer from {server} within {}: is `throng serve` running there, and is --server right? \
+                     (--connect-timeout waits longer)",
+                    humantime::format_duration(connect_timeout)
+                ),
+                Ok(Err(e)) => return Err(e).with_context(|| format!("cannot connect to {server}")),
+            };
+            let result = client_action(&client, action).await;
+            if !client.close_and_wait(CLOSE_WAIT).await {
+                tracing::warn!("the connection did not close within {CLOSE_WAIT:?}");
+            }
+            result
         }
     }
+}
+
+/// The dev certificate `throng serve` makes on its embedded config.
+fn dev_cert() -> Result<PathBuf> {
+    let config = Config::dev().context("invalid embedded dev config")?;
+    let path = throng_edge::tls::dev_cert_path(&config.data_dir);
+    if !path.exists() {
+        bail!(
+            "no --cert given and the dev certificate {} does not exist: start `throng serve` from this \
+             directory first, or pass --cert",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn client_action(client: &Client, action: ClientAction) -> Result<std::process::ExitCode> {
+    let code = match action {
+        ClientAction::Listen { room, count, json } => listen(client, &room, count, json).await?,
+        ClientAction::Send {
+            room,
+            text,
+            kind,
+            repeat,
+            rate,
+        } => send(client, &room, &text, kind.into(), repeat, rate).await?,
+        ClientAction::Online {
+            mut users,
+            file,
+            only_online,
+        } => {
+            if let Some(path) = file {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                users.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned));
+            }
+            let online = client.online(&users).await.context("presence query failed")?;
+            for (user, is_online) in users.iter().zip(online) {
+                if is_online || !only_online {
+                    println!("{user}\t{}", if is_online { "online" } else { "offline" });
+                }
+            }
+            std::process::ExitCode::SUCCESS
+        }
+    };
+    Ok(code)
 }
 
 /// `--admin`: where the admin endpoint listens, or nowhere.
@@ -341,57 +462,103 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
         stream.recent.len()
     );
     let mut seen = 0u64;
-    if count == Some(0) {
+    let done = |seen: u64| count.is_some_and(|c| seen >= c);
+    if done(seen) {
         return Ok(std::process::ExitCode::SUCCESS);
+    }
+    for m in &stream.recent {
+        if json {
+            println!("{}", message_json(room, None, m, false, stream.online));
+        } else {
+            println!("{} (recent)", message_text(room, m));
+        }
+        seen += 1;
+        if done(seen) {
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
     }
     while let Some(batch) = stream.next_batch().await {
         let batch = batch.with_context(|| format!("room `{room}` failed"))?;
-        if !json && !batch.counters.is_empty() {
-            let gifts: Vec<String> = batch
-                .counters
-                .gifts
-                .iter()
-                .map(|g| format!("{}×{}", g.gift, g.count))
-                .collect();
-            println!(
-                "[{room}] likes +{} gifts [{}] ({} online)",
-                batch.counters.likes,
-                gifts.join(", "),
-                batch.online
-            );
-        }
-        if !json && batch.missed > 0 {
-            println!("[{room}] missed {} batches", batch.missed);
+        if !batch.counters.is_empty() || batch.missed > 0 {
+            if json {
+                println!("{}", batch_json(&batch));
+            } else {
+                if !batch.counters.is_empty() {
+                    let gifts: Vec<String> = batch
+                        .counters
+                        .gifts
+                        .iter()
+                        .map(|g| format!("{}×{}", g.gift, g.count))
+                        .collect();
+                    println!(
+                        "[{room}] likes +{} gifts [{}] ({} online)",
+                        batch.counters.likes,
+                        gifts.join(", "),
+                        batch.online
+                    );
+                }
+                if batch.missed > 0 {
+                    println!("[{room}] missed {} batches", batch.missed);
+                }
+            }
         }
         for m in &batch.messages {
-            let body = String::from_utf8_lossy(&m.body);
             if json {
-                let line = serde_json::json!({
-                    "room": batch.room,
-                    "tick": batch.tick,
-                    "seq": m.seq,
-                    "sender": m.sender,
-                    "kind": m.kind.as_str(),
-                    "body": body,
-                    "counters": {
-                        "likes": batch.counters.likes,
-                        "gifts": batch.counters.gifts.iter().map(|g| (g.gift.clone(), g.count.into())).collect::<serde_json::Map<String, serde_json::Value>>(),
-                    },
-                    "pinned": batch.pinned.contains(&m.seq),
-                    "online": batch.online,
-                    "missed": batch.missed,
-                });
-                println!("{line}");
+                let pinned = batch.pinned.contains(&m.seq);
+                println!("{}", message_json(room, Some(&batch), m, pinned, batch.online));
             } else {
-                println!("[{room} #{}] {} ({}): {body}", m.seq, m.sender, m.kind.as_str());
+                println!("{}", message_text(room, m));
             }
             seen += 1;
-            if count.is_some_and(|c| seen >= c) {
+            if done(seen) {
                 return Ok(std::process::ExitCode::SUCCESS);
             }
         }
     }
     bail!("the edge ended room `{room}` after {seen} messages")
+}
+
+fn message_text(room: &str, m: &Message) -> String {
+    let body = String::from_utf8_lossy(&m.body);
+    format!("[{room} #{}] {} ({}): {body}", m.seq, m.sender, m.kind.as_str())
+}
+
+/// A message as one JSON line; `batch` is `None` for the recent messages
+/// of the `Joined` frame, which belong to no tick.
+fn message_json(room: &str, batch: Option<&Batch>, m: &Message, pinned: bool, online: u64) -> serde_json::Value {
+    serde_json::json!({
+        "type": "message",
+        "room": room,
+        "tick": batch.map(|b| b.tick),
+        "recent": batch.is_none(),
+        "seq": m.seq,
+        "sender": m.sender,
+        "kind": m.kind.as_str(),
+        "body": String::from_utf8_lossy(&m.body),
+        "pinned": pinned,
+        "online": online,
+    })
+}
+
+/// What a batch says besides its messages: counters (likes folded by the
+/// policy, gifts by name) and how many batches this viewer lost before it.
+fn batch_json(batch: &Batch) -> serde_json::Value {
+    let gifts: serde_json::Map<String, serde_json::Value> = batch
+        .counters
+        .gifts
+        .iter()
+        .map(|g| (g.gift.clone(), g.count.into()))
+        .collect();
+    serde_json::json!({
+        "type": "batch",
+        "room": batch.room,
+        "tick": batch.tick,
+        "likes": batch.counters.likes,
+        "gifts": gifts,
+        "messages": batch.messages.len(),
+        "online": batch.online,
+        "missed": batch.missed,
+    })
 }
 
 async fn send(

@@ -60,6 +60,7 @@ async fn acks_older_than_the_window_survive_kill_9() {
         format!(
             "[server]\ndata_dir = \"data\"\n[limits]\nsend_rate_per_sec = 100000\nsend_burst = 100000\n\
              [rooms]\ntick = \"5ms\"\ngroup_rooms = [\"group-*\"]\n\
+             group_history = \"all\"\n\
              [storage]\ncommit_interval = \"{COMMIT_INTERVAL_MS}ms\"\n\
              [tenants.dev]\nhs256_secret = \"throng-dev-secret-change-me\"\n"
         ),
@@ -83,6 +84,7 @@ async fn acks_older_than_the_window_survive_kill_9() {
     let _ = edge.wait().await;
 
     let (_edge, addr, cert) = start(&config).await;
+    // A new member reading the whole log: group_history = "all" above.
     let c = client(&addr, &cert, "reader").await;
     let mut room = c.join_from("group-log", Some(0)).await.expect("resume from the start");
     let mut got = std::mem::take(&mut room.recent);

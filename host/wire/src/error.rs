@@ -46,6 +46,9 @@ pub enum ErrorCode {
     /// this edge, the user's or the connection's rate of new rooms, or the
     /// edge's capacity for rooms). Not fatal; try again later.
     RoomLimit = 28,
+    /// A `Seen` for a sequence number the room has not reached; the
+    /// cursor stays where it was.
+    SeqOutOfRange = 29,
     /// The user's send rate is exhausted.
     RateLimited = 30,
     /// The edge is overloaded: at its maximum number of connections (as an
@@ -66,7 +69,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -85,6 +88,7 @@ impl ErrorCode {
         Self::QueryTooLarge,
         Self::RoomFull,
         Self::RoomLimit,
+        Self::SeqOutOfRange,
         Self::RateLimited,
         Self::ServerBusy,
         Self::ShuttingDown,
