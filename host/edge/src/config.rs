@@ -742,16 +742,39 @@ impl Config {
     /// Parses and validates TOML text. `origin` names the text in errors.
     pub fn parse(text: &str, origin: &str, base: &Path) -> Result<Self, ConfigError> {
         let de = toml::Deserializer::new(text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            ConfigError::Parse {
-                origin: origin.to_owned(),
-                key: if key == "." { "(top level)".into() } else { key },
-                message: e.into_inner().message().trim().to_owned(),
-            }
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            key: key_path(e.path()),
+            message: e.inner().message().trim().to_owned(),
         })?;
         Validator { origin, base }.validate(raw)
     }
+}
+
+/// The key at fault as TOML spells it: a key that cannot be bare (empty, or
+/// with dots, spaces or control characters) is quoted, so the error names
+/// it visibly and unambiguously (`""`, not an empty string).
+fn key_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if bare {
+                    out.push_str(key);
+                } else {
+                    out.push_str(&format!("{key:?}"));
+                }
+            }
+            Segment::Unknown => out.push_str(if out.is_empty() { "?" } else { ".?" }),
+        }
+    }
+    if out.is_empty() { "(top level)".into() } else { out }
 }
 
 struct Validator<'a> {
@@ -1302,6 +1325,18 @@ mod tests {
         let c = Config::dev().unwrap();
         assert_eq!(c.listen, "127.0.0.1:4433".parse().unwrap());
         assert!(c.tenants.contains_key("dev"));
+    }
+
+    #[test]
+    fn keys_that_cannot_be_bare_are_named_quoted() {
+        // Found by fuzz/ (target `config`): the error named its key as "".
+        let e = parse("\"\".\"\".rs =0").unwrap_err();
+        assert!(matches!(&e, ConfigError::Parse { key, .. } if key == "\"\""), "{e}");
+        let e = parse(&format!("{TENANT}[tenants.\"a b\"]\nx = 1\n")).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Parse { key, .. } if key == "tenants.\"a b\".x"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! - [`modules`]: which module runs where (edge-config), reloadable.
 //! - [`log`]: group rooms' durable log (redb), written in group commits.
 //! - [`presence`]: who is online on this edge, for batched queries.
+//! - `fuzzing` (hidden): the checks that `fuzz/` runs on arbitrary bytes and
+//!   that `tests/fuzz_corpus.rs` replays on the saved corpus.
 //!
 //! [`Edge::start`] binds the UDP socket, starts the accept loop and returns a
 //! handle; [`Edge::shutdown`] stops accepting, tells every connection, and
@@ -29,6 +31,8 @@ pub mod auth;
 pub mod config;
 mod connection;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod log;
 pub mod modules;
 pub mod policy;

@@ -21,7 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use throng_wire::{Batch, Counters, EdgeFrame, ErrorCode, Kind, Message, encode};
 
-fn cut(s: &str, max: usize) -> &str {
+pub(crate) fn cut(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -124,7 +124,7 @@ pub struct Inbound {
 }
 
 /// Longest filter rejection reason passed on to a sender.
-const MAX_REASON: usize = 256;
+pub(crate) const MAX_REASON: usize = 256;
 
 /// What a joiner learns: who is online, and what was said recently.
 #[derive(Debug)]

@@ -111,6 +111,11 @@ impl<T: DeserializeOwned> FrameBuffer<T> {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Bytes held now: what `next_frame` has not taken yet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The next whole frame, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<T>, DecodeError> {
         self.decoder.decode(&mut self.buf)

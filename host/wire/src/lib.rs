@@ -13,6 +13,8 @@
 //!   allocated; "need more bytes" is `Ok(None)`, not an error.
 //! - [`error`]: typed decode/encode errors and the stable numeric
 //!   [`ErrorCode`]s that reach clients in `Error` and `Rejected` frames.
+//! - `fuzzing` (hidden): the checks that `fuzz/` runs on arbitrary bytes and
+//!   that `tests/fuzz_corpus.rs` replays on the saved corpus.
 //!
 //! The protocol version is the ALPN string [`ALPN`]; an incompatible change
 //! gets a new ALPN rather than a version field inside frames.
@@ -20,6 +22,8 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use codec::{FrameBuffer, FrameDecoder, LENGTH_PREFIX, encode};
 pub use error::{DecodeError, EncodeError, ErrorCode};

@@ -105,12 +105,19 @@ impl WasmRuntime {
                 reason: reason(&e),
                 elapsed: started.elapsed(),
             })?;
-        if verdicts.len() != batch.len() {
-            return Err(CallFailure {
-                reason: format!("{} verdicts for {} messages", verdicts.len(), batch.len()),
-                elapsed: started.elapsed(),
-            });
-        }
+        validate(&verdicts, batch.len()).map_err(|reason| CallFailure {
+            reason,
+            elapsed: started.elapsed(),
+        })?;
         Ok(verdicts)
     }
+}
+
+/// Checks a filter's answer against the batch it was given: exactly one
+/// verdict per message.
+pub fn validate(verdicts: &[Verdict], batch: usize) -> Result<(), String> {
+    if verdicts.len() != batch {
+        return Err(format!("{} verdicts for {batch} messages", verdicts.len()));
+    }
+    Ok(())
 }
