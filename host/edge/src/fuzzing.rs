@@ -122,6 +122,10 @@ pub fn token(data: &[u8]) {
                 "verified with another tenant's key: {token}"
             );
             assert!(!grant.session.user.is_empty());
+            // The user id reaches logs and other viewers: bounded, no
+            // control characters.
+            assert!(grant.session.user.len() <= crate::auth::MAX_SUB_BYTES);
+            assert!(!grant.session.user.chars().any(char::is_control));
             if let Some(exp) = exp {
                 // The edge allows 5 s of skew; a minute covers a slow replay.
                 assert!(
@@ -192,6 +196,11 @@ fn arbitrary_claims(u: &mut Unstructured<'_>) -> arbitrary::Result<Claims> {
             0 => now + 3600,
             1 => now.saturating_sub(3600),
             _ => u.arbitrary()?,
+        },
+        // `nbf` in the past or absent: the oracle below knows `exp` only.
+        nbf: match u.int_in_range(0..=1u8)? {
+            0 => None,
+            _ => Some(now.saturating_sub(60)),
         },
     })
 }
@@ -334,6 +343,7 @@ mod tests {
             role: "viewer".into(),
             rooms: "*".into(),
             exp: crate::auth::unix_now() + 3600,
+            nbf: None,
         }
     }
 
