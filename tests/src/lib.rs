@@ -24,6 +24,8 @@ max_rooms_per_connection = 4
 send_rate_per_sec = 100000
 send_burst = 100000
 hello_timeout = "2s"
+# Every test client comes from 127.0.0.1.
+max_unauthenticated_per_ip = 100000
 
 [rooms]
 tick = "10ms"

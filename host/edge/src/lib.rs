@@ -4,7 +4,12 @@
 //!
 //! - [`config`]: edge-config TOML → validated [`Config`] (two phases, errors name the key).
 //! - [`tls`]: the configured certificate, or a self-signed dev one in the data dir.
-//! - [`auth`]: JWT → [`auth::Grant`] (tenant, user, role, room pattern).
+//! - [`auth`]: JWT → [`auth::Grant`] (tenant, user, role, room pattern, expiry).
+//! - `admission`: connection slots: half-open connections apart from
+//!   authenticated ones, per source address.
+//! - [`admin`]: the admin HTTP endpoint (`/stats`, `/metrics`), bounded.
+//! - [`procstat`]: the process's CPU and memory from `/proc`.
+//! - `workers`: a thread pool per room size class.
 //! - `connection`: one task per QUIC connection: Hello, control frames, one
 //!   writer per joined room.
 //! - [`room`]: one actor per room; ticks, asks the [`policy`], encodes one

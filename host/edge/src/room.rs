@@ -1197,12 +1197,24 @@ impl Room {
                             reason: cut(&reason, MAX_REASON).to_owned(),
                         });
                     }
-                    Verdict::Rewrite(body) => {
-                        // A rewrite may not exceed what a client could send.
-                        if body.len() <= self.max_body as usize {
-                            m.body = body;
-                        }
+                    Verdict::Rewrite(body) if body.len() <= self.max_body as usize => {
+                        m.body = body;
                         kept.push(m);
+                    }
+                    Verdict::Rewrite(body) => {
+                        // A rewrite may not exceed what a client could send;
+                        // the original was judged unfit, so it does not go
+                        // out either.
+                        metrics::counter!("throng_messages_filtered_total").increment(1);
+                        let _ = m.reply.send(EdgeFrame::Rejected {
+                            client_msg_id: m.client_msg_id,
+                            code: ErrorCode::Filtered.code(),
+                            reason: format!(
+                                "the filter's rewrite is {} bytes, over the {}-byte body limit",
+                                body.len(),
+                                self.max_body
+                            ),
+                        });
                     }
                 }
             }
@@ -1339,7 +1351,9 @@ impl Room {
     fn fan_out(&mut self, messages: Vec<Message>, counters: Counters, pinned: Vec<u64>, online: u64) {
         let budget = (self.max_frame as usize).saturating_sub(1024);
         let mut chunks: Vec<Vec<Message>> = vec![Vec::new()];
-        let mut size = 0;
+        // The counters go in the first frame: count them against it (a
+        // tick's gift names can be many).
+        let mut size = counters.gifts.iter().map(|g| g.gift.len() + 16).sum::<usize>();
         for m in messages {
             let m_size = m.body.len() + m.sender.len() + 32;
             let last = chunks.last().map(Vec::len).unwrap_or(0);

@@ -131,6 +131,13 @@ pub struct Plan {
 /// Longest gift name counted; longer names are cut.
 pub const MAX_GIFT_NAME: usize = 32;
 
+/// Distinct gift names counted apart in one tick; beyond, they count as
+/// [`OTHER_GIFTS`].
+pub const MAX_GIFT_KINDS: usize = 128;
+
+/// The gift name the rest of a tick's distinct gifts are counted under.
+pub const OTHER_GIFTS: &str = "other";
+
 /// How long the room stays in its smoothing mode after it last dropped a
 /// message, and the length of the cap's window: one second.
 const WINDOW_MS: u64 = 1000;
@@ -325,7 +332,12 @@ fn count_gift(gifts: &mut Vec<(String, u64)>, name: &str) {
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    let name = &name[..end];
+    let mut name = &name[..end];
+    if gifts.len() >= MAX_GIFT_KINDS && !gifts.iter().any(|(g, _)| g == name) {
+        // Senders choose gift names: past a tick's share of distinct ones,
+        // the rest are counted together, so counters always fit a frame.
+        name = OTHER_GIFTS;
+    }
     match gifts.iter_mut().find(|(g, _)| g == name) {
         Some((_, n)) => *n += 1,
         None => gifts.push((name.to_owned(), 1)),
@@ -599,6 +611,21 @@ mod tests {
         assert_eq!(plan.deliver, vec![1]);
         assert_eq!(plan.gifts, vec![("rose".to_owned(), 1)]);
         assert_eq!(p.dropped(), 1);
+    }
+
+    #[test]
+    fn many_distinct_gift_names_are_counted_in_a_bounded_list() {
+        let names: Vec<String> = (0..1000).map(|i| format!("gift-{i}")).collect();
+        let inbound: Vec<Meta<'_>> = names
+            .iter()
+            .map(|n| Meta {
+                gift: n,
+                ..m(1, Kind::Gift)
+            })
+            .collect();
+        let plan = DefaultPolicy::new(0).plan(50, 50, &inbound);
+        assert!(plan.gifts.len() <= MAX_GIFT_KINDS + 1, "{}", plan.gifts.len());
+        assert_eq!(plan.gifts.iter().map(|g| g.1).sum::<u64>(), 1000);
     }
 
     #[test]

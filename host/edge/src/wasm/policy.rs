@@ -12,8 +12,9 @@ use super::{GuestState, ModuleHash, WasmError, WasmRuntime, reason};
 
 /// Most gift names a plan may count in one tick.
 pub const MAX_PLAN_GIFTS: usize = 256;
-/// Longest gift name in a plan.
-pub const MAX_GIFT_NAME: usize = 64;
+/// Longest gift name in a plan: the WIT's 32 bytes, one constant for the
+/// native policy, the guest and the host's check.
+pub use throng_policy_core::MAX_GIFT_NAME;
 /// Most pinned messages in one tick.
 pub const MAX_PINNED: usize = 16;
 

@@ -68,6 +68,16 @@ max_connections = 1000000
 max_rooms_per_connection = 1024
 send_rate_per_sec = 1000000
 send_burst = 10000000
+# Every load connection comes from 127.0.0.1, many at once.
+max_unauthenticated = 1000000
+max_unauthenticated_per_ip = 1000000
+retry_above = 1000000
+control_rate_per_sec = 1000000
+control_burst = 10000000
+max_rooms_per_tenant = 10000000
+room_create_rate_per_sec = 1000000
+room_create_burst = 10000000
+max_room_creations_per_connection = 10000000
 
 [rooms]
 tick = "{tick}"
