@@ -1,5 +1,5 @@
 //! `throng load`: a load generator with real QUIC viewers, and the same load
-//! against a bare-quinn baseline, measured as /work/shared/MEASURING.md asks:
+//! against a bare-quinn baseline, measured honestly for a shared machine:
 //! server CPU (utime + stime) over a window after a warm-up, divided by the
 //! work done; RSS before and after connecting; latency from a send-time stamp
 //! in each body.
