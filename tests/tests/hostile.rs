@@ -93,6 +93,70 @@ async fn control_frames_beyond_the_rate_are_refused_then_the_connection_closes()
     );
 }
 
+/// A paced flood (ten times the rate, spread evenly) lets one frame through
+/// every 1/rate seconds; it must still be closed, not refused for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_control_flood_is_closed_even_though_some_frames_pass() {
+    let edge = TestEdge::start(|c| {
+        c.limits.control_rate_per_sec = 10;
+        c.limits.control_burst = 20;
+    })
+    .await;
+    let (conn, mut send, _recv) = raw(&edge).await;
+    let token = edge.token("acme", "pacer", "viewer", "*");
+    send.write_all(&frame(&ClientFrame::Hello { token }))
+        .await
+        .expect("hello");
+    // 100 pings/s for at most 6 s: 90 refused in every second.
+    let mut nonce = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    while tokio::time::Instant::now() < deadline && conn.close_reason().is_none() {
+        pace.tick().await;
+        for _ in 0..2 {
+            nonce += 1;
+            let _ = send.write_all(&frame(&ClientFrame::Ping { nonce })).await;
+        }
+    }
+    assert_eq!(
+        close_code(&conn, Duration::from_secs(2)).await,
+        Some(ErrorCode::RateLimited),
+        "after {nonce} pings at ten times the rate"
+    );
+}
+
+/// Sends far beyond the user's rate are refused one by one, and a
+/// connection that keeps on is closed: each costs a decode and a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_flood_is_closed() {
+    let edge = TestEdge::start(|c| {
+        c.limits.send_rate_per_sec = 5;
+        c.limits.send_burst = 10;
+        c.limits.control_burst = 50;
+    })
+    .await;
+    let (conn, mut send, _recv) = raw(&edge).await;
+    let token = edge.token("acme", "flooder", "viewer", "*");
+    send.write_all(&frame(&ClientFrame::Hello { token }))
+        .await
+        .expect("hello");
+    for client_msg_id in 0..500u64 {
+        let f = frame(&ClientFrame::Send {
+            room: "never-joined".into(),
+            kind: Kind::Chat,
+            body: b"x".to_vec(),
+            client_msg_id,
+        });
+        if send.write_all(&f).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        close_code(&conn, Duration::from_secs(5)).await,
+        Some(ErrorCode::RateLimited)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sends_to_rooms_not_joined_count_against_the_senders_rate() {
     let edge = TestEdge::start(|c| {

@@ -30,6 +30,33 @@ use crate::room::{Creator, Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKe
 /// Largest read from a stream at once; bounds buffering beyond one frame.
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a fatal error frame gets to reach the client before the close.
+/// Frames refused for rate within one window (from the window's first
+/// refusal). A window, not a run of refusals in a row: a flood at many times
+/// the rate lets one frame through every 1/rate seconds, which would end a
+/// run for ever.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: u32,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Refusals {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    /// Counts one refusal; returns the refusals in the current window.
+    fn count(&mut self) -> u32 {
+        let now = tokio::time::Instant::now();
+        match self.since {
+            Some(since) if now.duration_since(since) <= Self::WINDOW => self.count += 1,
+            _ => {
+                self.since = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count
+    }
+}
+
 const LINGER_ON_ERROR: Duration = Duration::from_secs(1);
 
 /// A fatal condition: sent as an `Error` frame, then the connection closes.
@@ -164,7 +191,8 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
             Quota::per_second(crate::nonzero(limits.control_rate_per_sec))
                 .allow_burst(crate::nonzero(limits.control_burst)),
         )),
-        control_refused: 0,
+        control_refused: Refusals::default(),
+        sends_refused: Refusals::default(),
         rooms_created: 0,
         expiry,
     };
@@ -347,8 +375,12 @@ struct Session<'a> {
     joined: HashMap<String, JoinedRoom>,
     /// Control frames (all but Send) of this connection.
     control: Box<DefaultDirectRateLimiter>,
-    /// Control frames refused in a row; too many and the connection closes.
-    control_refused: u32,
+    /// Control frames refused for rate; more than `control_burst` in one
+    /// window and the connection closes.
+    control_refused: Refusals,
+    /// Sends refused for the user's rate: the same rule, so a client that
+    /// floods Sends does not cost the edge a decode and a reply for ever.
+    sends_refused: Refusals,
     /// Rooms this connection's joins created.
     rooms_created: u32,
     /// When the session's token expires (with the leeway).
@@ -359,15 +391,15 @@ impl Session<'_> {
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
         if !matches!(frame, ClientFrame::Send { .. }) {
             if self.control.check().is_err() {
-                self.control_refused += 1;
+                let refused = self.control_refused.count();
                 metrics::counter!("throng_control_frames_refused_total").increment(1);
-                if self.control_refused > self.shared.config.limits.control_burst {
+                if refused > self.shared.config.limits.control_burst {
                     return Err((
                         ErrorCode::RateLimited,
                         "control frames far beyond the rate limit".into(),
                     ));
                 }
-                if self.control_refused == 1 {
+                if refused == 1 {
                     let _ = self.reply.send(EdgeFrame::Error {
                         code: ErrorCode::RateLimited.code(),
                         text: "control frames too fast; slow down".into(),
@@ -375,7 +407,6 @@ impl Session<'_> {
                 }
                 return Ok(());
             }
-            self.control_refused = 0;
         }
         match frame {
             ClientFrame::Hello { .. } => {
@@ -407,6 +438,9 @@ impl Session<'_> {
                 // whatever is wrong with it.
                 if self.shared.limiter.check_key(&self.rate_key).is_err() {
                     metrics::counter!("throng_rate_limited_total").increment(1);
+                    if self.sends_refused.count() > limits.control_burst {
+                        return Err((ErrorCode::RateLimited, "sends far beyond the rate limit".into()));
+                    }
                     let _ = self
                         .reply
                         .send(refuse(ErrorCode::RateLimited, "send rate exceeded; slow down".into()));
