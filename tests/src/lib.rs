@@ -39,6 +39,14 @@ hs256_secret = "acme-secret-0123456789"
 hs256_secret = "globex-secret-0123456789"
 "#;
 
+/// [`TEST_CONFIG`] with `dir` as its data dir, for tests that start an
+/// edge themselves (to see it refuse to start, say).
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut config = Config::parse(TEST_CONFIG, "TEST_CONFIG", dir).expect("test config");
+    config.data_dir = dir.to_owned();
+    config
+}
+
 /// A running edge and the directory it keeps state in.
 #[allow(missing_debug_implementations)] // Edge holds no useful Debug for tests
 pub struct TestEdge {
@@ -51,8 +59,7 @@ impl TestEdge {
     /// Starts an edge on [`TEST_CONFIG`], adjusted by `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> TestEdge {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::parse(TEST_CONFIG, "TEST_CONFIG", dir.path()).expect("test config");
-        config.data_dir = dir.path().to_owned();
+        let mut config = test_config(dir.path());
         tweak(&mut config);
         let edge = Edge::start(config.clone()).await.expect("edge starts");
         TestEdge {
@@ -247,6 +254,7 @@ fn test_module_path(name: &str) -> &'static str {
         "hostile-memory" => t::HOSTILE_MEMORY_PATH,
         "hostile-plan" => t::HOSTILE_PLAN_PATH,
         "hostile-trap" => t::HOSTILE_TRAP_PATH,
+        "wasi-probe" => t::WASI_PROBE_PATH,
         other => panic!("no path for test module `{other}`"),
     }
 }
@@ -269,7 +277,9 @@ pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
         let writer = Arc::clone(&buf);
         let _ = tracing_subscriber::fmt()
             .with_ansi(false)
-            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,throng_edge=info"))
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "warn,throng_edge=info,throng::guest=info",
+            ))
             .with_writer(move || LogWriter(Arc::clone(&writer)))
             .try_init();
         buf
@@ -317,4 +327,122 @@ pub async fn viewers(edge: &TestEdge, tenant: &str, room: &str, n: usize) -> Vec
         }
     }
     out
+}
+
+/// Reads length-framed edge frames from one QUIC receive stream, with no
+/// client library in between: what the edge wrote is what a test sees
+/// (duplicates included, which `ResumableRoom` would drop).
+#[allow(missing_debug_implementations)] // holds a quinn stream
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    pub fn new(recv: quinn::RecvStream) -> Self {
+        FrameReader {
+            recv,
+            buf: BytesMut::new(),
+            decoder: FrameDecoder::new(1 << 20),
+        }
+    }
+
+    /// The next frame, or `None` when the stream ends, fails or `within`
+    /// passes first.
+    pub async fn next(&mut self, within: Duration) -> Option<EdgeFrame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.decoder.decode::<EdgeFrame>(&mut self.buf) {
+                Ok(Some(f)) => return Some(f),
+                Ok(None) => {}
+                Err(e) => panic!("the edge wrote an undecodable frame: {e}"),
+            }
+            match tokio::time::timeout_at(deadline, self.recv.read_chunk(65536, true)).await {
+                Ok(Ok(Some(chunk))) => self.buf.extend_from_slice(&chunk.bytes),
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// A session spoken frame by frame on a raw connection: Hello sent and
+/// Welcome read.
+#[allow(missing_debug_implementations)] // holds quinn streams
+pub struct RawSession {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub control: FrameReader,
+}
+
+impl RawSession {
+    /// Connects with `token`; panics unless the edge answers `Welcome`.
+    pub async fn hello(edge: &TestEdge, token: String) -> RawSession {
+        let (conn, mut send, recv) = raw(edge).await;
+        send.write_all(&frame(&ClientFrame::Hello { token }))
+            .await
+            .expect("hello");
+        let mut control = FrameReader::new(recv);
+        match control.next(Duration::from_secs(10)).await {
+            Some(EdgeFrame::Welcome { .. }) => {}
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        RawSession { conn, send, control }
+    }
+
+    pub async fn send(&mut self, f: &ClientFrame) {
+        self.send.write_all(&frame(f)).await.expect("write a client frame");
+    }
+
+    /// Sends `Join` and returns the room's stream, whose first frame
+    /// (`Joined` or, on refusal, nothing) the caller reads.
+    pub async fn join(&mut self, room: &str, resume_from: Option<u64>) -> FrameReader {
+        self.send(&ClientFrame::Join {
+            room: room.into(),
+            resume_from,
+        })
+        .await;
+        let recv = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_uni())
+            .await
+            .expect("the edge opens the room's stream in time")
+            .expect("room stream");
+        FrameReader::new(recv)
+    }
+
+    /// The next control frame that is not an `Ack` (acks for messages this
+    /// session sent are skipped).
+    pub async fn next_control(&mut self, within: Duration) -> Option<EdgeFrame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.control.next(left).await? {
+                EdgeFrame::Ack { .. } => {}
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// A ping round trip: every frame the edge wrote on the control stream
+    /// before the `Pong` has been read (and is returned).
+    pub async fn round_trip(&mut self, nonce: u64) -> Vec<EdgeFrame> {
+        self.send(&ClientFrame::Ping { nonce }).await;
+        let mut before = Vec::new();
+        loop {
+            match self.control.next(Duration::from_secs(10)).await {
+                Some(EdgeFrame::Pong { nonce: n }) if n == nonce => return before,
+                Some(f) => before.push(f),
+                None => panic!("no Pong {nonce}; read {before:?}"),
+            }
+        }
+    }
+}
+
+/// Waits until `done()` holds, checking every 10 ms for at most `limit`:
+/// a poll of something the edge publishes (stats, the log) with a deadline.
+pub async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

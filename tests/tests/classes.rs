@@ -1,10 +1,12 @@
 //! Size classes: a big room moves to a slower tick, and a small room's
 //! latency stays low while the big one floods.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use throng_edge::config::{PolicyChoice, PolicyRule, RoomClass};
-use throng_tests::{TestEdge, captured_logs, collect, log_text, viewers};
+use throng_tests::{TestEdge, captured_logs, collect, log_text, viewers, wait_for};
 use throng_wire::Kind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,6 +60,8 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
         })
         .collect();
 
+    let flooded = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&flooded);
     let flood = tokio::spawn(async move {
         let body = vec![b'x'; 100];
         let start = Instant::now();
@@ -67,6 +71,7 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
                 let _ = flooder.submit("big", Kind::Chat, body.clone()).await;
                 sent += 1;
             }
+            counted.store(sent, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         sent
@@ -76,7 +81,17 @@ async fn a_small_room_stays_fast_while_a_large_room_floods() {
     let mut small = small_viewer.join("small").await.expect("join");
     let speaker = edge.client("acme", "sp", "viewer").await;
     let _sp = speaker.join("small").await.expect("join");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Measure once the big room is large and the flood is under way.
+    wait_for(
+        "the big room to move to the large class",
+        Duration::from_secs(10),
+        || class_moves("acme/big").iter().any(|l| l.contains("large")),
+    )
+    .await;
+    wait_for("the flood to start", Duration::from_secs(10), || {
+        flooded.load(Ordering::Relaxed) >= 100
+    })
+    .await;
     let mut latencies = Vec::new();
     for i in 0..100 {
         let t = Instant::now();
@@ -155,22 +170,35 @@ async fn viewers_follow_their_room_between_class_pools() {
         .collect();
     let speaker = edge.client("acme", "speaker", "viewer").await;
     let _own = speaker.join("grow").await.expect("join");
+    let said = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&said);
     let send = tokio::spawn(async move {
         for i in 0..SENT {
             speaker
                 .submit("grow", Kind::Chat, format!("m{i}"))
                 .await
                 .expect("submit");
+            counted.store(i as u64 + 1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         speaker
     });
     // Grow past 20 members (up to the large pool), then shrink below 16
     // (back to the small one) while the speaker talks.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for("the speaker to start", Duration::from_secs(10), || {
+        said.load(Ordering::Relaxed) >= 20
+    })
+    .await;
     let crowd = viewers(&edge, "acme", "grow", 30).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the room to move up", Duration::from_secs(10), || {
+        class_moves("acme/grow").iter().any(|l| l.contains("large"))
+    })
+    .await;
     drop(crowd);
+    wait_for("the room to move back down", Duration::from_secs(10), || {
+        class_moves("acme/grow").iter().any(|l| l.contains("small"))
+    })
+    .await;
     let _speaker = send.await.expect("sender");
     for reader in readers {
         let (got, missed) = reader.await.expect("reader");
@@ -186,15 +214,17 @@ async fn viewers_follow_their_room_between_class_pools() {
             "gap in sequence numbers"
         );
     }
-    let logs = log_text();
-    let moves: Vec<&str> = logs
+    let moves = class_moves("acme/grow");
+    assert_eq!(moves.len(), 2, "the room moved up and back down, once each: {moves:?}");
+}
+
+/// The captured log's size-class moves of `room` (`tenant/name`).
+fn class_moves(room: &str) -> Vec<String> {
+    log_text()
         .lines()
-        .filter(|l| l.contains("room changed size class") && l.contains("acme/grow"))
-        .collect();
-    assert!(
-        moves.iter().any(|l| l.contains("large")) && moves.iter().any(|l| l.contains("small")),
-        "the room moved up and back down: {moves:?}"
-    );
+        .filter(|l| l.contains("room changed size class") && l.contains(room))
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn futures_sum(tasks: Vec<tokio::task::JoinHandle<usize>>) -> usize {

@@ -1,9 +1,11 @@
 //! Rooms over real QUIC: fanout, ordering, online counts, tenant isolation,
 //! and a quiet room that a flooding room on the same connection cannot block.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use throng_tests::{TestEdge, collect};
+use throng_tests::{TestEdge, collect, wait_for};
 use throng_wire::Kind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,6 +129,8 @@ async fn a_quiet_room_keeps_flowing_while_another_floods_the_same_connection() {
 
     let flooder = edge.client("acme", "f", "viewer").await;
     let _fr = flooder.join("busy").await.expect("join");
+    let flooded = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&flooded);
     let flood = tokio::spawn(async move {
         let body = vec![b'x'; 16 * 1024];
         let start = Instant::now();
@@ -137,6 +141,7 @@ async fn a_quiet_room_keeps_flowing_while_another_floods_the_same_connection() {
                     sent += 1;
                 }
             }
+            counted.store(sent, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         sent
@@ -144,7 +149,11 @@ async fn a_quiet_room_keeps_flowing_while_another_floods_the_same_connection() {
 
     let speaker = edge.client("acme", "q", "viewer").await;
     let _qr = speaker.join("quiet").await.expect("join");
-    tokio::time::sleep(Duration::from_millis(500)).await; // let the flood build up
+    // 100 × 16 KiB is far past the busy stream's flow-control window.
+    wait_for("the flood to build up", Duration::from_secs(10), || {
+        flooded.load(Ordering::Relaxed) >= 100
+    })
+    .await;
     let mut worst = Duration::ZERO;
     for i in 0..20 {
         let sent_at = Instant::now();

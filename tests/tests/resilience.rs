@@ -2,9 +2,11 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::Ordering;
 use throng_client::{ClientError, ResumableRoom, ResumePolicy};
-use throng_tests::{TestEdge, collect, viewers};
-use throng_wire::{ErrorCode, Kind};
+
+use throng_tests::{RawSession, TestEdge, collect, viewers, wait_for};
+use throng_wire::{EdgeFrame, ErrorCode, Kind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_that_reads_nothing_slows_no_one_and_is_evicted() {
@@ -103,23 +105,31 @@ async fn thousands_of_joins_and_leaves_end_with_exact_online_counts() {
     }
     let mut kept = Vec::new();
     for t in tasks {
-        kept.push(t.await.expect("churner"));
+        let (c, stay) = t.await.expect("churner");
+        // `leave` only writes the frame. A ping round trip means the
+        // connection task has handled everything before it, and it hands a
+        // leave to the room's queue before reading the next frame: every
+        // leave is queued ahead of the newcomer's join.
+        c.ping().await.expect("churner still connected");
+        kept.push((c, stay));
     }
     // 20 × 100 joins and leaves went through; a newcomer counts exactly.
     let newcomer = edge.client("acme", "new", "viewer").await;
-    let mut exact = false;
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(5) {
-        let room = newcomer.join("churn").await.expect("join");
-        if room.online == 8 {
-            exact = true;
-            break;
-        }
-        drop(room);
-        newcomer.leave("churn").await.expect("leave");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let room = newcomer.join("churn").await.expect("join");
+    assert_eq!(room.online, 8, "7 stayers + the newcomer");
+    drop(room);
+    newcomer.leave("churn").await.expect("leave");
+    newcomer.ping().await.expect("ping");
+
+    // Two stayers leave; a second newcomer sees exactly 5 + itself.
+    for (c, stay) in kept.iter_mut().take(2) {
+        drop(stay.take().expect("a stayer"));
+        c.leave("churn").await.expect("leave");
+        c.ping().await.expect("ping");
     }
-    assert!(exact, "online count after churn is 7 stayers + the newcomer");
+    let second = edge.client("acme", "new2", "viewer").await;
+    let room = second.join("churn").await.expect("join");
+    assert_eq!(room.online, 6, "5 stayers + the second newcomer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,8 +152,13 @@ async fn the_client_resumes_by_itself_after_the_edge_restarts() {
             .expect("batch");
         got.extend(b.messages);
     }
-    // Past the commit window, then the edge goes away and comes back.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Committed to the log, then the edge goes away and comes back.
+    let log = edge.edge.log_stats();
+    wait_for("the first ten messages to commit", Duration::from_secs(10), || {
+        log.messages.load(Ordering::Relaxed) >= 10
+    })
+    .await;
+    let before_restart = room.last_seq().expect("a message was handed out");
     drop(sender);
     let edge = edge.restart().await;
     let sender = edge.client("acme", "s", "viewer").await;
@@ -164,5 +179,32 @@ async fn the_client_resumes_by_itself_after_the_edge_restarts() {
         .collect();
     let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, expected, "every message once, across the restart");
-    assert!(room.reconnects() >= 1);
+    assert_eq!(room.reconnects(), 1, "one restart, one reconnection");
+
+    // `ResumableRoom` drops anything at or below its last sequence, so the
+    // edge's own answer to the same rejoin is read at the wire: the member
+    // resuming from before the restart gets m10..m19 once each, then live.
+    let mut raw = RawSession::hello(&edge, edge.token("acme", "member", "viewer", "*")).await;
+    let mut stream = raw.join("group-x", Some(before_restart)).await;
+    let mut wire = Vec::new();
+    match stream.next(Duration::from_secs(10)).await {
+        Some(EdgeFrame::Joined { recent, .. }) => wire.extend(recent),
+        other => panic!("expected Joined, got {other:?}"),
+    }
+    sender.send("group-x", Kind::Chat, "m20").await.expect("ack");
+    while wire.last().is_none_or(|m| m.body != b"m20") {
+        match stream.next(Duration::from_secs(10)).await {
+            Some(EdgeFrame::Batch(b)) => wire.extend(b.messages),
+            other => panic!("expected batches up to m20, got {other:?} after {wire:?}"),
+        }
+    }
+    let bodies: Vec<String> = wire
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    let expected: Vec<String> = (10..=20).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, expected, "at the wire: no duplicate, no gap");
+    let seqs: Vec<u64> = wire.iter().map(|m| m.seq).collect();
+    let want: Vec<u64> = (before_restart + 1..=before_restart + 11).collect();
+    assert_eq!(seqs, want);
 }

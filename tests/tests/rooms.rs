@@ -1,10 +1,12 @@
 //! Group rooms (durable log, resume of everything missed) and livecast
 //! rooms (a ring for late joiners) over real QUIC.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use throng_tests::{TestEdge, collect, viewers};
-use throng_wire::{Kind, Message};
+use throng_tests::{RawSession, TestEdge, collect, viewers, wait_for};
+use throng_wire::{EdgeFrame, Kind, Message};
 
 /// Receives until `n` messages (recent ones included) or `limit`.
 async fn take(room: &mut throng_client::RoomStream, n: usize, limit: Duration) -> Vec<Message> {
@@ -97,8 +99,13 @@ async fn offline_group_members_resume_every_message_in_order_exactly_once() {
         let got = take(room, 300, Duration::from_secs(10)).await;
         assert_eq!(got.len(), 300, "online member {v}");
     }
+    // Every message is committed to the log once.
     let stats = edge.edge.log_stats();
-    assert!(stats.messages.load(std::sync::atomic::Ordering::Relaxed) >= 350);
+    wait_for("350 messages committed", Duration::from_secs(10), || {
+        stats.messages.load(Ordering::Relaxed) >= 350
+    })
+    .await;
+    assert_eq!(stats.messages.load(Ordering::Relaxed), 350);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,27 +113,34 @@ async fn a_livecast_late_joiner_gets_the_ring_then_live_with_no_gap_or_duplicate
     let edge = TestEdge::start(|c| c.rooms.recent_messages = 50).await;
     let sender = edge.client("acme", "host", "host").await;
     let _s = sender.join("show").await.expect("join");
+    let acked = Arc::new(AtomicU64::new(0));
     let streaming = {
         let sender = sender.clone();
+        let acked = Arc::clone(&acked);
         tokio::spawn(async move {
             for i in 0..300 {
                 sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                acked.store(i + 1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Joiners arrive 20 acked messages apart, the first after 60: each finds
+    // a full ring of 50.
     let mut late = Vec::new();
-    for i in 0..5 {
+    for i in 0..5u64 {
+        let at = 60 + 20 * i;
+        wait_for("the sender to get ahead", Duration::from_secs(20), || {
+            acked.load(Ordering::Relaxed) >= at
+        })
+        .await;
         let c = edge.client("acme", &format!("late{i}"), "viewer").await;
         let room = c.join("show").await.expect("join");
         late.push((c, room));
-        tokio::time::sleep(Duration::from_millis(60)).await;
     }
     streaming.await.expect("sender");
     for (i, (_c, room)) in late.iter_mut().enumerate() {
-        let ring = room.recent.len();
-        assert!(ring > 0 && ring <= 50, "late joiner {i} got {ring} recent messages");
+        assert_eq!(room.recent.len(), 50, "late joiner {i}: a full ring");
         let first = room.recent[0].seq;
         let expected_total = (300 - first + 1) as usize;
         let got = take(room, expected_total, Duration::from_secs(10)).await;
@@ -134,6 +148,70 @@ async fn a_livecast_late_joiner_gets_the_ring_then_live_with_no_gap_or_duplicate
         let expected: Vec<u64> = (first..=300).collect();
         assert_eq!(seqs, expected, "late joiner {i}: ring then live, seamless");
     }
+}
+
+/// A livecast viewer that drops off and rejoins with its last sequence
+/// number gets the rest of the ring, then live: read at the wire, so an
+/// edge duplicate or gap at the seam fails here (a client library could
+/// hide a duplicate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_livecast_rejoin_from_its_last_seq_is_seamless_at_the_wire() {
+    let edge = TestEdge::start(|c| c.rooms.recent_messages = 50).await;
+    let sender = edge.client("acme", "host", "host").await;
+    let _s = sender.join("show").await.expect("join");
+    let acked = Arc::new(AtomicU64::new(0));
+    let streaming = {
+        let sender = sender.clone();
+        let acked = Arc::clone(&acked);
+        tokio::spawn(async move {
+            for i in 0..200 {
+                sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                acked.store(i + 1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let token = edge.token("acme", "viewer", "viewer", "*");
+    let mut first = RawSession::hello(&edge, token.clone()).await;
+    let mut stream = first.join("show", None).await;
+    let mut last = None;
+    while last.is_none_or(|s| s < 40) {
+        match stream.next(Duration::from_secs(10)).await {
+            Some(EdgeFrame::Joined { recent, .. }) => last = recent.last().map(|m| m.seq).or(last),
+            Some(EdgeFrame::Batch(b)) => last = b.messages.last().map(|m| m.seq).or(last),
+            other => panic!("expected Joined or batches, got {other:?}"),
+        }
+    }
+    let last = last.expect("a message");
+    first.conn.close(0u32.into(), b"gone");
+    drop(stream);
+    // Twenty messages go by while it is away: fewer than the ring holds.
+    wait_for("messages to go by", Duration::from_secs(20), || {
+        acked.load(Ordering::Relaxed) >= last + 20
+    })
+    .await;
+
+    let mut again = RawSession::hello(&edge, token).await;
+    let mut stream = again.join("show", Some(last)).await;
+    let mut wire = Vec::new();
+    match stream.next(Duration::from_secs(10)).await {
+        Some(EdgeFrame::Joined { recent, .. }) => wire.extend(recent),
+        other => panic!("expected Joined, got {other:?}"),
+    }
+    assert!(wire.len() >= 20, "the ring gave {} of the missed messages", wire.len());
+    while wire.last().is_none_or(|m| m.seq < 200) {
+        match stream.next(Duration::from_secs(10)).await {
+            Some(EdgeFrame::Batch(b)) => wire.extend(b.messages),
+            other => panic!("expected batches up to seq 200, got {other:?}"),
+        }
+    }
+    streaming.await.expect("sender");
+    let seqs: Vec<u64> = wire.iter().map(|m| m.seq).collect();
+    let expected: Vec<u64> = (last + 1..=200).collect();
+    assert_eq!(seqs, expected, "ring then live: no duplicate, no gap at the seam");
+    let bodies: Vec<Vec<u8>> = wire.iter().map(|m| m.body.clone()).collect();
+    let want: Vec<Vec<u8>> = (last..200).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(bodies, want);
 }
 
 /// A disk that falls behind makes group rooms refuse new messages with

@@ -5,6 +5,7 @@
 //! (filter-trap, filter-slow, filter-slow-start) are in filters.rs.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use throng_edge::config::PolicyChoice;
@@ -108,6 +109,16 @@ async fn the_cap_holds_for_300_viewers_under_1000_messages_a_second() {
     assert!(
         sending < Duration::from_secs(8),
         "the sender kept its rate: {sending:?} for 5 s of traffic"
+    );
+    // The Wasm policy made every plan: a fallback to the native one would
+    // pass the checks above too.
+    let stats = edge.edge.wasm_stats();
+    assert_eq!(stats.fallback_ticks.load(Ordering::Relaxed), 0, "no tick fell back");
+    assert_eq!(stats.policy_failures.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.instantiations.load(Ordering::Relaxed),
+        2,
+        "the trial `configure` at load, then the room's one instance"
     );
 }
 
@@ -284,7 +295,10 @@ async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
     };
     let mut hosts = 0u64;
     let mut pending = Vec::new();
+    // A pace for the sender, not a barrier: 150 steps over about 1.5 s.
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
     for step in 0..150u64 {
+        pace.tick().await;
         pending.push(
             sender
                 .submit("show", Kind::Host, format!("h{step}"))
@@ -299,6 +313,11 @@ async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
         );
         hosts += 1;
         if step == 50 || step == 100 {
+            // Every message so far is acked, so it was planned by the
+            // policy before the swap.
+            for p in pending.drain(..) {
+                p.ack().await.expect("acked");
+            }
             let generation = edge
                 .edge
                 .reload(&swaps[(step / 50 - 1) as usize])
@@ -307,7 +326,6 @@ async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
                 .generation;
             assert_eq!(generation, step / 50 + 1);
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for p in pending {
         p.ack().await.expect("acked");
@@ -326,26 +344,38 @@ async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
     for (v, t) in tasks.into_iter().enumerate() {
         let (batches, rtt) = t.await.expect("viewer task");
         rtt.unwrap_or_else(|e| panic!("viewer {v} lost its connection: {e}"));
-        let host_bodies: Vec<String> = batches
-            .iter()
-            .flat_map(|b| &b.messages)
-            .filter(|m| m.kind == Kind::Host)
-            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-            .collect();
+        let bodies = |kind: Kind| -> Vec<String> {
+            batches
+                .iter()
+                .flat_map(|b| &b.messages)
+                .filter(|m| m.kind == kind)
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+                .collect()
+        };
         let expected: Vec<String> = (0..hosts).map(|i| format!("h{i}")).collect();
         assert_eq!(
-            host_bodies, expected,
+            bodies(Kind::Host),
+            expected,
             "viewer {v}: every host message, in order, across both swaps"
         );
+        // Each policy's params took effect: uncapped, then 5 a second (a
+        // host message a step already spends it), then the native policy,
+        // uncapped in the test config. The swap messages (c50, c100) may
+        // fall either side.
+        let chats = bodies(Kind::Chat);
+        let shown = |range: std::ops::Range<u64>| range.filter(|i| chats.contains(&format!("c{i}"))).count();
+        assert_eq!(shown(0..50), 50, "viewer {v}: cap 0 shows every chat: {chats:?}");
+        let capped = shown(51..100);
+        assert!(capped <= 10, "viewer {v}: cap 5 showed {capped} of 49 chats: {chats:?}");
+        assert_eq!(shown(101..150), 49, "viewer {v}: the native policy shows every chat");
     }
-    assert!(
-        edge.edge
-            .wasm_stats()
-            .instantiations
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 2,
-        "the swap made a new instance"
+    let stats = edge.edge.wasm_stats();
+    assert_eq!(
+        stats.instantiations.load(Ordering::Relaxed),
+        4,
+        "a trial `configure` at load and at the first swap, and the room's instance before and after it"
     );
+    assert_eq!(stats.fallback_ticks.load(Ordering::Relaxed), 0, "no tick fell back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,5 +404,25 @@ async fn more_than_a_thousand_rooms_each_get_their_own_instance() {
             .unwrap_or_else(|f| panic!("room {i}: {}", f.reason));
         rooms.push(room);
     }
-    assert_eq!(rooms.len(), 1100);
+    assert_eq!(runtime.stats().instantiations.load(Ordering::Relaxed), 1100);
+    // All of them live at once, each answering with its own plan: a host
+    // message delivered and pinned, a chat delivered, a like counted.
+    let mut inbound = throng_edge::policy::InboundBatch::with_capacity(3);
+    inbound.push(1, Kind::Host, 4, 1_700_000_000_000, None);
+    inbound.push(2, Kind::Chat, 4, 1_700_000_000_000, None);
+    inbound.push(3, Kind::Like, 0, 1_700_000_000_000, None);
+    for (i, room) in rooms.iter_mut().enumerate() {
+        let stats = throng_edge::wasm::bindings::RoomStats {
+            tick: 1,
+            tick_ms: 50,
+            elapsed_ms: 50,
+            online: 10,
+        };
+        let plan = runtime
+            .plan_tick(room, stats, &inbound)
+            .await
+            .unwrap_or_else(|f| panic!("room {i}: {}", f.reason));
+        assert_eq!((plan.deliver, plan.pinned), (vec![0, 1], vec![0]), "room {i}");
+        assert_eq!(plan.counters.likes, 1, "room {i}");
+    }
 }

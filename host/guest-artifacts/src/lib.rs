@@ -14,8 +14,20 @@
 //!
 //! The build script reruns when a guest crate, `modules/Cargo.{toml,lock}`,
 //! `wit/` or `host/policy-core` changes.
+//!
+//! The guest workspace is built for Wasm only, so its crates' unit tests
+//! would never run; the keyword filter's matching (`modules/filter-keywords/
+//! src/words.rs`, plain Rust) is compiled into this crate's tests instead,
+//! so `cargo test --workspace` runs them.
 
 include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));
+
+// Compiled here for its `#[cfg(test)]` unit tests; the module's own lib.rs
+// uses the items the tests do not.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../../../modules/filter-keywords/src/words.rs"]
+mod filter_keywords_words;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,8 @@
 //! The test guest modules of `modules/`, for the host's tests only: the
 //! hostile policies (`hostile-*`), a filter that traps (`filter-trap`), one
-//! slow to start (`filter-slow-start`) and one slow per message
-//! (`filter-slow`). The edge cannot name them with `builtin:`; tests load
+//! slow to start (`filter-slow-start`), one slow per message
+//! (`filter-slow`) and one that tries the WASI sandbox's walls
+//! (`wasi-probe`). The edge cannot name them with `builtin:`; tests load
 //! them by path (`<NAME>_PATH`) or bytes (`<NAME>`).
 
 include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));
@@ -22,7 +23,8 @@ mod tests {
                 "hostile-loop",
                 "hostile-memory",
                 "hostile-plan",
-                "hostile-trap"
+                "hostile-trap",
+                "wasi-probe"
             ]
         );
         let paths = [
@@ -33,6 +35,7 @@ mod tests {
             HOSTILE_MEMORY_PATH,
             HOSTILE_PLAN_PATH,
             HOSTILE_TRAP_PATH,
+            WASI_PROBE_PATH,
         ];
         for ((name, bytes), path) in ALL.iter().zip(paths) {
             assert_eq!(&bytes[..4], b"\0asm", "{name} lacks the wasm magic");

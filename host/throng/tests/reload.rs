@@ -1,7 +1,8 @@
 //! SIGHUP as an operator uses it: edit the config file of a running
 //! `throng serve`, send SIGHUP, and see the effect (a new tenant can send;
 //! a changed limit is named as needing a restart), and that a bad config
-//! (a module refusing its params) changes nothing and says why.
+//! (a module refusing its params, a misspelt key) changes nothing and says
+//! why.
 #![cfg(unix)]
 
 use std::path::Path;
@@ -174,6 +175,19 @@ async fn sighup_applies_tenants_names_restart_settings_and_a_bad_config_changes_
     assert!(ok, "dev kept working after the failed reload: {text}");
     let (ok, text) = send(&addr, &cert, &newco, "me too").await;
     assert!(ok, "{text}");
+
+    // Edit: a misspelt key (and dev gone again). SIGHUP: the file does not
+    // parse as a config, the key is named, and again nothing changes.
+    let typo = config(NEWCO, "0", 8192).replace("max_body_bytes", "max_body_byte");
+    std::fs::write(&path, typo).expect("edit");
+    hup(pid);
+    let (line, _) = wait_log(&mut lines, "config reload failed").await;
+    assert!(
+        line.contains("nothing changed") && line.contains("max_body_byte"),
+        "{line}"
+    );
+    let (ok, text) = send(&addr, &cert, &dev, "still here after a typo").await;
+    assert!(ok, "dev kept working after the unparsable reload: {text}");
 
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
