@@ -29,34 +29,37 @@ use crate::room::{Creator, Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKe
 
 /// Largest read from a stream at once; bounds buffering beyond one frame.
 const READ_CHUNK: usize = 64 * 1024;
-/// How long a fatal error frame gets to reach the client before the close.
 /// Frames refused for rate within one window (from the window's first
 /// refusal). A window, not a run of refusals in a row: a flood at many times
 /// the rate lets one frame through every 1/rate seconds, which would end a
-/// run for ever.
+/// run for ever. Eight bytes: every idle viewer's task holds one.
 #[derive(Debug, Default)]
 struct Refusals {
     count: u32,
-    since: Option<tokio::time::Instant>,
+    /// When the window began, in milliseconds of a process-wide clock that
+    /// wraps every 49 days (compared with wrapping arithmetic).
+    since_ms: u32,
 }
 
 impl Refusals {
-    const WINDOW: Duration = Duration::from_secs(1);
+    const WINDOW_MS: u32 = 1_000;
 
     /// Counts one refusal; returns the refusals in the current window.
     fn count(&mut self) -> u32 {
-        let now = tokio::time::Instant::now();
-        match self.since {
-            Some(since) if now.duration_since(since) <= Self::WINDOW => self.count += 1,
-            _ => {
-                self.since = Some(now);
-                self.count = 1;
-            }
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        // Truncation is the wrap the comparison below expects.
+        let now = EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u32;
+        if self.count > 0 && now.wrapping_sub(self.since_ms) <= Self::WINDOW_MS {
+            self.count += 1;
+        } else {
+            self.since_ms = now;
+            self.count = 1;
         }
         self.count
     }
 }
 
+/// How long a fatal error frame gets to reach the client before the close.
 const LINGER_ON_ERROR: Duration = Duration::from_secs(1);
 
 /// A fatal condition: sent as an `Error` frame, then the connection closes.
@@ -191,8 +194,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
             Quota::per_second(crate::nonzero(limits.control_rate_per_sec))
                 .allow_burst(crate::nonzero(limits.control_burst)),
         )),
-        control_refused: Refusals::default(),
-        sends_refused: Refusals::default(),
+        refused: Refusals::default(),
         rooms_created: 0,
         expiry,
     };
@@ -375,12 +377,12 @@ struct Session<'a> {
     joined: HashMap<String, JoinedRoom>,
     /// Control frames (all but Send) of this connection.
     control: Box<DefaultDirectRateLimiter>,
-    /// Control frames refused for rate; more than `control_burst` in one
-    /// window and the connection closes.
-    control_refused: Refusals,
-    /// Sends refused for the user's rate: the same rule, so a client that
-    /// floods Sends does not cost the edge a decode and a reply for ever.
-    sends_refused: Refusals,
+    /// Frames refused for rate (control frames over the connection's rate,
+    /// Sends over the user's); more than `control_burst` in one window and
+    /// the connection closes, so a flood does not cost the edge a decode
+    /// and a reply for ever. One count for both: every idle viewer's task
+    /// holds it.
+    refused: Refusals,
     /// Rooms this connection's joins created.
     rooms_created: u32,
     /// When the session's token expires (with the leeway).
@@ -391,7 +393,7 @@ impl Session<'_> {
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
         if !matches!(frame, ClientFrame::Send { .. }) {
             if self.control.check().is_err() {
-                let refused = self.control_refused.count();
+                let refused = self.refused.count();
                 metrics::counter!("throng_control_frames_refused_total").increment(1);
                 if refused > self.shared.config.limits.control_burst {
                     return Err((
@@ -438,7 +440,7 @@ impl Session<'_> {
                 // whatever is wrong with it.
                 if self.shared.limiter.check_key(&self.rate_key).is_err() {
                     metrics::counter!("throng_rate_limited_total").increment(1);
-                    if self.sends_refused.count() > limits.control_burst {
+                    if self.refused.count() > limits.control_burst {
                         return Err((ErrorCode::RateLimited, "sends far beyond the rate limit".into()));
                     }
                     let _ = self

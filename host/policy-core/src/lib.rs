@@ -144,8 +144,12 @@ const WINDOW_MS: u64 = 1000;
 
 /// Arrival times closer than this to a second apart count as a second
 /// apart: the edge stamps arrivals in whole milliseconds, and a sender's own
-/// timer is a few milliseconds late now and then.
-const ARRIVAL_SLACK_MS: u64 = 10;
+/// timer (or the edge's reading task, on a busy machine) is late now and
+/// then. At 10 ms, a sender at 19/s against a cap of 20 lost a message
+/// whenever one stamp was 11 ms late, which a loaded 2-core machine does
+/// often. The slack never lets the cap through: the window in room time
+/// still holds at most the cap (see `room`).
+const ARRIVAL_SLACK_MS: u64 = 25;
 
 /// The default policy's state for one room.
 #[derive(Debug, Clone)]
