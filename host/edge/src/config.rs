@@ -343,7 +343,7 @@ pub struct RoomsConfig {
     /// Size classes, ascending by `min_members`; the first starts at 0.
     pub classes: Vec<RoomClass>,
     /// Rooms with at least this many members queue each batch for their
-    /// members from parallel shards.
+    /// members from parallel shards, one per thread of their class's pool.
     pub shard_members: usize,
     /// A class with a `spread` pushes a batch to this many viewers per step.
     pub pace_chunk: usize,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use quinn::{Connection, RecvStream, SendStream};
 use throng_wire::{
-    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, validate_room_name,
+    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, split_to_fit, validate_room_name,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -808,7 +808,7 @@ impl CatchUp {
                     .map_err(|e| e.to_string())?;
                 let Some(last) = chunk.last().map(|m| m.seq) else { break };
                 from = last + 1;
-                for frame in split_to_fit(chunk, max_frame) {
+                for frame in split_to_fit(chunk, max_frame, 0) {
                     stream
                         .write_chunk(batch(frame, std::mem::take(&mut missed))?)
                         .await
@@ -824,31 +824,12 @@ impl CatchUp {
             }
         }
         if !self.tail.is_empty() {
-            for frame in split_to_fit(self.tail.clone(), max_frame) {
+            for frame in split_to_fit(self.tail.clone(), max_frame, 0) {
                 stream.write_chunk(batch(frame, 0)?).await.map_err(|e| e.to_string())?;
             }
         }
         Ok(())
     }
-}
-
-/// Splits messages into groups that each fit one frame.
-fn split_to_fit(messages: Vec<Message>, max_frame: u32) -> Vec<Vec<Message>> {
-    let budget = (max_frame as usize).saturating_sub(1024);
-    let mut out: Vec<Vec<Message>> = vec![Vec::new()];
-    let mut size = 0;
-    for m in messages {
-        let m_size = m.body.len() + m.sender.len() + 32;
-        if out.last().is_some_and(|c| !c.is_empty()) && size + m_size > budget {
-            out.push(Vec::new());
-            size = 0;
-        }
-        size += m_size;
-        if let Some(c) = out.last_mut() {
-            c.push(m);
-        }
-    }
-    out
 }
 
 /// Writes `Joined`, then what a returning member missed, then drains the

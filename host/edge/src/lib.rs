@@ -12,8 +12,14 @@
 //! - `workers`: a thread pool per room size class.
 //! - `connection`: one task per QUIC connection: Hello, control frames, one
 //!   writer per joined room.
-//! - [`room`]: one actor per room; ticks, asks the [`policy`], encodes one
-//!   batch, queues it for every member.
+//! - [`room`]: one actor per room, a folder with a file per concern. The
+//!   registry ([`room::Rooms`]) makes and finds rooms; each room's actor
+//!   takes sends into its ingress and, each tick, runs the [`filter`]s,
+//!   asks the [`policy`], numbers and acks messages with its sequencer,
+//!   keeps its ring (and, for a group room, appends to the [`log`]),
+//!   encodes one batch and sends it to its egress: the fanout into every
+//!   local viewer's slot. The sequencer, ingress and egress are where a
+//!   cluster plugs in.
 //! - [`policy`]: the per-room decision of what goes out: the built-in
 //!   [`policy::NativePolicy`] or an operator's Wasm module with a native fallback.
 //! - [`filter`]: a tenant's Wasm message filters: one warm instance (and a
@@ -25,6 +31,12 @@
 //! - [`presence`]: who is online on this edge, for batched queries.
 //! - `fuzzing` (hidden): the checks that `fuzz/` runs on arbitrary bytes and
 //!   that `tests/fuzz_corpus.rs` replays on the saved corpus.
+//!
+//! A message's path: `connection` (frame, session rights, rate limit) →
+//! [`room::RoomHandle::send`] → the room's inbox → its tick (filters,
+//! policy, sequence number and ack, history, one encode) → every viewer's
+//! [`room::ViewerSlot`] → that viewer's writer task → its QUIC stream for
+//! the room. `docs/architecture.md` walks through it.
 //!
 //! [`Edge::start`] binds the UDP socket, starts the accept loop and returns a
 //! handle; [`Edge::shutdown`] stops accepting, tells every connection, and

@@ -1,13 +1,14 @@
 //! One thread pool per room size class.
 //!
-//! A room runs on its class's pool: its tick, policy, encode and push, and
-//! the writer tasks that move its batches into its viewers' streams. A huge
+//! A room runs on its class's pool: its tick, policy, encode and push (a
+//! huge room's push in shards, one per thread of the pool), and the writer
+//! tasks that move its batches into its viewers' streams. A huge
 //! room's 10,000 writer wake-ups per tick then queue on the huge class's
 //! threads, not ahead of a small room's few; the OS shares the cores
 //! between the pools. QUIC itself (quinn's endpoint and connection drivers)
 //! stays on the edge's main runtime, because a connection may be in rooms
 //! of several classes; that shared part is why a huge class also paces its
-//! pushes (`spread`, see `room`). A class with `workers = 0` runs on the
+//! pushes (`spread`, see the room's fanout). A class with `workers = 0` runs on the
 //! main runtime: no thread hop per write, no isolation.
 
 use tokio::runtime::{Builder, Handle, Runtime};

@@ -332,11 +332,7 @@ impl DefaultPolicy {
 }
 
 fn count_gift(gifts: &mut Vec<(String, u64)>, name: &str) {
-    let mut end = name.len().min(MAX_GIFT_NAME);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    let mut name = &name[..end];
+    let mut name = &name[..name.floor_char_boundary(MAX_GIFT_NAME)];
     if gifts.len() >= MAX_GIFT_KINDS && !gifts.iter().any(|(g, _)| g == name) {
         // Senders choose gift names: past a tick's share of distinct ones,
         // the rest are counted together, so counters always fit a frame.

@@ -3,7 +3,7 @@
 use bytes::{Buf, Bytes, BytesMut};
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{DecodeError, EncodeError, HARD_MAX_FRAME};
+use crate::{DecodeError, EncodeError, HARD_MAX_FRAME, Message};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -22,6 +22,33 @@ pub fn encode<T: Serialize>(frame: &T, max: u32) -> Result<Bytes, EncodeError> {
     // The check above bounds len by HARD_MAX_FRAME, which fits in u32.
     out[..LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(Bytes::from(out))
+}
+
+/// Splits `messages` into runs, in order, that each fit one batch frame of
+/// `max_frame` bytes; the first run leaves `reserved` bytes for what else
+/// its frame carries (a tick's counters). There is always one run, empty
+/// for no messages.
+///
+/// Sizes are estimates with margin, so nothing is encoded twice: a message
+/// counts its body and sender plus 32 bytes, and 1 KiB of every frame is
+/// kept for the rest of the batch. A message larger than that budget gets a
+/// run of its own (body limits keep every message well inside a frame).
+pub fn split_to_fit(messages: Vec<Message>, max_frame: u32, reserved: usize) -> Vec<Vec<Message>> {
+    let budget = (max_frame as usize).saturating_sub(1024);
+    let mut runs: Vec<Vec<Message>> = vec![Vec::new()];
+    let mut size = reserved;
+    for m in messages {
+        let m_size = m.body.len() + m.sender.len() + 32;
+        if runs.last().is_some_and(|r| !r.is_empty()) && size + m_size > budget {
+            runs.push(Vec::new());
+            size = 0;
+        }
+        size += m_size;
+        if let Some(r) = runs.last_mut() {
+            r.push(m);
+        }
+    }
+    runs
 }
 
 /// Splits a byte stream into frames, checking each length before buffering it.
@@ -228,6 +255,52 @@ mod tests {
         };
         let mut buf = BytesMut::from(&encode(&f, 4096).unwrap()[..]);
         assert_eq!(d.decode::<EdgeFrame>(&mut buf).unwrap(), Some(f));
+    }
+
+    fn message(seq: u64, body: usize) -> Message {
+        Message {
+            seq,
+            sender: "someone".into(),
+            kind: Kind::Chat,
+            body: vec![b'x'; body],
+        }
+    }
+
+    #[test]
+    fn split_runs_fit_a_frame_keep_order_and_leave_room_for_counters() {
+        let messages: Vec<Message> = (1..=100).map(|seq| message(seq, 500)).collect();
+        let runs = split_to_fit(messages.clone(), 8192, 0);
+        assert!(runs.len() > 1);
+        for run in &runs {
+            assert!(!run.is_empty());
+            let batch = EdgeFrame::Batch(crate::Batch {
+                room: "lobby".into(),
+                tick: 1,
+                messages: run.clone(),
+                counters: crate::Counters::default(),
+                pinned: Vec::new(),
+                online: 1,
+                missed: 0,
+            });
+            encode(&batch, 8192).expect("a run fits its frame");
+        }
+        assert_eq!(runs.concat(), messages);
+        let reserved = split_to_fit(messages.clone(), 8192, 4000);
+        assert!(
+            reserved[0].len() < runs[0].len(),
+            "the reserved bytes take the first run's room"
+        );
+        assert_eq!(reserved.concat(), messages);
+    }
+
+    #[test]
+    fn split_gives_one_run_for_nothing_and_one_per_oversized_message() {
+        assert_eq!(split_to_fit(Vec::new(), 8192, 0), vec![Vec::<Message>::new()]);
+        let big = vec![message(1, 9000), message(2, 9000)];
+        assert_eq!(
+            split_to_fit(big.clone(), 8192, 0),
+            vec![vec![big[0].clone()], vec![big[1].clone()]]
+        );
     }
 
     #[test]

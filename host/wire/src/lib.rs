@@ -11,6 +11,7 @@
 //!   followed by a postcard payload. [`FrameDecoder::check`] looks at the
 //!   prefix and refuses an oversized frame before a byte of it is buffered or
 //!   allocated; "need more bytes" is `Ok(None)`, not an error.
+//!   [`split_to_fit`] cuts a batch's messages into runs that each fit a frame.
 //! - [`error`]: typed decode/encode errors and the stable numeric
 //!   [`ErrorCode`]s that reach clients in `Error` and `Rejected` frames.
 //! - `fuzzing` (hidden): the checks that `fuzz/` runs on arbitrary bytes and
@@ -25,7 +26,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 
-pub use codec::{FrameBuffer, FrameDecoder, LENGTH_PREFIX, encode};
+pub use codec::{FrameBuffer, FrameDecoder, LENGTH_PREFIX, encode, split_to_fit};
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use frame::{
     Batch, ClientFrame, Counters, EdgeFrame, GiftCount, Kind, Limits, Message, Role, Session, validate_room_name,

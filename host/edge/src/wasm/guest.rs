@@ -84,17 +84,9 @@ impl WasiView for GuestState {
     }
 }
 
-fn cut(s: &str) -> &str {
-    let mut end = s.len().min(MAX_LOG_LINE);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 impl host::Host for GuestState {
     fn log(&mut self, level: Level, message: String) {
-        let message = cut(&message);
+        let message = &message[..message.floor_char_boundary(MAX_LOG_LINE)];
         let (label, module) = (&*self.label, &*self.module);
         match level {
             Level::Trace => tracing::trace!(target: "throng::guest", %label, %module, "{message}"),
@@ -139,7 +131,8 @@ impl StdoutStream for LogStream {
 impl tokio::io::AsyncWrite for LogStream {
     fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let text = String::from_utf8_lossy(buf);
-        let text = cut(text.trim_end());
+        let text = text.trim_end();
+        let text = &text[..text.floor_char_boundary(MAX_LOG_LINE)];
         if !text.is_empty() {
             tracing::info!(target: "throng::guest", label = %self.label, module = %self.module, stream = self.stream, "{text}");
         }

@@ -1,0 +1,507 @@
+//! A room's task: its mailbox, its tick, its size class.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use throng_wire::{Batch, EdgeFrame, ErrorCode, Kind, Message};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+
+use super::clock::RoomClock;
+use super::fanout::Viewers;
+use super::kind::RoomKind;
+use super::link::{Egress, Ingress};
+use super::registry::Rooms;
+use super::ring::Ring;
+use super::sequencer::Sequencer;
+use super::slot::ViewerSlot;
+use super::{Inbound, JoinInfo, RoomError, RoomKey, tick};
+use crate::config::RoomClass;
+use crate::filter::TenantFilter;
+use crate::modules::{ModuleSet, ResolvedPolicy};
+use crate::policy::{InboundBatch, NativePolicy, RoomPolicy, WasmPolicy, tick_ms};
+use crate::wasm::WasmRuntime;
+use crate::wasm::bindings::RoomStats;
+
+/// What a room's mailbox carries.
+pub(super) enum Command {
+    Join {
+        member: u64,
+        slot: Arc<ViewerSlot>,
+        resume_from: Option<u64>,
+        reply: oneshot::Sender<Result<JoinInfo, RoomError>>,
+    },
+    Leave {
+        member: u64,
+    },
+    Send(Inbound),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Join { member, .. } => write!(f, "Join({member})"),
+            Command::Leave { member } => write!(f, "Leave({member})"),
+            Command::Send(m) => write!(f, "Send({})", m.client_msg_id),
+        }
+    }
+}
+
+/// A connection's way to one room it has joined.
+#[derive(Debug, Clone)]
+pub struct RoomHandle {
+    tx: mpsc::Sender<Command>,
+}
+
+impl RoomHandle {
+    pub(super) fn new(tx: mpsc::Sender<Command>) -> Self {
+        Self { tx }
+    }
+
+    /// Queues a message for the next tick without waiting.
+    pub fn send(&self, inbound: Inbound) -> Result<(), (Inbound, RoomError)> {
+        self.tx.try_send(Command::Send(inbound)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(Command::Send(m)) => (m, RoomError::Overloaded),
+            mpsc::error::TrySendError::Closed(Command::Send(m)) => (m, RoomError::ShuttingDown),
+            // try_send hands back the command it was given, which was a Send.
+            _ => unreachable!("try_send returned a different command"),
+        })
+    }
+
+    /// Leaves the room; waits for inbox space so a leave is never lost.
+    pub async fn leave(&self, member: u64) {
+        let _ = self.tx.send(Command::Leave { member }).await;
+    }
+}
+
+/// One room's state, owned by its task.
+pub(super) struct Room {
+    key: RoomKey,
+    id: u64,
+    kind: RoomKind,
+    viewers: Viewers,
+    ingress: Ingress,
+    egress: Egress,
+    sequencer: Sequencer,
+    /// Recent messages for joiners.
+    ring: Ring,
+    policy: RoomPolicy,
+    filters: Vec<Arc<TenantFilter>>,
+    modules: watch::Receiver<Arc<ModuleSet>>,
+    runtime: Arc<WasmRuntime>,
+    /// Keys the sender hashes policies see (stable for this room's life).
+    sender_keys: std::collections::hash_map::RandomState,
+    label: Arc<str>,
+    tick: u64,
+    online_sent: u64,
+    presence_sent_at: Instant,
+    empty_since: Option<Instant>,
+    tick_interval: Duration,
+    clock: RoomClock,
+    classes: Vec<RoomClass>,
+    class: usize,
+    /// The pool of the room's class, where it and its viewers' writers run.
+    pool: tokio::runtime::Handle,
+    presence_interval: Duration,
+    linger: Duration,
+    /// The cap of the built-in policy an empty room falls back to.
+    default_cap: u32,
+    max_frame: u32,
+    max_body: u32,
+}
+
+impl Room {
+    /// Makes room `id` ready to run: a group room first reads where its log
+    /// ends, and numbering goes on from there. A room that cannot start
+    /// refuses whoever is queued and is forgotten, so the next join makes a
+    /// fresh room that tries again.
+    #[tracing::instrument(name = "room", skip_all, fields(room = %key))]
+    pub(super) async fn start(key: RoomKey, id: u64, rooms: &Rooms, rx: &mut mpsc::Receiver<Command>) -> Option<Self> {
+        let group_log = rooms.is_group(&key.name).then_some(&rooms.log);
+        let kind = match RoomKind::open(group_log, &key).await {
+            Ok(kind) => kind,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read where the group log ends; refusing joins");
+                metrics::counter!("throng_group_room_start_failed_total", "tenant" => key.tenant.to_string())
+                    .increment(1);
+                rooms.forget(&key, id);
+                refuse_queued(rx);
+                metrics::gauge!("throng_rooms").decrement(1.0);
+                return None;
+            }
+        };
+        let config = &rooms.config;
+        let mut modules = rooms.modules.clone();
+        // The first tick picks the room's policy and filters from the set.
+        modules.mark_changed();
+        let tick = config.classes.first().map_or(config.tick, |c| c.tick);
+        Some(Self {
+            label: Arc::from(key.to_string().as_str()),
+            sequencer: Sequencer::local(kind.last_seq()),
+            kind,
+            key,
+            id,
+            viewers: Viewers::default(),
+            ingress: Ingress::local(config.inbox_capacity),
+            egress: Egress::local(config.shard_members, config.pace_chunk),
+            ring: Ring::new(config.recent_messages),
+            policy: RoomPolicy::Native(NativePolicy::new(config.viewer_cap_per_sec)),
+            filters: Vec::new(),
+            modules,
+            runtime: Arc::clone(&rooms.runtime),
+            sender_keys: std::collections::hash_map::RandomState::new(),
+            tick: 0,
+            online_sent: 0,
+            presence_sent_at: Instant::now(),
+            empty_since: Some(Instant::now()),
+            tick_interval: tick,
+            clock: RoomClock::new(tick),
+            classes: config.classes.clone(),
+            class: 0,
+            pool: rooms.pools.get(0),
+            presence_interval: config.presence_interval,
+            linger: config.empty_room_linger,
+            default_cap: config.viewer_cap_per_sec,
+            max_frame: rooms.max_frame,
+            max_body: rooms.max_body,
+        })
+    }
+
+    /// The pool of the room's class.
+    pub(super) fn pool(&self) -> &tokio::runtime::Handle {
+        &self.pool
+    }
+
+    /// Runs the room until it retires or the edge stops; or, when it changes
+    /// class, hands itself back to be run on its new class's pool.
+    #[tracing::instrument(name = "room", skip_all, fields(room = %self.key))]
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        rooms: &Rooms,
+    ) -> Option<(Self, mpsc::Receiver<Command>)> {
+        let mut ticker = tick_timer(self.tick_interval);
+        loop {
+            let step_due = self.egress.step_due();
+            // An empty room with nothing left to do stops ticking: it only
+            // waits for a joiner or the end of its linger.
+            let idle = self.viewers.is_empty() && self.ingress.is_empty() && step_due.is_none() && self.kind.settled();
+            let retire_at = self.empty_since.map(|t| t + self.linger);
+            let inbox_open = self.ingress.has_room();
+            tokio::select! {
+                biased;
+                _ = rooms.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(step_due.unwrap_or_else(Instant::now)), if step_due.is_some() => {
+                    self.egress.step();
+                }
+                _ = tokio::time::sleep_until(retire_at.unwrap_or_else(Instant::now)), if idle && retire_at.is_some() => {
+                    if rooms.retire(&self.key, self.id, &rx) {
+                        break;
+                    }
+                }
+                _ = ticker.tick(), if !idle => {
+                    // A tick's batches go out before the next tick's.
+                    self.egress.finish();
+                    self.run_tick().await;
+                    if self.reclassify() {
+                        let pool = rooms.pools.get(self.class);
+                        if pool.id() != self.pool.id() {
+                            self.egress.finish();
+                            for slot in self.viewers.slots() {
+                                slot.rehome(pool.clone());
+                            }
+                            self.pool = pool;
+                            return Some((self, rx));
+                        }
+                        ticker = tick_timer(self.tick_interval);
+                        ticker.reset();
+                    }
+                    if self.empty_since.is_some_and(|t| t.elapsed() >= self.linger)
+                        && self.ingress.is_empty()
+                        && self.kind.settled()
+                        && rooms.retire(&self.key, self.id, &rx)
+                    {
+                        break;
+                    }
+                }
+                Some(cmd) = rx.recv(), if inbox_open => self.handle(cmd),
+            }
+        }
+        self.egress.finish();
+        rx.close();
+        // Whatever slipped in before close: joiners retry elsewhere (their
+        // reply is dropped), leaves are moot.
+        while rx.try_recv().is_ok() {}
+        for slot in self.viewers.slots() {
+            slot.close();
+        }
+        metrics::gauge!("throng_rooms").decrement(1.0);
+        tracing::debug!("room retired");
+        None
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Join {
+                member,
+                slot,
+                resume_from,
+                reply,
+            } => {
+                let (recent, catch_up, tail) = match (&self.kind, resume_from) {
+                    // A group member coming back gets everything after its
+                    // sequence: committed messages from the log, the rest
+                    // from memory, then live.
+                    (RoomKind::Group(g), Some(after)) => {
+                        let (catch_up, tail) = g.resume(after);
+                        (Vec::new(), catch_up, tail)
+                    }
+                    _ => (self.ring.since(resume_from.unwrap_or(0)), None, Vec::new()),
+                };
+                if let Some(old) = self.viewers.insert(member, slot) {
+                    old.close();
+                }
+                self.empty_since = None;
+                let _ = reply.send(Ok(JoinInfo {
+                    writer: self.pool.clone(),
+                    last_seq: self.sequencer.last(),
+                    online: self.viewers.len() as u64,
+                    recent,
+                    catch_up,
+                    tail,
+                    head: self.kind.head(),
+                }));
+            }
+            Command::Leave { member } => {
+                if let Some(slot) = self.viewers.remove(member) {
+                    slot.close();
+                }
+                if self.viewers.is_empty() && self.empty_since.is_none() {
+                    self.empty_since = Some(Instant::now());
+                    if matches!(self.policy, RoomPolicy::Wasm(_)) {
+                        // Nobody to show anything to: give the instance back
+                        // to the pool; a joiner's first tick makes a new one.
+                        self.policy = RoomPolicy::Native(NativePolicy::new(self.default_cap));
+                        self.modules.mark_changed();
+                    }
+                }
+            }
+            Command::Send(inbound) => self.ingress.push(inbound),
+        }
+    }
+
+    /// Moves the room between size classes (with hysteresis); true when it
+    /// moved.
+    fn reclassify(&mut self) -> bool {
+        let members = self.viewers.len() as u64;
+        let before = self.class;
+        while self.class + 1 < self.classes.len() && members >= self.classes[self.class + 1].min_members {
+            self.class += 1;
+        }
+        while self.class > 0 && members * 10 < self.classes[self.class].min_members * 8 {
+            self.class -= 1;
+        }
+        if self.class == before {
+            return false;
+        }
+        let class = &self.classes[self.class];
+        tracing::info!(class = %class.name, members, tick_ms = class.tick.as_millis() as u64, "room changed size class");
+        // Policy rules may depend on the class: pick again at the next tick.
+        self.modules.mark_changed();
+        metrics::counter!("throng_room_class_changes_total").increment(1);
+        self.tick_interval = class.tick;
+        self.clock.retick(class.tick);
+        true
+    }
+
+    fn class_name(&self) -> &str {
+        self.classes.get(self.class).map_or("", |c| c.name.as_str())
+    }
+
+    /// Picks up a changed module set at this tick boundary.
+    async fn apply_modules(&mut self) {
+        if !self.modules.has_changed().unwrap_or(false) {
+            return;
+        }
+        let set = Arc::clone(&self.modules.borrow_and_update());
+        self.filters = set.filters_for(&self.key.tenant).to_vec();
+        if let RoomKind::Group(_) = self.kind {
+            // Group rooms deliver every message; policies are for livecast.
+            self.policy = RoomPolicy::Native(NativePolicy::new(0));
+            return;
+        }
+        let wanted = set.policy_for(&self.key.tenant, &self.key.name, self.class_name());
+        let same = match (wanted, &self.policy) {
+            (ResolvedPolicy::Native { cap_per_sec }, RoomPolicy::Native(p)) => p.cap_per_sec() == *cap_per_sec,
+            (ResolvedPolicy::Wasm { module, params }, RoomPolicy::Wasm(w)) => {
+                w.module().hash() == module.hash() && w.params() == params.as_slice()
+            }
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        self.policy = match wanted {
+            ResolvedPolicy::Native { cap_per_sec } => RoomPolicy::Native(NativePolicy::new(*cap_per_sec)),
+            ResolvedPolicy::Wasm { module, params } => {
+                // The fallback honours the rule's cap when it names one (a
+                // module's params are its own, so only this key is read).
+                let cap = params
+                    .iter()
+                    .find(|(k, _)| k == "cap_per_sec")
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(set.default_cap());
+                let policy = WasmPolicy::new(
+                    Arc::clone(&self.runtime),
+                    Arc::clone(module),
+                    params.clone(),
+                    Arc::clone(&self.label),
+                    NativePolicy::new(cap),
+                )
+                .await;
+                RoomPolicy::Wasm(Box::new(policy))
+            }
+        };
+        tracing::info!(generation = set.generation, policy = ?self.policy, "room policy set");
+    }
+
+    /// One tick: filters, policy, sequence numbers and acks, history, one
+    /// encode, and the batch on its way to every viewer.
+    async fn run_tick(&mut self) {
+        // Tick numbers follow room time: a tick the machine ran late skips a
+        // number rather than stretching the room's second.
+        self.tick = self.clock.now().max(self.tick + 1);
+        if !self.viewers.is_empty() {
+            // An empty room keeps the built-in policy (see Leave) until
+            // someone joins: no Wasm instance for nobody.
+            self.apply_modules().await;
+        }
+        let online = self.viewers.len() as u64;
+        let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
+        if self.ingress.is_empty() && !presence_due {
+            return;
+        }
+        let mut inbox = self.ingress.take();
+        if let RoomKind::Group(g) = &self.kind {
+            g.refuse_if_behind(&mut inbox);
+        }
+        let inbox = tick::filter(&self.filters, inbox, &self.runtime, &self.key.tenant, self.max_body).await;
+        let mut metas = InboundBatch::with_capacity(inbox.len());
+        for m in &inbox {
+            let gift = (m.kind == Kind::Gift)
+                .then(|| String::from_utf8_lossy(&m.body[..m.body.len().min(throng_policy_core::MAX_GIFT_NAME)]));
+            metas.push(
+                self.sender_keys.hash_one(&*m.sender),
+                m.kind,
+                m.body.len() as u32,
+                m.received_ms,
+                gift.as_deref(),
+            );
+        }
+        let stats = RoomStats {
+            tick: self.tick,
+            tick_ms: tick_ms(self.tick_interval),
+            elapsed_ms: self.clock.elapsed_ms(self.tick),
+            online,
+        };
+        let plan = self.policy.plan_tick(&stats, &metas).await;
+        let left_out = metas
+            .kinds
+            .iter()
+            .filter(|&&k| k != throng_policy_core::Kind::Like.code())
+            .count()
+            .saturating_sub(plan.deliver.len());
+        if left_out > 0 {
+            // Dropped messages were accepted (and are acked below): count
+            // them, so operators see what the cap costs.
+            metrics::counter!(
+                "throng_policy_dropped_total",
+                "tenant" => self.key.tenant.to_string(),
+                "class" => self.class_name().to_owned(),
+            )
+            .increment(left_out as u64);
+        }
+
+        // Every accepted message gets a sequence number and an ack, delivered
+        // or not; delivered ones carry the same number to viewers.
+        let mut accepted: Vec<Option<Message>> = Vec::with_capacity(inbox.len());
+        for m in inbox {
+            let seq = self.sequencer.next();
+            let _ = m.reply.send(EdgeFrame::Ack {
+                client_msg_id: m.client_msg_id,
+                seq,
+            });
+            accepted.push(Some(Message {
+                seq,
+                sender: m.sender.to_string(),
+                kind: m.kind,
+                body: m.body,
+            }));
+        }
+        let pinned: Vec<u64> = plan
+            .pinned
+            .iter()
+            .filter_map(|&i| accepted.get(i as usize).and_then(|s| s.as_ref()).map(|m| m.seq))
+            .collect();
+        let mut messages = Vec::with_capacity(plan.deliver.len());
+        for i in plan.deliver {
+            // Plans are validated (Wasm) or built correctly (native); an index
+            // out of range or repeated would still only be skipped here.
+            if let Some(m) = accepted.get_mut(i as usize).and_then(Option::take) {
+                messages.push(m);
+            }
+        }
+        if let RoomKind::Group(g) = &mut self.kind {
+            g.record(&self.key, &messages, self.sequencer.last());
+        }
+        self.ring.record(&messages);
+        if messages.is_empty() && plan.counters.is_empty() && !presence_due {
+            return;
+        }
+        self.online_sent = online;
+        self.presence_sent_at = Instant::now();
+        let batch = Batch {
+            room: self.key.name.to_string(),
+            tick: self.tick,
+            messages,
+            counters: plan.counters,
+            pinned,
+            online,
+            missed: 0,
+        };
+        let deliveries = tick::encode_batch(batch, self.max_frame);
+        metrics::counter!("throng_batches_total").increment(deliveries.len() as u64);
+        metrics::counter!("throng_frames_queued_total").increment((deliveries.len() * self.viewers.len()) as u64);
+        let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
+        self.egress
+            .send(&mut self.viewers, deliveries, spread, &self.pool)
+            .await;
+    }
+}
+
+fn tick_timer(period: Duration) -> Interval {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+/// Refuses everything queued for a room that will not start.
+fn refuse_queued(rx: &mut mpsc::Receiver<Command>) {
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        match cmd {
+            Command::Join { reply, .. } => {
+                let _ = reply.send(Err(RoomError::Unavailable));
+            }
+            Command::Send(m) => {
+                let _ = m.reply.send(EdgeFrame::Rejected {
+                    client_msg_id: m.client_msg_id,
+                    code: ErrorCode::ServerBusy.code(),
+                    reason: RoomError::Unavailable.to_string(),
+                });
+            }
+            Command::Leave { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Rooms: one actor task per room, ticking.
+//!
+//! Connections talk to a room through its [`RoomHandle`] (join, leave,
+//! send). Each tick the room runs its tenant's filters over what arrived,
+//! asks its policy what goes out, numbers and acks every accepted message,
+//! builds one [`Batch`](throng_wire::Batch), encodes it **once**, and pushes
+//! the same bytes into every viewer's [`ViewerSlot`]. A connection task
+//! drains each slot into that room's QUIC stream for that viewer; a viewer
+//! that cannot keep up loses its oldest batches (counted as `missed`)
+//! instead of stalling the room.
+//!
+//! Rooms are keyed by tenant and name ([`RoomKey`]), so tenant A's `lobby`
+//! is not tenant B's. An empty room lingers (keeping its recent messages for
+//! reconnects), then retires; [`Rooms::join`] retries if it raced a retiring
+//! room.
+//!
+//! # Layout
+//!
+//! - `registry`: [`Rooms`], every room on this edge; makes a room on its
+//!   first join, within the edge's, tenant's, connection's and user's
+//!   limits.
+//! - `actor`: a room's task: its mailbox ([`RoomHandle`]), its tick, its
+//!   size class.
+//! - `tick`: the tick's steps that need nothing else of the room: the
+//!   tenant's filters over the inbox, encoding the batch.
+//! - `kind`: livecast or group; `group`: a group room's log state (where
+//!   the log ends, what is not on disk yet, a returning member's catch-up).
+//! - `ring`: the recent messages a joiner gets.
+//! - `sequencer`: what numbers a room's messages.
+//! - `link`: where a room's messages come from and where its batches go.
+//! - `fanout`: the room's viewers, and pushing a batch to all of them: at
+//!   once, paced over the class's `spread`, or in shards on the class's
+//!   pool.
+//! - `slot`: the bounded queues to a connection: a viewer's batches for one
+//!   room ([`ViewerSlot`], which evicts a viewer that stays behind) and
+//!   replies to a sender's control stream ([`ReplyTx`]).
+//! - `clock`: room time in whole ticks.
+
+mod actor;
+mod clock;
+mod fanout;
+mod group;
+mod kind;
+mod link;
+mod registry;
+mod ring;
+mod sequencer;
+mod slot;
+mod tick;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use throng_wire::{Kind, Message};
+
+pub use actor::RoomHandle;
+pub use registry::{Creator, Rooms, RoomsSetup};
+pub use slot::{Delivery, Next, ReplyTx, ViewerSlot};
+
+/// A room's identity on this edge.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoomKey {
+    pub tenant: Arc<str>,
+    pub name: Arc<str>,
+}
+
+impl std::fmt::Display for RoomKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.name)
+    }
+}
+
+/// A message waiting for the room's next tick.
+#[derive(Debug)]
+pub struct Inbound {
+    pub sender: Arc<str>,
+    pub kind: Kind,
+    pub body: Vec<u8>,
+    pub client_msg_id: u64,
+    pub reply: ReplyTx,
+    /// When the edge received it, milliseconds since the Unix epoch.
+    pub received_ms: u64,
+}
+
+/// Longest filter rejection reason passed on to a sender.
+pub(crate) const MAX_REASON: usize = 256;
+
+/// What a joiner learns: who is online, and what was said recently.
+#[derive(Debug)]
+pub struct JoinInfo {
+    pub online: u64,
+    /// Goes in the `Joined` frame.
+    pub recent: Vec<Message>,
+    /// Group rooms: the committed sequence range `(from, to)` the joiner
+    /// missed, to read from the log and send before anything live.
+    pub catch_up: Option<(u64, u64)>,
+    /// Where this viewer's writer should run: the room's class pool (the
+    /// slot says when the room moves to another).
+    pub writer: tokio::runtime::Handle,
+    /// The room's highest sequence number so far.
+    pub last_seq: u64,
+    /// Group rooms: missed messages not yet committed, sent after the
+    /// catch-up and before anything live.
+    pub tail: Vec<Message>,
+    /// Group rooms: the highest sequence the room has handed out, kept
+    /// current, so a `Seen` beyond it can be refused.
+    pub head: Option<Arc<AtomicU64>>,
+}
+
+/// Why a room operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("the room's inbox is full")]
+    Overloaded,
+    /// Creating the room would pass a limit; the text says which.
+    #[error("{0}")]
+    Limit(&'static str),
+    #[error("the edge is shutting down")]
+    ShuttingDown,
+    /// A group room could not read where its log ends; the next join
+    /// tries again.
+    #[error("the room's log cannot be read now; try again")]
+    Unavailable,
+}

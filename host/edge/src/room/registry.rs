@@ -1,0 +1,279 @@
+//! Every room on this edge, by tenant and name.
+//!
+//! A join finds the room or makes it, within the edge's, the tenant's, the
+//! connection's and the user's limits, checked under one lock so that
+//! concurrent joins cannot pass them together. A room leaves the map when it
+//! retires; a join that raced a retiring room tries again.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use governor::DefaultKeyedRateLimiter;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::actor::{Command, Room, RoomHandle};
+use super::slot::ViewerSlot;
+use super::{JoinInfo, RoomError, RoomKey};
+use crate::config::RoomsConfig;
+use crate::log::GroupLog;
+use crate::modules::ModuleSet;
+use crate::wasm::WasmRuntime;
+use crate::workers::Pools;
+
+/// Every room on this edge.
+#[derive(Debug)]
+pub struct Rooms {
+    map: Mutex<RoomMap>,
+    /// New rooms per user (tenant and user id).
+    creations: DefaultKeyedRateLimiter<String>,
+    /// Rooms alive on this edge at most: what the Wasm instance pool holds
+    /// besides the tenants' filters.
+    max_rooms: usize,
+    max_rooms_per_tenant: usize,
+    next_id: AtomicU64,
+    pub(super) config: RoomsConfig,
+    pub(super) max_frame: u32,
+    pub(super) max_body: u32,
+    pub(super) runtime: Arc<WasmRuntime>,
+    pub(super) modules: watch::Receiver<Arc<ModuleSet>>,
+    pub(super) log: GroupLog,
+    group_rooms: Vec<wildmatch::WildMatch>,
+    pub(super) shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+    pub(super) pools: Pools,
+}
+
+/// The live rooms, and how many each tenant has.
+#[derive(Debug, Default)]
+struct RoomMap {
+    rooms: HashMap<RoomKey, (u64, mpsc::Sender<Command>)>,
+    per_tenant: HashMap<Arc<str>, usize>,
+}
+
+impl RoomMap {
+    /// Removes room `id` under `key` (not a newer room of the same name).
+    fn remove(&mut self, key: &RoomKey, id: u64) {
+        if self.rooms.get(key).is_some_and(|(i, _)| *i == id) {
+            self.rooms.remove(key);
+            if let Some(n) = self.per_tenant.get_mut(&key.tenant) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_tenant.remove(&key.tenant);
+                }
+            }
+        }
+    }
+}
+
+/// Who asks for a room that may not exist yet, and what they may create.
+#[derive(Debug, Clone, Copy)]
+pub struct Creator<'a> {
+    /// The user's rate key (tenant and user id).
+    pub user: &'a str,
+    /// Whether the connection may create another room (its own limit).
+    pub connection_may_create: bool,
+}
+
+/// What every room on an edge shares.
+#[derive(Debug)]
+pub struct RoomsSetup {
+    pub config: RoomsConfig,
+    pub max_frame: u32,
+    pub max_body: u32,
+    pub runtime: Arc<WasmRuntime>,
+    pub modules: watch::Receiver<Arc<ModuleSet>>,
+    pub log: GroupLog,
+    pub shutdown: CancellationToken,
+    /// Each size class's threads.
+    pub pools: Pools,
+    /// Rooms alive at most (see [`Rooms`]).
+    pub max_rooms: usize,
+    pub max_rooms_per_tenant: usize,
+    /// New rooms per user: sustained per second, and burst.
+    pub room_create_rate_per_sec: u32,
+    pub room_create_burst: u32,
+}
+
+impl Rooms {
+    pub fn new(setup: RoomsSetup) -> Arc<Self> {
+        let quota = governor::Quota::per_second(crate::nonzero(setup.room_create_rate_per_sec))
+            .allow_burst(crate::nonzero(setup.room_create_burst));
+        Arc::new(Self {
+            map: Mutex::new(RoomMap::default()),
+            creations: governor::RateLimiter::keyed(quota),
+            max_rooms: setup.max_rooms.max(1),
+            max_rooms_per_tenant: setup.max_rooms_per_tenant.max(1),
+            next_id: AtomicU64::new(1),
+            config: setup.config.clone(),
+            max_frame: setup.max_frame,
+            max_body: setup.max_body,
+            runtime: setup.runtime,
+            modules: setup.modules,
+            group_rooms: setup
+                .config
+                .group_rooms
+                .iter()
+                .map(|p| wildmatch::WildMatch::new(p))
+                .collect(),
+            log: setup.log,
+            shutdown: setup.shutdown,
+            tasks: tokio_util::task::TaskTracker::new(),
+            pools: setup.pools,
+        })
+    }
+
+    fn map(&self) -> MutexGuard<'_, RoomMap> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The group log, for catch-up reads.
+    pub fn log(&self) -> &GroupLog {
+        &self.log
+    }
+
+    /// Whether `room` is a group room (by `rooms.group_rooms`).
+    pub fn is_group(&self, room: &str) -> bool {
+        self.group_rooms.iter().any(|p| p.matches(room))
+    }
+
+    /// Rooms currently alive on this edge.
+    pub fn len(&self) -> usize {
+        self.map().rooms.len()
+    }
+
+    /// Forgets rate-limit state of users whose bucket is full again.
+    pub fn forget_quiet_creators(&self) {
+        self.creations.retain_recent();
+        self.creations.shrink_to_fit();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The room's inbox, making the room if it is not alive and `creator`
+    /// may make it. Room limits are checked here, under the map lock, so
+    /// concurrent joins cannot pass them together.
+    fn handle(
+        self: &Arc<Self>,
+        key: &RoomKey,
+        creator: Creator<'_>,
+    ) -> Result<(mpsc::Sender<Command>, bool), RoomError> {
+        if self.shutdown.is_cancelled() {
+            return Err(RoomError::ShuttingDown);
+        }
+        let mut map = self.map();
+        if let Some((_, tx)) = map.rooms.get(key) {
+            return Ok((tx.clone(), false));
+        }
+        let refusal = if map.rooms.len() >= self.max_rooms {
+            Some(("the edge has no room for another room", "edge"))
+        } else if map.per_tenant.get(&key.tenant).copied().unwrap_or(0) >= self.max_rooms_per_tenant {
+            Some(("the tenant has as many rooms on this edge as it may", "tenant"))
+        } else if !creator.connection_may_create {
+            Some(("this connection has created as many rooms as it may", "connection"))
+        } else if self.creations.check_key(&creator.user.to_owned()).is_err() {
+            Some(("creating new rooms too fast; try again shortly", "user"))
+        } else {
+            None
+        };
+        if let Some((why, limit)) = refusal {
+            metrics::counter!("throng_room_creations_refused_total", "limit" => limit).increment(1);
+            return Err(RoomError::Limit(why));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.inbox_capacity);
+        map.rooms.insert(key.clone(), (id, tx.clone()));
+        *map.per_tenant.entry(Arc::clone(&key.tenant)).or_default() += 1;
+        drop(map);
+        self.start(key.clone(), id, rx);
+        metrics::gauge!("throng_rooms").increment(1.0);
+        Ok((tx, true))
+    }
+
+    /// Starts room `id` on the first class's pool, where every room starts.
+    fn start(self: &Arc<Self>, key: RoomKey, id: u64, mut rx: mpsc::Receiver<Command>) {
+        let rooms = Arc::clone(self);
+        let start = async move {
+            let Some(room) = Room::start(key, id, &rooms, &mut rx).await else {
+                return;
+            };
+            if let Some((room, rx)) = room.run(rx, &rooms).await {
+                rooms.spawn(room, rx);
+            }
+        };
+        self.pools.get(0).spawn(self.tasks.track_future(start));
+    }
+
+    /// Runs `room` on its class's pool; again on another pool when it
+    /// changes class.
+    fn spawn(self: &Arc<Self>, room: Room, rx: mpsc::Receiver<Command>) {
+        let rooms = Arc::clone(self);
+        let pool = room.pool().clone();
+        let run = async move {
+            if let Some((room, rx)) = room.run(rx, &rooms).await {
+                rooms.spawn(room, rx);
+            }
+        };
+        pool.spawn(self.tasks.track_future(run));
+    }
+
+    /// Joins `member` to the room, creating the room if needed and
+    /// `creator` may. The flag says whether this join created it.
+    pub async fn join(
+        self: &Arc<Self>,
+        key: &RoomKey,
+        member: u64,
+        slot: Arc<ViewerSlot>,
+        resume_from: Option<u64>,
+        creator: Creator<'_>,
+    ) -> Result<(RoomHandle, JoinInfo, bool), RoomError> {
+        // A room retiring between our lookup and our command drops the reply;
+        // the next lookup then makes a fresh room. Bounded, because a retiring
+        // room leaves the map before it stops reading.
+        for _ in 0..16 {
+            let (tx, created) = self.handle(key, creator)?;
+            let (reply, answer) = oneshot::channel();
+            let cmd = Command::Join {
+                member,
+                slot: Arc::clone(&slot),
+                resume_from,
+                reply,
+            };
+            if tx.send(cmd).await.is_err() {
+                continue;
+            }
+            match answer.await {
+                Ok(Ok(info)) => return Ok((RoomHandle::new(tx), info, created)),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Err(RoomError::ShuttingDown)
+    }
+
+    /// Waits for every room task to stop after shutdown was signalled.
+    pub async fn drained(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Removes a room that could not start, whatever is queued for it: the
+    /// next join makes a fresh one, which tries again.
+    pub(super) fn forget(&self, key: &RoomKey, id: u64) {
+        self.map().remove(key, id);
+    }
+
+    /// Removes a retiring room if nothing is queued for it, under the map
+    /// lock, so no joiner can find it afterwards.
+    pub(super) fn retire(&self, key: &RoomKey, id: u64, rx: &mpsc::Receiver<Command>) -> bool {
+        let mut map = self.map();
+        if !rx.is_empty() {
+            return false;
+        }
+        map.remove(key, id);
+        true
+    }
+}
