@@ -391,24 +391,22 @@ struct Session<'a> {
 
 impl Session<'_> {
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
-        if !matches!(frame, ClientFrame::Send { .. }) {
-            if self.control.check().is_err() {
-                let refused = self.refused.count();
-                metrics::counter!("throng_control_frames_refused_total").increment(1);
-                if refused > self.shared.config.limits.control_burst {
-                    return Err((
-                        ErrorCode::RateLimited,
-                        "control frames far beyond the rate limit".into(),
-                    ));
-                }
-                if refused == 1 {
-                    let _ = self.reply.send(EdgeFrame::Error {
-                        code: ErrorCode::RateLimited.code(),
-                        text: "control frames too fast; slow down".into(),
-                    });
-                }
-                return Ok(());
+        if !matches!(frame, ClientFrame::Send { .. }) && self.control.check().is_err() {
+            let refused = self.refused.count();
+            metrics::counter!("throng_control_frames_refused_total").increment(1);
+            if refused > self.shared.config.limits.control_burst {
+                return Err((
+                    ErrorCode::RateLimited,
+                    "control frames far beyond the rate limit".into(),
+                ));
             }
+            if refused == 1 {
+                let _ = self.reply.send(EdgeFrame::Error {
+                    code: ErrorCode::RateLimited.code(),
+                    text: "control frames too fast; slow down".into(),
+                });
+            }
+            return Ok(());
         }
         match frame {
             ClientFrame::Hello { .. } => {

@@ -20,10 +20,15 @@
 //!    (at least one tick's share), which spreads a saturated room's messages
 //!    over the second instead of showing them in one lump.
 //! 2. A sliding one-second log of what went out makes "at most `cap` in any
-//!    one-second window" exact. Gifts and chat fill at most `cap - 1` places
-//!    of it: the last is kept for host messages, which are never dropped
-//!    (so the promise below the cap is for `cap - 1` chat messages a
-//!    second, and a host message).
+//!    one-second window" exact. Gifts and chat fill at most
+//!    `cap - 1 - h` places of it, where `h` is the number of host and
+//!    system messages of the last second: those places are kept for host
+//!    messages, which are never dropped. While the host rate changes by at
+//!    most one message a second from one second to the next, no window
+//!    holds more than the cap; a sudden burst of host messages can exceed
+//!    it by the size of the burst, since they are never dropped. (So the
+//!    promise below the cap is for `cap - 1 - h` chat messages a second,
+//!    and the host messages.)
 //! 3. Host and system messages always go out (they spend budget, into debt
 //!    if need be, so what follows keeps the bound); the newest host message
 //!    is pinned.
@@ -151,6 +156,18 @@ const WINDOW_MS: u64 = 1000;
 /// still holds at most the cap (see `room`).
 const ARRIVAL_SLACK_MS: u64 = 25;
 
+/// One message that went out, in the policy's one-second log.
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    /// Room time it went out at.
+    at: u64,
+    /// When it arrived (the edge's clock, `received_ms`).
+    arrived: u64,
+    /// A host or system message: never dropped, and counted apart so the
+    /// window keeps places for them.
+    host: bool,
+}
+
 /// The default policy's state for one room.
 #[derive(Debug, Clone)]
 pub struct DefaultPolicy {
@@ -160,9 +177,8 @@ pub struct DefaultPolicy {
     credit: f64,
     /// Room time: the sum of the elapsed times the room reported.
     clock_ms: u64,
-    /// Each message of the last second that went out: when (room time),
-    /// and when it arrived (the edge's clock, `received_ms`).
-    shown: VecDeque<(u64, u64)>,
+    /// Each message of the last second that went out.
+    shown: VecDeque<Shown>,
     /// When the room last had more gifts or chat than it could show.
     dropped_at: Option<u64>,
     /// Gift and chat messages left out so far.
@@ -229,9 +245,13 @@ impl DefaultPolicy {
     /// How many more gift or chat messages may go out now, the latest of
     /// which arrived at `arrived` (the edge's clock).
     ///
-    /// Gifts and chat fill at most `cap - 1` places of the window: the last
-    /// is kept for host messages, which are never dropped, so the cap holds
-    /// with them; in a saturated room it also absorbs a tick that ran late.
+    /// Gifts and chat fill at most `cap - 1 - h` places of the window, `h`
+    /// being the host messages of the last second: the rest is kept for host
+    /// messages, which are never dropped, so the cap holds with them as long
+    /// as the host rate does not jump (a chat message placed now stays in
+    /// every window that ends within the next second, and those windows hold
+    /// about as many host messages as this one, plus the kept place). In a
+    /// saturated room the kept place also absorbs a tick that ran late.
     ///
     /// A room under its cap counts the window by arrival: a message that
     /// arrived a second after an earlier one was delivered does not count
@@ -241,15 +261,22 @@ impl DefaultPolicy {
     /// tick. The window in room time still never holds more than the cap.
     fn room(&self, cap: usize, arrived: u64) -> usize {
         let credit = self.credit.floor().max(0.0) as usize;
-        let reserve = usize::from(cap >= 2);
-        let counted = if self.saturated() {
-            self.shown.len()
-        } else {
-            self.shown
-                .iter()
-                .filter(|&&(_, at)| at + WINDOW_MS > arrived + ARRIVAL_SLACK_MS)
-                .count()
-        };
+        let saturated = self.saturated();
+        let mut hosts = self.shown.iter().filter(|s| s.host).count();
+        if saturated && self.clock_ms < WINDOW_MS {
+            // A room younger than a second has seen only part of a second's
+            // host messages: scale them to a whole second (counting at least
+            // a quarter of one), or the rest of its first second's host
+            // messages would land on a window chat has already filled.
+            let seen = self.clock_ms.max(WINDOW_MS / 4);
+            hosts = (hosts as u64 * WINDOW_MS).div_ceil(seen) as usize;
+        }
+        let reserve = if cap >= 2 { (1 + hosts).min(cap - 1) } else { 0 };
+        let counted = self
+            .shown
+            .iter()
+            .filter(|s| !s.host && (saturated || s.arrived + WINDOW_MS > arrived + ARRIVAL_SLACK_MS))
+            .count();
         credit
             .min(cap.saturating_sub(counted + reserve))
             .min(cap.saturating_sub(self.shown.len()))
@@ -271,7 +298,7 @@ impl DefaultPolicy {
                 cap
             };
             self.credit = (self.credit + cap * f64::from(elapsed_ms) / 1000.0).min(size);
-            while self.shown.front().is_some_and(|&(t, _)| t + WINDOW_MS <= self.clock_ms) {
+            while self.shown.front().is_some_and(|s| s.at + WINDOW_MS <= self.clock_ms) {
                 self.shown.pop_front();
             }
         }
@@ -287,7 +314,11 @@ impl DefaultPolicy {
                     }
                     if capped {
                         self.credit -= 1.0;
-                        self.shown.push_back((self.clock_ms, m.received_ms));
+                        self.shown.push_back(Shown {
+                            at: self.clock_ms,
+                            arrived: m.received_ms,
+                            host: true,
+                        });
                     }
                 }
                 Kind::Like => plan.likes += 1,
@@ -321,8 +352,11 @@ impl DefaultPolicy {
             let picked = round_robin(inbound, &group, room);
             self.credit -= picked.len() as f64;
             let now = self.clock_ms;
-            self.shown
-                .extend(picked.iter().map(|&i| (now, inbound[i as usize].received_ms)));
+            self.shown.extend(picked.iter().map(|&i| Shown {
+                at: now,
+                arrived: inbound[i as usize].received_ms,
+                host: false,
+            }));
             self.dropped += (group.len() - picked.len()) as u64;
             plan.deliver.extend(picked);
         }
@@ -525,6 +559,34 @@ mod tests {
                 for start in (1_000..9_000).step_by(250) {
                     let n = times.iter().filter(|&&t| t >= start && t < start + 1000).count();
                     assert!(n >= 18, "{factor}x at {tick} ms: {n} in the second from {start} ms");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn several_host_messages_a_second_keep_the_window_at_the_cap() {
+        for tick in [20, 50, 100] {
+            for host_every in [125u64, 250, 333, 500, 700] {
+                let mut arrivals = steady(1000, 10, 7);
+                let hosts = 10_000 / host_every;
+                arrivals.extend((0..hosts).map(|s| (s * host_every + 7, 99, Kind::Host)));
+                arrivals.sort_by_key(|a| a.0);
+                let delivered = simulate(20, tick, &arrivals);
+                let times: Vec<u64> = delivered.iter().map(|d| d.0).collect();
+                let most = max_in_any_second(&times);
+                let at = (0..times.len())
+                    .max_by_key(|&i| times[i..].iter().take_while(|&&t| t < times[i] + 1000).count())
+                    .map(|i| times[i]);
+                assert!(
+                    most <= 20,
+                    "hosts every {host_every} ms at {tick} ms: {most} in one second from {at:?}"
+                );
+                let shown = delivered.iter().filter(|d| arrivals[d.1].2 == Kind::Host).count();
+                assert_eq!(shown as u64, hosts, "host messages dropped");
+                for start in (1_000..9_000).step_by(250) {
+                    let n = times.iter().filter(|&&t| t >= start && t < start + 1000).count();
+                    assert!(n >= 18, "hosts every {host_every} ms at {tick} ms: {n} from {start} ms");
                 }
             }
         }
