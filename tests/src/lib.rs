@@ -1,6 +1,8 @@
 //! Support for the end-to-end tests in `tests/tests/`: a real edge on
 //! `127.0.0.1:0` with its own data dir, tokens for its tenants, and clients.
 
+pub mod nats;
+
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex, OnceLock};

@@ -57,6 +57,9 @@ struct Stats {
     process: Option<Process>,
     wasm: Wasm,
     group_log: GroupLog,
+    /// This edge's view of its cluster; absent on a single edge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<crate::cluster::ClusterSnapshot>,
 }
 
 #[derive(Debug, Serialize)]
@@ -210,6 +213,7 @@ async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
             max_window_us: load(&s.log.max_window_us),
             mean_window_us: load(&s.log.total_window_us).checked_div(appends).unwrap_or(0),
         },
+        cluster: s.shared.cluster.as_ref().map(|c| c.snapshot()),
     })
 }
 

@@ -17,6 +17,41 @@ use crate::wasm::{Budget, WasmSettings};
 /// The embedded defaults `throng serve` uses without `--config`.
 pub const DEV_CONFIG: &str = include_str!("../../../edge-config/dev.toml");
 
+/// The region of an edge whose `[cluster]` names none.
+pub const DEFAULT_REGION: &str = "default";
+/// How often an edge announces itself, unless `cluster.heartbeat` says.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// An edge id or region: one NATS subject token, and readable in a log.
+pub fn check_bus_token(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err(format!("must be 1 to 64 characters, not {}", s.len()));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "`{}` is not allowed: use letters, digits, `-` and `_`",
+            c.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+/// A NATS server URL: `nats://host:port` (or `tls://`), or a bare `host:port`.
+pub fn check_nats_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("nats://")
+        .or_else(|| url.strip_prefix("tls://"))
+        .unwrap_or(url);
+    let host_port = rest.rsplit('@').next().unwrap_or(rest);
+    match host_port.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(()),
+        _ => Err(format!("`{url}` is not a NATS URL like nats://127.0.0.1:4222")),
+    }
+}
+
 /// Most threads one size class may ask for.
 const MAX_CLASS_WORKERS: usize = 64;
 
@@ -65,6 +100,61 @@ pub struct Config {
     pub policies: Vec<PolicyRule>,
     /// Each tenant's filter chain, in order.
     pub filters: BTreeMap<String, Vec<ModuleUse>>,
+    /// `[cluster]`: edges that share rooms over NATS. None: a single edge,
+    /// which needs no NATS.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: how this edge joins the others over NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// NATS server URLs (`nats://host:port`), tried in order.
+    pub nats: Vec<String>,
+    /// This edge's id in the cluster; None: generated at start.
+    pub edge_id: Option<String>,
+    /// The region this edge is in (its presence aggregator's scope).
+    pub region: String,
+    pub credentials: Option<NatsCredentials>,
+    /// How often this edge announces itself.
+    pub heartbeat: Duration,
+    /// An edge not heard from for this long is taken for dead.
+    pub dead_after: Duration,
+}
+
+impl ClusterConfig {
+    /// A cluster of these NATS servers with every other setting at its
+    /// default (what `throng serve --cluster URL` alone gives).
+    pub fn with_nats(nats: Vec<String>) -> Self {
+        Self {
+            nats,
+            edge_id: None,
+            region: DEFAULT_REGION.to_owned(),
+            credentials: None,
+            heartbeat: DEFAULT_HEARTBEAT,
+            dead_after: DEFAULT_HEARTBEAT * 3,
+        }
+    }
+}
+
+/// How the edge authenticates to NATS.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsCredentials {
+    UserPassword {
+        user: String,
+        password: String,
+    },
+    /// A `.creds` file (JWT and nkey seed), as `nsc` writes them.
+    CredsFile(PathBuf),
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    // The password never reaches a log line or a reload diff.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UserPassword { user, .. } => write!(f, "user {user:?} with a password"),
+            Self::CredsFile(path) => write!(f, "creds file {}", path.display()),
+        }
+    }
 }
 
 /// Where a module's bytes come from.
@@ -137,6 +227,9 @@ impl Config {
             };
         }
         diff!("server.", self, next, [listen, admin, data_dir]);
+        if self.cluster != next.cluster {
+            out.push(format!("cluster ({:?} -> {:?})", self.cluster, next.cluster));
+        }
         let (a, b) = (self.tls.as_ref(), next.tls.as_ref());
         if a.map(|t| (&t.cert, &t.key)) != b.map(|t| (&t.cert, &t.key)) {
             out.push(format!("tls ({a:?} -> {b:?})"));
@@ -435,6 +528,23 @@ struct RawConfig {
     policy: Vec<RawPolicyRule>,
     #[serde(default)]
     storage: RawStorage,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    #[serde(default)]
+    nats: Vec<String>,
+    edge_id: Option<String>,
+    region: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    creds_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    dead_after: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1241,6 +1351,66 @@ impl Validator<'_> {
             wasm,
             policies,
             filters,
+            cluster: raw.cluster.map(|c| self.cluster(c)).transpose()?,
+        })
+    }
+
+    fn cluster(&self, c: RawCluster) -> Result<ClusterConfig, ConfigError> {
+        if c.nats.is_empty() {
+            return Err(self.err(
+                "cluster.nats",
+                "needs at least one NATS URL, e.g. [\"nats://127.0.0.1:4222\"]",
+            ));
+        }
+        for (i, url) in c.nats.iter().enumerate() {
+            check_nats_url(url).map_err(|why| self.err(format!("cluster.nats[{i}]"), why))?;
+        }
+        if let Some(id) = &c.edge_id {
+            check_bus_token(id).map_err(|why| self.err("cluster.edge_id", why))?;
+        }
+        let region = c.region.unwrap_or_else(|| DEFAULT_REGION.to_owned());
+        check_bus_token(&region).map_err(|why| self.err("cluster.region", why))?;
+        let credentials = match (c.user, c.password, c.creds_file) {
+            (None, None, None) => None,
+            (Some(user), Some(password), None) => Some(NatsCredentials::UserPassword { user, password }),
+            (None, None, Some(path)) => Some(NatsCredentials::CredsFile(self.path(path))),
+            (Some(_), None, None) => return Err(self.err("cluster.password", "`user` needs a `password`")),
+            (None, Some(_), None) => return Err(self.err("cluster.user", "`password` needs a `user`")),
+            _ => {
+                return Err(self.err(
+                    "cluster.creds_file",
+                    "set either `user` and `password` or `creds_file`, not both",
+                ));
+            }
+        };
+        let heartbeat = self.duration(
+            "cluster.heartbeat",
+            c.heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
+            Duration::from_millis(50),
+            Duration::from_secs(60),
+        )?;
+        let dead_after = c.dead_after.unwrap_or(heartbeat * 3);
+        if dead_after < heartbeat * 2 {
+            return Err(self.err(
+                "cluster.dead_after",
+                format!(
+                    "{dead_after:?} is under two heartbeats ({heartbeat:?} each): a live edge would be taken for dead"
+                ),
+            ));
+        }
+        let dead_after = self.duration(
+            "cluster.dead_after",
+            dead_after,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )?;
+        Ok(ClusterConfig {
+            nats: c.nats,
+            edge_id: c.edge_id,
+            region,
+            credentials,
+            heartbeat,
+            dead_after,
         })
     }
 
@@ -1337,6 +1507,70 @@ mod tests {
             matches!(&e, ConfigError::Parse { key, .. } if key == "tenants.\"a b\".x"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn without_a_cluster_section_the_edge_is_alone() {
+        assert_eq!(parse(TENANT).unwrap().cluster, None);
+        assert_eq!(Config::dev().unwrap().cluster, None);
+    }
+
+    #[test]
+    fn a_cluster_needs_only_its_nats_urls() {
+        let c = parse(&format!("[cluster]\nnats = [\"nats://127.0.0.1:4222\"]\n{TENANT}"))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(c, ClusterConfig::with_nats(vec!["nats://127.0.0.1:4222".into()]));
+        assert_eq!(c.region, "default");
+        assert_eq!(c.dead_after, c.heartbeat * 3);
+        let c = parse(&format!(
+            "[cluster]\nnats = [\"a:1\", \"tls://b:2\"]\nedge_id = \"eu-1\"\nregion = \"eu\"\n\
+             user = \"u\"\npassword = \"secret-pw\"\nheartbeat = \"200ms\"\ndead_after = \"1s\"\n{TENANT}"
+        ))
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((c.edge_id.as_deref(), c.region.as_str()), (Some("eu-1"), "eu"));
+        assert_eq!(c.dead_after, Duration::from_secs(1));
+        assert!(
+            !format!("{c:?}").contains("secret-pw"),
+            "the password stays out of logs"
+        );
+        let c = parse(&format!(
+            "[cluster]\nnats = [\"a:1\"]\ncreds_file = \"edge.creds\"\n{TENANT}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.cluster.unwrap().credentials,
+            Some(NatsCredentials::CredsFile(PathBuf::from("/etc/throng/edge.creds")))
+        );
+    }
+
+    #[test]
+    fn bad_cluster_settings_name_their_key() {
+        for (body, key) in [
+            ("nats = []", "cluster.nats"),
+            ("nats = [\"nats://nohost\"]", "cluster.nats[0]"),
+            ("nats = [\"a:1\", \"a:0\"]", "cluster.nats[1]"),
+            ("nats = [\"a:1\"]\nedge_id = \"a.b\"", "cluster.edge_id"),
+            ("nats = [\"a:1\"]\nedge_id = \"\"", "cluster.edge_id"),
+            ("nats = [\"a:1\"]\nregion = \"eu west\"", "cluster.region"),
+            ("nats = [\"a:1\"]\nuser = \"u\"", "cluster.password"),
+            (
+                "nats = [\"a:1\"]\nuser = \"u\"\npassword = \"p\"\ncreds_file = \"c\"",
+                "cluster.creds_file",
+            ),
+            (
+                "nats = [\"a:1\"]\nheartbeat = \"1s\"\ndead_after = \"1500ms\"",
+                "cluster.dead_after",
+            ),
+            ("nats = [\"a:1\"]\nheartbeat = \"1ms\"", "cluster.heartbeat"),
+            ("nats = [\"a:1\"]\nhartbeat = \"1s\"", "cluster.hartbeat"),
+        ] {
+            let e = parse(&format!("[cluster]\n{body}\n{TENANT}")).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -475,6 +475,7 @@ impl Session<'_> {
                         client_msg_id,
                         reply: self.reply.clone(),
                         received_ms: crate::unix_now_ms(),
+                        hops: 0,
                     };
                     joined.handle.send(inbound).map_err(|(_, e)| match e {
                         RoomError::Overloaded | RoomError::Limit(_) => {
@@ -641,6 +642,7 @@ impl Session<'_> {
         let creator = Creator {
             user: &self.rate_key,
             connection_may_create: self.rooms_created < limits.max_room_creations_per_connection,
+            peer: false,
         };
         let (handle, info, created) = match self
             .shared

@@ -8,6 +8,8 @@
 //! - `admission`: connection slots: half-open connections apart from
 //!   authenticated ones, per source address.
 //! - [`admin`]: the admin HTTP endpoint (`/stats`, `/metrics`), bounded.
+//! - [`cluster`]: with `[cluster]`, this edge's membership of a cluster over
+//!   NATS: heartbeats, the live set, each room's origin.
 //! - [`procstat`]: the process's CPU and memory from `/proc`.
 //! - `workers`: a thread pool per room size class.
 //! - `connection`: one task per QUIC connection: Hello, control frames, one
@@ -45,6 +47,7 @@
 pub mod admin;
 mod admission;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 mod connection;
 pub mod filter;
@@ -110,6 +113,8 @@ pub enum EdgeError {
     Log(#[from] LogError),
     #[error("cannot start the room worker threads: {0}")]
     Workers(#[source] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
     #[error("cannot bind the admin endpoint TCP {addr}: {source}")]
     AdminBind {
         addr: SocketAddr,
@@ -132,6 +137,8 @@ pub(crate) struct Shared {
     /// Connections past their handshake and not yet closed.
     open_connections: AtomicU64,
     admission: Arc<admission::Admission>,
+    /// This edge's cluster, with `[cluster]`.
+    cluster: Option<Arc<cluster::Cluster>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -229,6 +236,11 @@ impl Edge {
         let modules = ModuleSet::load(&config, &runtime, None).await?;
         let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));
         let shutdown = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let cluster = match &config.cluster {
+            None => None,
+            Some(c) => Some(cluster::Cluster::join(c, local_addr, shutdown.clone(), &connections).await?),
+        };
         let workers = workers::ClassWorkers::start(&config.rooms.classes).map_err(EdgeError::Workers)?;
         let rooms = Rooms::new(RoomsSetup {
             config: config.rooms.clone(),
@@ -244,6 +256,28 @@ impl Edge {
             room_create_rate_per_sec: config.limits.room_create_rate_per_sec,
             room_create_burst: config.limits.room_create_burst,
         });
+        if let Some(c) = &cluster {
+            // Sends to other edges' rooms go out once per edge tick: the
+            // fastest room tick there is.
+            let flush = config
+                .rooms
+                .classes
+                .iter()
+                .map(|c| c.tick)
+                .min()
+                .unwrap_or(config.rooms.tick)
+                .min(config.rooms.tick);
+            let links = cluster::links::Links::start(
+                Arc::clone(c),
+                &rooms,
+                flush,
+                config.rooms.presence_interval,
+                shutdown.clone(),
+                &connections,
+            )
+            .await?;
+            rooms.set_links(links);
+        }
         let l = &config.limits;
         let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
         let wire_limits = throng_wire::Limits {
@@ -266,9 +300,9 @@ impl Edge {
             next_connection: AtomicU64::new(1),
             open_connections: AtomicU64::new(0),
             admission: admission::Admission::new(&config.limits),
+            cluster,
             config,
         });
-        let connections = TaskTracker::new();
         connections.spawn(accept_loop(endpoint.clone(), Arc::clone(&shared), connections.clone()));
         connections.spawn(housekeeping(Arc::clone(&shared)));
         let admin_addr = match shared.config.admin {
@@ -291,7 +325,16 @@ impl Edge {
                 Some(bound)
             }
         };
-        tracing::info!(quic = %local_addr, cert = %identity.cert_path.display(), "edge ready");
+        match &shared.cluster {
+            Some(c) => tracing::info!(
+                quic = %local_addr,
+                cert = %identity.cert_path.display(),
+                edge_id = %c.edge_id(),
+                region = %c.region(),
+                "edge ready"
+            ),
+            None => tracing::info!(quic = %local_addr, cert = %identity.cert_path.display(), "edge ready"),
+        }
         Ok(Edge {
             endpoint,
             local_addr,
@@ -312,6 +355,11 @@ impl Edge {
     /// Where the admin HTTP endpoint listens, if it does.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// This edge's cluster, if it is in one.
+    pub fn cluster(&self) -> Option<&Arc<cluster::Cluster>> {
+        self.shared.cluster.as_ref()
     }
 
     /// Users of `tenant` online on this edge.
@@ -394,6 +442,9 @@ impl Edge {
             workers,
             ..
         } = self;
+        if let Some(cluster) = &shared.cluster {
+            cluster.leave().await;
+        }
         shutdown.cancel();
         connections.close();
         let drain = async {

@@ -116,6 +116,17 @@ enum Command {
         /// `off`.
         #[arg(long, value_parser = parse_admin)]
         admin: Option<Admin>,
+        /// Join a cluster over NATS: server URLs, comma-separated
+        /// (nats://HOST:PORT). Alone it is enough: the edge id is generated
+        /// and the region is `default`. Overrides `cluster.nats`.
+        #[arg(long, value_delimiter = ',', value_parser = parse_nats_url)]
+        cluster: Vec<String>,
+        /// This edge's id in its cluster (overrides `cluster.edge_id`).
+        #[arg(long, value_parser = parse_bus_token)]
+        edge_id: Option<String>,
+        /// This edge's region (overrides `cluster.region`).
+        #[arg(long, value_parser = parse_bus_token)]
+        region: Option<String>,
     },
     /// Print a JWT signed with a tenant's key from the config.
     Token {
@@ -237,6 +248,47 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `serve`'s cluster flags.
+struct ClusterArgs {
+    nats: Vec<String>,
+    edge_id: Option<String>,
+    region: Option<String>,
+}
+
+impl ClusterArgs {
+    fn apply(&self, config: &mut Config) -> Result<()> {
+        if !self.nats.is_empty() {
+            let cluster = config
+                .cluster
+                .get_or_insert_with(|| throng_edge::config::ClusterConfig::with_nats(Vec::new()));
+            cluster.nats.clone_from(&self.nats);
+        }
+        let Some(cluster) = config.cluster.as_mut() else {
+            if self.edge_id.is_some() || self.region.is_some() {
+                anyhow::bail!(
+                    "--edge-id and --region need a cluster: add --cluster nats://HOST:PORT or [cluster] to the config"
+                );
+            }
+            return Ok(());
+        };
+        if let Some(id) = &self.edge_id {
+            cluster.edge_id = Some(id.clone());
+        }
+        if let Some(region) = &self.region {
+            cluster.region.clone_from(region);
+        }
+        Ok(())
+    }
+}
+
+fn parse_nats_url(s: &str) -> Result<String, String> {
+    throng_edge::config::check_nats_url(s).map(|()| s.to_owned())
+}
+
+fn parse_bus_token(s: &str) -> Result<String, String> {
+    throng_edge::config::check_bus_token(s).map(|()| s.to_owned())
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config> {
     match path {
         Some(p) => Config::load(p).with_context(|| format!("invalid config {}", p.display())),
@@ -253,7 +305,17 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             listen,
             data_dir,
             admin,
-        } => serve(config, listen, data_dir, admin).await,
+            cluster,
+            edge_id,
+            region,
+        } => {
+            let cluster = ClusterArgs {
+                nats: cluster,
+                edge_id,
+                region,
+            };
+            serve(config, listen, data_dir, admin, cluster).await
+        }
         Command::Token {
             config,
             tenant,
@@ -382,10 +444,12 @@ async fn serve(
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     admin: Option<Admin>,
+    cluster: ClusterArgs,
 ) -> Result<std::process::ExitCode> {
     // Before any metric is recorded, so /metrics sees them all.
     throng_edge::admin::install_prometheus();
-    let overrides = |mut config: Config| {
+    let overrides = |mut config: Config| -> Result<Config> {
+        cluster.apply(&mut config)?;
         if let Some(listen) = listen {
             config.listen = listen;
         }
@@ -395,12 +459,15 @@ async fn serve(
         if let Some(Admin(addr)) = admin {
             config.admin = addr;
         }
-        config
+        Ok(config)
     };
-    let config = overrides(load_config(config_path.as_deref())?);
+    let config = overrides(load_config(config_path.as_deref())?)?;
     let edge = Edge::start(config).await.context("cannot start the edge")?;
     let cert = std::fs::canonicalize(edge.cert_path()).unwrap_or_else(|_| edge.cert_path().to_owned());
     println!("throng ready quic={} cert={}", edge.local_addr(), cert.display());
+    if let Some(c) = edge.cluster() {
+        println!("throng cluster edge_id={} region={}", c.edge_id(), c.region());
+    }
     loop {
         match next_signal().await? {
             Signal::Stop => break,
@@ -408,7 +475,10 @@ async fn serve(
                 // A bad config on reload is logged and changes nothing;
                 // settings that need a restart are named by the edge.
                 let result = match load_config(config_path.as_deref()) {
-                    Ok(config) => edge.reload(&overrides(config)).await.map_err(anyhow::Error::from),
+                    Ok(config) => match overrides(config) {
+                        Ok(config) => edge.reload(&config).await.map_err(anyhow::Error::from),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 };
                 match result {

@@ -13,6 +13,7 @@ use super::fanout::Viewers;
 use super::kind::RoomKind;
 use super::link::{Egress, Ingress};
 use super::registry::Rooms;
+use super::remote::{Heard, RoomLink, time_base};
 use super::ring::Ring;
 use super::sequencer::Sequencer;
 use super::slot::ViewerSlot;
@@ -36,6 +37,12 @@ pub(super) enum Command {
         member: u64,
     },
     Send(Inbound),
+    /// Another edge has this many viewers of the room (this edge is its
+    /// origin).
+    PeerViewers {
+        edge: String,
+        viewers: u64,
+    },
 }
 
 impl std::fmt::Debug for Command {
@@ -44,6 +51,7 @@ impl std::fmt::Debug for Command {
             Command::Join { member, .. } => write!(f, "Join({member})"),
             Command::Leave { member } => write!(f, "Leave({member})"),
             Command::Send(m) => write!(f, "Send({})", m.client_msg_id),
+            Command::PeerViewers { edge, viewers } => write!(f, "PeerViewers({edge}: {viewers})"),
         }
     }
 }
@@ -109,6 +117,18 @@ pub(super) struct Room {
     default_cap: u32,
     max_frame: u32,
     max_body: u32,
+    /// In a cluster (livecast rooms): origin or relay, and the bus.
+    link: Option<RoomLink>,
+}
+
+/// What woke a room's task.
+enum Event {
+    Shutdown,
+    Step,
+    Linger,
+    Tick,
+    Command(Command),
+    Heard(Heard),
 }
 
 impl Room {
@@ -136,9 +156,22 @@ impl Room {
         // The first tick picks the room's policy and filters from the set.
         modules.mark_changed();
         let tick = config.classes.first().map_or(config.tick, |c| c.tick);
+        let link = match (rooms.links(), &kind) {
+            (Some(links), RoomKind::Livecast) => {
+                Some(RoomLink::new(Arc::clone(links), &key, rooms.max_frame, config.presence_interval).await)
+            }
+            _ => None,
+        };
+        // An origin in a cluster numbers above anything an earlier origin
+        // of the room may have handed out (see `time_base`).
+        let first = match &link {
+            Some(_) => time_base(),
+            None => kind.last_seq(),
+        };
         Some(Self {
+            link,
             label: Arc::from(key.to_string().as_str()),
-            sequencer: Sequencer::local(kind.last_seq()),
+            sequencer: Sequencer::local(first),
             kind,
             key,
             id,
@@ -186,21 +219,32 @@ impl Room {
             let step_due = self.egress.step_due();
             // An empty room with nothing left to do stops ticking: it only
             // waits for a joiner or the end of its linger.
-            let idle = self.viewers.is_empty() && self.ingress.is_empty() && step_due.is_none() && self.kind.settled();
+            let idle = self.viewers.is_empty()
+                && self.peer_count() == 0
+                && self.ingress.is_empty()
+                && step_due.is_none()
+                && self.kind.settled();
             let retire_at = self.empty_since.map(|t| t + self.linger);
             let inbox_open = self.ingress.has_room();
-            tokio::select! {
+            let link = &mut self.link;
+            let event = tokio::select! {
                 biased;
-                _ = rooms.shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(step_due.unwrap_or_else(Instant::now)), if step_due.is_some() => {
-                    self.egress.step();
-                }
-                _ = tokio::time::sleep_until(retire_at.unwrap_or_else(Instant::now)), if idle && retire_at.is_some() => {
+                _ = rooms.shutdown.cancelled() => Event::Shutdown,
+                _ = tokio::time::sleep_until(step_due.unwrap_or_else(Instant::now)), if step_due.is_some() => Event::Step,
+                _ = tokio::time::sleep_until(retire_at.unwrap_or_else(Instant::now)), if idle && retire_at.is_some() => Event::Linger,
+                _ = ticker.tick(), if !idle => Event::Tick,
+                heard = async { match link { Some(l) => l.next().await, None => std::future::pending().await } } => Event::Heard(heard),
+                Some(cmd) = rx.recv(), if inbox_open => Event::Command(cmd),
+            };
+            match event {
+                Event::Shutdown => break,
+                Event::Step => self.egress.step(),
+                Event::Linger => {
                     if rooms.retire(&self.key, self.id, &rx) {
                         break;
                     }
                 }
-                _ = ticker.tick(), if !idle => {
+                Event::Tick => {
                     // A tick's batches go out before the next tick's.
                     self.egress.finish();
                     self.run_tick().await;
@@ -225,7 +269,8 @@ impl Room {
                         break;
                     }
                 }
-                Some(cmd) = rx.recv(), if inbox_open => self.handle(cmd),
+                Event::Heard(heard) => self.on_heard(heard).await,
+                Event::Command(cmd) => self.handle(cmd),
             }
         }
         self.egress.finish();
@@ -235,6 +280,9 @@ impl Room {
         while rx.try_recv().is_ok() {}
         for slot in self.viewers.slots() {
             slot.close();
+        }
+        if let Some(link) = &self.link {
+            link.retire(&self.key);
         }
         metrics::gauge!("throng_rooms").decrement(1.0);
         tracing::debug!("room retired");
@@ -263,10 +311,18 @@ impl Room {
                     old.close();
                 }
                 self.empty_since = None;
+                let last_seq = match &self.link {
+                    Some(l) if !l.is_origin() => l.seen_seq,
+                    _ => self.sequencer.last(),
+                };
+                if let Some(l) = &self.link {
+                    l.viewers_changed(&self.key, self.viewers.len() as u64);
+                }
+                let online = self.viewers.len() as u64 + self.peer_count();
                 let _ = reply.send(Ok(JoinInfo {
                     writer: self.pool.clone(),
-                    last_seq: self.sequencer.last(),
-                    online: self.viewers.len() as u64,
+                    last_seq,
+                    online,
                     recent,
                     catch_up,
                     tail,
@@ -277,7 +333,10 @@ impl Room {
                 if let Some(slot) = self.viewers.remove(member) {
                     slot.close();
                 }
-                if self.viewers.is_empty() && self.empty_since.is_none() {
+                if let Some(l) = &self.link {
+                    l.viewers_changed(&self.key, self.viewers.len() as u64);
+                }
+                if self.viewers.is_empty() && self.peer_count() == 0 && self.empty_since.is_none() {
                     self.empty_since = Some(Instant::now());
                     if matches!(self.policy, RoomPolicy::Wasm(_)) {
                         // Nobody to show anything to: give the instance back
@@ -288,6 +347,53 @@ impl Room {
                 }
             }
             Command::Send(inbound) => self.ingress.push(inbound),
+            Command::PeerViewers { edge, viewers } => {
+                if let Some(l) = self.link.as_mut().filter(|l| l.is_origin()) {
+                    l.peer_viewers(edge, viewers);
+                    if viewers > 0 {
+                        self.empty_since = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Viewers of the room on other edges, when this edge is its origin.
+    fn peer_count(&mut self) -> u64 {
+        match &mut self.link {
+            Some(l) if l.is_origin() => l.peer_count(),
+            _ => 0,
+        }
+    }
+
+    /// What the room's link to the cluster brought.
+    async fn on_heard(&mut self, heard: Heard) {
+        let Some(link) = self.link.as_mut() else { return };
+        match heard {
+            Heard::Nothing => {}
+            Heard::Live => {
+                if link.reconsider(&self.key, self.viewers.len() as u64).await {
+                    // The room's origin moved here: number on after anything
+                    // the one before handed out, and pick a policy.
+                    self.sequencer = Sequencer::local(link.next_seq_floor());
+                    self.modules.mark_changed();
+                }
+            }
+            Heard::Frames(deliveries) => {
+                if link.is_origin() {
+                    return;
+                }
+                for d in &deliveries {
+                    self.ring.record(&d.batch.messages);
+                }
+                self.egress.finish();
+                let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
+                metrics::counter!("throng_frames_queued_total")
+                    .increment((deliveries.len() * self.viewers.len()) as u64);
+                self.egress
+                    .send(&mut self.viewers, deliveries, spread, &self.pool)
+                    .await;
+            }
         }
     }
 
@@ -372,12 +478,29 @@ impl Room {
         // Tick numbers follow room time: a tick the machine ran late skips a
         // number rather than stretching the room's second.
         self.tick = self.clock.now().max(self.tick + 1);
-        if !self.viewers.is_empty() {
+        if let Some(origin) = self.link.as_ref().and_then(|l| l.origin()) {
+            // Relayed: the origin runs the room; its senders' messages go
+            // there, and their answers come back from there.
+            let links = self.link.as_ref().map(|l| Arc::clone(&l.links));
+            if let Some(links) = links {
+                let origin = origin.to_owned();
+                for m in self.ingress.take() {
+                    let hops = m.hops;
+                    links.forward(&origin, &self.key, m, hops);
+                }
+            }
+            return;
+        }
+        let peers = self.peer_count();
+        if self.viewers.is_empty() && peers == 0 && self.empty_since.is_none() {
+            self.empty_since = Some(Instant::now());
+        }
+        if !self.viewers.is_empty() || peers > 0 {
             // An empty room keeps the built-in policy (see Leave) until
             // someone joins: no Wasm instance for nobody.
             self.apply_modules().await;
         }
-        let online = self.viewers.len() as u64;
+        let online = self.viewers.len() as u64 + peers;
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.ingress.is_empty() && !presence_due {
             return;
@@ -457,6 +580,12 @@ impl Room {
         }
         self.ring.record(&messages);
         if messages.is_empty() && plan.counters.is_empty() && !presence_due {
+            // Nothing to show, but the numbers moved: relays must know, in
+            // case the room's origin moves to one of them.
+            let last = self.sequencer.last();
+            if let Some(link) = self.link.as_mut() {
+                link.publish(&self.key, &[], last, self.tick_interval).await;
+            }
             return;
         }
         self.online_sent = online;
@@ -474,6 +603,11 @@ impl Room {
         metrics::counter!("throng_batches_total").increment(deliveries.len() as u64);
         metrics::counter!("throng_frames_queued_total").increment((deliveries.len() * self.viewers.len()) as u64);
         let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
+        if let Some(link) = self.link.as_mut() {
+            // Encoded once, here: relays write these very bytes.
+            link.publish(&self.key, &deliveries, self.sequencer.last(), self.tick_interval)
+                .await;
+        }
         self.egress
             .send(&mut self.viewers, deliveries, spread, &self.pool)
             .await;
@@ -501,7 +635,7 @@ fn refuse_queued(rx: &mut mpsc::Receiver<Command>) {
                     reason: RoomError::Unavailable.to_string(),
                 });
             }
-            Command::Leave { .. } => {}
+            Command::Leave { .. } | Command::PeerViewers { .. } => {}
         }
     }
 }

@@ -34,6 +34,7 @@
 //! - `slot`: the bounded queues to a connection: a viewer's batches for one
 //!   room ([`ViewerSlot`], which evicts a viewer that stays behind) and
 //!   replies to a sender's control stream ([`ReplyTx`]).
+//! - `remote`: a room's part in a cluster: origin or relay.
 //! - `clock`: room time in whole ticks.
 
 mod actor;
@@ -43,6 +44,7 @@ mod group;
 mod kind;
 mod link;
 mod registry;
+mod remote;
 mod ring;
 mod sequencer;
 mod slot;
@@ -80,10 +82,12 @@ pub struct Inbound {
     pub reply: ReplyTx,
     /// When the edge received it, milliseconds since the Unix epoch.
     pub received_ms: u64,
+    /// Edges it was forwarded through on its way to the room's origin.
+    pub hops: u8,
 }
 
 /// Longest filter rejection reason passed on to a sender.
-pub(crate) const MAX_REASON: usize = 256;
+pub const MAX_REASON: usize = 256;
 
 /// What a joiner learns: who is online, and what was said recently.
 #[derive(Debug)]

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::actor::{Command, Room, RoomHandle};
 use super::slot::ViewerSlot;
-use super::{JoinInfo, RoomError, RoomKey};
+use super::{Inbound, JoinInfo, RoomError, RoomKey};
+use crate::cluster::links::Links;
 use crate::config::RoomsConfig;
 use crate::log::GroupLog;
 use crate::modules::ModuleSet;
@@ -43,6 +44,8 @@ pub struct Rooms {
     pub(super) shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
     pub(super) pools: Pools,
+    /// In a cluster: the links to other edges' rooms.
+    links: std::sync::OnceLock<Arc<Links>>,
 }
 
 /// The live rooms, and how many each tenant has.
@@ -74,6 +77,20 @@ pub struct Creator<'a> {
     pub user: &'a str,
     /// Whether the connection may create another room (its own limit).
     pub connection_may_create: bool,
+    /// Another edge of the cluster, for a room this edge is the origin of:
+    /// the edge's and tenant's room limits hold, the user's and
+    /// connection's were checked where the user is.
+    pub peer: bool,
+}
+
+impl Creator<'static> {
+    fn peer() -> Self {
+        Creator {
+            user: "",
+            connection_may_create: true,
+            peer: true,
+        }
+    }
 }
 
 /// What every room on an edge shares.
@@ -121,6 +138,7 @@ impl Rooms {
             shutdown: setup.shutdown,
             tasks: tokio_util::task::TaskTracker::new(),
             pools: setup.pools,
+            links: std::sync::OnceLock::new(),
         })
     }
 
@@ -172,6 +190,8 @@ impl Rooms {
             Some(("the edge has no room for another room", "edge"))
         } else if map.per_tenant.get(&key.tenant).copied().unwrap_or(0) >= self.max_rooms_per_tenant {
             Some(("the tenant has as many rooms on this edge as it may", "tenant"))
+        } else if creator.peer {
+            None
         } else if !creator.connection_may_create {
             Some(("this connection has created as many rooms as it may", "connection"))
         } else if self.creations.check_key(&creator.user.to_owned()).is_err() {
@@ -252,6 +272,54 @@ impl Rooms {
             }
         }
         Err(RoomError::ShuttingDown)
+    }
+
+    /// Joins this edge's rooms to its cluster; once, at start.
+    pub fn set_links(&self, links: Arc<Links>) {
+        let _ = self.links.set(links);
+    }
+
+    pub(super) fn links(&self) -> Option<&Arc<Links>> {
+        self.links.get()
+    }
+
+    /// A send another edge forwarded to a room this edge is the origin of
+    /// (making the room if need be).
+    pub fn peer_send(self: &Arc<Self>, key: &RoomKey, inbound: Inbound) -> Result<(), (Inbound, RoomError)> {
+        if self.is_group(&key.name) {
+            return Err((inbound, RoomError::Limit("group rooms are not shared across edges yet")));
+        }
+        let tx = match self.handle(key, Creator::peer()) {
+            Ok((tx, _)) => tx,
+            Err(e) => return Err((inbound, e)),
+        };
+        RoomHandle::new(tx).send(inbound)
+    }
+
+    /// Another edge has `viewers` viewers of a room this edge is the origin
+    /// of. A count for a room not alive here makes it, unless it is 0.
+    pub fn peer_viewers(self: &Arc<Self>, key: &RoomKey, edge: &str, viewers: u64) {
+        if self.is_group(&key.name) {
+            return;
+        }
+        let tx = if viewers == 0 {
+            match self.map().rooms.get(key) {
+                Some((_, tx)) => tx.clone(),
+                None => return,
+            }
+        } else {
+            match self.handle(key, Creator::peer()) {
+                Ok((tx, _)) => tx,
+                Err(e) => {
+                    tracing::warn!(room = %key, error = %e, "cannot make a room another edge has viewers of");
+                    return;
+                }
+            }
+        };
+        let _ = tx.try_send(Command::PeerViewers {
+            edge: edge.to_owned(),
+            viewers,
+        });
     }
 
     /// Waits for every room task to stop after shutdown was signalled.

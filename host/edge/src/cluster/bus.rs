@@ -1,0 +1,219 @@
+//! What edges say to each other on NATS: subjects and messages.
+//!
+//! Bus messages are postcard-encoded like the wire protocol, with a version
+//! byte first so a newer edge can tell an older one's messages apart. They
+//! come from other edges, which are trusted to be ours but not to be bug
+//! free or the same version: every message is size-checked before it is
+//! decoded, and one that does not decode is counted and dropped.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Every subject the edges use starts with this.
+pub const PREFIX: &str = "throng";
+
+/// Where edges announce themselves (every edge listens).
+pub fn edges_subject() -> String {
+    format!("{PREFIX}.edges")
+}
+
+/// Largest bus message an edge decodes; announcements are ~100 bytes.
+pub const MAX_ANNOUNCE_BYTES: usize = 4096;
+
+/// The bus format's version; a message of another version is dropped.
+const VERSION: u8 = 1;
+
+/// "This edge is alive" (or, with `leaving`, "is going away now").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    pub edge_id: String,
+    pub region: String,
+    /// The QUIC address clients reach the edge at.
+    pub quic: String,
+    /// When this run of the edge started (Unix ms): a restarted edge with
+    /// the same id replaces its earlier self, and a late message from the
+    /// earlier one cannot bring it back.
+    pub incarnation: u64,
+    /// Counts this incarnation's announcements.
+    pub seq: u64,
+    pub leaving: bool,
+}
+
+/// A bus message that could not be read.
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("bus message of {0} bytes is over the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("bus message is empty")]
+    Empty,
+    #[error("bus message of version {0}; this edge speaks version {VERSION}")]
+    Version(u8),
+    #[error("bus message does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    // Serialising our own plain structs into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(message).unwrap_or_default());
+    out
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], max: usize) -> Result<T, BusError> {
+    if bytes.len() > max {
+        return Err(BusError::TooLarge(bytes.len(), max));
+    }
+    match bytes.split_first() {
+        None => Err(BusError::Empty),
+        Some((&VERSION, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&v, _)) => Err(BusError::Version(v)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce() -> Announce {
+        Announce {
+            edge_id: "edge-a".into(),
+            region: "eu".into(),
+            quic: "127.0.0.1:4433".into(),
+            incarnation: 1_700_000_000_000,
+            seq: 7,
+            leaving: false,
+        }
+    }
+
+    #[test]
+    fn an_announcement_round_trips() {
+        let bytes = encode(&announce());
+        assert!(bytes.len() < 64, "{} bytes", bytes.len());
+        assert_eq!(decode::<Announce>(&bytes, MAX_ANNOUNCE_BYTES).unwrap(), announce());
+    }
+
+    #[test]
+    fn garbage_is_a_typed_error() {
+        assert!(matches!(decode::<Announce>(&[], 10), Err(BusError::Empty)));
+        assert!(matches!(decode::<Announce>(&[9, 1, 2], 10), Err(BusError::Version(9))));
+        assert!(matches!(decode::<Announce>(&[1, 200], 10), Err(BusError::Decode(_))));
+        assert!(matches!(
+            decode::<Announce>(&[1; 11], 10),
+            Err(BusError::TooLarge(11, 10))
+        ));
+        let mut bytes = encode(&announce());
+        bytes.truncate(bytes.len() - 3);
+        assert!(decode::<Announce>(&bytes, MAX_ANNOUNCE_BYTES).is_err());
+    }
+}
+
+/// Largest room bus message an edge decodes: NATS's default payload limit.
+pub const MAX_ROOM_BUS_BYTES: usize = 1024 * 1024;
+
+/// A forward message is cut before it grows past this, leaving NATS room.
+pub const FORWARD_SPLIT_BYTES: usize = 512 * 1024;
+
+/// A room's batches, from its origin to every edge with viewers of it. The
+/// subject names the room by a hash of its tenant-qualified name: room
+/// names may hold characters NATS subjects may not.
+pub fn room_subject(tenant: &str, room: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(super::rendezvous::room_key(tenant, room).as_bytes());
+    format!("{PREFIX}.room.{}", hex::encode(&digest[..16]))
+}
+
+/// Sends forwarded to the rooms `edge` is the origin of.
+pub fn ingress_subject(edge: &str) -> String {
+    format!("{PREFIX}.ingress.{edge}")
+}
+
+/// Acks and rejections for sends `edge` forwarded.
+pub fn replies_subject(edge: &str) -> String {
+    format!("{PREFIX}.replies.{edge}")
+}
+
+/// Viewer counts of the rooms `edge` is the origin of.
+pub fn interest_subject(edge: &str) -> String {
+    format!("{PREFIX}.interest.{edge}")
+}
+
+/// One tick's batch of a room, as its origin encoded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomBatch {
+    pub tenant: String,
+    pub room: String,
+    /// The origin edge, and its incarnation: numbering restarts from
+    /// neither, but a relay tells two origins' batch counts apart.
+    pub origin: String,
+    pub epoch: u64,
+    /// Counts this origin's bus batches of the room, from 1, so a relay
+    /// sees one that the bus lost.
+    pub batch_no: u64,
+    /// The highest sequence number the origin has handed out (acked),
+    /// delivered or not: whoever takes the room over numbers after it.
+    pub last_seq: u64,
+    /// Encoded `EdgeFrame::Batch` frames, length prefix included: written
+    /// to viewers as they are. None when only `last_seq` moved.
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// What one edge's clients sent, in one tick, to rooms of one origin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forward {
+    pub from: String,
+    pub items: Vec<Forwarded>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Forwarded {
+    pub tenant: String,
+    pub room: String,
+    /// The forwarding edge's id for this send; the reply names it.
+    pub fwd_id: u64,
+    /// Edges it went through: one that disagrees with another on the
+    /// room's origin passes it on at most once more.
+    pub hops: u8,
+    pub sender: String,
+    pub kind: throng_wire::Kind,
+    pub body: Vec<u8>,
+    pub received_ms: u64,
+}
+
+impl Forwarded {
+    /// About what it takes on the bus.
+    pub fn size(&self) -> usize {
+        self.tenant.len() + self.room.len() + self.sender.len() + self.body.len() + 32
+    }
+}
+
+/// An origin's answers to one edge's forwarded sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replies {
+    pub items: Vec<Reply>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub fwd_id: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Ack { seq: u64 },
+    Rejected { code: u16, reason: String },
+}
+
+/// One edge's viewers of the rooms of one origin, every presence interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interest {
+    pub from: String,
+    pub rooms: Vec<RoomCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomCount {
+    pub tenant: String,
+    pub room: String,
+    pub viewers: u64,
+}

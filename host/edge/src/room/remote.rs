@@ -1,0 +1,304 @@
+//! A room's part in a cluster: whether this edge is its origin or relays
+//! it from another edge, and what that means at each step.
+//!
+//! - **Origin**: the room runs as on a single edge (filters, policy,
+//!   sequencer, ring) and also takes what other edges forward
+//!   (`cluster::links`), counts their viewers online, and publishes each
+//!   tick's encoded frames once on the room's subject while any other edge
+//!   has viewers. A room whose origin moved here numbers on after the
+//!   highest number it has seen, and never below [`time_base`].
+//! - **Relay**: the room subscribes to its subject while it lives (it
+//!   lives while it has viewers, and lingers as rooms do), writes the
+//!   origin's frames unchanged to its viewers, keeps its ring from them
+//!   for joiners, forwards its senders' messages to the origin, and tells
+//!   the origin how many viewers it has here.
+//!
+//! Group rooms stay on the edge their members connect to for now.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use throng_wire::{EdgeFrame, FrameDecoder};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::RoomKey;
+use super::slot::Delivery;
+use crate::cluster::LiveSet;
+use crate::cluster::bus::{self, RoomBatch};
+use crate::cluster::links::Links;
+
+/// Who runs the room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Role {
+    Origin,
+    Relay { origin: String },
+}
+
+/// The first sequence number base of a room whose origin starts now:
+/// seconds since 2026 in the high bits, so an origin that takes a room
+/// over (after `dead_after`, seconds later) numbers above anything the one
+/// before it handed out, even if it never saw its last numbers, as long as
+/// a room numbers fewer than 4 million messages a second and edges' clocks
+/// agree within `dead_after`. Stays below 2^53 until 2034, so JavaScript
+/// clients read it exactly.
+pub(super) fn time_base() -> u64 {
+    const SINCE: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
+    let now_s = crate::unix_now_ms() / 1000;
+    now_s.saturating_sub(SINCE) << 22
+}
+
+/// A room's link to the rest of its cluster.
+#[derive(Debug)]
+pub(super) struct RoomLink {
+    pub(super) links: Arc<Links>,
+    subject: String,
+    pub(super) role: Role,
+    live: watch::Receiver<Arc<LiveSet>>,
+    sub: Option<async_nats::Subscriber>,
+    /// Origin: this origin's bus batches of the room so far.
+    batch_no: u64,
+    /// Origin: the highest number its relays have been told of.
+    told_seq: u64,
+    /// Origin: viewers on other edges, and when each last said so.
+    peers: HashMap<String, (u64, Instant)>,
+    /// Relay: the last bus batch seen (origin, epoch, batch number).
+    last_batch: Option<(String, u64, u64)>,
+    /// The highest sequence number seen from any origin of the room.
+    pub(super) seen_seq: u64,
+    decoder: FrameDecoder,
+    peer_ttl: Duration,
+}
+
+/// What the room's task hears from its link.
+#[derive(Debug)]
+pub(super) enum Heard {
+    /// A relay's frames to write to its viewers, as the origin encoded them.
+    Frames(Vec<Arc<Delivery>>),
+    /// The live set changed; the role may have.
+    Live,
+    /// Nothing for the room (a batch of another's, a malformed message).
+    Nothing,
+}
+
+impl RoomLink {
+    pub(super) async fn new(links: Arc<Links>, key: &RoomKey, max_frame: u32, presence: Duration) -> Self {
+        let live = links.live();
+        let role = role_of(&live.borrow(), links.edge_id(), key);
+        let mut link = Self {
+            subject: bus::room_subject(&key.tenant, &key.name),
+            links,
+            role: Role::Origin,
+            live,
+            sub: None,
+            batch_no: 0,
+            told_seq: 0,
+            peers: HashMap::new(),
+            last_batch: None,
+            seen_seq: 0,
+            decoder: FrameDecoder::new(max_frame),
+            peer_ttl: presence * 3 + Duration::from_secs(1),
+        };
+        link.become_(role, key, 0).await;
+        link
+    }
+
+    pub(super) fn is_origin(&self) -> bool {
+        self.role == Role::Origin
+    }
+
+    pub(super) fn origin(&self) -> Option<&str> {
+        match &self.role {
+            Role::Origin => None,
+            Role::Relay { origin } => Some(origin),
+        }
+    }
+
+    /// Takes on `role`: a relay listens on the room's subject and tells its
+    /// origin of its viewers; an origin stops listening.
+    async fn become_(&mut self, role: Role, key: &RoomKey, viewers: u64) {
+        match &role {
+            Role::Origin => {
+                self.sub = None;
+                self.links.relayed(key, "", 0);
+            }
+            Role::Relay { origin } => {
+                if self.sub.is_none() {
+                    match self.links.subscribe(self.subject.clone()).await {
+                        Ok(sub) => self.sub = Some(sub),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot listen to the room's origin; viewers here get nothing until the bus is back")
+                        }
+                    }
+                }
+                self.links.relayed(key, origin, viewers);
+            }
+        }
+        if role != self.role {
+            tracing::info!(room = %key, role = ?role, "room's role in the cluster");
+        }
+        self.role = role;
+    }
+
+    /// Waits for what the link has for the room.
+    pub(super) async fn next(&mut self) -> Heard {
+        let got = {
+            let live = &mut self.live;
+            let sub = self.sub.as_mut();
+            tokio::select! {
+                changed = live.changed() => Got::Live(changed.is_ok()),
+                message = async move {
+                    match sub {
+                        Some(sub) => futures::StreamExt::next(sub).await,
+                        None => std::future::pending().await,
+                    }
+                } => Got::Message(message),
+            }
+        };
+        match got {
+            Got::Live(true) => Heard::Live,
+            // The cluster is gone (shutdown): nothing more to hear.
+            Got::Live(false) => std::future::pending().await,
+            Got::Message(Some(m)) => self.on_batch(&m.payload),
+            Got::Message(None) => {
+                self.sub = None;
+                Heard::Nothing
+            }
+        }
+    }
+
+    /// Rereads the live set: true when this edge became the room's origin
+    /// (the room then numbers on after `next_seq_floor`).
+    pub(super) async fn reconsider(&mut self, key: &RoomKey, viewers: u64) -> bool {
+        let role = role_of(&self.live.borrow_and_update(), self.links.edge_id(), key);
+        let was_origin = self.is_origin();
+        self.become_(role, key, viewers).await;
+        !was_origin && self.is_origin()
+    }
+
+    /// Where a room whose origin moved here numbers on from.
+    pub(super) fn next_seq_floor(&self) -> u64 {
+        self.seen_seq.max(time_base())
+    }
+
+    fn on_batch(&mut self, payload: &[u8]) -> Heard {
+        self.links.cluster().received("batch", payload.len());
+        let batch: RoomBatch = match bus::decode(payload, bus::MAX_ROOM_BUS_BYTES) {
+            Ok(b) => b,
+            Err(e) => {
+                self.links.cluster().malformed("batch", &e);
+                return Heard::Nothing;
+            }
+        };
+        if batch.origin == self.links.edge_id() {
+            return Heard::Nothing; // our own, from when we were the origin
+        }
+        if let Some((origin, epoch, no)) = &self.last_batch
+            && *origin == batch.origin
+            && *epoch == batch.epoch
+            && batch.batch_no > no + 1
+        {
+            let lost = batch.batch_no - no - 1;
+            metrics::counter!("throng_bus_batches_lost_total").increment(lost);
+            tracing::warn!(lost, origin = %crate::untrusted(origin, 64), "the bus lost batches of this room");
+        }
+        self.last_batch = Some((batch.origin, batch.epoch, batch.batch_no));
+        self.seen_seq = self.seen_seq.max(batch.last_seq);
+        let mut deliveries = Vec::with_capacity(batch.frames.len());
+        for frame in batch.frames {
+            let mut buf = BytesMut::from(&frame[..]);
+            match self.decoder.decode::<EdgeFrame>(&mut buf) {
+                Ok(Some(EdgeFrame::Batch(b))) if buf.is_empty() => {
+                    if let Some(m) = b.messages.last() {
+                        self.seen_seq = self.seen_seq.max(m.seq);
+                    }
+                    deliveries.push(Arc::new(Delivery {
+                        frame: Bytes::from(frame),
+                        batch: b,
+                    }));
+                }
+                _ => {
+                    self.links
+                        .cluster()
+                        .malformed("batch", &"a frame that is not one batch");
+                }
+            }
+        }
+        if deliveries.is_empty() {
+            Heard::Nothing
+        } else {
+            Heard::Frames(deliveries)
+        }
+    }
+
+    /// Origin: another edge has `viewers` viewers of the room.
+    pub(super) fn peer_viewers(&mut self, edge: String, viewers: u64) {
+        if viewers == 0 {
+            self.peers.remove(&edge);
+        } else {
+            self.peers.insert(edge, (viewers, Instant::now()));
+        }
+    }
+
+    /// Origin: viewers on other edges now (forgetting edges that stopped
+    /// saying so).
+    pub(super) fn peer_count(&mut self) -> u64 {
+        let ttl = self.peer_ttl;
+        self.peers.retain(|_, (_, at)| at.elapsed() < ttl);
+        self.peers.values().map(|(n, _)| n).sum()
+    }
+
+    /// Origin: publishes the tick's frames for the relays, if any edge has
+    /// viewers, or only the new last number if that is all that changed.
+    pub(super) async fn publish(
+        &mut self,
+        key: &RoomKey,
+        deliveries: &[Arc<Delivery>],
+        last_seq: u64,
+        within: Duration,
+    ) {
+        if self.peers.is_empty() || (deliveries.is_empty() && last_seq == self.told_seq) {
+            return;
+        }
+        self.batch_no += 1;
+        self.told_seq = last_seq;
+        let batch = RoomBatch {
+            tenant: key.tenant.to_string(),
+            room: key.name.to_string(),
+            origin: self.links.edge_id().to_owned(),
+            epoch: self.links.cluster().incarnation(),
+            batch_no: self.batch_no,
+            last_seq,
+            frames: deliveries.iter().map(|d| d.frame.to_vec()).collect(),
+        };
+        self.links.publish_batch(self.subject.clone(), &batch, within).await;
+    }
+
+    /// Relay: tells the origin this edge's viewer count.
+    pub(super) fn viewers_changed(&self, key: &RoomKey, viewers: u64) {
+        if let Role::Relay { origin } = &self.role {
+            self.links.relayed(key, origin, viewers);
+        }
+    }
+
+    /// The room retires: its origin hears it has no viewers here.
+    pub(super) fn retire(&self, key: &RoomKey) {
+        self.links.relayed(key, "", 0);
+    }
+}
+
+enum Got {
+    Live(bool),
+    Message(Option<async_nats::Message>),
+}
+
+fn role_of(live: &LiveSet, me: &str, key: &RoomKey) -> Role {
+    match live.origin(&key.tenant, &key.name) {
+        Some(origin) if origin != me => Role::Relay {
+            origin: origin.to_owned(),
+        },
+        _ => Role::Origin,
+    }
+}

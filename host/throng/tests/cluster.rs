@@ -1,0 +1,448 @@
+//! `throng serve` edges in a cluster over a real nats-server, as an
+//! operator runs them: they find each other, agree on the live set, see a
+//! killed edge go within `dead_after` and a stopped one at once, and an edge
+//! that cannot reach NATS says so and does not start.
+#![cfg(unix)]
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use throng_tests::nats::NatsServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_throng");
+
+const DEAD_AFTER: Duration = Duration::from_secs(2);
+
+fn config(nats: &str, edge_id: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+data_dir = "data-{edge_id}"
+
+[cluster]
+nats = ["{nats}"]
+edge_id = "{edge_id}"
+region = "test"
+heartbeat = "250ms"
+dead_after = "{}ms"
+
+[tenants.dev]
+hs256_secret = "dev-secret-0123456789"
+"#,
+        DEAD_AFTER.as_millis()
+    )
+}
+
+/// A `throng serve` process and its admin address.
+struct Serve {
+    child: Child,
+    admin: String,
+    lines: mpsc::UnboundedReceiver<String>,
+    /// The `throng ready ...` line.
+    ready: Option<String>,
+    /// Lines read while waiting for others.
+    earlier: Vec<String>,
+}
+
+impl Serve {
+    async fn start(dir: &Path, args: &[&str]) -> Serve {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("serve starts");
+        let (tx, mut lines) = mpsc::unbounded_channel();
+        let err = BufReader::new(child.stderr.take().expect("stderr"));
+        let out = BufReader::new(child.stdout.take().expect("stdout"));
+        for mut reader in [
+            Box::new(err) as Box<dyn tokio::io::AsyncBufRead + Unpin + Send>,
+            Box::new(out),
+        ] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut line = String::new();
+                while reader.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                    let _ = tx.send(std::mem::take(&mut line));
+                }
+            });
+        }
+        // stdout and stderr are read apart: take the two lines in either order.
+        let (mut admin, mut ready) = (None, None);
+        let mut earlier = Vec::new();
+        while admin.is_none() || ready.is_none() {
+            let (line, skipped) = wait_line(&mut lines, "ready").await;
+            earlier.extend(skipped);
+            if let Some(rest) = line.split("admin=http://").nth(1) {
+                admin = rest.split_whitespace().next().map(str::to_owned);
+            }
+            if line.starts_with("throng ready") {
+                ready = Some(line);
+            }
+        }
+        let admin = admin.expect("admin address");
+        Serve {
+            child,
+            admin,
+            lines,
+            ready,
+            earlier,
+        }
+    }
+
+    /// The first line with `needle`, read already or still to come.
+    async fn line(&mut self, needle: &str) -> String {
+        if let Some(i) = self.earlier.iter().position(|l| l.contains(needle)) {
+            return self.earlier.remove(i);
+        }
+        wait_line(&mut self.lines, needle).await.0
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let body = ureq::get(&format!("http://{}/stats", self.admin))
+            .call()
+            .expect("stats answers")
+            .body_mut()
+            .read_to_string()
+            .expect("stats body");
+        serde_json::from_str(&body).expect("stats is JSON")
+    }
+
+    /// The live edges' ids this edge's /stats lists.
+    fn live(&self) -> Vec<String> {
+        let stats = self.stats();
+        let mut ids: Vec<String> = stats["cluster"]["live_edges"]
+            .as_array()
+            .expect("cluster.live_edges")
+            .iter()
+            .map(|e| e["edge_id"].as_str().expect("edge_id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    async fn wait_live<S: AsRef<str>>(&self, want: &[S], within: Duration) -> Duration {
+        let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
+        let start = Instant::now();
+        loop {
+            let live = self.live();
+            if live == want {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < within,
+                "edge at {} sees {live:?}, not {want:?}, after {within:?}",
+                self.admin
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running");
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok);
+    }
+}
+
+async fn wait_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> (String, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, lines.recv()).await {
+            Ok(Some(line)) if line.contains(needle) => return (line, seen),
+            Ok(Some(line)) => seen.push(line),
+            Ok(None) => panic!("serve exited before printing `{needle}`: {seen:#?}"),
+            Err(_) => panic!("no `{needle}` within 60 s: {seen:#?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_edges_agree_on_the_live_set_a_killed_one_goes_within_dead_after_a_stopped_one_at_once() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut edges = Vec::new();
+    for id in ["a", "b", "c"] {
+        let path = dir.path().join(format!("{id}.toml"));
+        std::fs::write(&path, config(&nats.url(), id)).expect("config");
+        edges.push(Serve::start(dir.path(), &["--config", path.to_str().expect("utf-8")]).await);
+    }
+    for e in &edges {
+        e.wait_live(&["a", "b", "c"], Duration::from_secs(10)).await;
+        let stats = e.stats();
+        assert_eq!(stats["cluster"]["region"], "test");
+        assert_eq!(stats["cluster"]["nats_connected"], true);
+        assert!(stats["cluster"]["bus"]["messages_out"].as_u64().expect("count") >= 1);
+        assert!(stats["cluster"]["bus"]["messages_in"].as_u64().expect("count") >= 3);
+    }
+
+    // kill -9: no goodbye; the others notice within dead_after (and the
+    // sweep's half heartbeat), plus room for a machine busy elsewhere.
+    let mut c = edges.pop().expect("c");
+    c.signal("-KILL");
+    let _ = c.child.wait().await;
+    let killed = Instant::now();
+    for e in &edges {
+        e.wait_live(&["a", "b"], DEAD_AFTER + Duration::from_secs(2)).await;
+    }
+    let took = killed.elapsed();
+    assert!(
+        took >= DEAD_AFTER / 2,
+        "a killed edge cannot be noticed before its heartbeats stop counting: {took:?}"
+    );
+
+    // A clean stop says goodbye: the other sees it go well before dead_after.
+    let mut b = edges.pop().expect("b");
+    b.signal("-TERM");
+    b.line("left the cluster").await;
+    let left = Instant::now();
+    let took = edges[0].wait_live(&["a"], DEAD_AFTER).await;
+    assert!(
+        left.elapsed() < DEAD_AFTER,
+        "a stopped edge went only after {took:?}, as if it had not said goodbye"
+    );
+    let status = tokio::time::timeout(Duration::from_secs(15), b.child.wait())
+        .await
+        .expect("stops in time")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_flag_alone_is_enough_and_a_garbage_announcement_changes_nothing() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = [
+        "--cluster",
+        &nats.url(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ];
+    let mut edge = Serve::start(dir.path(), &args).await;
+    let line = edge.line("throng cluster").await;
+    assert!(line.contains("edge_id=edge-"), "{line}");
+    assert!(line.contains("region=default"), "{line}");
+    let me = line
+        .split("edge_id=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("edge id")
+        .to_owned();
+    edge.wait_live(&[me.as_str()], Duration::from_secs(10)).await;
+
+    // Another client on the bus says nonsense, and an id no edge may have.
+    let bus = async_nats::connect(nats.url()).await.expect("test client connects");
+    for junk in [&b"\x01\xff\xff"[..], b"", b"\x07hello", &[1u8; 5000][..]] {
+        bus.publish("throng.edges", junk.to_vec().into())
+            .await
+            .expect("publish");
+    }
+    bus.flush().await.expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edge.stats()["cluster"]["bus"]["malformed"].as_u64() < Some(4) {
+        assert!(Instant::now() < deadline, "{}", edge.stats()["cluster"]);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(edge.live(), [me]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_cannot_reach_nats_says_so_and_does_not_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = throng_tests::nats::free_port();
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(BIN)
+            .args(["serve", "--admin", "off", "--listen", "127.0.0.1:0", "--cluster"])
+            .arg(format!("nats://127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("NO_COLOR", "1")
+            .output(),
+    )
+    .await
+    .expect("gives up in time")
+    .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("cannot reach NATS at nats://127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let out = Command::new(BIN)
+        .args(["serve", "--edge-id", "x", "--admin", "off"])
+        .output()
+        .await
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--edge-id and --region need a cluster"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve", "--cluster", "nats://nohost"])
+        .output()
+        .await
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a NATS URL"));
+}
+
+/// The QUIC address and certificate a `throng serve` printed.
+fn quic_of(ready: &str) -> (String, std::path::PathBuf) {
+    let rest = ready.trim().strip_prefix("throng ready quic=").expect("ready line");
+    let (addr, cert) = rest.split_once(" cert=").expect("cert in the ready line");
+    (addr.to_owned(), std::path::PathBuf::from(cert))
+}
+
+async fn client(ready: &str, user: &str, role: &str) -> throng_client::Client {
+    let (addr, cert) = quic_of(ready);
+    let tenant = throng_edge::config::TenantConfig::Hs256 {
+        secret: b"dev-secret-0123456789".to_vec(),
+    };
+    let claims = throng_edge::auth::Claims {
+        tenant: "dev".into(),
+        sub: user.into(),
+        role: role.into(),
+        rooms: "*".into(),
+        exp: throng_edge::auth::unix_now() + 600,
+        nbf: None,
+    };
+    let token = throng_edge::auth::sign(&claims, &tenant, None).expect("sign");
+    let roots = throng_client::tls::load_certs(&cert).expect("the edge's certificate");
+    throng_client::Client::connect(throng_client::ConnectOptions::new(addr, roots, token))
+        .await
+        .expect("connects")
+}
+
+/// Receives until `want` messages whose body starts with `prefix` arrived.
+async fn receive(room: &mut throng_client::RoomStream, prefix: &str, want: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while got.len() < want {
+            match room.next_batch().await {
+                Some(Ok(b)) => got.extend(
+                    b.messages
+                        .into_iter()
+                        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
+                        .filter(|(_, body)| body.starts_with(prefix)),
+                ),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["a", "b", "c"];
+    let mut edges = Vec::new();
+    let mut ready = Vec::new();
+    for id in ids {
+        let path = dir.path().join(format!("{id}.toml"));
+        std::fs::write(&path, config(&nats.url(), id)).expect("config");
+        let mut serve = Serve::start(dir.path(), &["--config", path.to_str().expect("utf-8")]).await;
+        ready.push(serve.ready.take().expect("ready line"));
+        edges.push(serve);
+    }
+    for e in &edges {
+        e.wait_live(&ids, Duration::from_secs(10)).await;
+    }
+    let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
+    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
+    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != o).collect();
+
+    // A viewer on each surviving edge; the sender on the first of them.
+    let mut viewers = Vec::new();
+    for &i in &survivors {
+        let c = client(&ready[i], &format!("viewer-{i}"), "viewer").await;
+        let room = c.join("lobby").await.expect("joins");
+        viewers.push((c, room));
+    }
+    let sender = client(&ready[survivors[0]], "host", "host").await;
+    let _sender_room = sender.join("lobby").await.expect("sender joins");
+    // The origin hears of the relays' viewers within a presence interval;
+    // until then what it publishes has nobody to go to.
+    let mut before = Vec::new();
+    for k in 0..5 {
+        before.push(
+            sender
+                .send("lobby", throng_wire::Kind::Chat, format!("before-{k}"))
+                .await
+                .expect("acked")
+                .seq,
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for (v, (_, room)) in viewers.iter_mut().enumerate() {
+        let got = receive(room, "before-", 1).await;
+        assert!(!got.is_empty(), "viewer {v} got nothing from the origin");
+    }
+
+    edges[o].signal("-KILL");
+    let killed = Instant::now();
+    let want: Vec<&str> = ids.iter().copied().filter(|&i| i != origin).collect();
+    for &i in &survivors {
+        edges[i].wait_live(&want, DEAD_AFTER + Duration::from_secs(3)).await;
+    }
+    let noticed = killed.elapsed();
+
+    // The room runs on its next edge: sends are acked within a second.
+    let mut after = Vec::new();
+    for k in 0..5 {
+        let sent = Instant::now();
+        let ack = sender
+            .send("lobby", throng_wire::Kind::Chat, format!("after-{k}"))
+            .await
+            .unwrap_or_else(|e| panic!("after-{k} refused {:?} after the origin died: {e}", killed.elapsed()));
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "after-{k} took {:?}",
+            sent.elapsed()
+        );
+        after.push(ack.seq);
+    }
+    let last_before = before.iter().max().copied().unwrap_or(0);
+    assert!(
+        after.iter().all(|&s| s > last_before),
+        "numbers went backwards across the move: before {before:?}, after {after:?}"
+    );
+    assert!(after.windows(2).all(|w| w[0] < w[1]), "{after:?}");
+    for (v, (_, room)) in viewers.iter_mut().enumerate() {
+        let got = receive(room, "after-", after.len()).await;
+        let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+        assert_eq!(seqs, after, "viewer {v} after the move (noticed in {noticed:?})");
+    }
+}
