@@ -348,9 +348,12 @@ impl Room {
             }
             Command::Send(inbound) => self.ingress.push(inbound),
             Command::PeerViewers { edge, viewers } => {
-                if let Some(l) = self.link.as_mut().filter(|l| l.is_origin()) {
+                // Kept even by a relay: the edges of a cluster see an origin
+                // die a moment apart, and the new origin may hear of another
+                // edge's viewers before it knows the room is now its own.
+                if let Some(l) = self.link.as_mut() {
                     l.peer_viewers(edge, viewers);
-                    if viewers > 0 {
+                    if viewers > 0 && l.is_origin() {
                         self.empty_since = None;
                     }
                 }
@@ -377,6 +380,9 @@ impl Room {
                     // the one before handed out, and pick a policy.
                     self.sequencer = Sequencer::local(link.next_seq_floor());
                     self.modules.mark_changed();
+                    if link.peer_count() > 0 {
+                        self.empty_since = None;
+                    }
                 }
             }
             Heard::Frames(deliveries) => {

@@ -233,7 +233,8 @@ impl RoomLink {
         }
     }
 
-    /// Origin: another edge has `viewers` viewers of the room.
+    /// Another edge has `viewers` viewers of the room (counted while this
+    /// edge is its origin).
     pub(super) fn peer_viewers(&mut self, edge: String, viewers: u64) {
         if viewers == 0 {
             self.peers.remove(&edge);
