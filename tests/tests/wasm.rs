@@ -92,12 +92,19 @@ async fn the_cap_holds_for_300_viewers_under_1000_messages_a_second() {
             let (n, hosts_in) = (first..first + 20)
                 .map(|t| per_tick.get(&t).copied().unwrap_or((0, 0)))
                 .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            // Host messages are never dropped; the policy keeps places for
-            // as many as the last second had, so this sender's steady four
-            // a second never take a window over the cap.
+            // Host messages are never dropped; the policy keeps as many
+            // places as the last second had host messages, plus one. So the
+            // cap holds while the host rate grows by at most one a second;
+            // this sender's four a second bunch up on a loaded machine, and
+            // each host message beyond that growth may take the second over
+            // by one (README, the cap).
+            let hosts_before: usize = (first.saturating_sub(20)..first)
+                .map(|t| per_tick.get(&t).map_or(0, |e| e.1))
+                .sum();
+            let allowed = CAP + hosts_in.saturating_sub(hosts_before + 1);
             assert!(
-                n <= CAP,
-                "viewer {v}: {n} messages ({hosts_in} from the host) in the second from tick {first}"
+                n <= allowed,
+                "viewer {v}: {n} messages ({hosts_in} from the host, {hosts_before} the second before) in the second from tick {first}"
             );
         }
         let host_seen = batches
