@@ -260,13 +260,32 @@ async fn cluster_flag_alone_is_enough_and_a_garbage_announcement_changes_nothing
             .await
             .expect("publish");
     }
+    // A forward naming a room no client could name makes no room.
+    use throng_edge::cluster::bus::{self as edge_bus, Forward, Forwarded};
+    let forward = Forward {
+        from: "other".into(),
+        items: vec![Forwarded {
+            tenant: "dev".into(),
+            room: String::new(),
+            fwd_id: 1,
+            hops: 1,
+            sender: "u".into(),
+            kind: throng_wire::Kind::Chat,
+            body: b"x".to_vec(),
+            received_ms: 0,
+        }],
+    };
+    bus.publish(edge_bus::ingress_subject(&me), edge_bus::encode(&forward).into())
+        .await
+        .expect("publish");
     bus.flush().await.expect("flush");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while edge.stats()["cluster"]["bus"]["malformed"].as_u64() < Some(4) {
+    while edge.stats()["cluster"]["bus"]["malformed"].as_u64() < Some(5) {
         assert!(Instant::now() < deadline, "{}", edge.stats()["cluster"]);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert_eq!(edge.live(), [me]);
+    assert_eq!(edge.stats()["rooms"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,6 +289,11 @@ impl Links {
             let Some(rooms) = self.rooms.upgrade() else { return };
             let reply = self.replier(&forward.from);
             for item in forward.items {
+                if let Err(why) = check_room(&item.tenant, &item.room) {
+                    self.cluster.malformed("forward", &why);
+                    refuse(&reply, item.fwd_id, ErrorCode::Malformed, &why);
+                    continue;
+                }
                 let key = RoomKey {
                     tenant: Arc::from(item.tenant.as_str()),
                     name: Arc::from(item.room.as_str()),
@@ -392,6 +397,10 @@ impl Links {
             }
             let Some(rooms) = self.rooms.upgrade() else { return };
             for r in interest.rooms {
+                if let Err(why) = check_room(&r.tenant, &r.room) {
+                    self.cluster.malformed("interest", &why);
+                    continue;
+                }
                 let key = RoomKey {
                     tenant: Arc::from(r.tenant.as_str()),
                     name: Arc::from(r.room.as_str()),
@@ -509,6 +518,13 @@ fn split(items: Vec<Forwarded>) -> Vec<Vec<Forwarded>> {
     }
     out.retain(|l| !l.is_empty());
     out
+}
+
+/// A room named on the bus must be one a client could have named: another
+/// edge is ours but may be buggy, and a room costs a slot here.
+fn check_room(tenant: &str, room: &str) -> Result<(), String> {
+    throng_wire::validate_room_name(tenant).map_err(|e| format!("tenant: {e}"))?;
+    throng_wire::validate_room_name(room)
 }
 
 fn refuse(reply: &ReplyTx, client_msg_id: u64, code: ErrorCode, reason: &str) {
