@@ -22,6 +22,9 @@ async fn cluster(nats: &NatsServer, ids: &[&str]) -> Vec<TestEdge> {
                 cluster.dead_after = Duration::from_millis(600);
                 c.cluster = Some(cluster);
                 c.rooms.presence_interval = Duration::from_millis(100);
+                // Several edges in one process: each sizes its Wasm pool to
+                // the whole of vm.max_map_count, as if it were alone.
+                c.wasm.max_instances = 256;
             })
             .await,
         );
@@ -127,5 +130,80 @@ async fn three_edges_one_room_every_viewer_sees_the_same_messages_with_the_same_
     for e in &edges {
         let bus = e.edge.cluster().expect("clustered").snapshot().bus;
         assert!(bus.messages_out > 0 && bus.messages_in > 0, "{bus:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_nats_server_is_reconnected_and_the_room_goes_on() {
+    let mut nats = NatsServer::start();
+    let edges = cluster(&nats, &["a", "b"]).await;
+    let mut clients = Vec::new();
+    let mut streams = Vec::new();
+    for (i, e) in edges.iter().enumerate() {
+        let client = e.client("acme", &format!("user-{i}"), "host").await;
+        streams.push(client.join("stage").await.expect("joins"));
+        clients.push(client);
+    }
+    for (i, s) in streams.iter_mut().enumerate() {
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(Ok(b)) = s.next_batch().await {
+                if b.online == 2 {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(seen, Ok(true), "viewer {i} never saw both viewers online");
+    }
+
+    nats.restart();
+    for e in &edges {
+        let c = e.edge.cluster().expect("clustered");
+        wait_for(
+            "the edge to reconnect to NATS and hear the other",
+            Duration::from_secs(20),
+            || c.connected() && c.live().edges.len() == 2,
+        )
+        .await;
+    }
+    // Sends from both edges: a relay's go through the bus again. One sent
+    // while subscriptions are still being restored may be refused; resend.
+    let mut acked = BTreeSet::new();
+    for (i, client) in clients.iter().enumerate() {
+        for k in 0..3 {
+            let body = format!("again-{i}-{k}");
+            let mut tries = 0;
+            let ack = loop {
+                tries += 1;
+                match client.send("stage", Kind::Chat, body.clone()).await {
+                    Ok(ack) => break ack,
+                    Err(e) if tries < 5 => {
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => panic!("{body} refused 5 times after the restart: {e}"),
+                }
+            };
+            acked.insert(ack.seq);
+        }
+    }
+    for (i, s) in streams.iter_mut().enumerate() {
+        let mut got = BTreeSet::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), async {
+            while got.len() < acked.len() {
+                match s.next_batch().await {
+                    Some(Ok(b)) => got.extend(
+                        b.messages
+                            .iter()
+                            .filter(|m| m.body.starts_with(b"again-"))
+                            .map(|m| m.seq),
+                    ),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, acked, "viewer {i} after the NATS restart");
     }
 }
