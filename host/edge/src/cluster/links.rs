@@ -267,26 +267,37 @@ impl Links {
         }
     }
 
-    /// Sends other edges forwarded to rooms this edge is the origin of.
-    async fn hear_ingress(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+    /// The next message on `sub`, decoded as `T`; one that does not
+    /// decode is counted and skipped. None once the edge stops or the
+    /// subscription ends.
+    async fn next<T: serde::de::DeserializeOwned>(
+        &self,
+        sub: &mut async_nats::Subscriber,
+        kind: &'static str,
+    ) -> Option<T> {
         loop {
             let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = sub.next() => match m { Some(m) => m, None => return },
+                _ = self.shutdown.cancelled() => return None,
+                m = sub.next() => m?,
             };
-            self.cluster.received("forward", message.payload.len());
-            let forward: Forward = match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
-                Ok(f) => f,
-                Err(e) => {
-                    self.cluster.malformed("forward", &e);
-                    continue;
-                }
-            };
+            self.cluster.received(kind, message.payload.len());
+            match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
+                Ok(t) => return Some(t),
+                Err(e) => self.cluster.malformed(kind, &e),
+            }
+        }
+    }
+
+    /// Sends other edges forwarded to rooms this edge is the origin of.
+    async fn hear_ingress(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some(forward) = self.next::<Forward>(&mut sub, "forward").await {
             if crate::config::check_bus_token(&forward.from).is_err() {
                 self.cluster.malformed("forward", &"bad edge id");
                 continue;
             }
-            let Some(rooms) = self.rooms.upgrade() else { return };
+            let Some(rooms) = self.rooms.upgrade() else {
+                return;
+            };
             let reply = self.replier(&forward.from);
             for item in forward.items {
                 if let Err(why) = check_room(&item.tenant, &item.room) {
@@ -338,19 +349,7 @@ impl Links {
 
     /// Answers to sends this edge forwarded.
     async fn hear_replies(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = sub.next() => match m { Some(m) => m, None => return },
-            };
-            self.cluster.received("replies", message.payload.len());
-            let replies: Replies = match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.cluster.malformed("replies", &e);
-                    continue;
-                }
-            };
+        while let Some(replies) = self.next::<Replies>(&mut sub, "replies").await {
             let answered: Vec<(Pending, Outcome)> = {
                 let mut state = self.state();
                 replies
@@ -378,24 +377,14 @@ impl Links {
 
     /// Other edges' viewer counts of rooms this edge is the origin of.
     async fn hear_interest(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                m = sub.next() => match m { Some(m) => m, None => return },
-            };
-            self.cluster.received("interest", message.payload.len());
-            let interest: Interest = match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
-                Ok(i) => i,
-                Err(e) => {
-                    self.cluster.malformed("interest", &e);
-                    continue;
-                }
-            };
+        while let Some(interest) = self.next::<Interest>(&mut sub, "interest").await {
             if crate::config::check_bus_token(&interest.from).is_err() {
                 self.cluster.malformed("interest", &"bad edge id");
                 continue;
             }
-            let Some(rooms) = self.rooms.upgrade() else { return };
+            let Some(rooms) = self.rooms.upgrade() else {
+                return;
+            };
             for r in interest.rooms {
                 if let Err(why) = check_room(&r.tenant, &r.room) {
                     self.cluster.malformed("interest", &why);
