@@ -389,7 +389,8 @@ async fn a_policy_hot_swap_under_traffic_drops_no_viewer_and_no_host_message() {
     assert_eq!(
         stats.instantiations.load(Ordering::Relaxed),
         4,
-        "a trial `configure` at load and at the first swap, and the room's instance before and after it"
+        "a trial `configure` at load and at the first swap, and the room's instance before and after it; failures: {:?}",
+        stats.recent_failures()
     );
     assert_eq!(stats.fallback_ticks.load(Ordering::Relaxed), 0, "no tick fell back");
 }

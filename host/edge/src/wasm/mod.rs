@@ -13,9 +13,10 @@
 //! costs a store and an instantiation from the pooling allocator. Compiled
 //! code is also kept on disk (`<data_dir>/cache/`, wasmtime's serialized
 //! form keyed by content hash and engine settings), so a restart or reload
-//! does not compile again. Every call runs under a budget: wall-clock
-//! through epoch ticks (a 1 ms ticker thread; the guest yields to the
-//! runtime at each tick and traps once its deadline passes) or fuel. A call
+//! does not compile again. Every call runs under a budget: CPU time checked
+//! at epoch ticks (a 1 ms ticker thread; at each tick the guest is charged
+//! the CPU time it ran, traps once its budget is spent, and otherwise
+//! yields to the runtime; waiting for a worker is not charged) or fuel. A call
 //! gets a fixed part plus an allowance per message of its batch;
 //! instantiation (with `configure`) has its own, larger budget, because it
 //! happens at load, not on a room's tick. Memory is capped per store.
@@ -40,10 +41,13 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 pub use guest::GuestState;
 
+/// How often the epoch ticker ticks: the grain of the CPU-time budget.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
 /// How a call's budget is enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Budget {
-    /// Wall-clock deadline per call, checked at 1 ms epoch ticks.
+    /// CPU time per call, checked at 1 ms epoch ticks.
     Epoch(Duration),
     /// Fuel units per call (roughly one per Wasm instruction).
     Fuel(u64),
@@ -352,7 +356,7 @@ impl WasmRuntime {
                 .name("throng-epoch".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(1));
+                        std::thread::sleep(EPOCH_TICK);
                         match engine.upgrade() {
                             Some(e) => e.increment_epoch(),
                             None => return,
@@ -550,13 +554,14 @@ impl WasmRuntime {
         );
         store.limiter(|s| &mut s.limits);
         if matches!(self.settings.budget, Budget::Epoch(_)) {
-            // At every epoch tick: past the deadline, trap; otherwise yield
-            // to the runtime so a busy guest does not hold a worker thread.
-            store.epoch_deadline_callback(|ctx| {
-                if Instant::now() >= ctx.data().deadline {
+            // At every epoch tick: budget spent, trap; otherwise yield to
+            // the runtime so a busy guest does not hold a worker thread.
+            store.epoch_deadline_callback(|mut ctx| {
+                let budget = &mut ctx.data_mut().budget;
+                if budget.charge(EPOCH_TICK) {
                     Ok(wasmtime::UpdateDeadline::Interrupt)
                 } else {
-                    Ok(wasmtime::UpdateDeadline::Yield(1))
+                    Ok(wasmtime::UpdateDeadline::YieldCustom(1, budget.yield_now()))
                 }
             });
         }
@@ -570,7 +575,7 @@ impl WasmRuntime {
         match self.settings.budget {
             Budget::Epoch(fixed) => {
                 let extra = self.settings.budget_per_message.saturating_mul(n);
-                self.arm_deadline(store, fixed.saturating_add(extra));
+                self.arm_cpu(store, fixed.saturating_add(extra));
             }
             Budget::Fuel(fixed) => {
                 let extra = self.settings.fuel_per_message.saturating_mul(u64::from(n));
@@ -583,15 +588,15 @@ impl WasmRuntime {
     /// Arms the instantiation budget (instantiate, `configure`, warm-up).
     fn arm_instantiate(&self, store: &mut Store<GuestState>) {
         match self.settings.budget {
-            Budget::Epoch(_) => self.arm_deadline(store, self.settings.instantiate_budget),
+            Budget::Epoch(_) => self.arm_cpu(store, self.settings.instantiate_budget),
             Budget::Fuel(_) => {
                 let _ = store.set_fuel(self.settings.instantiate_fuel);
             }
         }
     }
 
-    fn arm_deadline(&self, store: &mut Store<GuestState>, limit: Duration) {
-        store.data_mut().deadline = Instant::now() + limit;
+    fn arm_cpu(&self, store: &mut Store<GuestState>, limit: Duration) {
+        store.data_mut().budget.arm(limit);
         store.set_epoch_deadline(1);
     }
 }
@@ -713,7 +718,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn reason(e: &wasmtime::Error) -> String {
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
         return match trap {
-            wasmtime::Trap::Interrupt => "budget exhausted (deadline)".into(),
+            wasmtime::Trap::Interrupt => "budget exhausted (CPU time)".into(),
             wasmtime::Trap::OutOfFuel => "budget exhausted (fuel)".into(),
             other => format!("trap: {other}"),
         };
