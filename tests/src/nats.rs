@@ -12,6 +12,8 @@ pub struct NatsServer {
     child: Option<Child>,
     port: u16,
     store: PathBuf,
+    /// A config file (gateways) passed with `-c`.
+    conf: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -23,6 +25,7 @@ impl NatsServer {
             child: None,
             port: 0,
             store: dir.path().join("jetstream"),
+            conf: None,
             _dir: dir,
         };
         // The port is free when asked; another process could take it before
@@ -34,6 +37,46 @@ impl NatsServer {
             }
         }
         panic!("nats-server did not start on any of 5 free ports");
+    }
+
+    /// One server per region, named after it, joined by gateways into a
+    /// supercluster, as regions are in production. Each serves clients on
+    /// its own free port; messages cross to another region only where that
+    /// region has interest.
+    pub fn supercluster(regions: &[&str]) -> Vec<NatsServer> {
+        let gateway_ports: Vec<u16> = regions.iter().map(|_| free_port()).collect();
+        let gateways: String = regions
+            .iter()
+            .zip(&gateway_ports)
+            .map(|(r, p)| format!("    {{ name: \"{r}\", url: \"nats://127.0.0.1:{p}\" }}\n"))
+            .collect();
+        let mut servers = Vec::new();
+        for (region, port) in regions.iter().zip(&gateway_ports) {
+            let dir = tempfile::tempdir().expect("tempdir for nats-server");
+            let conf = dir.path().join("nats.conf");
+            let text = format!(
+                "server_name: \"{region}\"\ngateway {{\n  name: \"{region}\"\n  host: \"127.0.0.1\"\n  port: {port}\n  gateways: [\n{gateways}  ]\n}}\n"
+            );
+            std::fs::write(&conf, text).expect("nats-server config");
+            let mut server = NatsServer {
+                child: None,
+                port: 0,
+                store: dir.path().join("jetstream"),
+                conf: Some(conf),
+                _dir: dir,
+            };
+            let mut started = false;
+            for _ in 0..5 {
+                server.port = free_port();
+                if server.spawn() {
+                    started = true;
+                    break;
+                }
+            }
+            assert!(started, "nats-server for region {region} did not start");
+            servers.push(server);
+        }
+        servers
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -67,12 +110,19 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> bool {
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        let mut command = Command::new("nats-server");
+        match &self.conf {
+            // Gateways: JetStream across regions would need domains; the
+            // tests that run regions do not use it.
+            Some(conf) => command
+                .arg("-c")
+                .arg(conf)
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string()]),
+            None => command
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+                .arg(&self.store),
+        };
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let mut child = match child {
             Ok(c) => c,
             Err(e) => panic!("cannot run nats-server ({e}); install it: apt-get install -y nats-server"),

@@ -1,9 +1,12 @@
 //! Edges in one process that share nothing but a real nats-server: rooms
 //! that span them, one origin per room.
 
-use std::collections::BTreeSet;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use throng_edge::cluster::{BusKind, BusStats};
 use throng_edge::config::ClusterConfig;
 use throng_tests::nats::NatsServer;
 use throng_tests::{TestEdge, wait_for};
@@ -205,5 +208,211 @@ async fn a_restarted_nats_server_is_reconnected_and_the_room_goes_on() {
         })
         .await;
         assert_eq!(got, acked, "viewer {i} after the NATS restart");
+    }
+}
+
+/// A clustered edge of `region`, attached to `nats`.
+async fn regional_edge(nats: &NatsServer, id: &str, region: &str, presence: Duration, tick: Duration) -> TestEdge {
+    let url = nats.url();
+    let id = id.to_owned();
+    let region = region.to_owned();
+    TestEdge::start(move |c| {
+        let mut cluster = ClusterConfig::with_nats(vec![url]);
+        cluster.edge_id = Some(id);
+        cluster.region = region;
+        cluster.heartbeat = Duration::from_millis(100);
+        cluster.dead_after = Duration::from_millis(1500);
+        c.cluster = Some(cluster);
+        c.rooms.presence_interval = presence;
+        c.rooms.tick = tick;
+        c.wasm.max_instances = 256;
+    })
+    .await
+}
+
+/// Messages of each kind an edge sent and received so far.
+fn kinds(stats: &BusStats) -> HashMap<&'static str, (u64, u64)> {
+    BusKind::ALL.iter().map(|k| (k.name(), stats.of(*k))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_regions_presence_goes_edge_region_origin_and_bus_messages_do_not_grow_with_viewers() {
+    const PRESENCE: Duration = Duration::from_millis(250);
+    const TICK: Duration = Duration::from_millis(100);
+    let servers = NatsServer::supercluster(&["eu", "us"]);
+    let mut edges = Vec::new();
+    for (server, region) in servers.iter().zip(["eu", "us"]) {
+        for n in 1..=2 {
+            edges.push(regional_edge(server, &format!("{region}-{n}"), region, PRESENCE, TICK).await);
+        }
+    }
+    for e in &edges {
+        let c = e.edge.cluster().expect("clustered");
+        wait_for(
+            "every edge of both regions to see the others",
+            Duration::from_secs(20),
+            || c.live().edges.len() == 4,
+        )
+        .await;
+    }
+    let live = edges[0].edge.cluster().expect("clustered").live();
+    let origin = live.origin("acme", "stage").expect("an origin").to_owned();
+    let aggregators: Vec<String> = ["eu", "us"]
+        .iter()
+        .map(|r| live.aggregator(r).expect("an aggregator").to_owned())
+        .collect();
+    let id = |e: &TestEdge| e.edge.cluster().expect("clustered").edge_id().to_owned();
+    let crowded = edges.iter().position(|e| id(e) != origin).expect("a relay");
+
+    // A viewer on every edge, and four more on one relay: eight in all.
+    let mut viewers = Vec::new();
+    let mut readers = Vec::new();
+    let mut seen_online = Vec::new();
+    for (i, e) in edges.iter().enumerate() {
+        let n = if i == crowded { 5 } else { 1 };
+        for k in 0..n {
+            // The crowded edge's first viewer also sends, later.
+            let role = if i == crowded && k == 0 { "host" } else { "viewer" };
+            let client = e.client("acme", &format!("viewer-{i}-{k}"), role).await;
+            let mut stream = client.join("stage").await.expect("joins");
+            let online = Arc::new(AtomicU64::new(0));
+            seen_online.push(Arc::clone(&online));
+            readers.push(tokio::spawn(async move {
+                let mut messages = 0u64;
+                while let Some(Ok(b)) = stream.next_batch().await {
+                    online.store(b.online, Ordering::Relaxed);
+                    messages += b.messages.len() as u64;
+                }
+                messages
+            }));
+            viewers.push(client);
+        }
+    }
+    let joined = Instant::now();
+    for (i, online) in seen_online.iter().enumerate() {
+        wait_for(
+            &format!("viewer {i} to see the 8 viewers of both regions online"),
+            Duration::from_secs(15),
+            || online.load(Ordering::Relaxed) == 8,
+        )
+        .await;
+    }
+    let converged = joined.elapsed();
+    eprintln!("online count converged {converged:?} after the last join (presence interval {PRESENCE:?})");
+
+    // Who is online, asked on one region's edge of users on the other's.
+    let asker = edges
+        .iter()
+        .position(|e| e.config.cluster.as_ref().map(|c| c.region.as_str()) == Some("us"));
+    let asker = &viewers[asker.expect("a us edge")];
+    let users: Vec<String> = vec!["viewer-0-0".into(), "nobody".into(), format!("viewer-{crowded}-4")];
+    assert_eq!(asker.online(&users).await.expect("answered"), vec![true, false, true]);
+
+    // A sender on a relay, ten messages every tick, while the edges count.
+    let first_of_crowded: usize = (0..crowded).map(|_| 1).sum();
+    let sender = viewers[first_of_crowded].clone();
+    let sending = tokio::spawn(async move {
+        let mut acked = 0u64;
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            let mut pending = Vec::new();
+            for k in 0..10 {
+                pending.push(
+                    sender
+                        .submit("stage", Kind::Chat, format!("m-{k}"))
+                        .await
+                        .expect("submitted"),
+                );
+            }
+            for p in pending {
+                if p.ack().await.is_ok() {
+                    acked += 1;
+                }
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before: Vec<_> = edges
+        .iter()
+        .map(|e| kinds(e.edge.cluster().expect("clustered").stats()))
+        .collect();
+    let window_start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after: Vec<_> = edges
+        .iter()
+        .map(|e| kinds(e.edge.cluster().expect("clustered").stats()))
+        .collect();
+    let window = window_start.elapsed();
+    let acked = sending.await.expect("sender");
+    let intervals = (window.as_secs_f64() / PRESENCE.as_secs_f64()).round() as u64;
+    let ticks = (window.as_secs_f64() / TICK.as_secs_f64()).round() as u64;
+    let delta = |i: usize, kind: &str| {
+        let (o1, i1) = after[i][kind];
+        let (o0, i0) = before[i][kind];
+        (o1 - o0, i1 - i0)
+    };
+    let mut report = String::new();
+    for (i, e) in edges.iter().enumerate() {
+        report.push_str(&format!(
+            "{}: counts {:?} regional {:?} batch {:?} forward {:?}\n",
+            id(e),
+            delta(i, "counts"),
+            delta(i, "regional"),
+            delta(i, "batch"),
+            delta(i, "forward")
+        ));
+    }
+    eprintln!("{intervals} presence intervals, {ticks} ticks, {acked} sends acked:\n{report}");
+    let about = |n: u64, per: u64| n >= per / 2 && n <= per + 2;
+    let origin_batches = delta(edges.iter().position(|e| id(e) == origin).expect("origin"), "batch").0;
+    for (i, e) in edges.iter().enumerate() {
+        let me = id(e);
+        let (counts_out, counts_in) = delta(i, "counts");
+        let (regional_out, regional_in) = delta(i, "regional");
+        let (batch_out, batch_in) = delta(i, "batch");
+        if me == origin {
+            // The origin relays nothing: it counts its own viewers.
+            assert!(counts_out <= 1, "origin sent counts:\n{report}");
+            // One message per region per interval, whatever the viewers.
+            assert!(about(regional_in, 2 * intervals), "origin heard regions:\n{report}");
+            // One batch per tick at most, whatever the viewers and sends.
+            assert!(batch_out <= ticks + 2 && batch_out > 0, "origin batches:\n{report}");
+        } else {
+            // One count message per interval, whatever its viewers (the
+            // crowded edge has five).
+            assert!(about(counts_out, intervals), "{me} counts:\n{report}");
+            assert_eq!(batch_out, 0, "a relay publishes no batches:\n{report}");
+            assert!(
+                batch_in <= origin_batches + 2,
+                "{me} heard more batches than the origin sent:\n{report}"
+            );
+            assert!(batch_in + 2 >= origin_batches, "{me} missed batches:\n{report}");
+        }
+        if aggregators.contains(&me) {
+            // One message per interval to the one origin.
+            assert!(about(regional_out, intervals), "aggregator {me}:\n{report}");
+            assert!(counts_in > 0, "aggregator {me} heard no counts:\n{report}");
+        } else {
+            assert_eq!(regional_out, 0, "{me} is no aggregator:\n{report}");
+            assert_eq!(counts_in, 0, "{me} is no aggregator:\n{report}");
+        }
+    }
+    // The sends went to the origin in one message per edge tick, not one each.
+    let (forwards, _) = delta(crowded, "forward");
+    assert!(forwards <= ticks + 2, "forwards:\n{report}");
+    assert!(
+        acked > 2 * forwards,
+        "{acked} sends in {forwards} forward messages:\n{report}"
+    );
+    for (i, online) in seen_online.iter().enumerate() {
+        assert_eq!(online.load(Ordering::Relaxed), 8, "viewer {i} after the window");
+    }
+    for v in &viewers {
+        v.close();
+    }
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
     }
 }

@@ -197,6 +197,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
         refused: Refusals::default(),
         rooms_created: 0,
         expiry,
+        who_in_flight: Arc::default(),
     };
     // Boxed, and reset rather than remade: a timer is large, and this task
     // lives as long as the viewer.
@@ -387,7 +388,12 @@ struct Session<'a> {
     rooms_created: u32,
     /// When the session's token expires (with the leeway).
     expiry: tokio::time::Instant,
+    /// Cluster-wide presence queries of this connection under way.
+    who_in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Presence queries one connection may have under way across the cluster.
+const MAX_WHO_PER_CONNECTION: usize = 4;
 
 impl Session<'_> {
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
@@ -532,15 +538,55 @@ impl Session<'_> {
                     }
                 } else {
                     // A tenant sees only its own users.
-                    EdgeFrame::Presence {
-                        query_id,
-                        online: self.shared.presence.query(&self.tenant, &users),
+                    let here = self.shared.presence.query(&self.tenant, &users);
+                    match self.shared.rooms.cluster_links() {
+                        Some(links) => {
+                            self.ask_cluster(links, query_id, users, here);
+                            return Ok(());
+                        }
+                        None => EdgeFrame::Presence { query_id, online: here },
                     }
                 };
                 let _ = self.reply.send(answer);
             }
         }
         Ok(())
+    }
+
+    /// Answers a presence query from every edge of the cluster, off the
+    /// connection's frame loop: the other edges have up to
+    /// [`WHO_DEADLINE`](crate::cluster::links::WHO_DEADLINE) to answer.
+    fn ask_cluster(
+        &self,
+        links: Arc<crate::cluster::links::Links>,
+        query_id: u64,
+        users: Vec<String>,
+        here: Vec<bool>,
+    ) {
+        let in_flight = Arc::clone(&self.who_in_flight);
+        if in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_WHO_PER_CONNECTION {
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            let _ = self.reply.send(EdgeFrame::PresenceRefused {
+                query_id,
+                code: ErrorCode::RateLimited.code(),
+                text: format!("at most {MAX_WHO_PER_CONNECTION} presence queries under way per connection"),
+            });
+            return;
+        }
+        let reply = self.reply.clone();
+        let tenant = Arc::clone(&self.tenant);
+        tokio::spawn(async move {
+            let answer = match links.who_is_online(&tenant, users, here).await {
+                Some(online) => EdgeFrame::Presence { query_id, online },
+                None => EdgeFrame::PresenceRefused {
+                    query_id,
+                    code: ErrorCode::ServerBusy.code(),
+                    text: "too many presence queries under way on this edge; ask again".into(),
+                },
+            };
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            let _ = reply.send(answer);
+        });
     }
 
     /// Takes a later token for the same tenant and user: its rights and

@@ -131,7 +131,7 @@ pub(crate) struct Shared {
     rooms: Arc<Rooms>,
     limiter: DefaultKeyedRateLimiter<String>,
     wire_limits: throng_wire::Limits,
-    presence: presence::Presence,
+    presence: Arc<presence::Presence>,
     shutdown: CancellationToken,
     next_connection: AtomicU64,
     /// Connections past their handshake and not yet closed.
@@ -256,6 +256,7 @@ impl Edge {
             room_create_rate_per_sec: config.limits.room_create_rate_per_sec,
             room_create_burst: config.limits.room_create_burst,
         });
+        let presence = Arc::new(presence::Presence::default());
         if let Some(c) = &cluster {
             // Sends to other edges' rooms go out once per edge tick: the
             // fastest room tick there is.
@@ -270,6 +271,7 @@ impl Edge {
             let links = cluster::links::Links::start(
                 Arc::clone(c),
                 &rooms,
+                Arc::clone(&presence),
                 flush,
                 config.rooms.presence_interval,
                 shutdown.clone(),
@@ -295,7 +297,7 @@ impl Edge {
             rooms: Arc::clone(&rooms),
             limiter: RateLimiter::keyed(quota),
             wire_limits,
-            presence: presence::Presence::default(),
+            presence,
             shutdown: shutdown.clone(),
             next_connection: AtomicU64::new(1),
             open_connections: AtomicU64::new(0),

@@ -217,3 +217,122 @@ pub struct RoomCount {
     pub room: String,
     pub viewers: u64,
 }
+
+/// Where an edge's region aggregator hears the region's edges' counts.
+pub fn counts_subject(aggregator: &str) -> String {
+    format!("{PREFIX}.counts.{aggregator}")
+}
+
+/// Where an origin hears each region's viewer totals of its rooms.
+pub fn regional_subject(origin: &str) -> String {
+    format!("{PREFIX}.regional.{origin}")
+}
+
+/// Where every edge hears "which of these users are online here".
+pub fn who_subject() -> String {
+    format!("{PREFIX}.who")
+}
+
+/// Where a relay asks a room's origin for what the bus lost.
+pub fn resync_subject(origin: &str) -> String {
+    format!("{PREFIX}.resync.{origin}")
+}
+
+/// One edge's viewers of every room it relays, per presence interval, to
+/// its region's aggregator. Whole counts, not changes: a lost message costs
+/// one interval of staleness, never a count that is wrong for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeCounts {
+    pub from: String,
+    pub region: String,
+    /// When the edge counted (Unix ms): the origin measures presence lag.
+    pub at_ms: u64,
+    pub rooms: Vec<OriginCount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginCount {
+    /// The room's origin as the counting edge sees it.
+    pub origin: String,
+    pub tenant: String,
+    pub room: String,
+    pub viewers: u64,
+}
+
+/// A region's viewers of the rooms of one origin, per presence interval,
+/// from the region's aggregator. A room that had viewers in the region's
+/// last message and has none now is sent once with 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionCounts {
+    pub region: String,
+    pub from: String,
+    /// The oldest edge count summed in (Unix ms).
+    pub at_ms: u64,
+    pub rooms: Vec<RoomCount>,
+}
+
+/// "Which of these users of `tenant` are online on your edge?"
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoQuery {
+    pub from: String,
+    pub tenant: String,
+    pub users: Vec<String>,
+}
+
+/// One edge's answer: a bit per asked user, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAnswer {
+    pub from: String,
+    pub online: Vec<u8>,
+}
+
+/// A relay that missed bus batches of a room asks its origin for the
+/// room's messages after `after_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resync {
+    pub tenant: String,
+    pub room: String,
+    pub after_seq: u64,
+}
+
+/// The origin's answer: its ring's messages after the asked number (it
+/// keeps only its most recent ones), encoded as one `Batch` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resynced {
+    pub origin: String,
+    pub epoch: u64,
+    pub frame: Vec<u8>,
+}
+
+/// Packs one bit per user, first user in the lowest bit of the first byte.
+pub fn pack_bits(bits: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; bits.len().div_ceil(8)];
+    for (i, b) in bits.iter().enumerate() {
+        if *b {
+            out[i / 8] |= 1 << (i % 8);
+        }
+    }
+    out
+}
+
+/// The `i`th bit of `packed` (false beyond its end).
+pub fn bit(packed: &[u8], i: usize) -> bool {
+    packed.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
+}
+
+#[cfg(test)]
+mod bit_tests {
+    use super::*;
+
+    #[test]
+    fn bits_round_trip_and_a_short_answer_reads_as_offline() {
+        let bits = [true, false, false, true, true, false, false, false, true];
+        let packed = pack_bits(&bits);
+        assert_eq!(packed.len(), 2);
+        for (i, b) in bits.iter().enumerate() {
+            assert_eq!(bit(&packed, i), *b, "bit {i}");
+        }
+        assert!(!bit(&packed, 100));
+        assert!(!bit(&[], 0));
+    }
+}

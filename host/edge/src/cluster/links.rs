@@ -14,11 +14,19 @@
 //! - **Ingress at the origin.** What other edges forward becomes the
 //!   room's `Inbound`s with a reply queue per forwarding edge, whose
 //!   answers are gathered and sent back the same way.
-//! - **Interest.** Every presence interval the edge tells each origin how
-//!   many viewers each of its rooms has here (at once when a room gets its
-//!   first viewer), so the origin keeps publishing, counts them online, and
-//!   retires the room only when nobody anywhere watches.
-
+//! - **Interest.** A relay tells the origin at once when a room gets its
+//!   first viewers here and when it loses its last, so the origin starts
+//!   and stops publishing the room's batches without waiting for counts.
+//! - **Presence, edge → region → origin.** Every presence interval each
+//!   edge sends the viewer counts of every room it relays, in **one**
+//!   message, to its region's aggregator (an edge of the region chosen by
+//!   rendezvous hashing). The aggregator sums its region and sends **one**
+//!   message per origin with the region's totals of that origin's rooms.
+//!   The origin adds its regions to its own viewers: that is the online
+//!   count its batches carry to every viewer.
+//! - **Who is online.** A client's batched "which of these users are
+//!   online" asks every other edge at once (one bus message out, one
+//!   answer per edge) and merges what answers within [`WHO_DEADLINE`].
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -29,9 +37,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::bus::{self, Forward, Forwarded, Interest, Outcome, Replies, Reply, RoomCount};
-use super::{Cluster, ClusterError, LiveSet};
-use crate::room::{Inbound, ReplyTx, RoomError, RoomKey, Rooms};
+use super::bus::{
+    self, EdgeCounts, Forward, Forwarded, Interest, OriginCount, Outcome, RegionCounts, Replies, Reply, RoomCount,
+    WhoAnswer, WhoQuery,
+};
+use super::{BusKind, Cluster, ClusterError, LiveSet};
+use crate::presence::Presence;
+use crate::room::{Inbound, Peer, ReplyTx, RoomError, RoomKey, Rooms};
 
 /// A forwarded send not answered within this is refused to its sender.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,12 +58,22 @@ const MAX_HOPS: u8 = 2;
 /// Answers queued for one forwarding edge at most.
 const REPLY_QUEUE: usize = 65_536;
 
+/// A cluster-wide "who is online" merges what other edges answer within
+/// this; an edge that answers later counts its users offline.
+pub const WHO_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Cluster-wide "who is online" queries this edge waits on at once; more
+/// are refused (each one is a message to every edge).
+const MAX_WHO_IN_FLIGHT: usize = 64;
+
 /// An edge's links to the other edges' rooms.
 #[derive(Debug)]
 pub struct Links {
     cluster: Arc<Cluster>,
     rooms: Weak<Rooms>,
+    presence: Arc<Presence>,
     state: Mutex<State>,
+    who_in_flight: Arc<tokio::sync::Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -66,6 +88,20 @@ struct State {
     repliers: HashMap<String, ReplyTx>,
     /// Viewers here of rooms relayed from elsewhere: room → (origin, count).
     relayed: HashMap<RoomKey, (String, u64)>,
+    /// Whether the last counts sent to the aggregator named any room.
+    counted_any: bool,
+    /// As its region's aggregator: each edge's latest counts.
+    reports: HashMap<String, Report>,
+    /// As aggregator: the rooms each origin was last told of, so a room
+    /// whose region count fell to nothing is told once with 0.
+    told: HashMap<String, Vec<(String, String)>>,
+}
+
+#[derive(Debug)]
+struct Report {
+    heard: Instant,
+    at_ms: u64,
+    rooms: Vec<OriginCount>,
 }
 
 #[derive(Debug)]
@@ -81,6 +117,7 @@ impl Links {
     pub async fn start(
         cluster: Arc<Cluster>,
         rooms: &Arc<Rooms>,
+        presence: Arc<Presence>,
         flush_every: Duration,
         presence_every: Duration,
         shutdown: CancellationToken,
@@ -90,18 +127,26 @@ impl Links {
         let ingress = cluster.subscribe(bus::ingress_subject(&me)).await?;
         let replies = cluster.subscribe(bus::replies_subject(&me)).await?;
         let interest = cluster.subscribe(bus::interest_subject(&me)).await?;
+        let counts = cluster.subscribe(bus::counts_subject(&me)).await?;
+        let regional = cluster.subscribe(bus::regional_subject(&me)).await?;
+        let who = cluster.subscribe(bus::who_subject()).await?;
         let links = Arc::new(Links {
             cluster,
             rooms: Arc::downgrade(rooms),
+            presence,
             state: Mutex::new(State::default()),
+            who_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_WHO_IN_FLIGHT)),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
         });
         tasks.spawn(Arc::clone(&links).hear_ingress(ingress));
         tasks.spawn(Arc::clone(&links).hear_replies(replies));
         tasks.spawn(Arc::clone(&links).hear_interest(interest));
+        tasks.spawn(Arc::clone(&links).hear_counts(counts));
+        tasks.spawn(Arc::clone(&links).hear_regional(regional));
+        tasks.spawn(Arc::clone(&links).hear_who(who));
         tasks.spawn(Arc::clone(&links).flush(flush_every));
-        tasks.spawn(Arc::clone(&links).tell_interest(presence_every));
+        tasks.spawn(Arc::clone(&links).count(presence_every));
         Ok(links)
     }
 
@@ -167,22 +212,29 @@ impl Links {
     }
 
     /// This edge has `viewers` viewers of `key`, a room `origin` runs; 0
-    /// forgets the room. A room's first viewers are told at once.
+    /// forgets the room. The origin hears at once of a room's first
+    /// viewers here and of its last leaving (or of the room moving to
+    /// another origin); counts in between go the presence way.
     pub fn relayed(&self, key: &RoomKey, origin: &str, viewers: u64) {
-        let tell_now = {
+        let tell: Vec<(String, u64)> = {
             let mut state = self.state();
-            if viewers == 0 {
-                state.relayed.remove(key);
-                false
+            let before = if viewers == 0 {
+                state.relayed.remove(key)
             } else {
-                let before = state
-                    .relayed
-                    .insert(key.clone(), (origin.to_owned(), viewers))
-                    .filter(|(o, _)| o == origin);
-                before.is_none()
+                state.relayed.insert(key.clone(), (origin.to_owned(), viewers))
+            };
+            match before {
+                Some((was, _)) if was == origin => Vec::new(),
+                Some((was, _)) if viewers == 0 || was.is_empty() => vec![(was, 0)],
+                Some((was, _)) => vec![(was, 0), (origin.to_owned(), viewers)],
+                None if viewers > 0 => vec![(origin.to_owned(), viewers)],
+                None => Vec::new(),
             }
         };
-        if tell_now {
+        for (origin, viewers) in tell {
+            if origin.is_empty() {
+                continue;
+            }
             let interest = Interest {
                 from: self.edge_id().to_owned(),
                 rooms: vec![RoomCount {
@@ -192,9 +244,9 @@ impl Links {
                 }],
             };
             let links = self.cluster.clone();
-            let subject = bus::interest_subject(origin);
+            let subject = bus::interest_subject(&origin);
             self.tasks.spawn(async move {
-                let _ = links.publish(subject, "interest", bus::encode(&interest)).await;
+                let _ = links.publish(subject, BusKind::Interest, bus::encode(&interest)).await;
             });
         }
     }
@@ -203,7 +255,7 @@ impl Links {
     /// never waits long for the bus.
     pub async fn publish_batch(&self, subject: String, batch: &bus::RoomBatch, within: Duration) {
         let bytes = bus::encode(batch);
-        match tokio::time::timeout(within, self.cluster.publish(subject, "batch", bytes)).await {
+        match tokio::time::timeout(within, self.cluster.publish(subject, BusKind::Batch, bytes)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::debug!(error = %e, "room batch not published"),
             Err(_) => {
@@ -259,7 +311,11 @@ impl Links {
                         items,
                     };
                     let subject = bus::ingress_subject(&origin);
-                    if let Err(e) = self.cluster.publish(subject, "forward", bus::encode(&forward)).await {
+                    if let Err(e) = self
+                        .cluster
+                        .publish(subject, BusKind::Forward, bus::encode(&forward))
+                        .await
+                    {
                         tracing::debug!(error = %e, %origin, "forward not published; its sends time out");
                     }
                 }
@@ -270,11 +326,16 @@ impl Links {
     /// The next message on `sub`, decoded as `T`; one that does not
     /// decode is counted and skipped. None once the edge stops or the
     /// subscription ends.
-    async fn next<T: serde::de::DeserializeOwned>(
+    async fn next<T: serde::de::DeserializeOwned>(&self, sub: &mut async_nats::Subscriber, kind: BusKind) -> Option<T> {
+        self.next_message(sub, kind).await.map(|(t, _)| t)
+    }
+
+    /// As [`Links::next`], with the message's reply subject.
+    async fn next_message<T: serde::de::DeserializeOwned>(
         &self,
         sub: &mut async_nats::Subscriber,
-        kind: &'static str,
-    ) -> Option<T> {
+        kind: BusKind,
+    ) -> Option<(T, Option<String>)> {
         loop {
             let message = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
@@ -282,7 +343,7 @@ impl Links {
             };
             self.cluster.received(kind, message.payload.len());
             match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
-                Ok(t) => return Some(t),
+                Ok(t) => return Some((t, message.reply.map(|r| r.to_string()))),
                 Err(e) => self.cluster.malformed(kind, &e),
             }
         }
@@ -290,9 +351,9 @@ impl Links {
 
     /// Sends other edges forwarded to rooms this edge is the origin of.
     async fn hear_ingress(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(forward) = self.next::<Forward>(&mut sub, "forward").await {
+        while let Some(forward) = self.next::<Forward>(&mut sub, BusKind::Forward).await {
             if crate::config::check_bus_token(&forward.from).is_err() {
-                self.cluster.malformed("forward", &"bad edge id");
+                self.cluster.malformed(BusKind::Forward, &"bad edge id");
                 continue;
             }
             let Some(rooms) = self.rooms.upgrade() else {
@@ -301,7 +362,7 @@ impl Links {
             let reply = self.replier(&forward.from);
             for item in forward.items {
                 if let Err(why) = check_room(&item.tenant, &item.room) {
-                    self.cluster.malformed("forward", &why);
+                    self.cluster.malformed(BusKind::Forward, &why);
                     refuse(&reply, item.fwd_id, ErrorCode::Malformed, &why);
                     continue;
                 }
@@ -349,7 +410,7 @@ impl Links {
 
     /// Answers to sends this edge forwarded.
     async fn hear_replies(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(replies) = self.next::<Replies>(&mut sub, "replies").await {
+        while let Some(replies) = self.next::<Replies>(&mut sub, BusKind::Replies).await {
             let answered: Vec<(Pending, Outcome)> = {
                 let mut state = self.state();
                 replies
@@ -375,11 +436,12 @@ impl Links {
         }
     }
 
-    /// Other edges' viewer counts of rooms this edge is the origin of.
+    /// Other edges' first (or no more) viewers of rooms this edge is the
+    /// origin of.
     async fn hear_interest(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(interest) = self.next::<Interest>(&mut sub, "interest").await {
+        while let Some(interest) = self.next::<Interest>(&mut sub, BusKind::Interest).await {
             if crate::config::check_bus_token(&interest.from).is_err() {
-                self.cluster.malformed("interest", &"bad edge id");
+                self.cluster.malformed(BusKind::Interest, &"bad edge id");
                 continue;
             }
             let Some(rooms) = self.rooms.upgrade() else {
@@ -387,21 +449,22 @@ impl Links {
             };
             for r in interest.rooms {
                 if let Err(why) = check_room(&r.tenant, &r.room) {
-                    self.cluster.malformed("interest", &why);
+                    self.cluster.malformed(BusKind::Interest, &why);
                     continue;
                 }
                 let key = RoomKey {
                     tenant: Arc::from(r.tenant.as_str()),
                     name: Arc::from(r.room.as_str()),
                 };
-                rooms.peer_viewers(&key, &interest.from, r.viewers);
+                rooms.peer_viewers(&key, Peer::Edge(interest.from.clone()), r.viewers);
             }
         }
     }
 
-    /// Every presence interval, each origin hears in one message how many
-    /// viewers each of its rooms has here.
-    async fn tell_interest(self: Arc<Self>, every: Duration) {
+    /// Every presence interval: as its region's aggregator, sums the
+    /// region's counts and tells each origin; then sends this edge's own
+    /// counts to the aggregator.
+    async fn count(self: Arc<Self>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -409,26 +472,284 @@ impl Links {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let mut by_origin: HashMap<String, Vec<RoomCount>> = HashMap::new();
-            for (key, (origin, viewers)) in &self.state().relayed {
-                by_origin.entry(origin.clone()).or_default().push(RoomCount {
-                    tenant: key.tenant.to_string(),
-                    room: key.name.to_string(),
-                    viewers: *viewers,
-                });
+            let live = self.cluster.live();
+            let region = self.cluster.region().to_owned();
+            let Some(aggregator) = live.aggregator(&region).map(str::to_owned) else {
+                continue;
+            };
+            if aggregator == self.edge_id() {
+                // A report three intervals old is from an edge that stopped.
+                let by_origin = aggregate(&mut self.state(), &live, every * 3);
+                for (origin, rooms) in by_origin {
+                    let (at_ms, rooms) = rooms;
+                    let counts = RegionCounts {
+                        region: region.clone(),
+                        from: self.edge_id().to_owned(),
+                        at_ms,
+                        rooms,
+                    };
+                    let subject = bus::regional_subject(&origin);
+                    let _ = self
+                        .cluster
+                        .publish(subject, BusKind::Regional, bus::encode(&counts))
+                        .await;
+                }
+            } else {
+                let mut state = self.state();
+                state.reports.clear();
+                state.told.clear();
             }
-            for (origin, rooms) in by_origin {
-                let interest = Interest {
+            let counts = {
+                let mut state = self.state();
+                let rooms: Vec<OriginCount> = state
+                    .relayed
+                    .iter()
+                    .map(|(key, (origin, viewers))| OriginCount {
+                        origin: origin.clone(),
+                        tenant: key.tenant.to_string(),
+                        room: key.name.to_string(),
+                        viewers: *viewers,
+                    })
+                    .collect();
+                // Once empty, say so once; then stay quiet while nothing is relayed.
+                if rooms.is_empty() && !state.counted_any {
+                    continue;
+                }
+                state.counted_any = !rooms.is_empty();
+                EdgeCounts {
                     from: self.edge_id().to_owned(),
+                    region: region.clone(),
+                    at_ms: crate::unix_now_ms(),
                     rooms,
-                };
+                }
+            };
+            for counts in split_counts(counts) {
+                let subject = bus::counts_subject(&aggregator);
                 let _ = self
                     .cluster
-                    .publish(bus::interest_subject(&origin), "interest", bus::encode(&interest))
+                    .publish(subject, BusKind::Counts, bus::encode(&counts))
                     .await;
             }
         }
     }
+
+    /// Counts of this region's edges, kept while this edge aggregates.
+    async fn hear_counts(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some(counts) = self.next::<EdgeCounts>(&mut sub, BusKind::Counts).await {
+            if let Err(why) = crate::config::check_bus_token(&counts.from)
+                .and_then(|()| crate::config::check_bus_token(&counts.region))
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    counts
+                        .rooms
+                        .iter()
+                        .try_for_each(|r| check_room(&r.tenant, &r.room).and_then(|()| check_edge(&r.origin)))
+                })
+            {
+                self.cluster.malformed(BusKind::Counts, &why);
+                continue;
+            }
+            if counts.region != self.cluster.region() {
+                self.cluster.malformed(BusKind::Counts, &"counts from another region");
+                continue;
+            }
+            let mut state = self.state();
+            let report = state.reports.entry(counts.from).or_insert_with(|| Report {
+                heard: Instant::now(),
+                at_ms: counts.at_ms,
+                rooms: Vec::new(),
+            });
+            // A big edge's counts come in several messages of one moment.
+            if report.at_ms != counts.at_ms {
+                report.rooms.clear();
+            }
+            report.heard = Instant::now();
+            report.at_ms = counts.at_ms;
+            report.rooms.extend(counts.rooms);
+        }
+    }
+
+    /// Regions' totals of rooms this edge is the origin of.
+    async fn hear_regional(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some(counts) = self.next::<RegionCounts>(&mut sub, BusKind::Regional).await {
+            if let Err(why) = crate::config::check_bus_token(&counts.region)
+                .and_then(|()| crate::config::check_bus_token(&counts.from))
+            {
+                self.cluster.malformed(BusKind::Regional, &why);
+                continue;
+            }
+            let lag = crate::unix_now_ms().saturating_sub(counts.at_ms);
+            self.cluster
+                .stats()
+                .presence_lag_ms
+                .store(lag, std::sync::atomic::Ordering::Relaxed);
+            metrics::gauge!("throng_presence_lag_seconds").set(lag as f64 / 1000.0);
+            let Some(rooms) = self.rooms.upgrade() else {
+                return;
+            };
+            for r in counts.rooms {
+                if let Err(why) = check_room(&r.tenant, &r.room) {
+                    self.cluster.malformed(BusKind::Regional, &why);
+                    continue;
+                }
+                let key = RoomKey {
+                    tenant: Arc::from(r.tenant.as_str()),
+                    name: Arc::from(r.room.as_str()),
+                };
+                rooms.peer_viewers(&key, Peer::Region(counts.region.clone()), r.viewers);
+            }
+        }
+    }
+
+    /// For each of `users` of `tenant`: online on any live edge. `here` is
+    /// this edge's own answer; other edges are asked at once and whatever
+    /// answers within [`WHO_DEADLINE`] is merged in. None when too many
+    /// such queries are under way on this edge.
+    pub async fn who_is_online(&self, tenant: &str, users: Vec<String>, mut here: Vec<bool>) -> Option<Vec<bool>> {
+        let others = self.cluster.live().edges.len().saturating_sub(1);
+        if others == 0 || here.iter().all(|b| *b) {
+            return Some(here);
+        }
+        let _permit = Arc::clone(&self.who_in_flight).try_acquire_owned().ok()?;
+        let inbox = self.cluster.inbox();
+        let mut answers = match self.cluster.subscribe(inbox.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "presence query: cannot hear answers; answering for this edge alone");
+                return Some(here);
+            }
+        };
+        let query = WhoQuery {
+            from: self.edge_id().to_owned(),
+            tenant: tenant.to_owned(),
+            users,
+        };
+        if let Err(e) = self
+            .cluster
+            .request(bus::who_subject(), inbox, BusKind::Who, bus::encode(&query))
+            .await
+        {
+            tracing::debug!(error = %e, "presence query not sent; answering for this edge alone");
+            return Some(here);
+        }
+        let deadline = tokio::time::Instant::now() + WHO_DEADLINE;
+        let mut heard = std::collections::HashSet::new();
+        while heard.len() < others {
+            let answer = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                a = self.next::<WhoAnswer>(&mut answers, BusKind::Who) => match a { Some(a) => a, None => break },
+            };
+            if !heard.insert(answer.from) {
+                continue;
+            }
+            for (i, online) in here.iter_mut().enumerate() {
+                *online |= bus::bit(&answer.online, i);
+            }
+        }
+        if heard.len() < others {
+            metrics::counter!("throng_presence_query_partial_total").increment(1);
+        }
+        Some(here)
+    }
+
+    /// Other edges' "who is online": answered from this edge's users.
+    async fn hear_who(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some((query, reply)) = self.next_message::<WhoQuery>(&mut sub, BusKind::Who).await {
+            if query.from == self.edge_id() {
+                continue;
+            }
+            let Some(reply) = reply else {
+                self.cluster.malformed(BusKind::Who, &"a query without a reply subject");
+                continue;
+            };
+            if query.users.len() > crate::presence::MAX_QUERY_USERS {
+                self.cluster.malformed(BusKind::Who, &"a query of too many users");
+                continue;
+            }
+            let online = self.presence.query(&query.tenant, &query.users);
+            let answer = WhoAnswer {
+                from: self.edge_id().to_owned(),
+                online: bus::pack_bits(&online),
+            };
+            let _ = self.cluster.publish(reply, BusKind::Who, bus::encode(&answer)).await;
+        }
+    }
+}
+
+/// A region's viewers per (tenant, room).
+type RoomSums = HashMap<(String, String), u64>;
+
+/// The aggregator's sums: per origin, the oldest count summed in and the
+/// region's total of each of its rooms (with a 0 for a room told before
+/// and not counted now). Forgets reports of edges not live or older than
+/// `stale`.
+fn aggregate(state: &mut State, live: &LiveSet, stale: Duration) -> HashMap<String, (u64, Vec<RoomCount>)> {
+    state
+        .reports
+        .retain(|edge, r| live.contains(edge) && r.heard.elapsed() < stale);
+    let mut sums: HashMap<String, (u64, RoomSums)> = HashMap::new();
+    for report in state.reports.values() {
+        for r in &report.rooms {
+            let (at_ms, rooms) = sums.entry(r.origin.clone()).or_insert((u64::MAX, HashMap::new()));
+            *at_ms = (*at_ms).min(report.at_ms);
+            let n = rooms.entry((r.tenant.clone(), r.room.clone())).or_insert(0);
+            *n = n.saturating_add(r.viewers);
+        }
+    }
+    let now = crate::unix_now_ms();
+    for (origin, told) in std::mem::take(&mut state.told) {
+        if !live.contains(&origin) {
+            continue;
+        }
+        let (_, rooms) = sums.entry(origin).or_insert((now, HashMap::new()));
+        for room in told {
+            rooms.entry(room).or_insert(0);
+        }
+    }
+    let mut out = HashMap::new();
+    for (origin, (at_ms, rooms)) in sums {
+        let told: Vec<(String, String)> = rooms.iter().filter(|(_, n)| **n > 0).map(|(k, _)| k.clone()).collect();
+        if !told.is_empty() {
+            state.told.insert(origin.clone(), told);
+        }
+        let rooms = rooms
+            .into_iter()
+            .map(|((tenant, room), viewers)| RoomCount { tenant, room, viewers })
+            .collect();
+        out.insert(origin, (at_ms, rooms));
+    }
+    out
+}
+
+/// Cuts an edge's counts into bus messages that fit.
+fn split_counts(counts: EdgeCounts) -> Vec<EdgeCounts> {
+    let mut out = Vec::new();
+    let mut part = Vec::new();
+    let mut size = 0;
+    for r in counts.rooms {
+        let s = r.origin.len() + r.tenant.len() + r.room.len() + 16;
+        if size + s > bus::FORWARD_SPLIT_BYTES && !part.is_empty() {
+            out.push(std::mem::take(&mut part));
+            size = 0;
+        }
+        size += s;
+        part.push(r);
+    }
+    if !part.is_empty() || out.is_empty() {
+        out.push(part);
+    }
+    out.into_iter()
+        .map(|rooms| EdgeCounts {
+            from: counts.from.clone(),
+            region: counts.region.clone(),
+            at_ms: counts.at_ms,
+            rooms,
+        })
+        .collect()
+}
+
+fn check_edge(edge: &str) -> Result<(), String> {
+    crate::config::check_bus_token(edge).map_err(|e| format!("edge id: {e}"))
 }
 
 /// Gathers a forwarding edge's answers: whatever the rooms answered by the
@@ -482,7 +803,7 @@ async fn send_replies(
             continue;
         }
         if let Err(e) = cluster
-            .publish(subject.clone(), "replies", bus::encode(&Replies { items }))
+            .publish(subject.clone(), BusKind::Replies, bus::encode(&Replies { items }))
             .await
         {
             tracing::debug!(error = %e, "replies not published; the senders' edge times them out");
@@ -522,4 +843,121 @@ fn refuse(reply: &ReplyTx, client_msg_id: u64, code: ErrorCode, reason: &str) {
         code: code.code(),
         reason: reason.to_owned(),
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::LiveEdge;
+
+    fn live(ids: &[&str]) -> LiveSet {
+        LiveSet {
+            edges: ids
+                .iter()
+                .map(|id| LiveEdge {
+                    edge_id: (*id).to_owned(),
+                    region: "eu".into(),
+                    quic: "127.0.0.1:1".into(),
+                })
+                .collect(),
+        }
+    }
+
+    fn report(state: &mut State, edge: &str, at_ms: u64, rooms: &[(&str, &str, u64)]) {
+        state.reports.insert(
+            edge.to_owned(),
+            Report {
+                heard: Instant::now(),
+                at_ms,
+                rooms: rooms
+                    .iter()
+                    .map(|(origin, room, viewers)| OriginCount {
+                        origin: (*origin).to_owned(),
+                        tenant: "acme".into(),
+                        room: (*room).to_owned(),
+                        viewers: *viewers,
+                    })
+                    .collect(),
+            },
+        );
+    }
+
+    fn sorted(mut rooms: Vec<RoomCount>) -> Vec<(String, u64)> {
+        rooms.sort_by(|a, b| a.room.cmp(&b.room));
+        rooms.into_iter().map(|r| (r.room, r.viewers)).collect()
+    }
+
+    #[test]
+    fn the_aggregator_sums_per_origin_and_says_once_when_a_room_empties() {
+        let live = live(&["a", "b", "c", "o1", "o2"]);
+        let mut state = State::default();
+        report(&mut state, "a", 100, &[("o1", "x", 3), ("o2", "y", 1)]);
+        report(&mut state, "b", 90, &[("o1", "x", 4), ("o1", "z", 2)]);
+        let mut out = aggregate(&mut state, &live, Duration::from_secs(60));
+        assert_eq!(out.len(), 2, "one message per origin");
+        let (at, o1) = out.remove("o1").unwrap();
+        assert_eq!(at, 90, "the oldest count summed in");
+        assert_eq!(sorted(o1), vec![("x".into(), 7), ("z".into(), 2)]);
+        assert_eq!(sorted(out.remove("o2").unwrap().1), vec![("y".into(), 1)]);
+
+        // b's viewers of z left, and a stopped relaying anything.
+        report(&mut state, "b", 200, &[("o1", "x", 4)]);
+        report(&mut state, "a", 200, &[]);
+        let mut out = aggregate(&mut state, &live, Duration::from_secs(60));
+        assert_eq!(
+            sorted(out.remove("o1").unwrap().1),
+            vec![("x".into(), 4), ("z".into(), 0)]
+        );
+        assert_eq!(sorted(out.remove("o2").unwrap().1), vec![("y".into(), 0)]);
+        assert!(out.is_empty());
+
+        // Said once: the next round names only what has viewers.
+        let mut out = aggregate(&mut state, &live, Duration::from_secs(60));
+        assert_eq!(sorted(out.remove("o1").unwrap().1), vec![("x".into(), 4)]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn counts_of_a_dead_or_silent_edge_are_dropped() {
+        let mut state = State::default();
+        report(&mut state, "a", 1, &[("o", "x", 3)]);
+        report(&mut state, "gone", 1, &[("o", "x", 5)]);
+        let mut out = aggregate(&mut state, &live(&["a", "o"]), Duration::from_secs(60));
+        assert_eq!(sorted(out.remove("o").unwrap().1), vec![("x".into(), 3)]);
+        let out = aggregate(&mut state, &live(&["a", "o"]), Duration::ZERO);
+        // a fell silent: its room is told once more, with nobody in it.
+        assert_eq!(sorted(out.get("o").unwrap().1.clone()), vec![("x".into(), 0)]);
+        assert!(state.reports.is_empty());
+    }
+
+    #[test]
+    fn big_counts_are_cut_into_messages_that_fit() {
+        let rooms: Vec<OriginCount> = (0..40_000)
+            .map(|i| OriginCount {
+                origin: "origin-edge".into(),
+                tenant: "acme".into(),
+                room: format!("room-{i:08}"),
+                viewers: 1,
+            })
+            .collect();
+        let parts = split_counts(EdgeCounts {
+            from: "a".into(),
+            region: "eu".into(),
+            at_ms: 5,
+            rooms,
+        });
+        assert!(parts.len() > 1);
+        assert_eq!(parts.iter().map(|p| p.rooms.len()).sum::<usize>(), 40_000);
+        for p in &parts {
+            assert!(bus::encode(p).len() <= bus::MAX_ROOM_BUS_BYTES);
+            assert_eq!(p.at_ms, 5, "one moment: the aggregator joins the parts");
+        }
+        let empty = split_counts(EdgeCounts {
+            from: "a".into(),
+            region: "eu".into(),
+            at_ms: 5,
+            rooms: Vec::new(),
+        });
+        assert_eq!(empty.len(), 1, "an empty count is still said once");
+    }
 }

@@ -100,6 +100,74 @@ impl LiveSet {
     pub fn origin(&self, tenant: &str, room: &str) -> Option<&str> {
         rendezvous::origin(&rendezvous::room_key(tenant, room), self.ids())
     }
+
+    /// The edge that sums `region`'s viewer counts: rendezvous hashing
+    /// again, over the region's live edges, so all agree without asking.
+    pub fn aggregator(&self, region: &str) -> Option<&str> {
+        let key = format!("presence of region {region}");
+        rendezvous::origin(
+            &key,
+            self.edges
+                .iter()
+                .filter(|e| e.region == region)
+                .map(|e| e.edge_id.as_str()),
+        )
+    }
+
+    pub fn contains(&self, edge_id: &str) -> bool {
+        self.edges.iter().any(|e| e.edge_id == edge_id)
+    }
+}
+
+/// What a bus message is for; counted apart, so an operator (and a test)
+/// sees how many of each an edge sends per tick and per interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    Announce,
+    /// A room's tick, from its origin to its relays.
+    Batch,
+    /// Sends, from a relay to the origin.
+    Forward,
+    /// Acks and rejections, from the origin to a relay.
+    Replies,
+    /// A relay's first viewers of a room, told to its origin at once.
+    Interest,
+    /// An edge's viewer counts, to its region's aggregator.
+    Counts,
+    /// A region's viewer totals, from its aggregator to an origin.
+    Regional,
+    /// A cluster-wide "which users are online" and its answers.
+    Who,
+    /// A relay's request for what the bus lost, and the origin's answer.
+    Resync,
+}
+
+impl BusKind {
+    pub const ALL: [BusKind; 9] = [
+        BusKind::Announce,
+        BusKind::Batch,
+        BusKind::Forward,
+        BusKind::Replies,
+        BusKind::Interest,
+        BusKind::Counts,
+        BusKind::Regional,
+        BusKind::Who,
+        BusKind::Resync,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BusKind::Announce => "announce",
+            BusKind::Batch => "batch",
+            BusKind::Forward => "forward",
+            BusKind::Replies => "replies",
+            BusKind::Interest => "interest",
+            BusKind::Counts => "counts",
+            BusKind::Regional => "regional",
+            BusKind::Who => "who",
+            BusKind::Resync => "resync",
+        }
+    }
 }
 
 /// Bus traffic of this edge.
@@ -111,6 +179,18 @@ pub struct BusStats {
     pub bytes_in: AtomicU64,
     /// Bus messages that did not decode (dropped).
     pub malformed: AtomicU64,
+    /// Messages out and in, by [`BusKind`] (in `ALL`'s order).
+    by_kind: [[AtomicU64; 2]; BusKind::ALL.len()],
+    /// Origin: the latest region count's age when it arrived (ms).
+    pub presence_lag_ms: AtomicU64,
+}
+
+impl BusStats {
+    /// Messages of `kind` this edge sent and received so far.
+    pub fn of(&self, kind: BusKind) -> (u64, u64) {
+        let [out, inn] = &self.by_kind[kind as usize];
+        (out.load(Ordering::Relaxed), inn.load(Ordering::Relaxed))
+    }
 }
 
 /// This edge's membership of a cluster.
@@ -125,6 +205,8 @@ pub struct Cluster {
     members: Arc<Mutex<Members>>,
     live: watch::Receiver<Arc<LiveSet>>,
     stats: Arc<BusStats>,
+    /// Rooms alive here whose origin this edge is.
+    originated: AtomicU64,
 }
 
 impl Cluster {
@@ -197,6 +279,7 @@ impl Cluster {
             members: Arc::new(Mutex::new(members)),
             live,
             stats: Arc::default(),
+            originated: AtomicU64::new(0),
         });
         cluster.announce(false).await?;
         // Flushed before the edge says it is ready, so the others hear of
@@ -246,6 +329,16 @@ impl Cluster {
         &self.stats
     }
 
+    /// A room here became (`true`) or stopped being its own origin.
+    pub(crate) fn originates(&self, yes: bool) {
+        let n = if yes {
+            self.originated.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            self.originated.fetch_sub(1, Ordering::Relaxed).saturating_sub(1)
+        };
+        metrics::gauge!("throng_cluster_rooms_originated").set(n as f64);
+    }
+
     /// Whether the NATS connection is up now.
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
@@ -278,7 +371,7 @@ impl Cluster {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             leaving,
         });
-        self.publish(bus::edges_subject(), "announce", bytes).await
+        self.publish(bus::edges_subject(), BusKind::Announce, bytes).await
     }
 
     /// This run's incarnation (its start, Unix ms).
@@ -294,35 +387,58 @@ impl Cluster {
     }
 
     /// Counts and drops a bus message that could not be read.
-    pub(crate) fn malformed(&self, kind: &'static str, why: &dyn std::fmt::Display) {
+    pub(crate) fn malformed(&self, kind: BusKind, why: &dyn std::fmt::Display) {
         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("throng_bus_malformed_total", "kind" => kind).increment(1);
-        tracing::debug!(kind, error = %why, "dropped a malformed bus message");
+        metrics::counter!("throng_bus_malformed_total", "kind" => kind.name()).increment(1);
+        tracing::debug!(kind = kind.name(), error = %why, "dropped a malformed bus message");
     }
 
-    pub(crate) async fn publish(
-        &self,
-        subject: String,
-        kind: &'static str,
-        bytes: Vec<u8>,
-    ) -> Result<(), ClusterError> {
-        let n = bytes.len() as u64;
+    pub(crate) async fn publish(&self, subject: String, kind: BusKind, bytes: Vec<u8>) -> Result<(), ClusterError> {
+        let n = bytes.len();
         self.client
             .publish(subject, bytes.into())
             .await
             .map_err(|e| ClusterError::Announce(e.to_string()))?;
-        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("throng_bus_messages_total", "direction" => "out", "kind" => kind).increment(1);
-        metrics::counter!("throng_bus_bytes_total", "direction" => "out", "kind" => kind).increment(n);
+        self.sent(kind, n);
         Ok(())
     }
 
-    pub(crate) fn received(&self, kind: &'static str, n: usize) {
+    /// Publishes a request whose answers come to `reply`.
+    pub(crate) async fn request(
+        &self,
+        subject: String,
+        reply: String,
+        kind: BusKind,
+        bytes: Vec<u8>,
+    ) -> Result<(), ClusterError> {
+        let n = bytes.len();
+        self.client
+            .publish_with_reply(subject, reply, bytes.into())
+            .await
+            .map_err(|e| ClusterError::Announce(e.to_string()))?;
+        self.sent(kind, n);
+        Ok(())
+    }
+
+    /// A fresh subject for one request's answers.
+    pub(crate) fn inbox(&self) -> String {
+        self.client.new_inbox()
+    }
+
+    fn sent(&self, kind: BusKind, n: usize) {
+        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.by_kind[kind as usize][0].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("throng_bus_messages_total", "direction" => "out", "kind" => kind.name()).increment(1);
+        metrics::counter!("throng_bus_bytes_total", "direction" => "out", "kind" => kind.name()).increment(n as u64);
+    }
+
+    pub(crate) fn received(&self, kind: BusKind, n: usize) {
         self.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        metrics::counter!("throng_bus_messages_total", "direction" => "in", "kind" => kind).increment(1);
-        metrics::counter!("throng_bus_bytes_total", "direction" => "in", "kind" => kind).increment(n as u64);
+        self.stats.by_kind[kind as usize][1].fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("throng_bus_messages_total", "direction" => "in", "kind" => kind.name()).increment(1);
+        metrics::counter!("throng_bus_bytes_total", "direction" => "in", "kind" => kind.name()).increment(n as u64);
     }
 
     fn members(&self) -> std::sync::MutexGuard<'_, Members> {
@@ -347,6 +463,7 @@ impl Cluster {
             edge_id: self.edge_id.clone(),
             region: self.region.clone(),
             nats_connected: self.connected(),
+            rooms_originated: self.originated.load(Ordering::Relaxed),
             live_edges: live,
             bus: BusSnapshot {
                 messages_out: load(&self.stats.messages_out),
@@ -354,6 +471,15 @@ impl Cluster {
                 messages_in: load(&self.stats.messages_in),
                 bytes_in: load(&self.stats.bytes_in),
                 malformed: load(&self.stats.malformed),
+                by_kind: BusKind::ALL
+                    .iter()
+                    .map(|k| {
+                        let (out, inn) = self.stats.of(*k);
+                        (k.name(), KindSnapshot { out, r#in: inn })
+                    })
+                    .filter(|(_, s)| s.out + s.r#in > 0)
+                    .collect(),
+                presence_lag_ms: load(&self.stats.presence_lag_ms),
             },
         }
     }
@@ -365,6 +491,8 @@ pub struct ClusterSnapshot {
     pub edge_id: String,
     pub region: String,
     pub nats_connected: bool,
+    /// Rooms alive here that this edge is the origin of.
+    pub rooms_originated: u64,
     pub live_edges: Vec<LiveMember>,
     pub bus: BusSnapshot,
 }
@@ -385,6 +513,16 @@ pub struct BusSnapshot {
     pub messages_in: u64,
     pub bytes_in: u64,
     pub malformed: u64,
+    /// Messages out and in by what they are for (kinds not seen left out).
+    pub by_kind: std::collections::BTreeMap<&'static str, KindSnapshot>,
+    /// As origin: how old the latest region count was when it arrived.
+    pub presence_lag_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct KindSnapshot {
+    pub out: u64,
+    pub r#in: u64,
 }
 
 /// An id for an edge whose config names none: unique enough among a few
@@ -461,7 +599,7 @@ async fn hear(
                     tracing::warn!("the cluster subscription ended; this edge no longer hears the others");
                     return;
                 };
-                cluster.received("announce", message.payload.len());
+                cluster.received(BusKind::Announce, message.payload.len());
                 let announce = bus::decode::<Announce>(&message.payload, bus::MAX_ANNOUNCE_BYTES)
                     .map_err(|e| e.to_string())
                     .and_then(|a| {
@@ -472,7 +610,7 @@ async fn hear(
                 match announce {
                     Ok(a) => cluster.members().heard(&a, Instant::now()).into_iter().collect(),
                     Err(e) => {
-                        cluster.malformed("announce", &e);
+                        cluster.malformed(BusKind::Announce, &e);
                         Vec::new()
                     }
                 }

@@ -17,7 +17,7 @@ use super::remote::{Heard, RoomLink, time_base};
 use super::ring::Ring;
 use super::sequencer::Sequencer;
 use super::slot::ViewerSlot;
-use super::{Inbound, JoinInfo, RoomError, RoomKey, tick};
+use super::{Inbound, JoinInfo, Peer, RoomError, RoomKey, tick};
 use crate::config::RoomClass;
 use crate::filter::TenantFilter;
 use crate::modules::{ModuleSet, ResolvedPolicy};
@@ -37,10 +37,10 @@ pub(super) enum Command {
         member: u64,
     },
     Send(Inbound),
-    /// Another edge has this many viewers of the room (this edge is its
-    /// origin).
+    /// Another edge, or a region, has this many viewers of the room (this
+    /// edge is its origin).
     PeerViewers {
-        edge: String,
+        peer: Peer,
         viewers: u64,
     },
 }
@@ -51,7 +51,7 @@ impl std::fmt::Debug for Command {
             Command::Join { member, .. } => write!(f, "Join({member})"),
             Command::Leave { member } => write!(f, "Leave({member})"),
             Command::Send(m) => write!(f, "Send({})", m.client_msg_id),
-            Command::PeerViewers { edge, viewers } => write!(f, "PeerViewers({edge}: {viewers})"),
+            Command::PeerViewers { peer, viewers } => write!(f, "PeerViewers({peer:?}: {viewers})"),
         }
     }
 }
@@ -220,7 +220,7 @@ impl Room {
             // An empty room with nothing left to do stops ticking: it only
             // waits for a joiner or the end of its linger.
             let idle = self.viewers.is_empty()
-                && self.peer_count() == 0
+                && !self.peers_interested()
                 && self.ingress.is_empty()
                 && step_due.is_none()
                 && self.kind.settled();
@@ -281,7 +281,7 @@ impl Room {
         for slot in self.viewers.slots() {
             slot.close();
         }
-        if let Some(link) = &self.link {
+        if let Some(link) = &mut self.link {
             link.retire(&self.key);
         }
         metrics::gauge!("throng_rooms").decrement(1.0);
@@ -336,7 +336,7 @@ impl Room {
                 if let Some(l) = &self.link {
                     l.viewers_changed(&self.key, self.viewers.len() as u64);
                 }
-                if self.viewers.is_empty() && self.peer_count() == 0 && self.empty_since.is_none() {
+                if self.viewers.is_empty() && !self.peers_interested() && self.empty_since.is_none() {
                     self.empty_since = Some(Instant::now());
                     if matches!(self.policy, RoomPolicy::Wasm(_)) {
                         // Nobody to show anything to: give the instance back
@@ -347,12 +347,12 @@ impl Room {
                 }
             }
             Command::Send(inbound) => self.ingress.push(inbound),
-            Command::PeerViewers { edge, viewers } => {
+            Command::PeerViewers { peer, viewers } => {
                 // Kept even by a relay: the edges of a cluster see an origin
                 // die a moment apart, and the new origin may hear of another
                 // edge's viewers before it knows the room is now its own.
                 if let Some(l) = self.link.as_mut() {
-                    l.peer_viewers(edge, viewers);
+                    l.peer_viewers(peer, viewers);
                     if viewers > 0 && l.is_origin() {
                         self.empty_since = None;
                     }
@@ -369,6 +369,15 @@ impl Room {
         }
     }
 
+    /// Whether other edges want the room's batches, when this edge is its
+    /// origin (an edge with new viewers does before its region counts them).
+    fn peers_interested(&mut self) -> bool {
+        match &mut self.link {
+            Some(l) if l.is_origin() => l.interested(),
+            _ => false,
+        }
+    }
+
     /// What the room's link to the cluster brought.
     async fn on_heard(&mut self, heard: Heard) {
         let Some(link) = self.link.as_mut() else { return };
@@ -380,7 +389,7 @@ impl Room {
                     // the one before handed out, and pick a policy.
                     self.sequencer = Sequencer::local(link.next_seq_floor());
                     self.modules.mark_changed();
-                    if link.peer_count() > 0 {
+                    if link.interested() {
                         self.empty_since = None;
                     }
                 }
@@ -498,10 +507,11 @@ impl Room {
             return;
         }
         let peers = self.peer_count();
-        if self.viewers.is_empty() && peers == 0 && self.empty_since.is_none() {
+        let interested = self.peers_interested();
+        if self.viewers.is_empty() && !interested && self.empty_since.is_none() {
             self.empty_since = Some(Instant::now());
         }
-        if !self.viewers.is_empty() || peers > 0 {
+        if !self.viewers.is_empty() || interested {
             // An empty room keeps the built-in policy (see Leave) until
             // someone joins: no Wasm instance for nobody.
             self.apply_modules().await;

@@ -86,6 +86,17 @@ pub struct Inbound {
     pub hops: u8,
 }
 
+/// Who tells an origin of viewers on other edges.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Peer {
+    /// An edge whose first viewers of the room just came (or whose last
+    /// just left): the origin publishes to it before its region's count
+    /// includes it.
+    Edge(String),
+    /// A region's total, from its aggregator, every presence interval.
+    Region(String),
+}
+
 /// Longest filter rejection reason passed on to a sender.
 pub const MAX_REASON: usize = 256;
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::actor::{Command, Room, RoomHandle};
 use super::slot::ViewerSlot;
-use super::{Inbound, JoinInfo, RoomError, RoomKey};
+use super::{Inbound, JoinInfo, Peer, RoomError, RoomKey};
 use crate::cluster::links::Links;
 use crate::config::RoomsConfig;
 use crate::log::GroupLog;
@@ -283,6 +283,11 @@ impl Rooms {
         self.links.get()
     }
 
+    /// This edge's links to the rest of its cluster, if it is in one.
+    pub fn cluster_links(&self) -> Option<Arc<Links>> {
+        self.links.get().cloned()
+    }
+
     /// A send another edge forwarded to a room this edge is the origin of
     /// (making the room if need be).
     pub fn peer_send(self: &Arc<Self>, key: &RoomKey, inbound: Inbound) -> Result<(), (Inbound, RoomError)> {
@@ -296,9 +301,9 @@ impl Rooms {
         RoomHandle::new(tx).send(inbound)
     }
 
-    /// Another edge has `viewers` viewers of a room this edge is the origin
-    /// of. A count for a room not alive here makes it, unless it is 0.
-    pub fn peer_viewers(self: &Arc<Self>, key: &RoomKey, edge: &str, viewers: u64) {
+    /// Viewers of a room this edge is the origin of, on another edge or in
+    /// a region. A count for a room not alive here makes it, unless it is 0.
+    pub fn peer_viewers(self: &Arc<Self>, key: &RoomKey, peer: Peer, viewers: u64) {
         if self.is_group(&key.name) {
             return;
         }
@@ -316,10 +321,7 @@ impl Rooms {
                 }
             }
         };
-        let _ = tx.try_send(Command::PeerViewers {
-            edge: edge.to_owned(),
-            viewers,
-        });
+        let _ = tx.try_send(Command::PeerViewers { peer, viewers });
     }
 
     /// Waits for every room task to stop after shutdown was signalled.

@@ -24,8 +24,8 @@ use throng_wire::{EdgeFrame, FrameDecoder};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::RoomKey;
 use super::slot::Delivery;
+use super::{Peer, RoomKey};
 use crate::cluster::LiveSet;
 use crate::cluster::bus::{self, RoomBatch};
 use crate::cluster::links::Links;
@@ -56,14 +56,19 @@ pub(super) struct RoomLink {
     pub(super) links: Arc<Links>,
     subject: String,
     pub(super) role: Role,
+    /// Whether this link counts in the cluster's rooms originated here.
+    counted: bool,
     live: watch::Receiver<Arc<LiveSet>>,
     sub: Option<async_nats::Subscriber>,
     /// Origin: this origin's bus batches of the room so far.
     batch_no: u64,
     /// Origin: the highest number its relays have been told of.
     told_seq: u64,
-    /// Origin: viewers on other edges, and when each last said so.
-    peers: HashMap<String, (u64, Instant)>,
+    /// Origin: edges that told of their first viewers, and when: they get
+    /// batches before their region's count includes them.
+    hellos: HashMap<String, Instant>,
+    /// Origin: each region's viewers, and when its aggregator last said so.
+    regions: HashMap<String, (u64, Instant)>,
     /// Relay: the last bus batch seen (origin, epoch, batch number).
     last_batch: Option<(String, u64, u64)>,
     /// The highest sequence number seen from any origin of the room.
@@ -91,11 +96,13 @@ impl RoomLink {
             subject: bus::room_subject(&key.tenant, &key.name),
             links,
             role: Role::Origin,
+            counted: false,
             live,
             sub: None,
             batch_no: 0,
             told_seq: 0,
-            peers: HashMap::new(),
+            hellos: HashMap::new(),
+            regions: HashMap::new(),
             last_batch: None,
             seen_seq: 0,
             decoder: FrameDecoder::new(max_frame),
@@ -140,6 +147,7 @@ impl RoomLink {
             tracing::info!(room = %key, role = ?role, "room's role in the cluster");
         }
         self.role = role;
+        self.count_origin(self.is_origin());
     }
 
     /// Waits for what the link has for the room.
@@ -184,11 +192,13 @@ impl RoomLink {
     }
 
     fn on_batch(&mut self, payload: &[u8]) -> Heard {
-        self.links.cluster().received("batch", payload.len());
+        self.links
+            .cluster()
+            .received(crate::cluster::BusKind::Batch, payload.len());
         let batch: RoomBatch = match bus::decode(payload, bus::MAX_ROOM_BUS_BYTES) {
             Ok(b) => b,
             Err(e) => {
-                self.links.cluster().malformed("batch", &e);
+                self.links.cluster().malformed(crate::cluster::BusKind::Batch, &e);
                 return Heard::Nothing;
             }
         };
@@ -222,7 +232,7 @@ impl RoomLink {
                 _ => {
                     self.links
                         .cluster()
-                        .malformed("batch", &"a frame that is not one batch");
+                        .malformed(crate::cluster::BusKind::Batch, &"a frame that is not one batch");
                 }
             }
         }
@@ -233,22 +243,42 @@ impl RoomLink {
         }
     }
 
-    /// Another edge has `viewers` viewers of the room (counted while this
-    /// edge is its origin).
-    pub(super) fn peer_viewers(&mut self, edge: String, viewers: u64) {
-        if viewers == 0 {
-            self.peers.remove(&edge);
-        } else {
-            self.peers.insert(edge, (viewers, Instant::now()));
+    /// An edge's first (or no more) viewers, or a region's total (counted
+    /// while this edge is the room's origin).
+    pub(super) fn peer_viewers(&mut self, peer: Peer, viewers: u64) {
+        match peer {
+            Peer::Edge(edge) if viewers == 0 => {
+                self.hellos.remove(&edge);
+            }
+            Peer::Edge(edge) => {
+                self.hellos.insert(edge, Instant::now());
+            }
+            Peer::Region(region) if viewers == 0 => {
+                self.regions.remove(&region);
+            }
+            Peer::Region(region) => {
+                self.regions.insert(region, (viewers, Instant::now()));
+            }
         }
     }
 
-    /// Origin: viewers on other edges now (forgetting edges that stopped
-    /// saying so).
-    pub(super) fn peer_count(&mut self) -> u64 {
+    /// Forgets regions and edges that stopped saying so.
+    fn expire_peers(&mut self) {
         let ttl = self.peer_ttl;
-        self.peers.retain(|_, (_, at)| at.elapsed() < ttl);
-        self.peers.values().map(|(n, _)| n).sum()
+        self.regions.retain(|_, (_, at)| at.elapsed() < ttl);
+        self.hellos.retain(|_, at| at.elapsed() < ttl);
+    }
+
+    /// Origin: viewers on other edges now, as their regions count them.
+    pub(super) fn peer_count(&mut self) -> u64 {
+        self.expire_peers();
+        self.regions.values().map(|(n, _)| n).sum()
+    }
+
+    /// Origin: whether any other edge wants the room's batches.
+    pub(super) fn interested(&mut self) -> bool {
+        self.expire_peers();
+        !self.regions.is_empty() || !self.hellos.is_empty()
     }
 
     /// Origin: publishes the tick's frames for the relays, if any edge has
@@ -260,7 +290,7 @@ impl RoomLink {
         last_seq: u64,
         within: Duration,
     ) {
-        if self.peers.is_empty() || (deliveries.is_empty() && last_seq == self.told_seq) {
+        if !self.interested() || (deliveries.is_empty() && last_seq == self.told_seq) {
             return;
         }
         self.batch_no += 1;
@@ -285,8 +315,16 @@ impl RoomLink {
     }
 
     /// The room retires: its origin hears it has no viewers here.
-    pub(super) fn retire(&self, key: &RoomKey) {
+    pub(super) fn retire(&mut self, key: &RoomKey) {
         self.links.relayed(key, "", 0);
+        self.count_origin(false);
+    }
+
+    fn count_origin(&mut self, origin: bool) {
+        if origin != self.counted {
+            self.counted = origin;
+            self.links.cluster().originates(origin);
+        }
     }
 }
 
