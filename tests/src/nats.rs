@@ -39,6 +39,28 @@ impl NatsServer {
         panic!("nats-server did not start on any of 5 free ports");
     }
 
+    /// One server with `conf` (nats-server config syntax) besides the
+    /// usual port and JetStream store.
+    pub fn start_with(conf: &str) -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir for nats-server");
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, conf).expect("nats-server config");
+        let mut server = NatsServer {
+            child: None,
+            port: 0,
+            store: dir.path().join("jetstream"),
+            conf: Some(path),
+            _dir: dir,
+        };
+        for _ in 0..5 {
+            server.port = free_port();
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("nats-server did not start on any of 5 free ports");
+    }
+
     /// One server per region, named after it, joined by gateways into a
     /// supercluster, as regions are in production. Each serves clients on
     /// its own free port; messages cross to another region only where that

@@ -119,7 +119,14 @@ pub struct ClusterConfig {
     pub heartbeat: Duration,
     /// An edge not heard from for this long is taken for dead.
     pub dead_after: Duration,
+    /// Bus messages one subscription (a room's batches, this edge's
+    /// ingress) buffers before NATS drops more: an edge that falls this far
+    /// behind is a slow consumer, and its rooms resync from their origins.
+    pub subscription_capacity: usize,
 }
+
+/// async-nats's own default.
+pub const DEFAULT_SUBSCRIPTION_CAPACITY: usize = 65_536;
 
 impl ClusterConfig {
     /// A cluster of these NATS servers with every other setting at its
@@ -132,6 +139,7 @@ impl ClusterConfig {
             credentials: None,
             heartbeat: DEFAULT_HEARTBEAT,
             dead_after: DEFAULT_HEARTBEAT * 3,
+            subscription_capacity: DEFAULT_SUBSCRIPTION_CAPACITY,
         }
     }
 }
@@ -545,6 +553,7 @@ struct RawCluster {
     heartbeat: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     dead_after: Option<Duration>,
+    subscription_capacity: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1404,6 +1413,12 @@ impl Validator<'_> {
             Duration::from_millis(100),
             Duration::from_secs(600),
         )?;
+        let subscription_capacity = self.range(
+            "cluster.subscription_capacity",
+            c.subscription_capacity.unwrap_or(DEFAULT_SUBSCRIPTION_CAPACITY as u64),
+            4,
+            1 << 20,
+        )? as usize;
         Ok(ClusterConfig {
             nats: c.nats,
             edge_id: c.edge_id,
@@ -1411,6 +1426,7 @@ impl Validator<'_> {
             credentials,
             heartbeat,
             dead_after,
+            subscription_capacity,
         })
     }
 

@@ -465,3 +465,147 @@ async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
         assert_eq!(seqs, after, "viewer {v} after the move (noticed in {noticed:?})");
     }
 }
+
+/// A relay that falls behind on the bus (stopped for a moment, its
+/// subscription's buffer overflows when the backlog arrives at once, and
+/// the NATS client drops what does not fit) notices the gap in the origin's
+/// batches and fills it from the origin's ring: its viewer gets every
+/// message the origin's viewer got, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["a", "b"];
+    let mut edges = Vec::new();
+    let mut ready = Vec::new();
+    for id in ids {
+        let path = dir.path().join(format!("{id}.toml"));
+        let text = config(&nats.url(), id).replace(
+            "[tenants.dev]",
+            "[limits]\nsend_rate_per_sec = 100000\nsend_burst = 100000\n\n\
+             [rooms]\nviewer_cap_per_sec = 0\nrecent_messages = 5000\npresence_interval = \"200ms\"\n\
+             viewer_queue_batches = 10000\n\n\
+             [tenants.dev]",
+        );
+        // Four bus messages per subscription: a backlog overflows it.
+        let text = text.replace("dead_after =", "subscription_capacity = 4\ndead_after =");
+        std::fs::write(&path, text).expect("config");
+        let mut serve = Serve::start(dir.path(), &["--config", path.to_str().expect("utf-8")]).await;
+        ready.push(serve.ready.take().expect("ready line"));
+        edges.push(serve);
+    }
+    for e in &edges {
+        e.wait_live(&ids, Duration::from_secs(10)).await;
+    }
+    let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
+    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
+    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let r = 1 - o;
+
+    let here = client(&ready[o], "viewer-origin", "viewer").await;
+    let mut here_room = here.join("lobby").await.expect("joins");
+    let there = client(&ready[r], "viewer-relay", "viewer").await;
+    let mut there_room = there.join("lobby").await.expect("joins");
+    let sender = client(&ready[o], "host", "host").await;
+    let _sender_room = sender.join("lobby").await.expect("sender joins");
+    // The relay's viewer gets the origin's batches once the origin heard of it.
+    let mut first = 0;
+    for k in 0..50 {
+        first = sender
+            .send("lobby", throng_wire::Kind::Chat, format!("warm-{k}"))
+            .await
+            .expect("acked")
+            .seq;
+        if !receive_within(&mut there_room, "warm-", Duration::from_millis(200))
+            .await
+            .is_empty()
+        {
+            break;
+        }
+    }
+    assert!(first > 0);
+
+    // Sends at the origin while the relay is stopped for 1.2 s (less than
+    // dead_after: it stays in the cluster).
+    let body = "x".repeat(100);
+    let sending = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let end = Instant::now() + Duration::from_secs(3);
+        let mut k = 0;
+        while Instant::now() < end {
+            let mut pending = Vec::new();
+            for _ in 0..10 {
+                pending.push(
+                    sender
+                        .submit("lobby", throng_wire::Kind::Chat, format!("m-{k:05}-{body}"))
+                        .await
+                        .expect("submitted"),
+                );
+                k += 1;
+            }
+            for p in pending {
+                acked.push(p.ack().await.expect("acked").seq);
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    edges[r].signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    edges[r].signal("-CONT");
+    let acked = sending.await.expect("sender");
+
+    let want = acked.len();
+    let at_origin = receive(&mut here_room, "m-", want).await;
+    let at_relay = receive(&mut there_room, "m-", want).await;
+    let seqs = |got: &[(u64, String)]| got.iter().map(|g| g.0).collect::<Vec<u64>>();
+    assert_eq!(seqs(&at_origin), acked, "the origin's own viewer");
+    let stats = edges[r].stats();
+    let resyncs = &stats["cluster"]["bus"]["by_kind"]["resync"];
+    assert!(
+        resyncs["out"].as_u64().unwrap_or(0) > 0,
+        "the relay never asked for a resync: was it cut off at all? relay got {} of {want}; relay bus {}; origin bus {}",
+        at_relay.len(),
+        stats["cluster"]["bus"],
+        edges[o].stats()["cluster"]["bus"]
+    );
+    eprintln!(
+        "relay bus {}; origin bus {}",
+        stats["cluster"]["bus"],
+        edges[o].stats()["cluster"]["bus"]
+    );
+    let got = seqs(&at_relay);
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "out of order or twice at the relay"
+    );
+    assert_eq!(
+        got.len(),
+        want,
+        "the relay's viewer got {} of {want} messages (bus: {})",
+        got.len(),
+        stats["cluster"]["bus"]
+    );
+    assert_eq!(got, acked);
+}
+
+/// What arrives within `limit` whose body starts with `prefix`.
+async fn receive_within(room: &mut throng_client::RoomStream, prefix: &str, limit: Duration) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(Ok(b)) = room.next_batch().await {
+            got.extend(
+                b.messages
+                    .into_iter()
+                    .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
+                    .filter(|(_, body)| body.starts_with(prefix)),
+            );
+            if !got.is_empty() {
+                return;
+            }
+        }
+    })
+    .await;
+    got
+}

@@ -295,13 +295,14 @@ pub struct Resync {
     pub after_seq: u64,
 }
 
-/// The origin's answer: its ring's messages after the asked number (it
-/// keeps only its most recent ones), encoded as one `Batch` frame.
+/// The origin's answer: its ring's messages after the asked number. It
+/// keeps only its most recent ones: `complete` says whether it still had
+/// everything after that number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resynced {
     pub origin: String,
-    pub epoch: u64,
-    pub frame: Vec<u8>,
+    pub messages: Vec<throng_wire::Message>,
+    pub complete: bool,
 }
 
 /// Packs one bit per user, first user in the lowest bit of the first byte.

@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::bus::{
-    self, EdgeCounts, Forward, Forwarded, Interest, OriginCount, Outcome, RegionCounts, Replies, Reply, RoomCount,
-    WhoAnswer, WhoQuery,
+    self, EdgeCounts, Forward, Forwarded, Interest, OriginCount, Outcome, RegionCounts, Replies, Reply, Resync,
+    Resynced, RoomCount, WhoAnswer, WhoQuery,
 };
 use super::{BusKind, Cluster, ClusterError, LiveSet};
 use crate::presence::Presence;
@@ -66,6 +66,14 @@ pub const WHO_DEADLINE: Duration = Duration::from_millis(500);
 /// are refused (each one is a message to every edge).
 const MAX_WHO_IN_FLIGHT: usize = 64;
 
+/// A relay waits this long for the origin to fill a gap; a room's batches
+/// wait meanwhile, so it is short.
+pub const RESYNC_DEADLINE: Duration = Duration::from_millis(500);
+
+/// Resync requests an origin answers at once; more go unanswered (the
+/// relay counts its gap as lost).
+const MAX_RESYNCS_IN_FLIGHT: usize = 32;
+
 /// An edge's links to the other edges' rooms.
 #[derive(Debug)]
 pub struct Links {
@@ -74,6 +82,7 @@ pub struct Links {
     presence: Arc<Presence>,
     state: Mutex<State>,
     who_in_flight: Arc<tokio::sync::Semaphore>,
+    resyncs_in_flight: Arc<tokio::sync::Semaphore>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -130,12 +139,14 @@ impl Links {
         let counts = cluster.subscribe(bus::counts_subject(&me)).await?;
         let regional = cluster.subscribe(bus::regional_subject(&me)).await?;
         let who = cluster.subscribe(bus::who_subject()).await?;
+        let resync = cluster.subscribe(bus::resync_subject(&me)).await?;
         let links = Arc::new(Links {
             cluster,
             rooms: Arc::downgrade(rooms),
             presence,
             state: Mutex::new(State::default()),
             who_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_WHO_IN_FLIGHT)),
+            resyncs_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_RESYNCS_IN_FLIGHT)),
             tasks: tasks.clone(),
             shutdown: shutdown.clone(),
         });
@@ -145,6 +156,7 @@ impl Links {
         tasks.spawn(Arc::clone(&links).hear_counts(counts));
         tasks.spawn(Arc::clone(&links).hear_regional(regional));
         tasks.spawn(Arc::clone(&links).hear_who(who));
+        tasks.spawn(Arc::clone(&links).hear_resync(resync));
         tasks.spawn(Arc::clone(&links).flush(flush_every));
         tasks.spawn(Arc::clone(&links).count(presence_every));
         Ok(links)
@@ -650,6 +662,90 @@ impl Links {
             metrics::counter!("throng_presence_query_partial_total").increment(1);
         }
         Some(here)
+    }
+
+    /// Asks `origin` for the messages of `key` it delivered after `after`
+    /// (a relay that missed bus batches). None if it does not answer in
+    /// time or answers nonsense.
+    pub async fn resync(&self, origin: &str, key: &RoomKey, after: u64) -> Option<Resynced> {
+        let ask = Resync {
+            tenant: key.tenant.to_string(),
+            room: key.name.to_string(),
+            after_seq: after,
+        };
+        let subject = bus::resync_subject(origin);
+        match self
+            .cluster
+            .ask(subject, BusKind::Resync, bus::encode(&ask), RESYNC_DEADLINE)
+            .await
+        {
+            Ok(bytes) => match bus::decode::<Resynced>(&bytes, bus::MAX_ROOM_BUS_BYTES) {
+                Ok(r) if r.origin == origin => Some(r),
+                Ok(_) => {
+                    self.cluster.malformed(BusKind::Resync, &"an answer from another edge");
+                    None
+                }
+                Err(e) => {
+                    self.cluster.malformed(BusKind::Resync, &e);
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, room = %key, "resync unanswered");
+                None
+            }
+        }
+    }
+
+    /// Relays' requests for what the bus lost, answered from the room's
+    /// ring, one task each (a room answers between its ticks).
+    async fn hear_resync(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some((ask, reply)) = self.next_message::<Resync>(&mut sub, BusKind::Resync).await {
+            let Some(reply) = reply else {
+                self.cluster
+                    .malformed(BusKind::Resync, &"a request without a reply subject");
+                continue;
+            };
+            if let Err(why) = check_room(&ask.tenant, &ask.room) {
+                self.cluster.malformed(BusKind::Resync, &why);
+                continue;
+            }
+            let Ok(permit) = Arc::clone(&self.resyncs_in_flight).try_acquire_owned() else {
+                metrics::counter!("throng_resync_refused_total").increment(1);
+                continue;
+            };
+            let Some(rooms) = self.rooms.upgrade() else {
+                return;
+            };
+            let links = Arc::clone(&self);
+            self.tasks.spawn(async move {
+                let key = RoomKey {
+                    tenant: Arc::from(ask.tenant.as_str()),
+                    name: Arc::from(ask.room.as_str()),
+                };
+                let Some((mut messages, mut complete)) = rooms.ring_since(&key, ask.after_seq, RESYNC_DEADLINE).await
+                else {
+                    return;
+                };
+                // The oldest go first when they would not fit one bus message.
+                let mut size: usize = messages.iter().map(|m| m.body.len() + m.sender.len() + 16).sum();
+                while size > bus::FORWARD_SPLIT_BYTES && !messages.is_empty() {
+                    let m = messages.remove(0);
+                    size -= m.body.len() + m.sender.len() + 16;
+                    complete = false;
+                }
+                let answer = Resynced {
+                    origin: links.edge_id().to_owned(),
+                    messages,
+                    complete,
+                };
+                let _ = links
+                    .cluster
+                    .publish(reply, BusKind::Resync, bus::encode(&answer))
+                    .await;
+                drop(permit);
+            });
+        }
     }
 
     /// Other edges' "who is online": answered from this edge's users.

@@ -58,6 +58,8 @@ pub enum ClusterError {
     },
     #[error("cannot announce this edge on NATS: {0}")]
     Announce(String),
+    #[error("bus request unanswered: {0}")]
+    Request(String),
 }
 
 /// How long the edge waits for NATS at start before it gives up.
@@ -232,6 +234,7 @@ impl Cluster {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("throng edge {edge_id}"))
             .connection_timeout(CONNECT_TIMEOUT)
+            .subscription_capacity(config.subscription_capacity)
             .event_callback(|event| async move { on_event(&event) });
         match &config.credentials {
             None => {}
@@ -418,6 +421,24 @@ impl Cluster {
             .map_err(|e| ClusterError::Announce(e.to_string()))?;
         self.sent(kind, n);
         Ok(())
+    }
+
+    /// Publishes a request and waits (at most `within`) for its one answer.
+    pub(crate) async fn ask(
+        &self,
+        subject: String,
+        kind: BusKind,
+        bytes: Vec<u8>,
+        within: Duration,
+    ) -> Result<bytes::Bytes, ClusterError> {
+        let n = bytes.len();
+        let answer = tokio::time::timeout(within, self.client.request(subject, bytes.into()))
+            .await
+            .map_err(|_| ClusterError::Request(format!("no answer within {within:?}")))?
+            .map_err(|e| ClusterError::Request(e.to_string()))?;
+        self.sent(kind, n);
+        self.received(kind, answer.payload.len());
+        Ok(answer.payload)
     }
 
     /// A fresh subject for one request's answers.

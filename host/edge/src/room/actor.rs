@@ -43,6 +43,12 @@ pub(super) enum Command {
         peer: Peer,
         viewers: u64,
     },
+    /// A relay that missed batches asks for the delivered messages after
+    /// `after`, and whether the ring still holds all of them.
+    Resync {
+        after: u64,
+        reply: oneshot::Sender<(Vec<Message>, bool)>,
+    },
 }
 
 impl std::fmt::Debug for Command {
@@ -52,6 +58,7 @@ impl std::fmt::Debug for Command {
             Command::Leave { member } => write!(f, "Leave({member})"),
             Command::Send(m) => write!(f, "Send({})", m.client_msg_id),
             Command::PeerViewers { peer, viewers } => write!(f, "PeerViewers({peer:?}: {viewers})"),
+            Command::Resync { after, .. } => write!(f, "Resync(after {after})"),
         }
     }
 }
@@ -347,6 +354,9 @@ impl Room {
                 }
             }
             Command::Send(inbound) => self.ingress.push(inbound),
+            Command::Resync { after, reply } => {
+                let _ = reply.send((self.ring.since(after), self.ring.holds_all_after(after)));
+            }
             Command::PeerViewers { peer, viewers } => {
                 // Kept even by a relay: the edges of a cluster see an origin
                 // die a moment apart, and the new origin may hear of another
@@ -651,7 +661,7 @@ fn refuse_queued(rx: &mut mpsc::Receiver<Command>) {
                     reason: RoomError::Unavailable.to_string(),
                 });
             }
-            Command::Leave { .. } | Command::PeerViewers { .. } => {}
+            Command::Leave { .. } | Command::PeerViewers { .. } | Command::Resync { .. } => {}
         }
     }
 }

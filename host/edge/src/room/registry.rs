@@ -324,6 +324,21 @@ impl Rooms {
         let _ = tx.try_send(Command::PeerViewers { peer, viewers });
     }
 
+    /// The delivered messages after `after` that a live room here still
+    /// holds, and whether that is all of them; None if the room is not
+    /// here or does not answer within `within`.
+    pub async fn ring_since(
+        &self,
+        key: &RoomKey,
+        after: u64,
+        within: std::time::Duration,
+    ) -> Option<(Vec<throng_wire::Message>, bool)> {
+        let tx = self.map().rooms.get(key).map(|(_, tx)| tx.clone())?;
+        let (reply, answer) = oneshot::channel();
+        tx.try_send(Command::Resync { after, reply }).ok()?;
+        tokio::time::timeout(within, answer).await.ok()?.ok()
+    }
+
     /// Waits for every room task to stop after shutdown was signalled.
     pub async fn drained(&self) {
         self.tasks.close();

@@ -20,15 +20,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use throng_wire::{EdgeFrame, FrameDecoder};
+use throng_wire::{Batch, Counters, EdgeFrame, FrameDecoder};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::slot::Delivery;
 use super::{Peer, RoomKey};
-use crate::cluster::LiveSet;
 use crate::cluster::bus::{self, RoomBatch};
 use crate::cluster::links::Links;
+use crate::cluster::{BusKind, LiveSet};
 
 /// Who runs the room.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +73,13 @@ pub(super) struct RoomLink {
     last_batch: Option<(String, u64, u64)>,
     /// The highest sequence number seen from any origin of the room.
     pub(super) seen_seq: u64,
+    /// Relay: the highest number of a message written to its viewers.
+    delivered_seq: u64,
+    /// Relay: the last tick and online count the origin sent.
+    last_tick: u64,
+    last_online: u64,
+    key: RoomKey,
+    max_frame: u32,
     decoder: FrameDecoder,
     peer_ttl: Duration,
 }
@@ -105,6 +112,11 @@ impl RoomLink {
             regions: HashMap::new(),
             last_batch: None,
             seen_seq: 0,
+            delivered_seq: 0,
+            last_tick: 0,
+            last_online: 0,
+            key: key.clone(),
+            max_frame,
             decoder: FrameDecoder::new(max_frame),
             peer_ttl: presence * 3 + Duration::from_secs(1),
         };
@@ -169,7 +181,7 @@ impl RoomLink {
             Got::Live(true) => Heard::Live,
             // The cluster is gone (shutdown): nothing more to hear.
             Got::Live(false) => std::future::pending().await,
-            Got::Message(Some(m)) => self.on_batch(&m.payload),
+            Got::Message(Some(m)) => self.on_batch(&m.payload).await,
             Got::Message(None) => {
                 self.sub = None;
                 Heard::Nothing
@@ -191,40 +203,36 @@ impl RoomLink {
         self.seen_seq.max(time_base())
     }
 
-    fn on_batch(&mut self, payload: &[u8]) -> Heard {
-        self.links
-            .cluster()
-            .received(crate::cluster::BusKind::Batch, payload.len());
+    async fn on_batch(&mut self, payload: &[u8]) -> Heard {
+        self.links.cluster().received(BusKind::Batch, payload.len());
         let batch: RoomBatch = match bus::decode(payload, bus::MAX_ROOM_BUS_BYTES) {
             Ok(b) => b,
             Err(e) => {
-                self.links.cluster().malformed(crate::cluster::BusKind::Batch, &e);
+                self.links.cluster().malformed(BusKind::Batch, &e);
                 return Heard::Nothing;
             }
         };
         if batch.origin == self.links.edge_id() {
             return Heard::Nothing; // our own, from when we were the origin
         }
-        if let Some((origin, epoch, no)) = &self.last_batch
-            && *origin == batch.origin
-            && *epoch == batch.epoch
-            && batch.batch_no > no + 1
-        {
-            let lost = batch.batch_no - no - 1;
-            metrics::counter!("throng_bus_batches_lost_total").increment(lost);
-            tracing::warn!(lost, origin = %crate::untrusted(origin, 64), "the bus lost batches of this room");
-        }
-        self.last_batch = Some((batch.origin, batch.epoch, batch.batch_no));
+        // Batches this relay should have had before this one: counted from
+        // the same origin run, or from 1 for an origin heard of first now
+        // (it published to this relay's subject from its first batch on).
+        let lost = match &self.last_batch {
+            Some((origin, epoch, no)) if *origin == batch.origin && *epoch == batch.epoch => {
+                batch.batch_no.saturating_sub(no + 1)
+            }
+            Some(_) => batch.batch_no.saturating_sub(1),
+            None => 0,
+        };
+        self.last_batch = Some((batch.origin.clone(), batch.epoch, batch.batch_no));
         self.seen_seq = self.seen_seq.max(batch.last_seq);
-        let mut deliveries = Vec::with_capacity(batch.frames.len());
+        let mut fresh = Vec::with_capacity(batch.frames.len());
         for frame in batch.frames {
             let mut buf = BytesMut::from(&frame[..]);
             match self.decoder.decode::<EdgeFrame>(&mut buf) {
                 Ok(Some(EdgeFrame::Batch(b))) if buf.is_empty() => {
-                    if let Some(m) = b.messages.last() {
-                        self.seen_seq = self.seen_seq.max(m.seq);
-                    }
-                    deliveries.push(Arc::new(Delivery {
+                    fresh.push(Arc::new(Delivery {
                         frame: Bytes::from(frame),
                         batch: b,
                     }));
@@ -232,15 +240,72 @@ impl RoomLink {
                 _ => {
                     self.links
                         .cluster()
-                        .malformed(crate::cluster::BusKind::Batch, &"a frame that is not one batch");
+                        .malformed(BusKind::Batch, &"a frame that is not one batch");
                 }
             }
+        }
+        let mut deliveries = if lost > 0 {
+            self.fill_gap(&batch.origin, lost, &fresh).await
+        } else {
+            Vec::new()
+        };
+        deliveries.extend(fresh);
+        for d in &deliveries {
+            if let Some(m) = d.batch.messages.last() {
+                self.seen_seq = self.seen_seq.max(m.seq);
+                self.delivered_seq = self.delivered_seq.max(m.seq);
+            }
+            self.last_tick = self.last_tick.max(d.batch.tick);
+            self.last_online = d.batch.online;
         }
         if deliveries.is_empty() {
             Heard::Nothing
         } else {
             Heard::Frames(deliveries)
         }
+    }
+
+    /// The bus lost `lost` of `origin`'s batches before `fresh`: asks the
+    /// origin for the messages it delivered meanwhile (from its ring), and
+    /// makes them one batch for this edge's viewers, before `fresh`. What
+    /// the origin no longer holds, or cannot say in time, shows as
+    /// `missed` in that batch: a viewer learns of a hole, never silently.
+    async fn fill_gap(&mut self, origin: &str, lost: u64, fresh: &[Arc<Delivery>]) -> Vec<Arc<Delivery>> {
+        metrics::counter!("throng_bus_batches_lost_total").increment(lost);
+        tracing::warn!(lost, origin = %crate::untrusted(origin, 64), room = %self.key, "the bus lost batches of this room; asking the origin");
+        let before = fresh
+            .iter()
+            .filter_map(|d| d.batch.messages.first())
+            .map(|m| m.seq)
+            .min()
+            .unwrap_or(u64::MAX);
+        let (messages, complete) = match self.links.resync(origin, &self.key, self.delivered_seq).await {
+            Some(r) => {
+                let after = self.delivered_seq;
+                let messages: Vec<_> = r
+                    .messages
+                    .into_iter()
+                    .filter(|m| m.seq > after && m.seq < before)
+                    .collect();
+                (messages, r.complete)
+            }
+            None => (Vec::new(), false),
+        };
+        let outcome = if complete { "filled" } else { "partial" };
+        metrics::counter!("throng_bus_resyncs_total", "outcome" => outcome).increment(1);
+        if messages.is_empty() && complete {
+            return Vec::new();
+        }
+        let batch = Batch {
+            room: self.key.name.to_string(),
+            tick: fresh.first().map_or(self.last_tick, |d| d.batch.tick),
+            messages,
+            counters: Counters::default(),
+            pinned: Vec::new(),
+            online: fresh.first().map_or(self.last_online, |d| d.batch.online),
+            missed: if complete { 0 } else { lost },
+        };
+        super::tick::encode_batch(batch, self.max_frame)
     }
 
     /// An edge's first (or no more) viewers, or a region's total (counted

@@ -9,6 +9,9 @@ use throng_wire::Message;
 pub(super) struct Ring {
     messages: VecDeque<Message>,
     cap: usize,
+    /// The highest number dropped to make room: `since` a number below it
+    /// is not the whole story.
+    dropped_up_to: u64,
 }
 
 impl Ring {
@@ -16,23 +19,39 @@ impl Ring {
         Self {
             messages: VecDeque::new(),
             cap,
+            dropped_up_to: 0,
         }
     }
 
     /// Keeps a tick's delivered messages, dropping the oldest beyond `cap`.
     pub(super) fn record(&mut self, delivered: &[Message]) {
         // Only the newest `cap` of a large tick could stay: copy no others.
-        for m in &delivered[delivered.len().saturating_sub(self.cap)..] {
-            if self.messages.len() == self.cap {
-                self.messages.pop_front();
+        let keep = delivered.len().saturating_sub(self.cap);
+        if let Some(skipped) = delivered[..keep].last() {
+            self.dropped_up_to = self.dropped_up_to.max(skipped.seq);
+        }
+        for m in &delivered[keep..] {
+            if self.messages.len() == self.cap
+                && let Some(old) = self.messages.pop_front()
+            {
+                self.dropped_up_to = self.dropped_up_to.max(old.seq);
             }
-            self.messages.push_back(m.clone());
+            if self.cap > 0 {
+                self.messages.push_back(m.clone());
+            } else {
+                self.dropped_up_to = self.dropped_up_to.max(m.seq);
+            }
         }
     }
 
     /// The kept messages numbered after `after`.
     pub(super) fn since(&self, after: u64) -> Vec<Message> {
         self.messages.iter().filter(|m| m.seq > after).cloned().collect()
+    }
+
+    /// Whether every delivered message numbered after `after` is kept.
+    pub(super) fn holds_all_after(&self, after: u64) -> bool {
+        self.dropped_up_to <= after
     }
 }
 
@@ -64,6 +83,7 @@ mod tests {
         assert_eq!(seqs(&ring.since(0)), [5, 6, 7]);
         assert_eq!(seqs(&ring.since(5)), [6, 7]);
         assert!(ring.since(7).is_empty());
+        assert!(ring.holds_all_after(4) && !ring.holds_all_after(3));
     }
 
     #[test]
@@ -71,5 +91,6 @@ mod tests {
         let mut ring = Ring::new(0);
         ring.record(&[message(1)]);
         assert!(ring.since(0).is_empty());
+        assert!(!ring.holds_all_after(0) && ring.holds_all_after(1));
     }
 }
