@@ -16,7 +16,9 @@
 //! - [`ResumableRoom`] keeps a room going across dropped connections: it
 //!   reconnects and rejoins with the last sequence number it saw, so the
 //!   edge sends what was missed (group rooms: all of it; livecast: what is
-//!   still in the ring) and nothing twice.
+//!   still in the ring) and nothing twice. Given a cluster's edges
+//!   ([`ConnectOptions::with_edges`]), it moves to the next edge when its
+//!   own drops: every edge serves every room.
 
 mod resume;
 pub mod tls;
@@ -142,6 +144,10 @@ pub struct ConnectOptions {
     /// the client refreshes by itself (see [`TokenSource`]); without it, the
     /// edge ends the session at the token's expiry.
     pub refresh: Option<TokenSource>,
+    /// Other edges of the same cluster (`host:port`), tried in turn when
+    /// `server` cannot be reached; a [`ResumableRoom`] moves to the next
+    /// one when its connection drops. `roots` must trust all of them.
+    pub fallback: Vec<String>,
 }
 
 /// Gives the client a fresh token when its current one nears expiry (a
@@ -182,7 +188,35 @@ impl ConnectOptions {
             idle_timeout: Duration::from_secs(30),
             handshake_timeout: Duration::from_secs(10),
             refresh: None,
+            fallback: Vec::new(),
         }
+    }
+
+    /// Edges of one cluster, any of which serves every room: the first is
+    /// tried first, the others when it cannot be reached (see `fallback`).
+    /// An empty list changes nothing.
+    pub fn with_edges<S: Into<String>>(mut self, edges: impl IntoIterator<Item = S>) -> Self {
+        let mut edges: Vec<String> = edges.into_iter().map(Into::into).collect();
+        if !edges.is_empty() {
+            self.server = edges.remove(0);
+            self.fallback = edges;
+        }
+        self
+    }
+
+    /// Every edge to try, `server` first.
+    pub fn edges(&self) -> Vec<String> {
+        std::iter::once(self.server.clone())
+            .chain(self.fallback.iter().cloned())
+            .collect()
+    }
+
+    /// These options for one edge of the list alone.
+    pub fn for_edge(&self, edge: &str) -> Self {
+        let mut one = self.clone();
+        one.server = edge.to_owned();
+        one.fallback = Vec::new();
+        one
     }
 
     /// Refreshes the token through `source` before it expires.
@@ -362,8 +396,24 @@ async fn resolve(server: &str) -> Result<(SocketAddr, String), ClientError> {
 }
 
 impl Client {
-    /// Connects on a fresh UDP socket.
+    /// Connects on a fresh UDP socket, to `server` or, if it cannot be
+    /// reached, to each `fallback` edge in turn.
     pub async fn connect(opts: ConnectOptions) -> Result<Client, ClientError> {
+        let mut last = None;
+        for edge in opts.edges() {
+            match Self::connect_one(opts.for_edge(&edge)).await {
+                Ok(c) => return Ok(c),
+                Err(e) if resume::recoverable(&e) && !opts.fallback.is_empty() => {
+                    tracing::debug!(%edge, error = %e, "edge unreachable; trying the next");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(ClientError::Closed))
+    }
+
+    async fn connect_one(opts: ConnectOptions) -> Result<Client, ClientError> {
         let (addr, _) = resolve(&opts.server).await?;
         let bind: SocketAddr = if addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
@@ -439,6 +489,11 @@ impl Client {
             next_id: Arc::new(AtomicU64::new(1)),
             endpoint,
         })
+    }
+
+    /// The edge this client is connected to.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.conn.remote_address()
     }
 
     /// When the session's token expires (seconds since the Unix epoch);

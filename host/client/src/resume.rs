@@ -39,6 +39,9 @@ pub struct ResumableRoom {
     /// Recent messages from the latest `Joined`, not yet handed out.
     recent: Vec<throng_wire::Message>,
     reconnects: u64,
+    /// Every edge this room may be served from, and the one serving it.
+    edges: Vec<String>,
+    edge: usize,
 }
 
 impl ResumableRoom {
@@ -52,7 +55,15 @@ impl ResumableRoom {
         let client = Client::connect(opts.clone()).await?;
         let mut stream = client.join_from(room, resume_from).await?;
         let recent = std::mem::take(&mut stream.recent);
+        let edges = opts.edges();
+        let remote = client.remote_address();
+        let edge = edges
+            .iter()
+            .position(|e| e.parse::<std::net::SocketAddr>().is_ok_and(|a| a == remote))
+            .unwrap_or(0);
         Ok(Self {
+            edges,
+            edge,
             opts,
             policy,
             room: room.to_owned(),
@@ -67,6 +78,11 @@ impl ResumableRoom {
     /// The sequence number of the last message handed out.
     pub fn last_seq(&self) -> Option<u64> {
         self.last_seq
+    }
+
+    /// The edge serving the room now (`host:port`, as listed).
+    pub fn edge(&self) -> &str {
+        &self.edges[self.edge]
     }
 
     /// How many times the connection was re-established.
@@ -131,8 +147,12 @@ impl ResumableRoom {
         let mut backoff = self.policy.first_backoff;
         loop {
             tokio::time::sleep(backoff).await;
+            // The edge that dropped us is tried last: in a cluster any edge
+            // serves the room, and a dead one costs a handshake timeout.
+            self.edge = (self.edge + 1) % self.edges.len();
+            let opts = self.opts.for_edge(&self.edges[self.edge]);
             let attempt = async {
-                let client = Client::connect(self.opts.clone()).await?;
+                let client = Client::connect(opts).await?;
                 let stream = client.join_from(&self.room, self.last_seq).await?;
                 Ok::<_, ClientError>((client, stream))
             };
@@ -159,7 +179,7 @@ impl ResumableRoom {
 
 /// Whether trying again may help: lost networks and restarting edges yes,
 /// refusals of who we are or what we asked no.
-fn recoverable(e: &ClientError) -> bool {
+pub(crate) fn recoverable(e: &ClientError) -> bool {
     match e {
         ClientError::Connect(_) | ClientError::Connection(_) | ClientError::Timeout(_) | ClientError::Closed => true,
         ClientError::Edge { code, .. } => matches!(

@@ -343,6 +343,32 @@ fn quic_of(ready: &str) -> (String, std::path::PathBuf) {
 
 async fn client(ready: &str, user: &str, role: &str) -> throng_client::Client {
     let (addr, cert) = quic_of(ready);
+    let token = token(user, role);
+    let roots = throng_client::tls::load_certs(&cert).expect("the edge's certificate");
+    throng_client::Client::connect(throng_client::ConnectOptions::new(addr, roots, token))
+        .await
+        .expect("connects")
+}
+
+/// Options for a client that knows every edge (`first` first) and trusts
+/// each one's certificate, and notices a dead edge within 2 s.
+fn cluster_options(ready: &[String], first: usize, user: &str, role: &str) -> throng_client::ConnectOptions {
+    let mut edges = vec![quic_of(&ready[first]).0];
+    let mut roots = Vec::new();
+    for (i, r) in ready.iter().enumerate() {
+        let (addr, cert) = quic_of(r);
+        roots.extend(throng_client::tls::load_certs(&cert).expect("an edge's certificate"));
+        if i != first {
+            edges.push(addr);
+        }
+    }
+    let mut opts = throng_client::ConnectOptions::new("", roots, token(user, role)).with_edges(edges);
+    opts.keep_alive = Duration::from_millis(300);
+    opts.idle_timeout = Duration::from_secs(2);
+    opts
+}
+
+fn token(user: &str, role: &str) -> String {
     let tenant = throng_edge::config::TenantConfig::Hs256 {
         secret: b"dev-secret-0123456789".to_vec(),
     };
@@ -354,11 +380,7 @@ async fn client(ready: &str, user: &str, role: &str) -> throng_client::Client {
         exp: throng_edge::auth::unix_now() + 600,
         nbf: None,
     };
-    let token = throng_edge::auth::sign(&claims, &tenant, None).expect("sign");
-    let roots = throng_client::tls::load_certs(&cert).expect("the edge's certificate");
-    throng_client::Client::connect(throng_client::ConnectOptions::new(addr, roots, token))
-        .await
-        .expect("connects")
+    throng_edge::auth::sign(&claims, &tenant, None).expect("sign")
 }
 
 /// Receives until `want` messages whose body starts with `prefix` arrived.
@@ -412,6 +434,37 @@ async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
     }
     let sender = client(&ready[survivors[0]], "host", "host").await;
     let _sender_room = sender.join("lobby").await.expect("sender joins");
+    // A viewer of the origin's edge that knows the other edges: it moves to
+    // one of them when its edge dies, and resumes by sequence.
+    let mover = throng_client::ResumableRoom::join(
+        cluster_options(&ready, o, "mover", "viewer"),
+        "lobby",
+        None,
+        throng_client::ResumePolicy::default(),
+    )
+    .await
+    .expect("joins on the origin's edge");
+    assert_eq!(mover.edge(), quic_of(&ready[o]).0);
+    let (moved_tx, moved_rx) = tokio::sync::oneshot::channel();
+    let moving = tokio::spawn(async move {
+        let mut mover = mover;
+        let mut got: Vec<(u64, String)> = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while !got.iter().any(|(_, b)| b == "after-4") {
+                match mover.next_batch().await {
+                    Ok(b) => got.extend(
+                        b.messages
+                            .into_iter()
+                            .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned())),
+                    ),
+                    Err(e) => panic!("the mover gave up: {e}"),
+                }
+            }
+        })
+        .await;
+        let _ = moved_tx.send((mover.edge().to_owned(), mover.reconnects()));
+        got
+    });
     // The origin hears of the relays' viewers within a presence interval;
     // until then what it publishes has nobody to go to.
     let mut before = Vec::new();
@@ -464,6 +517,16 @@ async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
         let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
         assert_eq!(seqs, after, "viewer {v} after the move (noticed in {noticed:?})");
     }
+    // The origin's own viewer moved to a surviving edge and got everything
+    // sent after the move, each once, in order, without asking twice.
+    let got = moving.await.expect("mover");
+    let (edge, reconnects) = moved_rx.await.expect("mover's edge");
+    assert_ne!(edge, quic_of(&ready[o]).0, "the mover stayed on the dead edge");
+    assert!(reconnects >= 1);
+    let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "the mover got {got:?}");
+    let after_got: Vec<u64> = got.iter().filter(|g| g.1.starts_with("after-")).map(|g| g.0).collect();
+    assert_eq!(after_got, after, "the mover after its edge died");
 }
 
 /// A relay that falls behind on the bus (stopped for a moment, its
