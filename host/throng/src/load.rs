@@ -100,23 +100,27 @@ pub struct LoadArgs {
     /// 127.0.0.1:0 with a temporary data dir), measure it, kill it at the end.
     #[arg(long, conflicts_with = "server")]
     spawn_edge: bool,
-    /// An edge already running, ip:port. Loopback only unless --allow-remote.
-    #[arg(long, requires = "cert")]
-    server: Option<SocketAddr>,
-    /// The certificate to trust for --server.
-    #[arg(long)]
-    cert: Option<PathBuf>,
+    /// Edges already running, ip:port, comma-separated: viewers and senders
+    /// are spread over them round-robin (edges of one cluster serve every
+    /// room). Loopback only unless --allow-remote.
+    #[arg(long, requires = "cert", value_delimiter = ',')]
+    server: Vec<SocketAddr>,
+    /// The certificates to trust for --server (one, or one per edge),
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    cert: Vec<PathBuf>,
     /// TLS name of --server (default: its IP).
     #[arg(long)]
     server_name: Option<String>,
-    /// PID of the --server process, to read its CPU time and RSS.
-    #[arg(long, requires = "server")]
-    edge_pid: Option<u32>,
-    /// The --server edge's admin endpoint (`server.admin`), e.g.
-    /// http://127.0.0.1:9433: its CPU time and RSS come from `/stats` when
-    /// the edge runs elsewhere.
-    #[arg(long, requires = "server", conflicts_with = "edge_pid")]
-    edge_stats: Option<String>,
+    /// PIDs of the --server processes, comma-separated, to read their CPU
+    /// time and RSS (summed over the edges).
+    #[arg(long, requires = "server", value_delimiter = ',')]
+    edge_pid: Vec<u32>,
+    /// The --server edges' admin endpoints (`server.admin`), e.g.
+    /// http://127.0.0.1:9433, comma-separated: their CPU time and RSS come
+    /// from `/stats` when the edges run elsewhere.
+    #[arg(long, requires = "server", conflicts_with = "edge_pid", value_delimiter = ',')]
+    edge_stats: Vec<String>,
     /// Allow a --server that is not on loopback.
     #[arg(long)]
     allow_remote: bool,
@@ -337,7 +341,7 @@ fn validate(a: &LoadArgs) -> Result<()> {
     }
     match a.mode {
         Mode::Edge => {
-            if a.server.is_none() && !a.spawn_edge {
+            if a.server.is_empty() && !a.spawn_edge {
                 bail!("say which edge: --spawn-edge, or --server ADDR --cert PATH");
             }
             if a.rate > 0.0 && a.senders == 0 {
@@ -345,13 +349,24 @@ fn validate(a: &LoadArgs) -> Result<()> {
             }
         }
         Mode::BareQuinn | Mode::Compare => {
-            if a.server.is_some() {
+            if !a.server.is_empty() {
                 bail!("--mode bare-quinn and compare start their own servers; drop --server");
             }
         }
     }
-    if let Some(addr) = a.server {
-        conns::check_target(addr, a.allow_remote)?;
+    for addr in &a.server {
+        conns::check_target(*addr, a.allow_remote)?;
+    }
+    if !a.server.is_empty() && a.cert.len() != 1 && a.cert.len() != a.server.len() {
+        bail!("give one --cert for all the --server edges, or one per edge");
+    }
+    for (flag, n) in [("--edge-pid", a.edge_pid.len()), ("--edge-stats", a.edge_stats.len())] {
+        if n != 0 && n != a.server.len() {
+            bail!(
+                "give one {flag} per --server edge ({} of them), not {n}",
+                a.server.len()
+            );
+        }
     }
     Ok(())
 }
@@ -374,7 +389,7 @@ fn plan(a: &LoadArgs, generated: &LoadConfig) -> Result<Plan> {
             let config = Config::load(&path).context("the generated load config is invalid")?;
             let policy = match a.policy {
                 // An external edge runs whatever config it was started with.
-                _ if a.server.is_some() => "unknown",
+                _ if !a.server.is_empty() => "unknown",
                 PolicyChoice::Wasm => "wasm",
                 PolicyChoice::Native => "native",
             };
@@ -521,36 +536,66 @@ fn token(a: &LoadArgs, plan: &Plan, user: String, role: Role) -> Result<String> 
     sign(&claims, tenant, plan.tenant_key.as_deref()).map_err(|e| anyhow::anyhow!("cannot sign a token: {e}"))
 }
 
-/// Where connections go, and the process to measure.
+/// Where connections go, and the processes to measure.
 struct Target {
+    /// The first edge (or the one spawned).
     addr: SocketAddr,
-    cert: PathBuf,
-    pid: Option<u32>,
-    /// The edge's admin endpoint, for a server measured over HTTP.
-    stats: Option<String>,
+    /// Every edge connections are spread over, `addr` first.
+    edges: Vec<SocketAddr>,
+    certs: Vec<PathBuf>,
+    /// The edges' processes, when local.
+    pids: Vec<u32>,
+    /// The edges' admin endpoints, for servers measured over HTTP.
+    stats: Vec<String>,
     spawned: Option<Server>,
 }
 
-/// The measured server's CPU seconds so far: from /proc for a local pid,
-/// else from the edge's `/stats`.
-async fn server_cpu(target: &Target) -> Result<Option<f64>> {
-    if let Some(pid) = target.pid {
-        return Ok(Some(procstat::cpu_seconds(pid)?));
-    }
-    match &target.stats {
-        Some(url) => Ok(Some(remote_process(url).await?.0)),
-        None => Ok(None),
+impl Target {
+    /// The edge connection `i` goes to.
+    fn edge(&self, i: usize) -> SocketAddr {
+        self.edges[i % self.edges.len()]
     }
 }
 
+/// The measured servers' CPU seconds so far, summed: from /proc for local
+/// pids, else from the edges' `/stats`.
+async fn server_cpu(target: &Target) -> Result<Option<f64>> {
+    if !target.pids.is_empty() {
+        let mut sum = 0.0;
+        for pid in &target.pids {
+            sum += procstat::cpu_seconds(*pid)?;
+        }
+        return Ok(Some(sum));
+    }
+    if target.stats.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = 0.0;
+    for url in &target.stats {
+        sum += remote_process(url).await?.0;
+    }
+    Ok(Some(sum))
+}
+
+/// The measured servers' memory, summed.
 async fn server_memory(target: &Target) -> Result<Option<procstat::Memory>> {
-    if let Some(pid) = target.pid {
-        return Ok(Some(procstat::memory(pid)?));
+    let mut sum = procstat::Memory { rss_kib: 0, hwm_kib: 0 };
+    let mut add = |m: procstat::Memory| {
+        sum.rss_kib += m.rss_kib;
+        sum.hwm_kib += m.hwm_kib;
+    };
+    if !target.pids.is_empty() {
+        for pid in &target.pids {
+            add(procstat::memory(*pid)?);
+        }
+    } else if !target.stats.is_empty() {
+        for url in &target.stats {
+            add(remote_process(url).await?.1);
+        }
+    } else {
+        return Ok(None);
     }
-    match &target.stats {
-        Some(url) => Ok(Some(remote_process(url).await?.1)),
-        None => Ok(None),
-    }
+    Ok(Some(sum))
 }
 
 /// (cpu seconds, memory) from an edge's `GET <url>/stats`.
@@ -582,11 +627,12 @@ async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize,
     let config = plan.config_path.display().to_string();
     let args: Vec<String> = match mode {
         Mode::Edge => {
-            if let (Some(addr), Some(cert)) = (a.server, &a.cert) {
+            if let Some(&addr) = a.server.first() {
                 return Ok(Target {
                     addr,
-                    cert: cert.clone(),
-                    pid: a.edge_pid,
+                    edges: a.server.clone(),
+                    certs: a.cert.clone(),
+                    pids: a.edge_pid.clone(),
                     stats: a.edge_stats.clone(),
                     spawned: None,
                 });
@@ -631,9 +677,10 @@ async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize,
     conns::check_target(server.addr, false)?;
     Ok(Target {
         addr: server.addr,
-        cert: server.cert.clone(),
-        pid: Some(server.pid),
-        stats: None,
+        edges: vec![server.addr],
+        certs: vec![server.cert.clone()],
+        pids: vec![server.pid],
+        stats: Vec::new(),
         spawned: Some(server),
     })
 }
@@ -678,7 +725,10 @@ async fn measure(
     progress: &Progress,
 ) -> Result<RunReport> {
     let bare = mode == Mode::BareQuinn;
-    let roots = throng_client::tls::load_certs(&target.cert)?;
+    let mut roots = Vec::new();
+    for cert in &target.certs {
+        roots.extend(throng_client::tls::load_certs(cert)?);
+    }
     let server_name = a.server_name.clone().unwrap_or_else(|| target.addr.ip().to_string());
     let (senders, churners) = if bare {
         (0, 0)
@@ -705,8 +755,8 @@ async fn measure(
         handshakes: Arc::new(Semaphore::new(a.handshakes)),
         origin: Instant::now(),
     });
-    let template = |token: String| {
-        let mut o = ConnectOptions::new(target.addr.to_string(), roots.clone(), token);
+    let template = |token: String, i: usize| {
+        let mut o = ConnectOptions::new(target.edge(i).to_string(), roots.clone(), token);
         o.server_name = Some(server_name.clone());
         o
     };
@@ -717,7 +767,7 @@ async fn measure(
     // soon as the last viewer is in.
     for s in 0..senders {
         let p = Sender {
-            opts: template(token(a, plan, format!("load-s{s}"), Role::Host)?),
+            opts: template(token(a, plan, format!("load-s{s}"), Role::Host)?, s),
             rooms: sender_rooms(s, senders, a.rooms),
             rate: a.rate / senders as f64,
             mix: Arc::new(a.mix.clone()),
@@ -728,7 +778,7 @@ async fn measure(
     }
     for c in 0..churners {
         let p = Churner {
-            opts: template(token(a, plan, format!("load-c{c}"), Role::Viewer)?),
+            opts: template(token(a, plan, format!("load-c{c}"), Role::Viewer)?, c),
             rooms: (0..a.rooms).map(room_name).collect(),
             rate: a.churn / churners as f64,
             offset: c,
@@ -761,7 +811,7 @@ async fn measure(
             }
             None => {
                 let v = Viewer {
-                    opts: template(token(a, plan, format!("load-v{i}"), Role::Viewer)?),
+                    opts: template(token(a, plan, format!("load-v{i}"), Role::Viewer)?, i),
                     room: room_name(i % a.rooms),
                     index: i,
                     sample_frames: i < a.rooms,
@@ -851,8 +901,8 @@ async fn measure(
         (Some(c0), Some(c1), Some(end)) => {
             let cpu_s = c1 - c0;
             Some(report::ServerUsage {
-                pid: target.pid,
-                stats_url: target.stats.clone(),
+                pid: target.pids.first().copied(),
+                stats_url: target.stats.first().cloned(),
                 cpu_s,
                 cores: cpu_s / window_s,
                 us_cpu_per_frame: per(cpu_s, frames),
@@ -879,9 +929,14 @@ async fn measure(
     Ok(RunReport {
         mode: if bare { "bare-quinn" } else { "edge" },
         target: report::Target {
-            addr: target.addr.to_string(),
+            addr: target
+                .edges
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             spawned: target.spawned.is_some(),
-            pid: target.pid,
+            pid: target.pids.first().copied(),
             server_cpus: target.spawned.as_ref().and(a.edge_cpu.clone()),
             config: plan.config_label.clone(),
         },

@@ -672,3 +672,93 @@ async fn receive_within(room: &mut throng_client::RoomStream, prefix: &str, limi
     .await;
     got
 }
+
+/// `throng load --server A,B` spreads its viewers over two edges of a
+/// cluster: every viewer gets the room's messages, whichever edge it is
+/// on, and the edges' CPU is summed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throng_load_spreads_viewers_over_the_edges_of_a_cluster() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["a", "b"];
+    let mut edges = Vec::new();
+    let mut ready = Vec::new();
+    let mut pids = Vec::new();
+    let path = |id: &str| dir.path().join(format!("{id}.toml"));
+    for id in ids {
+        let text = config(&nats.url(), id).replace(
+            "[tenants.dev]",
+            "[limits]\nsend_rate_per_sec = 100000\nsend_burst = 100000\n\n[tenants.dev]",
+        );
+        std::fs::write(path(id), text).expect("config");
+        let mut serve = Serve::start(dir.path(), &["--config", path(id).to_str().expect("utf-8")]).await;
+        ready.push(serve.ready.take().expect("ready line"));
+        pids.push(serve.child.id().expect("running").to_string());
+        edges.push(serve);
+    }
+    for e in &edges {
+        e.wait_live(&ids, Duration::from_secs(10)).await;
+    }
+    let (addrs, certs): (Vec<String>, Vec<String>) = ready
+        .iter()
+        .map(|r| {
+            let (addr, cert) = quic_of(r);
+            (addr, cert.display().to_string())
+        })
+        .unzip();
+    let config_a = path("a");
+    let args = [
+        "load",
+        "--server",
+        &addrs.join(","),
+        "--cert",
+        &certs.join(","),
+        "--edge-pid",
+        &pids.join(","),
+        "--config",
+        config_a.to_str().expect("utf-8"),
+        "--viewers",
+        "20",
+        "--senders",
+        "1",
+        "--rate",
+        "50",
+        "--warmup",
+        "1s",
+        "--duration",
+        "2s",
+        "--quiet",
+        "--json",
+    ];
+    let run = Command::new(BIN).args(args).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("throng load finishes within 60 s")
+        .expect("throng load runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "throng load failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON report");
+    assert_eq!(
+        report["target"]["addr"].as_str(),
+        Some(addrs.join(",").as_str()),
+        "{report:#}"
+    );
+    assert_eq!(
+        report["connections"]["viewers_connected"].as_u64(),
+        Some(20),
+        "{report:#}"
+    );
+    let slowest = report["delivery"]["per_viewer_per_sec"]["min"].as_f64().unwrap_or(0.0);
+    assert!(slowest > 10.0, "a viewer got {slowest} msgs/s: {report:#}");
+    assert!(report["server"]["cpu_s"].as_f64().unwrap_or(0.0) > 0.0, "{report:#}");
+    // Both edges served viewers: the relay's bus carried the room.
+    let relay_batches: u64 = edges
+        .iter()
+        .map(|e| {
+            e.stats()["cluster"]["bus"]["by_kind"]["batch"]["in"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(relay_batches > 0, "no edge relayed the room");
+}
