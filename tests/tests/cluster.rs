@@ -416,3 +416,110 @@ async fn two_regions_presence_goes_edge_region_origin_and_bus_messages_do_not_gr
         let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
     }
 }
+
+/// Batches on a room's subject that its origin did not send (another edge
+/// claiming to be the origin, or another room's batch) are counted and
+/// dropped: the relay's viewers see only what the origin sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_drops_batches_that_are_not_from_the_rooms_origin() {
+    use throng_edge::cluster::bus::{self as edge_bus, RoomBatch};
+    let nats = NatsServer::start();
+    let edges = cluster(&nats, &["a", "b"]).await;
+    let id = |e: &TestEdge| e.edge.cluster().expect("clustered").edge_id().to_owned();
+    let origin_id = edges[0]
+        .edge
+        .cluster()
+        .expect("clustered")
+        .live()
+        .origin("acme", "lobby")
+        .expect("an origin")
+        .to_owned();
+    let o = edges.iter().position(|e| id(e) == origin_id).expect("origin");
+    let relay = &edges[1 - o];
+    let viewer = relay.client("acme", "viewer", "viewer").await;
+    let mut stream = viewer.join("lobby").await.expect("joins");
+    let host = edges[o].client("acme", "host", "host").await;
+    let _host_room = host.join("lobby").await.expect("joins");
+    // The relay gets the origin's batches once the origin heard of it.
+    let mut warmed = false;
+    for k in 0..50 {
+        host.send("lobby", Kind::Chat, format!("warm-{k}"))
+            .await
+            .expect("acked");
+        let got = tokio::time::timeout(Duration::from_millis(200), stream.next_batch()).await;
+        if matches!(got, Ok(Some(Ok(b))) if !b.messages.is_empty()) {
+            warmed = true;
+            break;
+        }
+    }
+    assert!(warmed, "the relay's viewer never heard the origin");
+
+    let frame = |body: &str| {
+        let batch = throng_wire::Batch {
+            room: "lobby".into(),
+            tick: 1,
+            messages: vec![throng_wire::Message {
+                seq: u64::MAX / 4,
+                sender: "mallory".into(),
+                kind: Kind::Chat,
+                body: body.as_bytes().to_vec(),
+            }],
+            counters: Default::default(),
+            pinned: Vec::new(),
+            online: 1_000_000,
+            missed: 0,
+        };
+        throng_wire::encode(&throng_wire::EdgeFrame::Batch(batch), 1 << 20)
+            .expect("encodes")
+            .to_vec()
+    };
+    let forged = [
+        ("mallory", "acme", "lobby", "forged-origin"),
+        (origin_id.as_str(), "globex", "lobby", "forged-room"),
+    ];
+    let bus = async_nats::connect(nats.url()).await.expect("test client connects");
+    let before = relay.edge.cluster().expect("clustered").snapshot().bus.malformed;
+    for (from, tenant, room, body) in forged {
+        let batch = RoomBatch {
+            tenant: tenant.into(),
+            room: room.into(),
+            origin: from.into(),
+            epoch: 1,
+            batch_no: 1,
+            last_seq: u64::MAX / 4,
+            frames: vec![frame(body)],
+        };
+        bus.publish(edge_bus::room_subject("acme", "lobby"), edge_bus::encode(&batch).into())
+            .await
+            .expect("publish");
+    }
+    bus.flush().await.expect("flush");
+    let c = relay.edge.cluster().expect("clustered");
+    wait_for(
+        "the relay to count both forged batches",
+        Duration::from_secs(10),
+        || c.snapshot().bus.malformed >= before + 2,
+    )
+    .await;
+    // The room goes on, and nothing forged reached the viewer.
+    let ack = host.send("lobby", Kind::Chat, "after").await.expect("acked");
+    assert!(ack.seq < u64::MAX / 4);
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut bodies = Vec::new();
+        while let Some(Ok(b)) = stream.next_batch().await {
+            assert!(b.online < 1_000_000, "a forged online count got through");
+            bodies.extend(
+                b.messages
+                    .into_iter()
+                    .map(|m| String::from_utf8_lossy(&m.body).into_owned()),
+            );
+            if bodies.iter().any(|b| b == "after") {
+                break;
+            }
+        }
+        bodies
+    })
+    .await
+    .expect("the origin's next message arrives");
+    assert!(!got.iter().any(|b| b.starts_with("forged")), "{got:?}");
+}

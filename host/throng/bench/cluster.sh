@@ -23,9 +23,11 @@ EDGE_CPU=${EDGE_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 
 work=$(mktemp -d)
-pids=()
+# Every process this script starts, one PID a line: edges are started in
+# subshells, so an array here would not see them.
+touch "$work/pids"
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    while read -r p; do kill "$p" 2>/dev/null || true; done <"$work/pids"
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -35,7 +37,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 nats_port=$(free_port)
 nats-server -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
-pids+=($!)
+echo $! >>"$work/pids"
 for _ in $(seq 50); do
     (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
     sleep 0.1
@@ -53,7 +55,7 @@ start_edge() {
     taskset -c "$EDGE_CPU" "$BIN" serve --config "$work/$name.toml" --listen 127.0.0.1:0 --data-dir "$work/$name" \
         >"$work/$name.out" 2>"$work/$name.log" &
     local pid=$!
-    pids+=("$pid")
+    echo "$pid" >>"$work/pids"
     for _ in $(seq 300); do
         if grep -q '^throng ready' "$work/$name.out"; then
             local line

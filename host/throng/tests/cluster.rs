@@ -278,9 +278,44 @@ async fn cluster_flag_alone_is_enough_and_a_garbage_announcement_changes_nothing
     bus.publish(edge_bus::ingress_subject(&me), edge_bus::encode(&forward).into())
         .await
         .expect("publish");
+    // Garbage on every other subject an edge listens to.
+    for subject in [
+        edge_bus::counts_subject(&me),
+        edge_bus::regional_subject(&me),
+        edge_bus::who_subject(),
+        edge_bus::resync_subject(&me),
+    ] {
+        for junk in [&b"\x01\xff\xff"[..], b""] {
+            bus.publish_with_reply(subject.clone(), "junk.reply", junk.to_vec().into())
+                .await
+                .expect("publish");
+        }
+    }
+    // A well-formed question with nowhere to send the answer.
+    let who = edge_bus::WhoQuery {
+        from: "other".into(),
+        tenant: "dev".into(),
+        users: vec!["u".into()],
+    };
+    bus.publish(edge_bus::who_subject(), edge_bus::encode(&who).into())
+        .await
+        .expect("publish");
+    // A resync for a room this edge does not have makes no room.
+    let resync = edge_bus::Resync {
+        tenant: "dev".into(),
+        room: "nowhere".into(),
+        after_seq: 0,
+    };
+    bus.publish_with_reply(
+        edge_bus::resync_subject(&me),
+        "junk.reply",
+        edge_bus::encode(&resync).into(),
+    )
+    .await
+    .expect("publish");
     bus.flush().await.expect("flush");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while edge.stats()["cluster"]["bus"]["malformed"].as_u64() < Some(5) {
+    while edge.stats()["cluster"]["bus"]["malformed"].as_u64() < Some(14) {
         assert!(Instant::now() < deadline, "{}", edge.stats()["cluster"]);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

@@ -215,6 +215,24 @@ impl RoomLink {
         if batch.origin == self.links.edge_id() {
             return Heard::Nothing; // our own, from when we were the origin
         }
+        if let Role::Relay { origin } = &self.role
+            && *origin != batch.origin
+        {
+            // Not from the edge this one takes for the room's origin: a
+            // forged or confused batch, or a new origin heard of a moment
+            // before the live set says so (its next batches are taken, and
+            // the gap is filled from its ring).
+            self.links
+                .cluster()
+                .malformed(BusKind::Batch, &"a batch from an edge that is not the room's origin");
+            return Heard::Nothing;
+        }
+        if batch.tenant != *self.key.tenant || batch.room != *self.key.name {
+            self.links
+                .cluster()
+                .malformed(BusKind::Batch, &"a batch of another room on this room's subject");
+            return Heard::Nothing;
+        }
         // Batches this relay should have had before this one: counted from
         // the same origin run, or from 1 for an origin heard of first now
         // (it published to this relay's subject from its first batch on).
