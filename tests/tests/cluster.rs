@@ -417,9 +417,10 @@ async fn two_regions_presence_goes_edge_region_origin_and_bus_messages_do_not_gr
     }
 }
 
-/// Batches on a room's subject that its origin did not send (another edge
-/// claiming to be the origin, or another room's batch) are counted and
-/// dropped: the relay's viewers see only what the origin sent.
+/// A new relay's first joiner gets the room's recent messages. Batches on
+/// a room's subject that its origin did not send (another edge claiming to
+/// be the origin, or another room's batch) are counted and dropped: the
+/// relay's viewers see only what the origin sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_drops_batches_that_are_not_from_the_rooms_origin() {
     use throng_edge::cluster::bus::{self as edge_bus, RoomBatch};
@@ -436,10 +437,23 @@ async fn a_relay_drops_batches_that_are_not_from_the_rooms_origin() {
         .to_owned();
     let o = edges.iter().position(|e| id(e) == origin_id).expect("origin");
     let relay = &edges[1 - o];
-    let viewer = relay.client("acme", "viewer", "viewer").await;
-    let mut stream = viewer.join("lobby").await.expect("joins");
     let host = edges[o].client("acme", "host", "host").await;
     let _host_room = host.join("lobby").await.expect("joins");
+    let mut early = Vec::new();
+    for k in 0..3 {
+        early.push(
+            host.send("lobby", Kind::Chat, format!("early-{k}"))
+                .await
+                .expect("acked")
+                .seq,
+        );
+    }
+    // The relay's first joiner gets the room's recent messages, as it would
+    // on the origin: the new relay asked the origin's ring for them.
+    let viewer = relay.client("acme", "viewer", "viewer").await;
+    let mut stream = viewer.join("lobby").await.expect("joins");
+    let recent: Vec<u64> = stream.recent.iter().map(|m| m.seq).collect();
+    assert_eq!(recent, early, "recent messages on a new relay");
     // The relay gets the origin's batches once the origin heard of it.
     let mut warmed = false;
     for k in 0..50 {

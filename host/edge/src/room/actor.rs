@@ -163,9 +163,12 @@ impl Room {
         // The first tick picks the room's policy and filters from the set.
         modules.mark_changed();
         let tick = config.classes.first().map_or(config.tick, |c| c.tick);
+        let mut ring = Ring::new(config.recent_messages);
         let link = match (rooms.links(), &kind) {
             (Some(links), RoomKind::Livecast) => {
-                Some(RoomLink::new(Arc::clone(links), &key, rooms.max_frame, config.presence_interval).await)
+                let mut link = RoomLink::new(Arc::clone(links), &key, rooms.max_frame, config.presence_interval).await;
+                ring.record(&link.recent_from_origin().await);
+                Some(link)
             }
             _ => None,
         };
@@ -185,7 +188,7 @@ impl Room {
             viewers: Viewers::default(),
             ingress: Ingress::local(config.inbox_capacity),
             egress: Egress::local(config.shard_members, config.pace_chunk),
-            ring: Ring::new(config.recent_messages),
+            ring,
             policy: RoomPolicy::Native(NativePolicy::new(config.viewer_cap_per_sec)),
             filters: Vec::new(),
             modules,

@@ -324,16 +324,19 @@ impl Rooms {
         let _ = tx.try_send(Command::PeerViewers { peer, viewers });
     }
 
-    /// The delivered messages after `after` that a live room here still
-    /// holds, and whether that is all of them; None if the room is not
-    /// here or does not answer within `within`.
+    /// The delivered messages after `after` that a room here still holds,
+    /// and whether that is all of them (nothing, all of it, for a room not
+    /// alive here); None if the room does not answer within `within`.
     pub async fn ring_since(
         &self,
         key: &RoomKey,
         after: u64,
         within: std::time::Duration,
     ) -> Option<(Vec<throng_wire::Message>, bool)> {
-        let tx = self.map().rooms.get(key).map(|(_, tx)| tx.clone())?;
+        // A room not alive here has delivered nothing since it was last.
+        let Some(tx) = self.map().rooms.get(key).map(|(_, tx)| tx.clone()) else {
+            return Some((Vec::new(), true));
+        };
         let (reply, answer) = oneshot::channel();
         tx.try_send(Command::Resync { after, reply }).ok()?;
         tokio::time::timeout(within, answer).await.ok()?.ok()

@@ -124,6 +124,27 @@ impl RoomLink {
         link
     }
 
+    /// A new relay's recent messages, from its origin's ring, so its first
+    /// joiners get what they would on the origin (and a viewer that moved
+    /// here from a dead edge resumes by sequence). Asked after subscribing:
+    /// what crosses both arrives once (see `on_batch`).
+    pub(super) async fn recent_from_origin(&mut self) -> Vec<throng_wire::Message> {
+        let Role::Relay { origin } = &self.role else {
+            return Vec::new();
+        };
+        let origin = origin.clone();
+        match self.links.resync(&origin, &self.key, 0).await {
+            Some(r) => {
+                if let Some(m) = r.messages.last() {
+                    self.delivered_seq = self.delivered_seq.max(m.seq);
+                    self.seen_seq = self.seen_seq.max(m.seq);
+                }
+                r.messages
+            }
+            None => Vec::new(),
+        }
+    }
+
     pub(super) fn is_origin(&self) -> bool {
         self.role == Role::Origin
     }
@@ -267,7 +288,29 @@ impl RoomLink {
         } else {
             Vec::new()
         };
-        deliveries.extend(fresh);
+        // What a resync already gave the viewers is not written twice: a
+        // frame of only such messages is skipped, one that mixes them with
+        // new ones is encoded again without them (rare: only just after a
+        // resync).
+        for d in fresh {
+            let after = deliveries
+                .iter()
+                .filter_map(|d: &Arc<Delivery>| d.batch.messages.last())
+                .map(|m| m.seq)
+                .max()
+                .unwrap_or(0)
+                .max(self.delivered_seq);
+            match d.batch.messages.first() {
+                Some(m) if m.seq <= after => {
+                    let mut batch = d.batch.clone();
+                    batch.messages.retain(|m| m.seq > after);
+                    if !batch.messages.is_empty() {
+                        deliveries.extend(super::tick::encode_batch(batch, self.max_frame));
+                    }
+                }
+                _ => deliveries.push(d),
+            }
+        }
         for d in &deliveries {
             if let Some(m) = d.batch.messages.last() {
                 self.seen_seq = self.seen_seq.max(m.seq);
