@@ -20,23 +20,7 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts one and waits (bounded) until it takes connections.
     pub fn start() -> NatsServer {
-        let dir = tempfile::tempdir().expect("tempdir for nats-server");
-        let mut server = NatsServer {
-            child: None,
-            port: 0,
-            store: dir.path().join("jetstream"),
-            conf: None,
-            _dir: dir,
-        };
-        // The port is free when asked; another process could take it before
-        // nats-server binds it, so try a few.
-        for _ in 0..5 {
-            server.port = free_port();
-            if server.spawn() {
-                return server;
-            }
-        }
-        panic!("nats-server did not start on any of 5 free ports");
+        Self::launch(tempfile::tempdir().expect("tempdir for nats-server"), None)
     }
 
     /// One server with `conf` (nats-server config syntax) besides the
@@ -45,13 +29,20 @@ impl NatsServer {
         let dir = tempfile::tempdir().expect("tempdir for nats-server");
         let path = dir.path().join("nats.conf");
         std::fs::write(&path, conf).expect("nats-server config");
+        Self::launch(dir, Some(path))
+    }
+
+    /// Starts one in `dir` (its store, and `conf` if given) on a free port.
+    fn launch(dir: tempfile::TempDir, conf: Option<PathBuf>) -> NatsServer {
         let mut server = NatsServer {
             child: None,
             port: 0,
             store: dir.path().join("jetstream"),
-            conf: Some(path),
+            conf,
             _dir: dir,
         };
+        // The port is free when asked; another process could take it before
+        // nats-server binds it, so try a few.
         for _ in 0..5 {
             server.port = free_port();
             if server.spawn() {
@@ -80,23 +71,7 @@ impl NatsServer {
                 "server_name: \"{region}\"\ngateway {{\n  name: \"{region}\"\n  host: \"127.0.0.1\"\n  port: {port}\n  gateways: [\n{gateways}  ]\n}}\n"
             );
             std::fs::write(&conf, text).expect("nats-server config");
-            let mut server = NatsServer {
-                child: None,
-                port: 0,
-                store: dir.path().join("jetstream"),
-                conf: Some(conf),
-                _dir: dir,
-            };
-            let mut started = false;
-            for _ in 0..5 {
-                server.port = free_port();
-                if server.spawn() {
-                    started = true;
-                    break;
-                }
-            }
-            assert!(started, "nats-server for region {region} did not start");
-            servers.push(server);
+            servers.push(Self::launch(dir, Some(conf)));
         }
         servers
     }

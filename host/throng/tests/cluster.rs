@@ -420,8 +420,19 @@ fn token(user: &str, role: &str) -> String {
 
 /// Receives until `want` messages whose body starts with `prefix` arrived.
 async fn receive(room: &mut throng_client::RoomStream, prefix: &str, want: usize) -> Vec<(u64, String)> {
+    receive_for(room, prefix, want, Duration::from_secs(20)).await
+}
+
+/// What arrives within `limit` whose body starts with `prefix`, up to the
+/// batch that makes `want` of them.
+async fn receive_for(
+    room: &mut throng_client::RoomStream,
+    prefix: &str,
+    want: usize,
+    limit: Duration,
+) -> Vec<(u64, String)> {
     let mut got = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+    let _ = tokio::time::timeout(limit, async {
         while got.len() < want {
             match room.next_batch().await {
                 Some(Ok(b)) => got.extend(
@@ -438,23 +449,36 @@ async fn receive(room: &mut throng_client::RoomStream, prefix: &str, want: usize
     got
 }
 
+/// `throng serve` edges `ids` on `nats`, each with `config()` passed
+/// through `edit`, started and agreed on the live set; with their ready
+/// lines.
+async fn start_edges(
+    nats: &NatsServer,
+    dir: &Path,
+    ids: &[&str],
+    edit: impl Fn(String) -> String,
+) -> (Vec<Serve>, Vec<String>) {
+    let mut edges = Vec::new();
+    let mut ready = Vec::new();
+    for id in ids {
+        let path = dir.join(format!("{id}.toml"));
+        std::fs::write(&path, edit(config(&nats.url(), id))).expect("config");
+        let mut serve = Serve::start(dir, &["--config", path.to_str().expect("utf-8")]).await;
+        ready.push(serve.ready.take().expect("ready line"));
+        edges.push(serve);
+    }
+    for e in &edges {
+        e.wait_live(ids, Duration::from_secs(10)).await;
+    }
+    (edges, ready)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["a", "b", "c"];
-    let mut edges = Vec::new();
-    let mut ready = Vec::new();
-    for id in ids {
-        let path = dir.path().join(format!("{id}.toml"));
-        std::fs::write(&path, config(&nats.url(), id)).expect("config");
-        let mut serve = Serve::start(dir.path(), &["--config", path.to_str().expect("utf-8")]).await;
-        ready.push(serve.ready.take().expect("ready line"));
-        edges.push(serve);
-    }
-    for e in &edges {
-        e.wait_live(&ids, Duration::from_secs(10)).await;
-    }
+    let (edges, ready) = start_edges(&nats, dir.path(), &ids, |c| c).await;
     let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
     let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
     let o = ids.iter().position(|&i| i == origin).expect("origin index");
@@ -574,27 +598,18 @@ async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["a", "b"];
-    let mut edges = Vec::new();
-    let mut ready = Vec::new();
-    for id in ids {
-        let path = dir.path().join(format!("{id}.toml"));
-        let text = config(&nats.url(), id).replace(
+    let (edges, ready) = start_edges(&nats, dir.path(), &ids, |c| {
+        c.replace(
             "[tenants.dev]",
             "[limits]\nsend_rate_per_sec = 100000\nsend_burst = 100000\n\n\
              [rooms]\nviewer_cap_per_sec = 0\nrecent_messages = 5000\npresence_interval = \"200ms\"\n\
              viewer_queue_batches = 10000\n\n\
              [tenants.dev]",
-        );
+        )
         // Four bus messages per subscription: a backlog overflows it.
-        let text = text.replace("dead_after =", "subscription_capacity = 4\ndead_after =");
-        std::fs::write(&path, text).expect("config");
-        let mut serve = Serve::start(dir.path(), &["--config", path.to_str().expect("utf-8")]).await;
-        ready.push(serve.ready.take().expect("ready line"));
-        edges.push(serve);
-    }
-    for e in &edges {
-        e.wait_live(&ids, Duration::from_secs(10)).await;
-    }
+        .replace("dead_after =", "subscription_capacity = 4\ndead_after =")
+    })
+    .await;
     let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
     let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
     let o = ids.iter().position(|&i| i == origin).expect("origin index");
@@ -614,7 +629,7 @@ async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring
             .await
             .expect("acked")
             .seq;
-        if !receive_within(&mut there_room, "warm-", Duration::from_millis(200))
+        if !receive_for(&mut there_room, "warm-", 1, Duration::from_millis(200))
             .await
             .is_empty()
         {
@@ -688,26 +703,6 @@ async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring
     assert_eq!(got, acked);
 }
 
-/// What arrives within `limit` whose body starts with `prefix`.
-async fn receive_within(room: &mut throng_client::RoomStream, prefix: &str, limit: Duration) -> Vec<(u64, String)> {
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(limit, async {
-        while let Some(Ok(b)) = room.next_batch().await {
-            got.extend(
-                b.messages
-                    .into_iter()
-                    .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
-                    .filter(|(_, body)| body.starts_with(prefix)),
-            );
-            if !got.is_empty() {
-                return;
-            }
-        }
-    })
-    .await;
-    got
-}
-
 /// `throng load --server A,B` spreads its viewers over two edges of a
 /// cluster: every viewer gets the room's messages, whichever edge it is
 /// on, and the edges' CPU is summed.
@@ -716,24 +711,17 @@ async fn throng_load_spreads_viewers_over_the_edges_of_a_cluster() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["a", "b"];
-    let mut edges = Vec::new();
-    let mut ready = Vec::new();
-    let mut pids = Vec::new();
-    let path = |id: &str| dir.path().join(format!("{id}.toml"));
-    for id in ids {
-        let text = config(&nats.url(), id).replace(
+    let (edges, ready) = start_edges(&nats, dir.path(), &ids, |c| {
+        c.replace(
             "[tenants.dev]",
             "[limits]\nsend_rate_per_sec = 100000\nsend_burst = 100000\n\n[tenants.dev]",
-        );
-        std::fs::write(path(id), text).expect("config");
-        let mut serve = Serve::start(dir.path(), &["--config", path(id).to_str().expect("utf-8")]).await;
-        ready.push(serve.ready.take().expect("ready line"));
-        pids.push(serve.child.id().expect("running").to_string());
-        edges.push(serve);
-    }
-    for e in &edges {
-        e.wait_live(&ids, Duration::from_secs(10)).await;
-    }
+        )
+    })
+    .await;
+    let pids: Vec<String> = edges
+        .iter()
+        .map(|e| e.child.id().expect("running").to_string())
+        .collect();
     let (addrs, certs): (Vec<String>, Vec<String>) = ready
         .iter()
         .map(|r| {
@@ -741,7 +729,7 @@ async fn throng_load_spreads_viewers_over_the_edges_of_a_cluster() {
             (addr, cert.display().to_string())
         })
         .unzip();
-    let config_a = path("a");
+    let config_a = dir.path().join("a.toml");
     let args = [
         "load",
         "--server",
