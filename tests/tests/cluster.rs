@@ -25,6 +25,9 @@ async fn cluster(nats: &NatsServer, ids: &[&str]) -> Vec<TestEdge> {
                 cluster.dead_after = Duration::from_millis(600);
                 c.cluster = Some(cluster);
                 c.rooms.presence_interval = Duration::from_millis(100);
+                c.rooms.group_rooms = vec!["group-*".into()];
+                // A newcomer may read a group's log from its start.
+                c.rooms.group_history = throng_edge::config::GroupHistory::All;
                 // Several edges in one process: each sizes its Wasm pool to
                 // the whole of vm.max_map_count, as if it were alone.
                 c.wasm.max_instances = 256;
@@ -501,6 +504,7 @@ async fn a_relay_drops_batches_that_are_not_from_the_rooms_origin() {
             epoch: 1,
             batch_no: 1,
             last_seq: u64::MAX / 4,
+            committed: 0,
             frames: vec![frame(body)],
         };
         bus.publish(edge_bus::room_subject("acme", "lobby"), edge_bus::encode(&batch).into())
@@ -536,4 +540,270 @@ async fn a_relay_drops_batches_that_are_not_from_the_rooms_origin() {
     .await
     .expect("the origin's next message arrives");
     assert!(!got.iter().any(|b| b.starts_with("forged")), "{got:?}");
+}
+
+/// Receives from a group room until `want` messages whose body starts with
+/// `prefix` arrived (or 20 s passed): (seq, body) in arrival order.
+async fn group_messages(room: &mut throng_client::RoomStream, prefix: &str, want: usize) -> Vec<(u64, String)> {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while got.len() < want {
+            match room.next_batch().await {
+                Some(Ok(b)) => got.extend(
+                    b.messages
+                        .iter()
+                        .filter(|m| m.body.starts_with(prefix.as_bytes()))
+                        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned())),
+                ),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    got
+}
+
+/// Every message exactly once, in order: the bodies sent, in the order of
+/// the sequence numbers their acks gave.
+fn assert_exactly_once(who: &str, got: &[(u64, String)], sent: &std::collections::BTreeMap<u64, String>) {
+    let seqs: Vec<u64> = got.iter().map(|(s, _)| *s).collect();
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seqs, sorted, "{who}: numbers out of order or repeated");
+    let want: Vec<(u64, String)> = sent.iter().map(|(s, b)| (*s, b.clone())).collect();
+    assert_eq!(got, want.as_slice(), "{who}: not every message exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_room_across_three_edges_200_members_100_offline_each_resumes_from_another_edge_exactly_once() {
+    let nats = NatsServer::start();
+    let edges = cluster(&nats, &["a", "b", "c"]).await;
+    const MEMBERS: usize = 200;
+    const ROOM: &str = "group-team";
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let client = edges[i % 3].client("acme", &format!("member-{i}"), "viewer").await;
+        let room = client.join(ROOM).await.expect("a member joins");
+        members.push((client, room));
+    }
+    let mut senders = Vec::new();
+    for (k, e) in edges.iter().enumerate() {
+        let sender = e.client("acme", &format!("sender-{k}"), "host").await;
+        // Senders are members too; what they receive is not checked here.
+        let mut stream = sender.join(ROOM).await.expect("a sender joins");
+        tokio::spawn(async move { while let Some(Ok(_)) = stream.next_batch().await {} });
+        senders.push(sender);
+    }
+    let send_round = |round: &'static str, per_edge: usize| {
+        let senders = &senders;
+        async move {
+            let mut sent = std::collections::BTreeMap::new();
+            for n in 0..per_edge {
+                for (k, s) in senders.iter().enumerate() {
+                    let body = format!("{round}-{k}-{n}");
+                    let ack = s
+                        .send(ROOM, Kind::Chat, body.clone())
+                        .await
+                        .expect("a group send is acked");
+                    sent.insert(ack.seq, body);
+                }
+            }
+            sent
+        }
+    };
+
+    // Everyone is here for the first round.
+    let first = send_round("one", 10).await;
+    let mut all = first.clone();
+    for (i, (client, room)) in members.iter_mut().enumerate() {
+        let got = group_messages(room, "one-", first.len()).await;
+        assert_exactly_once(&format!("member {i}, round one"), &got, &first);
+        if i < MEMBERS / 2 && i % 2 == 1 {
+            // These come back by cursor: say what was seen.
+            let last = got.last().map(|(s, _)| *s).expect("got round one");
+            client.seen(ROOM, last).await.expect("seen");
+        }
+    }
+    // The cursors are stored (in JetStream) before their members go.
+    let stored = || {
+        edges
+            .iter()
+            .map(|e| e.edge.log_stats().cursors.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    wait_for("the cursors to be stored", Duration::from_secs(10), || {
+        stored() >= (MEMBERS / 4) as u64
+    })
+    .await;
+    let last_of_first = *first.keys().last().expect("round one");
+    let mut offline = Vec::new();
+    for (i, (client, _)) in members.drain(..MEMBERS / 2).enumerate() {
+        assert!(client.close_and_wait(Duration::from_secs(5)).await, "member {i} closes");
+        offline.push(i);
+    }
+
+    // The second round while half the members are away.
+    let second = send_round("two", 20).await;
+    all.extend(second.clone());
+    for (j, (_, room)) in members.iter_mut().enumerate() {
+        let got = group_messages(room, "two-", second.len()).await;
+        assert_exactly_once(&format!("online member {}", j + MEMBERS / 2), &got, &second);
+    }
+
+    // Each comes back on another edge than it left: odd ones after their
+    // cursor, even ones from the last number they got.
+    let mut back = Vec::new();
+    for i in offline {
+        let edge = &edges[(i + 1) % 3];
+        let client = edge.client("acme", &format!("member-{i}"), "viewer").await;
+        let resume = (i % 2 == 0).then_some(last_of_first);
+        let room = client.join_from(ROOM, resume).await.expect("a member comes back");
+        back.push((i, client, room));
+    }
+    for (i, _, room) in &mut back {
+        let got = group_messages(room, "two-", second.len()).await;
+        assert_exactly_once(&format!("member {i} back on another edge"), &got, &second);
+    }
+
+    // And everyone gets what comes next, once.
+    let third = send_round("three", 2).await;
+    all.extend(third.clone());
+    for (i, _, room) in &mut back {
+        let got = group_messages(room, "three-", third.len()).await;
+        assert_exactly_once(&format!("member {i}, round three"), &got, &third);
+    }
+    for (j, (_, room)) in members.iter_mut().enumerate() {
+        let got = group_messages(room, "three-", third.len()).await;
+        assert_exactly_once(&format!("online member {}, round three", j + MEMBERS / 2), &got, &third);
+    }
+    // A newcomer on any edge reads the whole log from the start.
+    let newcomer = edges[2].client("acme", "newcomer", "viewer").await;
+    let mut room = newcomer.join_from(ROOM, Some(0)).await.expect("a newcomer joins");
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), async {
+        while got.len() < all.len() {
+            match room.next_batch().await {
+                Some(Ok(b)) => got.extend(
+                    b.messages
+                        .iter()
+                        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned())),
+                ),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert_exactly_once("a newcomer reading from 0", &got, &all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_room_loses_no_acked_message_when_nats_restarts_under_traffic() {
+    let mut nats = NatsServer::start();
+    let edges = cluster(&nats, &["a", "b", "c"]).await;
+    const ROOM: &str = "group-ops";
+    let mut senders = Vec::new();
+    for (k, e) in edges.iter().enumerate() {
+        let sender = e.client("acme", &format!("sender-{k}"), "host").await;
+        let mut stream = sender.join(ROOM).await.expect("a sender joins");
+        tokio::spawn(async move { while let Some(Ok(_)) = stream.next_batch().await {} });
+        senders.push(sender);
+    }
+    // Each edge's sender sends until told to stop; what was acked is kept.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let refused = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let mut tasks = Vec::new();
+    for (k, sender) in senders.into_iter().enumerate() {
+        let (stop, acked, refused) = (Arc::clone(&stop), Arc::clone(&acked), Arc::clone(&refused));
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            // Bounded: at most 2,000 sends per sender.
+            while !stop.load(Ordering::Relaxed) && n < 2000 {
+                let body = format!("ops-{k}-{n}");
+                n += 1;
+                match tokio::time::timeout(Duration::from_secs(6), sender.send(ROOM, Kind::Chat, body.clone())).await {
+                    Ok(Ok(ack)) => {
+                        acked.lock().unwrap().insert(ack.seq, body);
+                    }
+                    _ => {
+                        // Not acked is not "not delivered": an answer lost
+                        // with NATS leaves the message possibly stored.
+                        refused.lock().unwrap().insert(body);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            sender
+        }));
+    }
+    let count = || acked.lock().unwrap().len();
+    wait_for("traffic before the restart", Duration::from_secs(10), || count() >= 60).await;
+    nats.kill();
+    let during = count();
+    // Sends go on while NATS is away: the origin's own senders are still
+    // acked (their messages wait in memory for JetStream).
+    wait_for("sends acked while NATS is away", Duration::from_secs(10), || {
+        count() >= during + 20
+    })
+    .await;
+    nats.restart();
+    for e in &edges {
+        let c = e.edge.cluster().expect("clustered");
+        wait_for("the edges to reconnect", Duration::from_secs(20), || {
+            c.connected() && c.live().edges.len() == 3
+        })
+        .await;
+    }
+    let after = count();
+    wait_for("traffic after the restart", Duration::from_secs(20), || {
+        count() >= after + 60
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("sender task");
+    }
+    for e in &edges {
+        let stats = e.edge.log_stats();
+        wait_for("every acked message stored", Duration::from_secs(20), || {
+            stats.queued.load(Ordering::Relaxed) == 0
+        })
+        .await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 140, "only {} sends acked", acked.len());
+    // A newcomer on every edge reads the whole log: every acked message,
+    // exactly once, in order.
+    for (i, e) in edges.iter().enumerate() {
+        let client = e.client("acme", &format!("reader-{i}"), "viewer").await;
+        let mut room = client.join_from(ROOM, Some(0)).await.expect("a reader joins");
+        let got = group_messages(&mut room, "ops-", acked.len()).await;
+        // Sends refused while NATS was away may or may not be in the log;
+        // every acked one is, once, in order.
+        let refused = refused.lock().unwrap().clone();
+        let got: Vec<(u64, String)> = got
+            .into_iter()
+            .filter(|(seq, body)| acked.contains_key(seq) || !refused.contains(body))
+            .collect();
+        assert_exactly_once(&format!("reader on edge {i} after the NATS restart"), &got, &acked);
+    }
+    let log = edges
+        .iter()
+        .map(|e| e.edge.log_stats())
+        .fold((0, 0, 0), |(n, sum, max), s| {
+            (
+                n + s.appends.load(Ordering::Relaxed),
+                sum + s.total_window_us.load(Ordering::Relaxed),
+                max.max(s.max_window_us.load(Ordering::Relaxed)),
+            )
+        });
+    eprintln!(
+        "acked {}, refused {} (while NATS was away); JetStream window: mean {} us, max {} us over {} ticks",
+        acked.len(),
+        refused.lock().unwrap().len(),
+        log.1 / log.0.max(1),
+        log.2,
+        log.0
+    );
 }

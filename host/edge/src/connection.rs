@@ -24,7 +24,8 @@ use crate::Shared;
 use crate::admission::Unauthenticated;
 use crate::auth::Grant;
 use crate::config::GroupHistory;
-use crate::log::{Admission, GroupLog};
+use crate::group_store::GroupStore;
+use crate::log::Admission;
 use crate::room::{Creator, Inbound, Next, ReplyTx, RoomError, RoomHandle, RoomKey, ViewerSlot};
 
 /// Largest read from a stream at once; bounds buffering beyond one frame.
@@ -725,6 +726,7 @@ impl Session<'_> {
         let joined_frame = joined_frame(&room, info.online, info.recent, limits.max_frame_bytes);
         let catch_up = CatchUp {
             log: info.catch_up.map(|range| (self.shared.rooms.log().clone(), range)),
+            stored: info.stored,
             key: key.clone(),
             tail: info.tail,
             online: info.online,
@@ -747,22 +749,16 @@ impl Session<'_> {
     /// recorded in one log transaction, so the cap is exact however many
     /// join at once).
     async fn membership(&self, room: &str) -> Result<Admission, Fatal> {
-        let log = self.shared.rooms.log().clone();
         let max = self.shared.config.rooms.group_max_members;
-        let (tenant, room, user) = (Arc::clone(&self.tenant), room.to_owned(), Arc::clone(&self.user));
-        let looked_up = tokio::task::spawn_blocking(move || log.admit(&tenant, &room, &user, max)).await;
+        let looked_up = self.shared.rooms.log().admit(&self.tenant, room, &self.user, max).await;
         match looked_up {
-            Ok(Ok(Admission::Full { members })) => Err((
+            Ok(Admission::Full { members }) => Err((
                 ErrorCode::RoomFull,
                 format!("the group has {members} members, its maximum"),
             )),
-            Ok(Ok(admission)) => Ok(admission),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot read group membership");
-                Err((ErrorCode::Internal, "cannot read the group's membership".into()))
-            }
+            Ok(admission) => Ok(admission),
             Err(e) => {
-                tracing::error!(error = %e, "membership lookup failed");
+                tracing::error!(error = %e, "cannot read group membership");
                 Err((ErrorCode::Internal, "cannot read the group's membership".into()))
             }
         }
@@ -802,7 +798,9 @@ fn joined_frame(room: &str, online: u64, mut recent: Vec<Message>, max_frame: u3
 
 /// What a returning group member missed, sent between `Joined` and live batches.
 struct CatchUp {
-    log: Option<(GroupLog, (u64, u64))>,
+    log: Option<(GroupStore, (u64, u64))>,
+    /// How far the room's log is stored, kept current.
+    stored: Option<Arc<std::sync::atomic::AtomicU64>>,
     key: RoomKey,
     tail: Vec<Message>,
     online: u64,
@@ -810,6 +808,9 @@ struct CatchUp {
 
 /// Messages per catch-up read (and at most per batch frame).
 const CATCH_UP_CHUNK: usize = 256;
+
+/// Longest a catch-up waits for its origin to store the end of its range.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 
 impl CatchUp {
     /// Writes the missed messages in order, as batches of tick 0.
@@ -834,25 +835,33 @@ impl CatchUp {
         if let Some((log, (mut from, to))) = self.log.clone() {
             // What retention removed is gone: start after it, and say in
             // the first batch how many sequence numbers were lost.
-            let pruned = {
-                let (log, tenant, room) = (log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
-                tokio::task::spawn_blocking(move || log.pruned_through(&tenant, &room))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?
-            };
+            let (tenant, room) = (&self.key.tenant, &self.key.name);
+            let pruned = log.pruned_through(tenant, room).await.map_err(|e| e.to_string())?;
             let mut missed = 0;
             if pruned >= from {
                 missed = pruned.min(to) - from + 1;
                 from = pruned + 1;
             }
+            let waiting_since = tokio::time::Instant::now();
             while from <= to {
-                let (log, tenant, room) = (log.clone(), Arc::clone(&self.key.tenant), Arc::clone(&self.key.name));
-                let chunk = tokio::task::spawn_blocking(move || log.read(&tenant, &room, from, to, CATCH_UP_CHUNK))
+                let chunk = log
+                    .read(tenant, room, from, to, CATCH_UP_CHUNK)
                     .await
-                    .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                let Some(last) = chunk.last().map(|m| m.seq) else { break };
+                let Some(last) = chunk.last().map(|m| m.seq) else {
+                    // In a cluster a relay's range may end beyond what the
+                    // origin has stored yet (it never held those messages):
+                    // they are stored within the origin's window.
+                    let behind = self
+                        .stored
+                        .as_ref()
+                        .is_some_and(|s| s.load(std::sync::atomic::Ordering::Acquire) < to);
+                    if behind && waiting_since.elapsed() < CATCH_UP_WAIT {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    break;
+                };
                 from = last + 1;
                 for frame in split_to_fit(chunk, max_frame, 0) {
                     stream

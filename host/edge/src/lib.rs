@@ -53,6 +53,7 @@ mod connection;
 pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod group_store;
 pub mod log;
 pub mod modules;
 pub mod policy;
@@ -77,6 +78,8 @@ use tokio_util::task::TaskTracker;
 pub use config::{Config, ConfigError};
 
 use crate::auth::Authenticator;
+use crate::cluster::stream_log::StreamLog;
+use crate::group_store::GroupStore;
 use crate::log::{GroupLog, LogError, LogStats};
 use crate::modules::{ModuleError, ModuleSet};
 use crate::room::{Rooms, RoomsSetup};
@@ -182,7 +185,7 @@ pub struct Edge {
     runtime: Arc<WasmRuntime>,
     modules: tokio::sync::watch::Sender<Arc<ModuleSet>>,
     reload: tokio::sync::Mutex<()>,
-    group_log: GroupLog,
+    group_log: GroupStore,
     shared: Arc<Shared>,
     /// The size classes' threads; rooms stop when these are dropped.
     workers: workers::ClassWorkers,
@@ -213,16 +216,6 @@ impl Edge {
             source,
         })?;
 
-        let group_log = GroupLog::open_with(
-            &config.group_log_path(),
-            config.storage.commit_interval,
-            config.storage.max_queued,
-            log::Retention {
-                max_age: config.rooms.group_retention.max_age,
-                max_messages: config.rooms.group_retention.max_messages,
-                compact_interval: config.storage.compact_interval,
-            },
-        )?;
         let mut wasm = config.wasm.clone();
         wasm.max_instances = fit_to_map_count(wasm.max_instances);
         wasm.cache_dir = Some(config.cache_dir());
@@ -240,6 +233,29 @@ impl Edge {
         let cluster = match &config.cluster {
             None => None,
             Some(c) => Some(cluster::Cluster::join(c, local_addr, shutdown.clone(), &connections).await?),
+        };
+        let retention = log::Retention {
+            max_age: config.rooms.group_retention.max_age,
+            max_messages: config.rooms.group_retention.max_messages,
+            compact_interval: config.storage.compact_interval,
+        };
+        // In a cluster a group room's log is where every edge reads it.
+        let group_log = match &cluster {
+            None => GroupStore::Local(GroupLog::open_with(
+                &config.group_log_path(),
+                config.storage.commit_interval,
+                config.storage.max_queued,
+                retention,
+            )?),
+            Some(c) => GroupStore::Stream(
+                StreamLog::open(
+                    c.client(),
+                    config.storage.commit_interval,
+                    config.storage.max_queued,
+                    retention,
+                )
+                .await,
+            ),
         };
         let workers = workers::ClassWorkers::start(&config.rooms.classes).map_err(EdgeError::Workers)?;
         let rooms = Rooms::new(RoomsSetup {
@@ -464,8 +480,7 @@ impl Edge {
         // Everything holding the group log is gone now; let its writer
         // finish so the file is free for the next start.
         drop((rooms, runtime, modules, shared, workers));
-        let closed = tokio::task::spawn_blocking(move || group_log.close(Duration::from_secs(5))).await;
-        if !matches!(closed, Ok(true)) {
+        if !group_log.close(Duration::from_secs(5)).await {
             tracing::warn!("shutdown: the group log writer did not finish in 5 s");
         }
     }

@@ -168,6 +168,8 @@ pub struct LogStats {
     pub pruned_ticks: AtomicU64,
     /// Compactions of the file that ran.
     pub compactions: AtomicU64,
+    /// Member cursors stored.
+    pub cursors: AtomicU64,
 }
 
 /// Above this many waiting appends the writer warns (at most every 10 s).
@@ -617,6 +619,7 @@ impl Writer {
             }
         }
         if !cursors.is_empty() {
+            stats.cursors.fetch_add(cursors.len() as u64, Ordering::Relaxed);
             // Committed cursors need no overlay, unless a newer one came in.
             let mut pending = self.overlay.lock().unwrap_or_else(|e| e.into_inner());
             for (key, seq) in cursors.drain() {

@@ -117,9 +117,16 @@ pub const FORWARD_SPLIT_BYTES: usize = 512 * 1024;
 /// subject names the room by a hash of its tenant-qualified name: room
 /// names may hold characters NATS subjects may not.
 pub fn room_subject(tenant: &str, room: &str) -> String {
+    format!("{PREFIX}.room.{}", room_token(tenant, room))
+}
+
+/// A room in one subject token (or KV key part): the hash of its
+/// tenant-qualified name, as room names may hold characters subjects may
+/// not.
+pub fn room_token(tenant: &str, room: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(super::rendezvous::room_key(tenant, room).as_bytes());
-    format!("{PREFIX}.room.{}", hex::encode(&digest[..16]))
+    hex::encode(&digest[..16])
 }
 
 /// Sends forwarded to the rooms `edge` is the origin of.
@@ -152,6 +159,10 @@ pub struct RoomBatch {
     /// The highest sequence number the origin has handed out (acked),
     /// delivered or not: whoever takes the room over numbers after it.
     pub last_seq: u64,
+    /// Group rooms: the highest sequence number stored in the room's log
+    /// (JetStream); relays keep what they delivered beyond it. 0 for
+    /// livecast rooms.
+    pub committed: u64,
     /// Encoded `EdgeFrame::Batch` frames, length prefix included: written
     /// to viewers as they are. None when only `last_seq` moved.
     pub frames: Vec<Vec<u8>>,

@@ -313,7 +313,7 @@ impl Links {
                     &p.reply,
                     p.client_msg_id,
                     ErrorCode::ServerBusy,
-                    "the room's origin did not answer; send again",
+                    "the room's origin did not answer; it may have the message (group rooms: check before sending again)",
                 );
             }
             for (origin, items) in outbox {

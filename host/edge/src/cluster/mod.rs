@@ -13,6 +13,7 @@ pub mod bus;
 pub mod links;
 pub mod membership;
 pub mod rendezvous;
+pub mod stream_log;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -308,6 +309,11 @@ impl Cluster {
             shutdown,
         ));
         Ok(cluster)
+    }
+
+    /// The NATS connection, for JetStream.
+    pub(crate) fn client(&self) -> async_nats::Client {
+        self.client.clone()
     }
 
     pub fn edge_id(&self) -> &str {

@@ -164,18 +164,24 @@ impl Room {
         modules.mark_changed();
         let tick = config.classes.first().map_or(config.tick, |c| c.tick);
         let mut ring = Ring::new(config.recent_messages);
-        let link = match (rooms.links(), &kind) {
-            (Some(links), RoomKind::Livecast) => {
+        let mut kind = kind;
+        let link = match rooms.links() {
+            Some(links) => {
                 let mut link = RoomLink::new(Arc::clone(links), &key, rooms.max_frame, config.presence_interval).await;
-                ring.record(&link.recent_from_origin().await);
+                let recent = link.recent_from_origin().await;
+                ring.record(&recent);
+                if let RoomKind::Group(g) = &mut kind {
+                    g.set_writer(&key, link.is_origin());
+                    g.relayed(&recent);
+                }
                 Some(link)
             }
-            _ => None,
+            None => None,
         };
         // An origin in a cluster numbers above anything an earlier origin
         // of the room may have handed out (see `time_base`).
         let first = match &link {
-            Some(_) => time_base(),
+            Some(_) => time_base().max(kind.last_seq()),
             None => kind.last_seq(),
         };
         Some(Self {
@@ -337,6 +343,7 @@ impl Room {
                     catch_up,
                     tail,
                     head: self.kind.head(),
+                    stored: self.kind.stored(),
                 }));
             }
             Command::Leave { member } => {
@@ -395,7 +402,13 @@ impl Room {
     async fn on_heard(&mut self, heard: Heard) {
         let Some(link) = self.link.as_mut() else { return };
         match heard {
-            Heard::Nothing => {}
+            Heard::Nothing => {
+                if let RoomKind::Group(g) = &mut self.kind
+                    && !link.is_origin()
+                {
+                    g.origin_committed(link.origin_committed);
+                }
+            }
             Heard::Live => {
                 if link.reconsider(&self.key, self.viewers.len() as u64).await {
                     // The room's origin moved here: number on after anything
@@ -406,6 +419,9 @@ impl Room {
                         self.empty_since = None;
                     }
                 }
+                if let RoomKind::Group(g) = &mut self.kind {
+                    g.set_writer(&self.key, link.is_origin());
+                }
             }
             Heard::Frames(deliveries) => {
                 if link.is_origin() {
@@ -413,6 +429,12 @@ impl Room {
                 }
                 for d in &deliveries {
                     self.ring.record(&d.batch.messages);
+                }
+                if let RoomKind::Group(g) = &mut self.kind {
+                    for d in &deliveries {
+                        g.relayed(&d.batch.messages);
+                    }
+                    g.origin_committed(link.origin_committed);
                 }
                 self.egress.finish();
                 let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
@@ -532,6 +554,14 @@ impl Room {
         let online = self.viewers.len() as u64 + peers;
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.ingress.is_empty() && !presence_due {
+            // A group room's relays learn how far its log is stored even
+            // when nothing is said: they keep messages until then.
+            let (last, committed) = (self.sequencer.last(), self.kind.committed());
+            if let Some(link) = self.link.as_mut()
+                && committed > 0
+            {
+                link.publish(&self.key, &[], last, committed, self.tick_interval).await;
+            }
             return;
         }
         let mut inbox = self.ingress.take();
@@ -611,9 +641,9 @@ impl Room {
         if messages.is_empty() && plan.counters.is_empty() && !presence_due {
             // Nothing to show, but the numbers moved: relays must know, in
             // case the room's origin moves to one of them.
-            let last = self.sequencer.last();
+            let (last, committed) = (self.sequencer.last(), self.kind.committed());
             if let Some(link) = self.link.as_mut() {
-                link.publish(&self.key, &[], last, self.tick_interval).await;
+                link.publish(&self.key, &[], last, committed, self.tick_interval).await;
             }
             return;
         }
@@ -634,8 +664,15 @@ impl Room {
         let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
         if let Some(link) = self.link.as_mut() {
             // Encoded once, here: relays write these very bytes.
-            link.publish(&self.key, &deliveries, self.sequencer.last(), self.tick_interval)
-                .await;
+            let committed = self.kind.committed();
+            link.publish(
+                &self.key,
+                &deliveries,
+                self.sequencer.last(),
+                committed,
+                self.tick_interval,
+            )
+            .await;
         }
         self.egress
             .send(&mut self.viewers, deliveries, spread, &self.pool)

@@ -1,5 +1,13 @@
 //! A group room's log state: where its log ends, what it appended that is
 //! not on disk yet, and how a returning member's gap splits between the two.
+//!
+//! In a cluster the room's origin writes the log (JetStream) and tells its
+//! relays how far it is stored (`committed`, in each bus batch); a relay
+//! keeps what it delivered beyond that in memory, as the origin does, so a
+//! member resuming on it splits its gap the same way. A relay that becomes
+//! the origin writes what it holds beyond `committed` first: what the dead
+//! origin acked and delivered but had not stored yet survives (the log
+//! skips what it already has).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -8,12 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use throng_wire::{EdgeFrame, ErrorCode, Message};
 
 use super::{Inbound, RoomKey};
-use crate::log::GroupLog;
+use crate::group_store::GroupStore;
 
 /// A group room's log state.
 #[derive(Debug)]
 pub(super) struct GroupState {
-    log: GroupLog,
+    log: GroupStore,
+    /// Whether this edge writes the room's log: always on a single edge,
+    /// only its origin in a cluster.
+    writer: bool,
     /// Highest sequence number on disk (raised by the log writer).
     committed: Arc<AtomicU64>,
     /// Appended, not yet known to be committed, oldest first.
@@ -25,14 +36,11 @@ pub(super) struct GroupState {
 impl GroupState {
     /// Reads where the room's log ends. A room that cannot must not start:
     /// numbering from 1 would overwrite the log.
-    pub(super) async fn open(log: GroupLog, key: &RoomKey) -> Result<Self, String> {
-        let (reader, tenant, name) = (log.clone(), Arc::clone(&key.tenant), Arc::clone(&key.name));
-        let last = match tokio::task::spawn_blocking(move || reader.last_seq(&tenant, &name)).await {
-            Ok(last) => last.map_err(|e| e.to_string())?,
-            Err(e) => return Err(format!("reader task failed: {e}")),
-        };
+    pub(super) async fn open(log: GroupStore, key: &RoomKey) -> Result<Self, String> {
+        let last = log.last_seq(&key.tenant, &key.name).await.map_err(|e| e.to_string())?;
         Ok(Self {
             log,
+            writer: true,
             committed: Arc::new(AtomicU64::new(last)),
             pending: VecDeque::new(),
             head: Arc::new(AtomicU64::new(last)),
@@ -79,13 +87,66 @@ impl GroupState {
         self.head.store(head, Ordering::Release);
     }
 
+    /// Relay: messages the origin delivered, kept until it says they are
+    /// stored.
+    pub(super) fn relayed(&mut self, delivered: &[Message]) {
+        self.drop_committed();
+        let head = self.head.load(Ordering::Acquire);
+        self.pending.extend(delivered.iter().filter(|m| m.seq > head).cloned());
+        if let Some(last) = delivered.last() {
+            self.head.fetch_max(last.seq, Ordering::AcqRel);
+        }
+    }
+
+    /// Relay: how far the origin says the log is stored.
+    pub(super) fn origin_committed(&mut self, committed: u64) {
+        self.committed.fetch_max(committed, Ordering::AcqRel);
+        self.drop_committed();
+    }
+
+    /// How far the log is stored, as this edge knows.
+    pub(super) fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Acquire)
+    }
+
+    /// The same, kept current.
+    pub(super) fn stored(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.committed)
+    }
+
+    /// Sets whether this edge writes the room's log. Taking it over, it
+    /// first writes what it holds beyond what is stored.
+    pub(super) fn set_writer(&mut self, key: &RoomKey, writer: bool) {
+        if writer && !self.writer {
+            self.drop_committed();
+            let unstored: Vec<Message> = self.pending.iter().cloned().collect();
+            if !unstored.is_empty() {
+                tracing::info!(
+                    messages = unstored.len(),
+                    "taking the room's log over: storing what the last origin had not"
+                );
+                self.log.append(&key.tenant, &key.name, unstored, &self.committed);
+            }
+        }
+        self.writer = writer;
+    }
+
     /// What a member who saw up to `after` missed: the committed range to
     /// read from the log, and the messages after it not yet committed.
     /// Split at this instant, the two make it exactly once.
     pub(super) fn resume(&self, after: u64) -> (Option<(u64, u64)>, Vec<Message>) {
-        let committed = self.committed.load(Ordering::Acquire);
-        let catch_up = (after < committed).then_some((after + 1, committed));
-        let from = after.max(committed);
+        // What is stored, and on a relay also what it never held in
+        // memory (from before it started): the log has it, or will within
+        // the origin's window (the catch-up waits for it a moment).
+        let stored = match self.pending.front() {
+            Some(m) => self.committed.load(Ordering::Acquire).max(m.seq - 1),
+            None => self
+                .committed
+                .load(Ordering::Acquire)
+                .max(self.head.load(Ordering::Acquire)),
+        };
+        let catch_up = (after < stored).then_some((after + 1, stored));
+        let from = after.max(stored);
         let tail = self.pending.iter().filter(|m| m.seq > from).cloned().collect();
         (catch_up, tail)
     }
@@ -94,7 +155,7 @@ impl GroupState {
     /// retire before, or its successor would number from a stale end.
     pub(super) fn settled(&mut self) -> bool {
         self.drop_committed();
-        self.pending.is_empty()
+        !self.writer || self.pending.is_empty()
     }
 
     fn drop_committed(&mut self) {

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicU64;
 
 use super::RoomKey;
 use super::group::GroupState;
-use crate::log::GroupLog;
+use crate::group_store::GroupStore;
 
 /// What a room promises its members.
 #[derive(Debug)]
@@ -20,7 +20,7 @@ pub(super) enum RoomKind {
 
 impl RoomKind {
     /// A group room reads where its log ends before it starts.
-    pub(super) async fn open(group_log: Option<&GroupLog>, key: &RoomKey) -> Result<Self, String> {
+    pub(super) async fn open(group_log: Option<&GroupStore>, key: &RoomKey) -> Result<Self, String> {
         match group_log {
             None => Ok(Self::Livecast),
             Some(log) => Ok(Self::Group(GroupState::open(log.clone(), key).await?)),
@@ -41,6 +41,22 @@ impl RoomKind {
         match self {
             Self::Livecast => None,
             Self::Group(g) => Some(g.head()),
+        }
+    }
+
+    /// Group rooms: how far the log is stored, kept current.
+    pub(super) fn stored(&self) -> Option<Arc<AtomicU64>> {
+        match self {
+            Self::Livecast => None,
+            Self::Group(g) => Some(g.stored()),
+        }
+    }
+
+    /// How far the log is stored (0 for a livecast room).
+    pub(super) fn committed(&self) -> u64 {
+        match self {
+            Self::Livecast => 0,
+            Self::Group(g) => g.committed(),
         }
     }
 

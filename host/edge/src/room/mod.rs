@@ -120,6 +120,9 @@ pub struct JoinInfo {
     /// Group rooms: the highest sequence the room has handed out, kept
     /// current, so a `Seen` beyond it can be refused.
     pub head: Option<Arc<AtomicU64>>,
+    /// Group rooms: how far the log is stored, kept current; a catch-up
+    /// waits (briefly) for the log to reach its range's end.
+    pub stored: Option<Arc<AtomicU64>>,
 }
 
 /// Why a room operation failed.

@@ -18,7 +18,7 @@ use super::slot::ViewerSlot;
 use super::{Inbound, JoinInfo, Peer, RoomError, RoomKey};
 use crate::cluster::links::Links;
 use crate::config::RoomsConfig;
-use crate::log::GroupLog;
+use crate::group_store::GroupStore;
 use crate::modules::ModuleSet;
 use crate::wasm::WasmRuntime;
 use crate::workers::Pools;
@@ -39,7 +39,7 @@ pub struct Rooms {
     pub(super) max_body: u32,
     pub(super) runtime: Arc<WasmRuntime>,
     pub(super) modules: watch::Receiver<Arc<ModuleSet>>,
-    pub(super) log: GroupLog,
+    pub(super) log: GroupStore,
     group_rooms: Vec<wildmatch::WildMatch>,
     pub(super) shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
@@ -101,7 +101,7 @@ pub struct RoomsSetup {
     pub max_body: u32,
     pub runtime: Arc<WasmRuntime>,
     pub modules: watch::Receiver<Arc<ModuleSet>>,
-    pub log: GroupLog,
+    pub log: GroupStore,
     pub shutdown: CancellationToken,
     /// Each size class's threads.
     pub pools: Pools,
@@ -147,7 +147,7 @@ impl Rooms {
     }
 
     /// The group log, for catch-up reads.
-    pub fn log(&self) -> &GroupLog {
+    pub fn log(&self) -> &GroupStore {
         &self.log
     }
 
@@ -291,9 +291,6 @@ impl Rooms {
     /// A send another edge forwarded to a room this edge is the origin of
     /// (making the room if need be).
     pub fn peer_send(self: &Arc<Self>, key: &RoomKey, inbound: Inbound) -> Result<(), (Inbound, RoomError)> {
-        if self.is_group(&key.name) {
-            return Err((inbound, RoomError::Limit("group rooms are not shared across edges yet")));
-        }
         let tx = match self.handle(key, Creator::peer()) {
             Ok((tx, _)) => tx,
             Err(e) => return Err((inbound, e)),
@@ -304,9 +301,6 @@ impl Rooms {
     /// Viewers of a room this edge is the origin of, on another edge or in
     /// a region. A count for a room not alive here makes it, unless it is 0.
     pub fn peer_viewers(self: &Arc<Self>, key: &RoomKey, peer: Peer, viewers: u64) {
-        if self.is_group(&key.name) {
-            return;
-        }
         let tx = if viewers == 0 {
             match self.map().rooms.get(key) {
                 Some((_, tx)) => tx.clone(),

@@ -13,7 +13,8 @@
 //!   for joiners, forwards its senders' messages to the origin, and tells
 //!   the origin how many viewers it has here.
 //!
-//! Group rooms stay on the edge their members connect to for now.
+//! Group rooms run the same way; their origin also writes the room's log
+//! (JetStream) and says in each batch how far it is stored (`room/group.rs`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +65,10 @@ pub(super) struct RoomLink {
     batch_no: u64,
     /// Origin: the highest number its relays have been told of.
     told_seq: u64,
+    /// Origin: how far the room's log is stored, as its relays were told.
+    told_committed: u64,
+    /// Relay (group rooms): how far the origin says the log is stored.
+    pub(super) origin_committed: u64,
     /// Origin: edges that told of their first viewers, and when: they get
     /// batches before their region's count includes them.
     hellos: HashMap<String, Instant>,
@@ -108,6 +113,8 @@ impl RoomLink {
             sub: None,
             batch_no: 0,
             told_seq: 0,
+            told_committed: 0,
+            origin_committed: 0,
             hellos: HashMap::new(),
             regions: HashMap::new(),
             last_batch: None,
@@ -266,6 +273,7 @@ impl RoomLink {
         };
         self.last_batch = Some((batch.origin.clone(), batch.epoch, batch.batch_no));
         self.seen_seq = self.seen_seq.max(batch.last_seq);
+        self.origin_committed = self.origin_committed.max(batch.committed);
         let mut fresh = Vec::with_capacity(batch.frames.len());
         for frame in batch.frames {
             let mut buf = BytesMut::from(&frame[..]);
@@ -414,13 +422,17 @@ impl RoomLink {
         key: &RoomKey,
         deliveries: &[Arc<Delivery>],
         last_seq: u64,
+        committed: u64,
         within: Duration,
     ) {
-        if !self.interested() || (deliveries.is_empty() && last_seq == self.told_seq) {
+        if !self.interested()
+            || (deliveries.is_empty() && last_seq == self.told_seq && committed == self.told_committed)
+        {
             return;
         }
         self.batch_no += 1;
         self.told_seq = last_seq;
+        self.told_committed = committed;
         let batch = RoomBatch {
             tenant: key.tenant.to_string(),
             room: key.name.to_string(),
@@ -428,6 +440,7 @@ impl RoomLink {
             epoch: self.links.cluster().incarnation(),
             batch_no: self.batch_no,
             last_seq,
+            committed,
             frames: deliveries.iter().map(|d| d.frame.to_vec()).collect(),
         };
         self.links.publish_batch(self.subject.clone(), &batch, within).await;

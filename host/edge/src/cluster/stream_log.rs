@@ -1,0 +1,698 @@
+//! Group rooms' log in JetStream, for edges in a cluster.
+//!
+//! The same promises as the embedded log (`crate::log`), kept where every
+//! edge can reach them, so a member resumes from any edge:
+//!
+//! - **One stream** ([`STREAM`]) with a subject per room
+//!   (`throng.group.<hash of the tenant-qualified name>`). Each entry is one
+//!   room tick's messages, as in the embedded log, published with the
+//!   message id `<room hash>.<first seq>`: JetStream drops a second copy
+//!   within [`DEDUP_WINDOW`], so a publish retried after a lost ack, or a
+//!   new origin writing what the dead one may already have written, never
+//!   stores a tick twice. Readers also skip any number they already gave.
+//! - **Appends never wait**: rooms hand a tick to the writer task, which
+//!   publishes every room's ticks together each `commit_interval` and
+//!   raises each room's `committed` mark once JetStream acked them, in
+//!   order (a room's later tick never counts as committed before an earlier
+//!   one). A publish that fails (NATS away) is retried, in order, until it
+//!   is acked; meanwhile rooms keep the messages in memory and refuse new
+//!   ones above `storage.max_queued`, as with a slow disk.
+//! - **Members and cursors** live in the KV bucket [`MEMBERS_BUCKET`]:
+//!   `<room>.m.<user hash>` holds the member's cursor and join point,
+//!   `<room>.n` the member count. A first join raises the count by a
+//!   compare-and-set on its revision and then creates the member's key,
+//!   so the cap is exact across edges. Cursors are written in batches by
+//!   the writer, never moving back (compare-and-set again).
+//! - **Reading** a range finds the first entry at or after `from` by a
+//!   binary search over stream sequence numbers (`next_by_subject` gets),
+//!   then reads entries one by one.
+//! - **Retention**: `max_messages` is the stream's per-subject limit,
+//!   counted in ticks (entries), so a room keeps at least that many
+//!   messages; `max_age` is the stream's. JetStream does not say per subject
+//!   what it removed, so a member that comes back from before what is kept
+//!   is not told how many numbers it lost (the embedded log does).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use throng_wire::Message;
+use tokio::sync::mpsc;
+
+use crate::log::{Admission, LogError, LogStats, Retention};
+
+/// The stream that holds every group room's log.
+pub const STREAM: &str = "THRONG_GROUPS";
+/// The KV bucket of group members and their cursors.
+pub const MEMBERS_BUCKET: &str = "throng_group_members";
+/// How long JetStream remembers a message id: a publish retried after
+/// this is stored again (readers skip the repeat).
+pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// Longest wait for one JetStream request or ack.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Compare-and-set attempts before a membership change gives up.
+const CAS_ATTEMPTS: usize = 32;
+
+/// A room's subject in the stream.
+pub fn group_subject(tenant: &str, room: &str) -> String {
+    format!("{}.group.{}", super::bus::PREFIX, super::bus::room_token(tenant, room))
+}
+
+fn member_key(tenant: &str, room: &str, user: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let user = Sha256::digest(user.as_bytes());
+    format!(
+        "{}.m.{}",
+        super::bus::room_token(tenant, room),
+        hex::encode(&user[..16])
+    )
+}
+
+fn count_key(tenant: &str, room: &str) -> String {
+    format!("{}.n", super::bus::room_token(tenant, room))
+}
+
+/// One tick of one room, as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    tenant: String,
+    room: String,
+    messages: Vec<Message>,
+}
+
+/// A member's record in the KV bucket.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct MemberRecord {
+    cursor: u64,
+    joined_at: u64,
+}
+
+type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
+
+enum Work {
+    Append(Append),
+    Cursor(MemberKey, u64),
+}
+
+struct Append {
+    tenant: Arc<str>,
+    room: Arc<str>,
+    messages: Vec<Message>,
+    committed: Arc<AtomicU64>,
+    queued_at: Instant,
+}
+
+/// Group logs in JetStream: one stream, one KV bucket, one writer task.
+#[derive(Debug, Clone)]
+pub struct StreamLog {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    parts: tokio::sync::OnceCell<Parts>,
+    tx: mpsc::UnboundedSender<Work>,
+    /// Cursors handed to the writer and not yet stored.
+    cursors: Mutex<HashMap<MemberKey, u64>>,
+    stats: Arc<LogStats>,
+    max_queued: u64,
+}
+
+fn js_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> LogError + '_ {
+    move |e| LogError::Read(format!("{what}: {e}"))
+}
+
+async fn within<T, E: std::fmt::Display>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {REQUEST_TIMEOUT:?}")),
+    }
+}
+
+/// The stream and the bucket, once they are known to exist.
+#[derive(Debug)]
+struct Parts {
+    stream: stream::Stream,
+    members: kv::Store,
+}
+
+/// Makes sure the stream and the bucket exist.
+async fn set_up(js: &jetstream::Context, retention: Retention) -> Result<Parts, String> {
+    let config = stream::Config {
+        name: STREAM.to_owned(),
+        subjects: vec![format!("{}.group.>", super::bus::PREFIX)],
+        storage: stream::StorageType::File,
+        duplicate_window: DEDUP_WINDOW,
+        max_messages_per_subject: retention.max_messages.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        max_age: retention.max_age.unwrap_or(Duration::ZERO),
+        ..Default::default()
+    };
+    let stream = within("create the stream", js.get_or_create_stream(config)).await?;
+    // The bucket's stream is made here, as a KV bucket's is: the client's
+    // `create_key_value` first asks for account details in a form
+    // nats-server 2.9 does not answer.
+    let bucket = stream::Config {
+        name: format!("KV_{MEMBERS_BUCKET}"),
+        subjects: vec![format!("$KV.{MEMBERS_BUCKET}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    within("create the members bucket", js.get_or_create_stream(bucket)).await?;
+    let members = within("open the members bucket", js.get_key_value(MEMBERS_BUCKET)).await?;
+    Ok(Parts { stream, members })
+}
+
+/// How long the edge's start waits for JetStream before it goes on
+/// without (group rooms then wait for it; livecast rooms never do).
+const FIRST_TRY: Duration = Duration::from_secs(2);
+/// Between two attempts to set the stream up.
+const RETRY_SET_UP: Duration = Duration::from_secs(2);
+
+impl StreamLog {
+    /// Starts the writer and makes sure the stream and the bucket exist.
+    /// NATS without JetStream (or not answering yet) does not stop the
+    /// edge: it tries again in the background, and until then group rooms
+    /// refuse joins with a typed error ("try again").
+    pub async fn open(
+        client: async_nats::Client,
+        commit_interval: Duration,
+        max_queued: u64,
+        retention: Retention,
+    ) -> Self {
+        let js = jetstream::new(client);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            parts: tokio::sync::OnceCell::new(),
+            tx,
+            cursors: Mutex::new(HashMap::new()),
+            stats: Arc::default(),
+            max_queued,
+        });
+        match tokio::time::timeout(FIRST_TRY, set_up(&js, retention)).await {
+            Ok(Ok(parts)) => {
+                let _ = inner.parts.set(parts);
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e,
+                    _ => format!("no answer within {FIRST_TRY:?}"),
+                };
+                tracing::error!(error = %why, "JetStream is not available: group rooms wait for it");
+                let (js, weak) = (js.clone(), Arc::downgrade(&inner));
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(RETRY_SET_UP).await;
+                        let Some(inner) = weak.upgrade() else { return };
+                        match set_up(&js, retention).await {
+                            Ok(parts) => {
+                                let _ = inner.parts.set(parts);
+                                tracing::info!("JetStream is available: group rooms can start");
+                                return;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "JetStream still not available"),
+                        }
+                    }
+                });
+            }
+        }
+        let writer = Writer {
+            js,
+            inner: Arc::downgrade(&inner),
+            stats: Arc::clone(&inner.stats),
+            interval: commit_interval,
+            queue: VecDeque::new(),
+            cursors: HashMap::new(),
+        };
+        tokio::spawn(writer.run(rx));
+        Self { inner }
+    }
+
+    fn parts(&self) -> Result<&Parts, LogError> {
+        self.inner
+            .parts
+            .get()
+            .ok_or_else(|| LogError::Read("JetStream is not available yet".into()))
+    }
+
+    pub fn stats(&self) -> &Arc<LogStats> {
+        &self.inner.stats
+    }
+
+    /// Queues a tick's messages; `committed` is raised once JetStream has
+    /// them (and every earlier tick of the room).
+    pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
+        if messages.is_empty() {
+            return;
+        }
+        let stats = &self.inner.stats;
+        stats.queued.fetch_add(1, Ordering::Relaxed);
+        stats
+            .queued_messages
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
+        let _ = self.inner.tx.send(Work::Append(Append {
+            tenant: Arc::clone(tenant),
+            room: Arc::clone(room),
+            messages,
+            committed: Arc::clone(committed),
+            queued_at: Instant::now(),
+        }));
+    }
+
+    /// Moves a member's cursor up to `seq` (written with the next batch).
+    pub fn set_cursor(&self, tenant: &Arc<str>, room: &Arc<str>, user: &Arc<str>, seq: u64) {
+        let key = (Arc::clone(tenant), Arc::clone(room), Arc::clone(user));
+        {
+            let mut pending = self.inner.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let v = pending.entry(key.clone()).or_insert(seq);
+            *v = (*v).max(seq);
+        }
+        let _ = self.inner.tx.send(Work::Cursor(key, seq));
+    }
+
+    async fn record(&self, key: &str) -> Result<Option<(MemberRecord, u64)>, LogError> {
+        let entry = within("read a member", self.parts()?.members.entry(key.to_owned()))
+            .await
+            .map_err(LogError::Read)?;
+        let Some(entry) = entry else { return Ok(None) };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let record = postcard::from_bytes(&entry.value).map_err(|e| js_err("a member record")(&e))?;
+        Ok(Some((record, entry.revision)))
+    }
+
+    /// Makes `user` a member of the room unless it has `max_members`
+    /// already (exact across edges: see the module's doc).
+    pub async fn admit(&self, tenant: &str, room: &str, user: &str, max_members: u64) -> Result<Admission, LogError> {
+        let key = member_key(tenant, room, user);
+        let overlay = {
+            let p = self.inner.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            p.get(&(Arc::from(tenant), Arc::from(room), Arc::from(user))).copied()
+        };
+        if let Some((r, _)) = self.record(&key).await? {
+            return Ok(Admission::Member {
+                cursor: r.cursor.max(overlay.unwrap_or(0)),
+                joined_at: r.joined_at,
+            });
+        }
+        let counter = count_key(tenant, room);
+        match self.add_to_count(&counter, 1, Some(max_members)).await? {
+            Ok(()) => {}
+            Err(members) => return Ok(Admission::Full { members }),
+        }
+        let at = self.last_seq(tenant, room).await?;
+        let record = MemberRecord {
+            cursor: at,
+            joined_at: at,
+        };
+        let bytes = Bytes::from(postcard::to_allocvec(&record).map_err(|e| LogError::Write(e.to_string()))?);
+        match within("record a member", self.parts()?.members.create(&key, bytes)).await {
+            Ok(_) => Ok(Admission::New { joined_at: at }),
+            Err(e) => {
+                // Made a member meanwhile (the same user joining on another
+                // edge), or the write failed: either way, count it once.
+                self.add_to_count(&counter, -1, None).await?.ok();
+                match self.record(&key).await? {
+                    Some((r, _)) => Ok(Admission::Member {
+                        cursor: r.cursor,
+                        joined_at: r.joined_at,
+                    }),
+                    None => Err(LogError::Write(e)),
+                }
+            }
+        }
+    }
+
+    /// Adds `delta` to a room's member count by compare-and-set; with a
+    /// `cap`, refuses (with the count) rather than pass it.
+    async fn add_to_count(&self, key: &str, delta: i64, cap: Option<u64>) -> Result<Result<(), u64>, LogError> {
+        let kv = &self.parts()?.members;
+        for _ in 0..CAS_ATTEMPTS {
+            let entry = within("read the member count", kv.entry(key.to_owned()))
+                .await
+                .map_err(LogError::Read)?;
+            let (count, revision) = match &entry {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    let n: u64 = postcard::from_bytes(&e.value).map_err(|e| js_err("the member count")(&e))?;
+                    (n, Some(e.revision))
+                }
+                Some(e) => (0, Some(e.revision)),
+                None => (0, None),
+            };
+            if cap.is_some_and(|cap| delta > 0 && count >= cap) {
+                return Ok(Err(count));
+            }
+            let next = count.saturating_add_signed(delta);
+            let bytes = Bytes::from(postcard::to_allocvec(&next).map_err(|e| LogError::Write(e.to_string()))?);
+            let written = match revision {
+                Some(rev) => within("count a member", kv.update(key, bytes, rev)).await.map(|_| ()),
+                None => within("count a member", kv.create(key, bytes)).await.map(|_| ()),
+            };
+            if written.is_ok() {
+                return Ok(Ok(()));
+            }
+            // Another join moved the count first: read it again.
+        }
+        Err(LogError::Write(format!(
+            "the member count did not settle in {CAS_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// How many members a room has.
+    pub async fn member_count(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
+        let entry = within(
+            "read the member count",
+            self.parts()?.members.get(count_key(tenant, room)),
+        )
+        .await
+        .map_err(LogError::Read)?;
+        match entry {
+            Some(v) => postcard::from_bytes(&v).map_err(|e| js_err("the member count")(&e)),
+            None => Ok(0),
+        }
+    }
+
+    pub fn is_behind(&self) -> bool {
+        self.inner.stats.queued_messages.load(Ordering::Relaxed) >= self.inner.max_queued
+    }
+
+    /// The highest sequence number JetStream holds for a room (0 if none).
+    pub async fn last_seq(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
+        let subject = group_subject(tenant, room);
+        let got = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.parts()?.stream.get_last_raw_message_by_subject(&subject),
+        )
+        .await;
+        match got {
+            Ok(Ok(m)) => Ok(decode_entry(&m.payload, tenant, room)?
+                .messages
+                .iter()
+                .map(|m| m.seq)
+                .max()
+                .unwrap_or(0)),
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Ok(Err(e)) => Err(LogError::Read(format!("last entry of the room: {e}"))),
+            Err(_) => Err(LogError::Read(format!(
+                "last entry of the room: no answer within {REQUEST_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// The first entry of the room at stream sequence `at` or later.
+    async fn next_entry(
+        &self,
+        subject: &str,
+        at: u64,
+        tenant: &str,
+        room: &str,
+    ) -> Result<Option<(u64, Entry)>, LogError> {
+        let get = self
+            .parts()?
+            .stream
+            .raw_message_builder()
+            .sequence(at)
+            .next_by_subject(subject.to_owned())
+            .send();
+        match tokio::time::timeout(REQUEST_TIMEOUT, get).await {
+            Ok(Ok(m)) => Ok(Some((m.sequence, decode_entry(&m.payload, tenant, room)?))),
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Ok(Err(e)) => Err(LogError::Read(format!("entry of the room: {e}"))),
+            Err(_) => Err(LogError::Read(format!(
+                "entry of the room: no answer within {REQUEST_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// Up to `limit` messages of a room with `from <= seq <= to`, in order,
+    /// each number once.
+    pub async fn read(
+        &self,
+        tenant: &str,
+        room: &str,
+        from: u64,
+        to: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, LogError> {
+        if from > to || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let subject = group_subject(tenant, room);
+        let info = within("stream info", self.parts()?.stream.get_info())
+            .await
+            .map_err(LogError::Read)?;
+        // The first entry whose last message is at or after `from`.
+        let (mut lo, mut hi) = (
+            info.state.first_sequence.max(1),
+            info.state.last_sequence.saturating_add(1),
+        );
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.next_entry(&subject, mid, tenant, room).await? {
+                Some((at, e)) if e.messages.last().is_some_and(|m| m.seq < from) => lo = at + 1,
+                _ => hi = mid,
+            }
+        }
+        let mut out: Vec<Message> = Vec::new();
+        let mut at = lo;
+        while out.len() < limit {
+            let Some((seq, entry)) = self.next_entry(&subject, at, tenant, room).await? else {
+                break;
+            };
+            at = seq + 1;
+            if entry.messages.first().is_some_and(|m| m.seq > to) {
+                break;
+            }
+            let after = out.last().map_or(0, |m| m.seq);
+            for m in entry.messages {
+                if m.seq >= from && m.seq <= to && m.seq > after && out.len() < limit {
+                    out.push(m);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode_entry(payload: &[u8], tenant: &str, room: &str) -> Result<Entry, LogError> {
+    let entry: Entry = super::bus::decode(payload, super::bus::MAX_ROOM_BUS_BYTES)
+        .map_err(|e| LogError::Read(format!("corrupt log entry: {e}")))?;
+    if entry.tenant != tenant || entry.room != room {
+        return Err(LogError::Read(
+            "a log entry of another room on this room's subject".into(),
+        ));
+    }
+    Ok(entry)
+}
+
+/// The writer task.
+struct Writer {
+    js: jetstream::Context,
+    /// Gone when the last handle is dropped: the writer then stores what
+    /// is queued and stops.
+    inner: std::sync::Weak<Inner>,
+    stats: Arc<LogStats>,
+    interval: Duration,
+    queue: VecDeque<Append>,
+    cursors: HashMap<MemberKey, u64>,
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Work>) {
+        let mut open = true;
+        while open || !self.queue.is_empty() || !self.cursors.is_empty() {
+            if open && self.queue.is_empty() && self.cursors.is_empty() {
+                match rx.recv().await {
+                    Some(w) => self.take(w),
+                    None => open = false,
+                }
+            }
+            // Gather what else arrives within the interval: one round of
+            // publishes (and one wait for their acks) covers every room.
+            let deadline = tokio::time::Instant::now() + self.interval;
+            while open {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(w)) => self.take(w),
+                    Ok(None) => open = false,
+                    Err(_) => break,
+                }
+            }
+            let stored = self.store_appends().await;
+            self.store_cursors().await;
+            if !stored {
+                if !open && self.inner.strong_count() == 0 && self.stats.queued.load(Ordering::Relaxed) > 0 {
+                    // Shutting down with NATS away: what is left is lost
+                    // with this edge, as an edge that dies loses its window.
+                    tracing::warn!(
+                        appends = self.queue.len(),
+                        "shutdown: group log entries not stored in JetStream"
+                    );
+                    return;
+                }
+                tokio::time::sleep(self.interval.max(Duration::from_millis(100))).await;
+            }
+        }
+    }
+
+    fn take(&mut self, work: Work) {
+        match work {
+            Work::Append(a) => self.queue.push_back(a),
+            Work::Cursor(key, seq) => {
+                let v = self.cursors.entry(key).or_insert(seq);
+                *v = (*v).max(seq);
+            }
+        }
+    }
+
+    /// Publishes every queued tick and waits for the acks; false if some
+    /// were not stored (they stay queued, in order).
+    async fn store_appends(&mut self) -> bool {
+        if self.queue.is_empty() {
+            return true;
+        }
+        let mut acks = Vec::with_capacity(self.queue.len());
+        for a in &self.queue {
+            let Some(first) = a.messages.first() else {
+                acks.push(None);
+                continue;
+            };
+            let entry = Entry {
+                tenant: a.tenant.to_string(),
+                room: a.room.to_string(),
+                messages: a.messages.clone(),
+            };
+            let mut headers = HeaderMap::new();
+            let id = format!("{}.{}", super::bus::room_token(&a.tenant, &a.room), first.seq);
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            let payload = Bytes::from(super::bus::encode(&entry));
+            let sent = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                self.js
+                    .publish_with_headers(group_subject(&a.tenant, &a.room), headers, payload),
+            )
+            .await;
+            acks.push(match sent {
+                Ok(Ok(ack)) => Some(ack),
+                _ => None,
+            });
+        }
+        let mut stored = Vec::with_capacity(acks.len());
+        for ack in acks {
+            let ok = match ack {
+                Some(ack) => matches!(
+                    tokio::time::timeout(REQUEST_TIMEOUT, ack.into_future()).await,
+                    Ok(Ok(_))
+                ),
+                None => false,
+            };
+            stored.push(ok);
+        }
+        // A room's tick counts as stored only if every earlier one of the
+        // room was: `committed` must never pass a tick still missing.
+        let mut blocked: HashSet<(Arc<str>, Arc<str>)> = HashSet::new();
+        let mut kept = VecDeque::new();
+        let now = Instant::now();
+        let (mut done_appends, mut done_messages) = (0u64, 0u64);
+        for (a, ok) in self.queue.drain(..).zip(stored) {
+            let room = (Arc::clone(&a.tenant), Arc::clone(&a.room));
+            if !ok || blocked.contains(&room) {
+                blocked.insert(room);
+                kept.push_back(a);
+                continue;
+            }
+            let window = now.duration_since(a.queued_at).as_micros() as u64;
+            self.stats.max_window_us.fetch_max(window, Ordering::Relaxed);
+            self.stats.total_window_us.fetch_add(window, Ordering::Relaxed);
+            self.stats.appends.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .messages
+                .fetch_add(a.messages.len() as u64, Ordering::Relaxed);
+            done_appends += 1;
+            done_messages += a.messages.len() as u64;
+            if let Some(last) = a.messages.last() {
+                a.committed.fetch_max(last.seq, Ordering::Release);
+            }
+        }
+        self.stats.queued.fetch_sub(done_appends, Ordering::Relaxed);
+        self.stats.queued_messages.fetch_sub(done_messages, Ordering::Relaxed);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("throng_group_log_queued").set(self.stats.queued.load(Ordering::Relaxed) as f64);
+        metrics::counter!("throng_group_log_commits_total").increment(1);
+        let all = kept.is_empty();
+        if !all {
+            metrics::counter!("throng_group_log_store_retries_total").increment(kept.len() as u64);
+            tracing::warn!(
+                appends = kept.len(),
+                "JetStream did not ack every group log entry; retrying"
+            );
+        }
+        self.queue = kept;
+        all
+    }
+
+    /// Writes the cursors gathered, each only upward.
+    async fn store_cursors(&mut self) {
+        let Some(inner) = self.inner.upgrade() else {
+            self.cursors.clear();
+            return;
+        };
+        let Some(parts) = inner.parts.get() else { return };
+        let mut failed = HashMap::new();
+        for ((tenant, room, user), seq) in self.cursors.drain() {
+            let key = member_key(&tenant, &room, &user);
+            if !raise_cursor(&parts.members, &key, seq).await {
+                failed.insert((tenant, room, user), seq);
+                continue;
+            }
+            self.stats.cursors.fetch_add(1, Ordering::Relaxed);
+            let mut pending = inner.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            let k = (tenant, room, user);
+            if pending.get(&k).is_some_and(|&p| p <= seq) {
+                pending.remove(&k);
+            }
+        }
+        self.cursors = failed;
+    }
+}
+
+/// Raises a member's stored cursor to `seq`; true when stored (or already
+/// higher). A cursor never makes a member.
+async fn raise_cursor(kv: &kv::Store, key: &str, seq: u64) -> bool {
+    for _ in 0..CAS_ATTEMPTS {
+        let Ok(Ok(entry)) = tokio::time::timeout(REQUEST_TIMEOUT, kv.entry(key.to_owned())).await else {
+            return false;
+        };
+        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+            return true;
+        };
+        let Ok(mut record) = postcard::from_bytes::<MemberRecord>(&entry.value) else {
+            return true;
+        };
+        if record.cursor >= seq {
+            return true;
+        }
+        record.cursor = seq;
+        let Ok(bytes) = postcard::to_allocvec(&record) else {
+            return true;
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(REQUEST_TIMEOUT, kv.update(key, bytes.into(), entry.revision)).await {
+            return true;
+        }
+    }
+    false
+}
