@@ -34,7 +34,8 @@
 //! sequenced, before it is on disk: the ack promises order (its sequence
 //! number) and that the message is committed within the durability window,
 //! one `commit_interval` plus one commit (fsync), unless the edge dies in
-//! that window. BENCHMARKS.md has the measured window.
+//! that window. BENCHMARKS.md has the measured window. (In a cluster the
+//! log is in JetStream instead: `cluster::stream_log`.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

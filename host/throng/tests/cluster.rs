@@ -588,6 +588,100 @@ async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
     assert_eq!(after_got, after, "the mover after its edge died");
 }
 
+/// Kill -9 of a group room's origin under traffic: the room moves, its
+/// numbers go on, and its log keeps every acked message that was stored
+/// before the kill or that reached a surviving edge (the new origin stores
+/// what its viewers were given and the log did not have yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_group_rooms_origin_keeps_every_acked_message_a_survivor_saw() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["a", "b", "c"];
+    let group = |c: String| format!("{c}\n[rooms]\ngroup_rooms = [\"team-*\"]\ngroup_history = \"all\"\n");
+    let (edges, ready) = start_edges(&nats, dir.path(), &ids, group).await;
+    let key = throng_edge::cluster::rendezvous::room_key("dev", "team-ops");
+    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
+    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != o).collect();
+
+    let mut members = Vec::new();
+    for &i in &survivors {
+        let c = client(&ready[i], &format!("member-{i}"), "viewer").await;
+        let room = c.join("team-ops").await.expect("joins");
+        members.push((c, room));
+    }
+    let sender = client(&ready[survivors[0]], "host", "host").await;
+    let mut sender_room = sender.join("team-ops").await.expect("sender joins");
+    tokio::spawn(async move { while let Some(Ok(_)) = sender_room.next_batch().await {} });
+
+    // Sends in flight when the origin dies: submitted back to back, the
+    // last ones acked just before the kill.
+    let mut acked = std::collections::BTreeMap::new();
+    for k in 0..40 {
+        let body = format!("before-{k}");
+        let ack = sender
+            .send("team-ops", throng_wire::Kind::Chat, body.clone())
+            .await
+            .expect("acked");
+        acked.insert(ack.seq, body);
+    }
+    edges[o].signal("-KILL");
+    let want: Vec<&str> = ids.iter().copied().filter(|&i| i != origin).collect();
+    for &i in &survivors {
+        edges[i].wait_live(&want, DEAD_AFTER + Duration::from_secs(3)).await;
+    }
+    // What the surviving members were given before the move.
+    let mut seen = std::collections::BTreeSet::new();
+    for (_, room) in &mut members {
+        for (seq, _) in receive_for(room, "before-", acked.len(), Duration::from_secs(3)).await {
+            seen.insert(seq);
+        }
+    }
+    let last_before = acked.keys().last().copied().unwrap_or(0);
+    let mut after = std::collections::BTreeMap::new();
+    for k in 0..5 {
+        let body = format!("after-{k}");
+        let ack = sender
+            .send("team-ops", throng_wire::Kind::Chat, body.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{body} refused after the origin died: {e}"));
+        assert!(
+            ack.seq > last_before,
+            "numbers went back: {} after {last_before}",
+            ack.seq
+        );
+        after.insert(ack.seq, body);
+    }
+    // A newcomer reads the whole log from a surviving edge.
+    let reader = client(&ready[survivors[1]], "reader", "viewer").await;
+    let mut room = reader.join_from("team-ops", Some(0)).await.expect("reader joins");
+    let got = receive_for(&mut room, "", acked.len() + after.len(), Duration::from_secs(10)).await;
+    let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "out of order or repeated: {seqs:?}"
+    );
+    let in_log: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
+    let lost_seen: Vec<&u64> = seen.iter().filter(|s| !in_log.contains(s)).collect();
+    assert!(
+        lost_seen.is_empty(),
+        "acked, seen by a survivor, and lost: {lost_seen:?}"
+    );
+    for (seq, body) in &after {
+        assert!(in_log.contains(seq), "{body} ({seq}) is not in the log");
+    }
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|(s, _)| !in_log.contains(s))
+        .map(|(_, b)| b)
+        .collect();
+    eprintln!(
+        "{} acked before the kill, {} of them seen by survivors; lost with the origin: {lost:?}",
+        acked.len(),
+        seen.len()
+    );
+}
+
 /// A relay that falls behind on the bus (stopped for a moment, its
 /// subscription's buffer overflows when the backlog arrives at once, and
 /// the NATS client drops what does not fit) notices the gap in the origin's
