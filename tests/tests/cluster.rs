@@ -505,6 +505,7 @@ async fn a_relay_drops_batches_that_are_not_from_the_rooms_origin() {
             batch_no: 1,
             last_seq: u64::MAX / 4,
             committed: 0,
+            prev_delivered: 0,
             frames: vec![frame(body)],
         };
         bus.publish(edge_bus::room_subject("acme", "lobby"), edge_bus::encode(&batch).into())

@@ -689,6 +689,22 @@ async fn kill_9_of_a_group_rooms_origin_keeps_every_acked_message_a_survivor_saw
 /// message the origin's viewer got, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring() {
+    relay_stopped_for(Duration::from_millis(1200), DEAD_AFTER, 4).await;
+}
+
+/// The same, stopped longer than the origin keeps a silent relay's
+/// interest (three presence intervals and a second: 1.6 s here): the
+/// origin stops publishing the room's batches meanwhile, so no batch is
+/// missing by count; the relay still sees, from the number the origin
+/// delivered before its next batch, that messages are, and fills them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_interest_lapsed_while_stopped_fills_the_gap_from_the_origins_ring() {
+    // A subscription that holds the whole backlog: no batch is lost on
+    // the bus, only those the origin never published.
+    relay_stopped_for(Duration::from_millis(2500), Duration::from_secs(6), 65536).await;
+}
+
+async fn relay_stopped_for(stop: Duration, dead_after: Duration, subscription_capacity: usize) {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["a", "b"];
@@ -700,8 +716,14 @@ async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring
              viewer_queue_batches = 10000\n\n\
              [tenants.dev]",
         )
-        // Four bus messages per subscription: a backlog overflows it.
-        .replace("dead_after =", "subscription_capacity = 4\ndead_after =")
+        // With four bus messages per subscription a backlog overflows it.
+        .replace(
+            &format!("dead_after = \"{}ms\"", DEAD_AFTER.as_millis()),
+            &format!(
+                "subscription_capacity = {subscription_capacity}\ndead_after = \"{}ms\"",
+                dead_after.as_millis()
+            ),
+        )
     })
     .await;
     let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
@@ -732,12 +754,12 @@ async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring
     }
     assert!(first > 0);
 
-    // Sends at the origin while the relay is stopped for 1.2 s (less than
+    // Sends at the origin while the relay is stopped (for less than
     // dead_after: it stays in the cluster).
     let body = "x".repeat(100);
     let sending = tokio::spawn(async move {
         let mut acked = Vec::new();
-        let end = Instant::now() + Duration::from_secs(3);
+        let end = Instant::now() + stop + Duration::from_millis(1800);
         let mut k = 0;
         while Instant::now() < end {
             let mut pending = Vec::new();
@@ -759,7 +781,7 @@ async fn a_relay_that_fell_behind_on_the_bus_fills_the_gap_from_the_origins_ring
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     edges[r].signal("-STOP");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(stop).await;
     edges[r].signal("-CONT");
     let acked = sending.await.expect("sender");
 

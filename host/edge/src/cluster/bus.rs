@@ -163,6 +163,11 @@ pub struct RoomBatch {
     /// (JetStream); relays keep what they delivered beyond it. 0 for
     /// livecast rooms.
     pub committed: u64,
+    /// The number of the last message the origin delivered before this
+    /// batch's: a relay that wrote less to its viewers missed some (the
+    /// bus lost batches, or the origin published none while it thought
+    /// nobody listened) and asks the origin's ring for them.
+    pub prev_delivered: u64,
     /// Encoded `EdgeFrame::Batch` frames, length prefix included: written
     /// to viewers as they are. None when only `last_seq` moved.
     pub frames: Vec<Vec<u8>>,

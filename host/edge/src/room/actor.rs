@@ -556,11 +556,12 @@ impl Room {
         if self.ingress.is_empty() && !presence_due {
             // A group room's relays learn how far its log is stored even
             // when nothing is said: they keep messages until then.
-            let (last, committed) = (self.sequencer.last(), self.kind.committed());
+            let (last, committed, prev) = (self.sequencer.last(), self.kind.committed(), self.ring.last());
             if let Some(link) = self.link.as_mut()
                 && committed > 0
             {
-                link.publish(&self.key, &[], last, committed, self.tick_interval).await;
+                link.publish(&self.key, &[], last, committed, prev, self.tick_interval)
+                    .await;
             }
             return;
         }
@@ -637,13 +638,15 @@ impl Room {
         if let RoomKind::Group(g) = &mut self.kind {
             g.record(&self.key, &messages, self.sequencer.last());
         }
+        let prev_delivered = self.ring.last();
         self.ring.record(&messages);
         if messages.is_empty() && plan.counters.is_empty() && !presence_due {
             // Nothing to show, but the numbers moved: relays must know, in
             // case the room's origin moves to one of them.
             let (last, committed) = (self.sequencer.last(), self.kind.committed());
             if let Some(link) = self.link.as_mut() {
-                link.publish(&self.key, &[], last, committed, self.tick_interval).await;
+                link.publish(&self.key, &[], last, committed, prev_delivered, self.tick_interval)
+                    .await;
             }
             return;
         }
@@ -670,6 +673,7 @@ impl Room {
                 &deliveries,
                 self.sequencer.last(),
                 committed,
+                prev_delivered,
                 self.tick_interval,
             )
             .await;

@@ -264,13 +264,20 @@ impl RoomLink {
         // Batches this relay should have had before this one: counted from
         // the same origin run, or from 1 for an origin heard of first now
         // (it published to this relay's subject from its first batch on).
-        let lost = match &self.last_batch {
+        let mut lost = match &self.last_batch {
             Some((origin, epoch, no)) if *origin == batch.origin && *epoch == batch.epoch => {
                 batch.batch_no.saturating_sub(no + 1)
             }
             Some(_) => batch.batch_no.saturating_sub(1),
             None => 0,
         };
+        if lost == 0 && batch.prev_delivered > self.delivered_seq {
+            // No batch missing by count, yet messages are: the origin
+            // delivered some while it published nothing (this relay's
+            // interest lapsed while it was stalled), or while this relay
+            // had not subscribed yet.
+            lost = 1;
+        }
         self.last_batch = Some((batch.origin.clone(), batch.epoch, batch.batch_no));
         self.seen_seq = self.seen_seq.max(batch.last_seq);
         self.origin_committed = self.origin_committed.max(batch.committed);
@@ -423,6 +430,7 @@ impl RoomLink {
         deliveries: &[Arc<Delivery>],
         last_seq: u64,
         committed: u64,
+        prev_delivered: u64,
         within: Duration,
     ) {
         if !self.interested()
@@ -441,6 +449,7 @@ impl RoomLink {
             batch_no: self.batch_no,
             last_seq,
             committed,
+            prev_delivered,
             frames: deliveries.iter().map(|d| d.frame.to_vec()).collect(),
         };
         self.links.publish_batch(self.subject.clone(), &batch, within).await;

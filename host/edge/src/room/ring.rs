@@ -49,6 +49,11 @@ impl Ring {
         self.messages.iter().filter(|m| m.seq > after).cloned().collect()
     }
 
+    /// The number of the last message delivered (kept or not), 0 if none.
+    pub(super) fn last(&self) -> u64 {
+        self.messages.back().map_or(0, |m| m.seq).max(self.dropped_up_to)
+    }
+
     /// Whether every delivered message numbered after `after` is kept.
     pub(super) fn holds_all_after(&self, after: u64) -> bool {
         self.dropped_up_to <= after
