@@ -808,3 +808,97 @@ async fn a_group_room_loses_no_acked_message_when_nats_restarts_under_traffic() 
         log.0
     );
 }
+
+/// Hostile clients on a relay edge: a viewer that never reads a busy room
+/// slows no one; a flood of presence queries (each asking every edge) is
+/// answered or refused with a typed error, never left hanging, and the
+/// room's readers keep getting every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_relay_a_viewer_that_never_reads_and_a_presence_flood_slow_no_one() {
+    let nats = NatsServer::start();
+    let edges = cluster(&nats, &["a", "b"]).await;
+    let key = throng_edge::cluster::rendezvous::room_key("acme", "show");
+    let origin = throng_edge::cluster::rendezvous::origin(&key, ["a", "b"]).expect("an origin");
+    let (o, r) = if origin == "a" { (0, 1) } else { (1, 0) };
+
+    let lazy = edges[r].client("acme", "lazy", "viewer").await;
+    let _never_read = lazy.join("show").await.expect("join");
+    let mut readers = Vec::new();
+    for v in 0..5 {
+        let c = edges[r].client("acme", &format!("reader-{v}"), "viewer").await;
+        let room = c.join("show").await.expect("join");
+        readers.push((c, room));
+    }
+    let sender = edges[o].client("acme", "sender", "host").await;
+    let mut own = sender.join("show").await.expect("join");
+    tokio::spawn(async move { while own.next_batch().await.is_some() {} });
+    // The relay's readers get the origin's batches once it heard of them.
+    wait_for("the relay's viewers to be counted", Duration::from_secs(10), || {
+        edges[o].edge.room_count() > 0 && edges[r].edge.room_count() > 0
+    })
+    .await;
+    let warm = sender.send("show", Kind::Chat, "warm").await.expect("ack");
+    for (v, (_, room)) in readers.iter_mut().enumerate() {
+        let got = group_messages(room, "warm", 1).await;
+        assert_eq!(
+            got.len(),
+            1,
+            "reader {v} never got the origin's batches (warm {})",
+            warm.seq
+        );
+    }
+
+    // The presence flood, from one connection on the relay, all at once.
+    let flooder = edges[r].client("acme", "flooder", "viewer").await;
+    let names: Vec<String> = (0..2000).map(|i| format!("reader-{i}")).collect();
+    let mut queries = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let (c, names) = (flooder.clone(), names.clone());
+        queries.spawn(async move { tokio::time::timeout(Duration::from_secs(5), c.online(&names)).await });
+    }
+
+    let body = vec![b'x'; 4000];
+    let mut sent = 0usize;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        let mut acks = Vec::new();
+        for _ in 0..16 {
+            acks.push(
+                sender
+                    .submit("show", Kind::Chat, body.clone())
+                    .await
+                    .expect("submitted"),
+            );
+            sent += 1;
+        }
+        for a in acks {
+            a.ack().await.expect("ack");
+        }
+        for (v, (_, room)) in readers.iter_mut().enumerate() {
+            let got = group_messages(room, "x", 16).await;
+            assert_eq!(got.len(), 16, "reader {v} on the relay fell behind at message {sent}");
+        }
+    }
+    let (mut answered, mut refused) = (0, 0);
+    while let Some(q) = queries.join_next().await {
+        match q.expect("query task") {
+            Ok(Ok(answer)) => {
+                assert!(answer[..5].iter().all(|&o| o), "the readers are online");
+                answered += 1;
+            }
+            Ok(Err(e)) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        Some(throng_wire::ErrorCode::RateLimited | throng_wire::ErrorCode::ServerBusy)
+                    ),
+                    "a flooded query failed with {e}"
+                );
+                refused += 1;
+            }
+            Err(_) => panic!("a presence query was left hanging for 5 s"),
+        }
+    }
+    assert!(answered >= 1 && refused >= 1, "answered {answered}, refused {refused}");
+    eprintln!("{sent} messages; presence queries answered {answered}, refused {refused}");
+}

@@ -57,8 +57,8 @@ pub enum ClusterError {
         #[source]
         source: async_nats::SubscribeError,
     },
-    #[error("cannot announce this edge on NATS: {0}")]
-    Announce(String),
+    #[error("cannot publish on NATS: {0}")]
+    Publish(String),
     #[error("bus request unanswered: {0}")]
     Request(String),
 }
@@ -292,7 +292,7 @@ impl Cluster {
             .client
             .flush()
             .await
-            .map_err(|e| ClusterError::Announce(e.to_string()))?;
+            .map_err(|e| ClusterError::Publish(e.to_string()))?;
         tracing::info!(
             edge_id = %cluster.edge_id,
             region = %cluster.region,
@@ -362,7 +362,7 @@ impl Cluster {
             self.client
                 .flush()
                 .await
-                .map_err(|e| ClusterError::Announce(e.to_string()))
+                .map_err(|e| ClusterError::Publish(e.to_string()))
         };
         match tokio::time::timeout(Duration::from_secs(1), said).await {
             Ok(Ok(())) => tracing::info!(edge_id = %self.edge_id, "left the cluster"),
@@ -407,7 +407,7 @@ impl Cluster {
         self.client
             .publish(subject, bytes.into())
             .await
-            .map_err(|e| ClusterError::Announce(e.to_string()))?;
+            .map_err(|e| ClusterError::Publish(e.to_string()))?;
         self.sent(kind, n);
         Ok(())
     }
@@ -424,7 +424,7 @@ impl Cluster {
         self.client
             .publish_with_reply(subject, reply, bytes.into())
             .await
-            .map_err(|e| ClusterError::Announce(e.to_string()))?;
+            .map_err(|e| ClusterError::Publish(e.to_string()))?;
         self.sent(kind, n);
         Ok(())
     }
