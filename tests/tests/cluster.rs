@@ -564,6 +564,19 @@ async fn group_messages(room: &mut throng_client::RoomStream, prefix: &str, want
     got
 }
 
+/// A sender on each edge, joined to the group room `room` (members must
+/// join to send) and reading it in the background, unchecked.
+async fn group_senders(edges: &[TestEdge], room: &str) -> Vec<throng_client::Client> {
+    let mut senders = Vec::new();
+    for (k, e) in edges.iter().enumerate() {
+        let sender = e.client("acme", &format!("sender-{k}"), "host").await;
+        let mut stream = sender.join(room).await.expect("a sender joins");
+        tokio::spawn(async move { while let Some(Ok(_)) = stream.next_batch().await {} });
+        senders.push(sender);
+    }
+    senders
+}
+
 /// Every message exactly once, in order: the bodies sent, in the order of
 /// the sequence numbers their acks gave.
 fn assert_exactly_once(who: &str, got: &[(u64, String)], sent: &std::collections::BTreeMap<u64, String>) {
@@ -588,14 +601,7 @@ async fn a_group_room_across_three_edges_200_members_100_offline_each_resumes_fr
         let room = client.join(ROOM).await.expect("a member joins");
         members.push((client, room));
     }
-    let mut senders = Vec::new();
-    for (k, e) in edges.iter().enumerate() {
-        let sender = e.client("acme", &format!("sender-{k}"), "host").await;
-        // Senders are members too; what they receive is not checked here.
-        let mut stream = sender.join(ROOM).await.expect("a sender joins");
-        tokio::spawn(async move { while let Some(Ok(_)) = stream.next_batch().await {} });
-        senders.push(sender);
-    }
+    let senders = group_senders(&edges, ROOM).await;
     let send_round = |round: &'static str, per_edge: usize| {
         let senders = &senders;
         async move {
@@ -703,13 +709,7 @@ async fn a_group_room_loses_no_acked_message_when_nats_restarts_under_traffic() 
     let mut nats = NatsServer::start();
     let edges = cluster(&nats, &["a", "b", "c"]).await;
     const ROOM: &str = "group-ops";
-    let mut senders = Vec::new();
-    for (k, e) in edges.iter().enumerate() {
-        let sender = e.client("acme", &format!("sender-{k}"), "host").await;
-        let mut stream = sender.join(ROOM).await.expect("a sender joins");
-        tokio::spawn(async move { while let Some(Ok(_)) = stream.next_batch().await {} });
-        senders.push(sender);
-    }
+    let senders = group_senders(&edges, ROOM).await;
     // Each edge's sender sends until told to stop; what was acked is kept.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let acked = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
