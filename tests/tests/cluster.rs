@@ -13,6 +13,11 @@ use throng_tests::{TestEdge, wait_for};
 use throng_wire::Kind;
 
 async fn cluster(nats: &NatsServer, ids: &[&str]) -> Vec<TestEdge> {
+    cluster_with(nats, ids, |_| {}).await
+}
+
+/// [`cluster`], each edge's config passed through `edit` as well.
+async fn cluster_with(nats: &NatsServer, ids: &[&str], edit: fn(&mut throng_edge::Config)) -> Vec<TestEdge> {
     let mut edges = Vec::new();
     for id in ids {
         let url = nats.url();
@@ -31,6 +36,7 @@ async fn cluster(nats: &NatsServer, ids: &[&str]) -> Vec<TestEdge> {
                 // Several edges in one process: each sizes its Wasm pool to
                 // the whole of vm.max_map_count, as if it were alone.
                 c.wasm.max_instances = 256;
+                edit(c);
             })
             .await,
         );
@@ -816,7 +822,13 @@ async fn a_group_room_loses_no_acked_message_when_nats_restarts_under_traffic() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_relay_a_viewer_that_never_reads_and_a_presence_flood_slow_no_one() {
     let nats = NatsServer::start();
-    let edges = cluster(&nats, &["a", "b"]).await;
+    // The single edge's resilience test's settings: a short queue, and
+    // evicted after a second behind.
+    let edges = cluster_with(&nats, &["a", "b"], |c| {
+        c.rooms.viewer_queue_batches = 4;
+        c.rooms.max_behind = Duration::from_secs(1);
+    })
+    .await;
     let key = throng_edge::cluster::rendezvous::room_key("acme", "show");
     let origin = throng_edge::cluster::rendezvous::origin(&key, ["a", "b"]).expect("an origin");
     let (o, r) = if origin == "a" { (0, 1) } else { (1, 0) };
@@ -901,4 +913,9 @@ async fn on_a_relay_a_viewer_that_never_reads_and_a_presence_flood_slow_no_one()
     }
     assert!(answered >= 1 && refused >= 1, "answered {answered}, refused {refused}");
     eprintln!("{sent} messages; presence queries answered {answered}, refused {refused}");
+    // The relay evicts the viewer that never read, as a lone edge does.
+    let why = tokio::time::timeout(Duration::from_secs(10), lazy.closed())
+        .await
+        .expect("the lazy viewer on the relay is evicted");
+    assert_eq!(why.code(), Some(throng_wire::ErrorCode::TooSlow), "{why}");
 }
