@@ -343,3 +343,60 @@ async fn too_many_half_open_connections_from_one_address_are_refused() {
         }
     }
 }
+
+/// A connection that keeps asking for rooms it may not make gets an
+/// answer to every join (its room limit, then the control-frame rate
+/// limit), until the edge closes it for the flood; it never waits for
+/// ever. Another connection of the same user joins as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_refused_without_end_are_each_answered_until_the_edge_closes_the_flood() {
+    let edge = TestEdge::start(|c| {
+        c.limits.max_room_creations_per_connection = 4;
+        c.limits.control_rate_per_sec = 50;
+        c.limits.control_burst = 100;
+    })
+    .await;
+    let other = edge.client("acme", "other", "viewer").await;
+    let _lobby = other.join("lobby").await.expect("joins");
+    let c = edge.client("acme", "greedy", "viewer").await;
+    let mut answers = std::collections::BTreeMap::new();
+    let mut closed = None;
+    for k in 0..1000 {
+        let name = format!("new-{k}");
+        let answer = tokio::time::timeout(Duration::from_secs(5), c.join(&name))
+            .await
+            .unwrap_or_else(|_| panic!("join {k} unanswered after {answers:?}"));
+        match answer {
+            Ok(_stream) => {
+                *answers.entry("joined").or_insert(0) += 1;
+                c.leave(&name).await.expect("leaves");
+            }
+            Err(ClientError::JoinRefused {
+                code: Some(ErrorCode::RoomLimit),
+                ..
+            }) => *answers.entry("room limit").or_insert(0) += 1,
+            Err(ClientError::JoinRefused {
+                code: Some(ErrorCode::RateLimited),
+                ..
+            }) => *answers.entry("rate limited").or_insert(0) += 1,
+            Err(e) => {
+                closed = Some(e);
+                break;
+            }
+        }
+    }
+    let closed = closed.unwrap_or_else(|| panic!("the flood was never closed: {answers:?}"));
+    assert_eq!(
+        c.closed().await.code(),
+        Some(ErrorCode::RateLimited),
+        "{closed}; {answers:?}"
+    );
+    assert_eq!(answers.get("joined"), Some(&4), "{answers:?}");
+    assert!(answers.get("room limit").is_some_and(|&n| n > 50), "{answers:?}");
+    assert!(answers.get("rate limited").is_some_and(|&n| n > 50), "{answers:?}");
+    let again = edge.client("acme", "greedy", "viewer").await;
+    let lobby = tokio::time::timeout(Duration::from_secs(5), again.join("lobby"))
+        .await
+        .expect("the lobby join is answered");
+    lobby.expect("the same user joins a room that exists on a new connection");
+}

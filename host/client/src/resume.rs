@@ -107,6 +107,11 @@ impl ResumableRoom {
 
     /// The next batch, reconnecting as needed. Messages a rejoin's `Joined`
     /// carries come first, as a batch of tick 0.
+    ///
+    /// Not cancel-safe while reconnecting: a call dropped then (a losing
+    /// `select!` branch) starts the reconnect over at the next edge, and a
+    /// loop that keeps dropping it never reconnects. Read a room that may
+    /// move from a task of its own.
     pub async fn next_batch(&mut self) -> Result<Batch, ClientError> {
         loop {
             if !self.recent.is_empty() {

@@ -398,7 +398,14 @@ const MAX_WHO_PER_CONNECTION: usize = 4;
 
 impl Session<'_> {
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), Fatal> {
-        if !matches!(frame, ClientFrame::Send { .. }) && self.control.check().is_err() {
+        // Leaving a joined room only frees state, and the client does not
+        // wait for an answer: dropped, the two would disagree on the rooms.
+        let exempt = match &frame {
+            ClientFrame::Send { .. } => true,
+            ClientFrame::Leave { room } => self.joined.contains_key(room),
+            _ => false,
+        };
+        if !exempt && self.control.check().is_err() {
             let refused = self.refused.count();
             metrics::counter!("throng_control_frames_refused_total").increment(1);
             if refused > self.shared.config.limits.control_burst {
@@ -407,11 +414,21 @@ impl Session<'_> {
                     "control frames far beyond the rate limit".into(),
                 ));
             }
-            if refused == 1 {
-                let _ = self.reply.send(EdgeFrame::Error {
-                    code: ErrorCode::RateLimited.code(),
-                    text: "control frames too fast; slow down".into(),
-                });
+            // A frame the client waits on gets its refusal, or the client
+            // would wait for ever; the others get one notice per window.
+            let code = ErrorCode::RateLimited.code();
+            let text = "control frames too fast; slow down".to_owned();
+            let answer = match frame {
+                ClientFrame::Join { room, .. } => Some(EdgeFrame::JoinRefused { room, code, text }),
+                ClientFrame::Presence { query_id, .. } => Some(EdgeFrame::PresenceRefused { query_id, code, text }),
+                ClientFrame::Refresh { .. } => Some(EdgeFrame::RefreshRefused { code, text }),
+                // Still counted above; the answer to "are you there" is yes.
+                ClientFrame::Ping { nonce } => Some(EdgeFrame::Pong { nonce }),
+                _ if refused == 1 => Some(EdgeFrame::Error { code, text }),
+                _ => None,
+            };
+            if let Some(answer) = answer {
+                let _ = self.reply.send(answer);
             }
             return Ok(());
         }

@@ -4,176 +4,13 @@
 //! that cannot reach NATS says so and does not start.
 #![cfg(unix)]
 
-use std::path::Path;
-use std::process::Stdio;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-
+use common::*;
 use throng_tests::nats::NatsServer;
-
-const BIN: &str = env!("CARGO_BIN_EXE_throng");
-
-const DEAD_AFTER: Duration = Duration::from_secs(2);
-
-fn config(nats: &str, edge_id: &str) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-data_dir = "data-{edge_id}"
-
-[cluster]
-nats = ["{nats}"]
-edge_id = "{edge_id}"
-region = "test"
-heartbeat = "250ms"
-dead_after = "{}ms"
-
-[tenants.dev]
-hs256_secret = "dev-secret-0123456789"
-"#,
-        DEAD_AFTER.as_millis()
-    )
-}
-
-/// A `throng serve` process and its admin address.
-struct Serve {
-    child: Child,
-    admin: String,
-    lines: mpsc::UnboundedReceiver<String>,
-    /// The `throng ready ...` line.
-    ready: Option<String>,
-    /// Lines read while waiting for others.
-    earlier: Vec<String>,
-}
-
-impl Serve {
-    async fn start(dir: &Path, args: &[&str]) -> Serve {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(args)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("serve starts");
-        let (tx, mut lines) = mpsc::unbounded_channel();
-        let err = BufReader::new(child.stderr.take().expect("stderr"));
-        let out = BufReader::new(child.stdout.take().expect("stdout"));
-        for mut reader in [
-            Box::new(err) as Box<dyn tokio::io::AsyncBufRead + Unpin + Send>,
-            Box::new(out),
-        ] {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut line = String::new();
-                while reader.read_line(&mut line).await.is_ok_and(|n| n > 0) {
-                    let _ = tx.send(std::mem::take(&mut line));
-                }
-            });
-        }
-        // stdout and stderr are read apart: take the two lines in either order.
-        let (mut admin, mut ready) = (None, None);
-        let mut earlier = Vec::new();
-        while admin.is_none() || ready.is_none() {
-            let (line, skipped) = wait_line(&mut lines, "ready").await;
-            earlier.extend(skipped);
-            if let Some(rest) = line.split("admin=http://").nth(1) {
-                admin = rest.split_whitespace().next().map(str::to_owned);
-            }
-            if line.starts_with("throng ready") {
-                ready = Some(line);
-            }
-        }
-        let admin = admin.expect("admin address");
-        Serve {
-            child,
-            admin,
-            lines,
-            ready,
-            earlier,
-        }
-    }
-
-    /// The first line with `needle`, read already or still to come.
-    async fn line(&mut self, needle: &str) -> String {
-        if let Some(i) = self.earlier.iter().position(|l| l.contains(needle)) {
-            return self.earlier.remove(i);
-        }
-        wait_line(&mut self.lines, needle).await.0
-    }
-
-    fn stats(&self) -> serde_json::Value {
-        let body = ureq::get(&format!("http://{}/stats", self.admin))
-            .call()
-            .expect("stats answers")
-            .body_mut()
-            .read_to_string()
-            .expect("stats body");
-        serde_json::from_str(&body).expect("stats is JSON")
-    }
-
-    /// The live edges' ids this edge's /stats lists.
-    fn live(&self) -> Vec<String> {
-        let stats = self.stats();
-        let mut ids: Vec<String> = stats["cluster"]["live_edges"]
-            .as_array()
-            .expect("cluster.live_edges")
-            .iter()
-            .map(|e| e["edge_id"].as_str().expect("edge_id").to_owned())
-            .collect();
-        ids.sort();
-        ids
-    }
-
-    async fn wait_live<S: AsRef<str>>(&self, want: &[S], within: Duration) -> Duration {
-        let want: Vec<&str> = want.iter().map(AsRef::as_ref).collect();
-        let start = Instant::now();
-        loop {
-            let live = self.live();
-            if live == want {
-                return start.elapsed();
-            }
-            assert!(
-                start.elapsed() < within,
-                "edge at {} sees {live:?}, not {want:?}, after {within:?}",
-                self.admin
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running");
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok);
-    }
-}
-
-async fn wait_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str) -> (String, Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, lines.recv()).await {
-            Ok(Some(line)) if line.contains(needle) => return (line, seen),
-            Ok(Some(line)) => seen.push(line),
-            Ok(None) => panic!("serve exited before printing `{needle}`: {seen:#?}"),
-            Err(_) => panic!("no `{needle}` within 60 s: {seen:#?}"),
-        }
-    }
-}
+use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_edges_agree_on_the_live_set_a_killed_one_goes_within_dead_after_a_stopped_one_at_once() {
@@ -367,110 +204,6 @@ async fn an_edge_that_cannot_reach_nats_says_so_and_does_not_start() {
         .await
         .expect("runs");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a NATS URL"));
-}
-
-/// The QUIC address and certificate a `throng serve` printed.
-fn quic_of(ready: &str) -> (String, std::path::PathBuf) {
-    let rest = ready.trim().strip_prefix("throng ready quic=").expect("ready line");
-    let (addr, cert) = rest.split_once(" cert=").expect("cert in the ready line");
-    (addr.to_owned(), std::path::PathBuf::from(cert))
-}
-
-async fn client(ready: &str, user: &str, role: &str) -> throng_client::Client {
-    let (addr, cert) = quic_of(ready);
-    let token = token(user, role);
-    let roots = throng_client::tls::load_certs(&cert).expect("the edge's certificate");
-    throng_client::Client::connect(throng_client::ConnectOptions::new(addr, roots, token))
-        .await
-        .expect("connects")
-}
-
-/// Options for a client that knows every edge (`first` first) and trusts
-/// each one's certificate, and notices a dead edge within 2 s.
-fn cluster_options(ready: &[String], first: usize, user: &str, role: &str) -> throng_client::ConnectOptions {
-    let mut edges = vec![quic_of(&ready[first]).0];
-    let mut roots = Vec::new();
-    for (i, r) in ready.iter().enumerate() {
-        let (addr, cert) = quic_of(r);
-        roots.extend(throng_client::tls::load_certs(&cert).expect("an edge's certificate"));
-        if i != first {
-            edges.push(addr);
-        }
-    }
-    let mut opts = throng_client::ConnectOptions::new("", roots, token(user, role)).with_edges(edges);
-    opts.keep_alive = Duration::from_millis(300);
-    opts.idle_timeout = Duration::from_secs(2);
-    opts
-}
-
-fn token(user: &str, role: &str) -> String {
-    let tenant = throng_edge::config::TenantConfig::Hs256 {
-        secret: b"dev-secret-0123456789".to_vec(),
-    };
-    let claims = throng_edge::auth::Claims {
-        tenant: "dev".into(),
-        sub: user.into(),
-        role: role.into(),
-        rooms: "*".into(),
-        exp: throng_edge::auth::unix_now() + 600,
-        nbf: None,
-    };
-    throng_edge::auth::sign(&claims, &tenant, None).expect("sign")
-}
-
-/// Receives until `want` messages whose body starts with `prefix` arrived.
-async fn receive(room: &mut throng_client::RoomStream, prefix: &str, want: usize) -> Vec<(u64, String)> {
-    receive_for(room, prefix, want, Duration::from_secs(20)).await
-}
-
-/// What arrives within `limit` whose body starts with `prefix`, up to the
-/// batch that makes `want` of them.
-async fn receive_for(
-    room: &mut throng_client::RoomStream,
-    prefix: &str,
-    want: usize,
-    limit: Duration,
-) -> Vec<(u64, String)> {
-    let mut got = Vec::new();
-    let _ = tokio::time::timeout(limit, async {
-        while got.len() < want {
-            match room.next_batch().await {
-                Some(Ok(b)) => got.extend(
-                    b.messages
-                        .into_iter()
-                        .map(|m| (m.seq, String::from_utf8_lossy(&m.body).into_owned()))
-                        .filter(|(_, body)| body.starts_with(prefix)),
-                ),
-                _ => break,
-            }
-        }
-    })
-    .await;
-    got
-}
-
-/// `throng serve` edges `ids` on `nats`, each with `config()` passed
-/// through `edit`, started and agreed on the live set; with their ready
-/// lines.
-async fn start_edges(
-    nats: &NatsServer,
-    dir: &Path,
-    ids: &[&str],
-    edit: impl Fn(String) -> String,
-) -> (Vec<Serve>, Vec<String>) {
-    let mut edges = Vec::new();
-    let mut ready = Vec::new();
-    for id in ids {
-        let path = dir.join(format!("{id}.toml"));
-        std::fs::write(&path, edit(config(&nats.url(), id))).expect("config");
-        let mut serve = Serve::start(dir, &["--config", path.to_str().expect("utf-8")]).await;
-        ready.push(serve.ready.take().expect("ready line"));
-        edges.push(serve);
-    }
-    for e in &edges {
-        e.wait_live(ids, Duration::from_secs(10)).await;
-    }
-    (edges, ready)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -900,4 +633,169 @@ async fn throng_load_spreads_viewers_over_the_edges_of_a_cluster() {
         })
         .sum();
     assert!(relay_batches > 0, "no edge relayed the room");
+}
+
+/// Forty users of a tenant on one edge join new room after new room and
+/// leave them. The relay makes each room, and the origin of the ones it is
+/// not the origin of makes its own from the relay's interest. Neither edge
+/// holds more rooms than the tenant's cap, rooms go once empty so later
+/// joins succeed again, memory and CPU stay bounded, and a viewer of a room
+/// made before the flood gets every message throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_made_without_end_through_a_relay_stay_under_the_cap_on_both_edges_and_go_away() {
+    const CAP: u64 = 100;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ids = ["a", "b"];
+    let (edges, ready) = start_edges(&nats, dir.path(), &ids, |c| {
+        c.replace(
+            "[tenants.dev]",
+            &format!(
+                "[limits]\nmax_rooms_per_tenant = {CAP}\n\n\
+                 [rooms]\nempty_room_linger = \"1s\"\npresence_interval = \"200ms\"\n\n[tenants.dev]"
+            ),
+        )
+    })
+    .await;
+    let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
+    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
+    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let r = 1 - o;
+
+    let viewer = client(&ready[r], "viewer", "viewer").await;
+    let mut lobby = viewer.join("lobby").await.expect("joins");
+    let host = client(&ready[o], "host", "host").await;
+    let _host_room = host.join("lobby").await.expect("joins");
+    // The relay's viewer gets the origin's batches once the origin heard of it.
+    let mut warm = false;
+    for k in 0..50 {
+        host.send("lobby", throng_wire::Kind::Chat, format!("warm-{k}"))
+            .await
+            .expect("acked");
+        if !receive_for(&mut lobby, "warm-", 1, Duration::from_millis(200))
+            .await
+            .is_empty()
+        {
+            warm = true;
+            break;
+        }
+    }
+    assert!(warm, "the relay's viewer never got the lobby's messages");
+    let before: Vec<serde_json::Value> = edges.iter().map(Serve::stats).collect();
+
+    let flood_for = Duration::from_secs(8);
+    let until = Instant::now() + flood_for;
+    let mut flood = tokio::task::JoinSet::new();
+    for u in 0..40 {
+        let ready = ready[r].clone();
+        flood.spawn(async move {
+            let mut c = client(&ready, &format!("flood-{u}"), "viewer").await;
+            let (mut joined, mut refused, mut closed, mut k) = (0u64, 0u64, 0u64, 0u64);
+            while Instant::now() < until {
+                let mut rooms = Vec::new();
+                for _ in 0..4 {
+                    let name = format!("junk-{u}-{k}");
+                    k += 1;
+                    let answer = tokio::time::timeout(Duration::from_secs(5), c.join(&name))
+                        .await
+                        .unwrap_or_else(|_| panic!("join {name} unanswered for 5 s"));
+                    match answer {
+                        Ok(stream) => {
+                            joined += 1;
+                            rooms.push((name, stream));
+                        }
+                        Err(throng_client::ClientError::JoinRefused {
+                            code: Some(throng_wire::ErrorCode::RoomLimit | throng_wire::ErrorCode::RateLimited),
+                            ..
+                        }) => refused += 1,
+                        Err(e) => {
+                            // Closed for too many refused frames: a new connection.
+                            assert_eq!(e.code(), Some(throng_wire::ErrorCode::RateLimited), "join {name}: {e}");
+                            closed += 1;
+                            c = client(&ready, &format!("flood-{u}"), "viewer").await;
+                            rooms.clear();
+                            break;
+                        }
+                    }
+                }
+                for (name, _) in &rooms {
+                    // A closed connection has left them all.
+                    let _ = c.leave(name).await;
+                }
+            }
+            (joined, refused, closed)
+        });
+    }
+    // The lobby's host goes on meanwhile, at half the viewer's cap.
+    let sending = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut k = 0;
+        while Instant::now() < until {
+            let ack = host.send("lobby", throng_wire::Kind::Chat, format!("m-{k}")).await;
+            acked.push(ack.expect("the lobby's host is acked during the flood").seq);
+            k += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (host, acked)
+    });
+    let (mut most_rooms, mut most_rss) = ([0u64; 2], [0u64; 2]);
+    while Instant::now() < until {
+        for (i, e) in edges.iter().enumerate() {
+            let stats = e.stats();
+            most_rooms[i] = most_rooms[i].max(stats["rooms"].as_u64().expect("rooms"));
+            most_rss[i] = most_rss[i].max(stats["process"]["rss_kib"].as_u64().expect("rss"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut joined, mut refused, mut closed) = (0, 0, 0);
+    while let Some(done) = flood.join_next().await {
+        let (j, f, c) = done.expect("a flooding client");
+        joined += j;
+        refused += f;
+        closed += c;
+    }
+    let (_host, acked) = sending.await.expect("the lobby's host");
+    let got = receive(&mut lobby, "m-", acked.len()).await;
+    let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert_eq!(seqs, acked, "the lobby's viewer on the relay during the flood");
+
+    // Rooms went once empty, and more were made than the cap holds.
+    assert!(refused > 0, "the flood never reached the cap: {joined} joins");
+    assert!(joined > 2 * CAP, "only {joined} joins passed; {refused} refused");
+    for (i, rooms) in most_rooms.iter().enumerate() {
+        assert!(*rooms <= CAP, "edge {} held {rooms} rooms", ids[i]);
+    }
+    for e in &edges {
+        let mut rooms = 0;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            rooms = e.stats()["rooms"].as_u64().expect("rooms");
+            if rooms == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(rooms, 1, "only the lobby is left on {}", e.admin);
+    }
+    for (i, e) in edges.iter().enumerate() {
+        let after = e.stats();
+        let cpu =
+            after["process"]["cpu_s"].as_f64().expect("cpu") - before[i]["process"]["cpu_s"].as_f64().expect("cpu");
+        let rss = before[i]["process"]["rss_kib"].as_u64().expect("rss");
+        eprintln!(
+            "edge {} ({}): at most {} rooms; rss {} MiB before, {} MiB at most; {cpu:.1} cpu-s over the flood",
+            ids[i],
+            if i == o { "origin" } else { "relay" },
+            most_rooms[i],
+            rss / 1024,
+            most_rss[i] / 1024,
+        );
+        assert!(
+            most_rss[i] < rss + 128 * 1024,
+            "edge {} grew from {rss} KiB to {} KiB",
+            ids[i],
+            most_rss[i]
+        );
+    }
+    eprintln!("{joined} joins, {refused} refused at a limit, {closed} connections closed for the flood");
 }
