@@ -919,3 +919,85 @@ async fn on_a_relay_a_viewer_that_never_reads_and_a_presence_flood_slow_no_one()
         .expect("the lazy viewer on the relay is evicted");
     assert_eq!(why.code(), Some(throng_wire::ErrorCode::TooSlow), "{why}");
 }
+
+/// Sends `per_edge_rate` a second from each of `clients` for `window`;
+/// returns (acked, refused for rate). Every send is answered.
+async fn send_from_all(clients: &[throng_client::Client], per_edge_rate: u32, window: Duration) -> (u64, u64) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let c = c.clone();
+        tasks.spawn(async move {
+            let mut pace = tokio::time::interval(Duration::from_secs(1) / per_edge_rate);
+            let start = Instant::now();
+            let mut pending = Vec::new();
+            let mut k = 0;
+            while start.elapsed() < window {
+                pace.tick().await;
+                pending.push(
+                    c.submit("show", Kind::Chat, format!("{i}-{k}"))
+                        .await
+                        .expect("submitted"),
+                );
+                k += 1;
+            }
+            let (mut acked, mut limited) = (0, 0);
+            for p in pending {
+                match tokio::time::timeout(Duration::from_secs(10), p.ack())
+                    .await
+                    .expect("answered")
+                {
+                    Ok(_) => acked += 1,
+                    Err(e) => {
+                        assert_eq!(e.code(), Some(throng_wire::ErrorCode::RateLimited), "{e}");
+                        limited += 1;
+                    }
+                }
+            }
+            (acked, limited)
+        });
+    }
+    let (mut acked, mut limited) = (0, 0);
+    while let Some(t) = tasks.join_next().await {
+        let (a, l) = t.expect("a sender");
+        acked += a;
+        limited += l;
+    }
+    (acked, limited)
+}
+
+/// One user on three edges sends into one room: the room's origin counts
+/// what every edge forwards in one bucket with its own, so the user's rate
+/// holds across the cluster (and nothing under it is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_send_rate_holds_across_the_edges_it_is_connected_to() {
+    const RATE: u32 = 20;
+    let nats = NatsServer::start();
+    let edges = cluster_with(&nats, &["a", "b", "c"], |c| {
+        c.limits.send_rate_per_sec = RATE;
+        c.limits.send_burst = RATE;
+    })
+    .await;
+    let mut clients = Vec::new();
+    let mut streams = Vec::new();
+    for e in &edges {
+        let c = e.client("acme", "chatty", "viewer").await;
+        let mut s = c.join("show").await.expect("join");
+        // A member reads its room, or it is evicted.
+        streams.push(tokio::spawn(async move { while s.next_batch().await.is_some() {} }));
+        clients.push(c);
+    }
+
+    // Over: 40 a second from each edge, six times the rate in all.
+    let window = Duration::from_secs(2);
+    let start = Instant::now();
+    let (acked, limited) = send_from_all(&clients, 2 * RATE, window).await;
+    let most = u64::from(RATE) + (start.elapsed().as_secs_f64() * f64::from(RATE)) as u64 + 5;
+    eprintln!("over the rate: {acked} acked, {limited} refused (at most {most})");
+    assert!(acked <= most, "{acked} acked from three edges; the rate allows {most}");
+    assert!(acked >= u64::from(RATE), "only {acked} acked");
+
+    // The bucket refills; then under: 4 a second from each, 12 in all.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (acked, limited) = send_from_all(&clients, RATE / 5, window).await;
+    assert_eq!(limited, 0, "{limited} refused under the rate ({acked} acked)");
+}

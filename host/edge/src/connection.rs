@@ -185,7 +185,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
         id,
         conn: conn.clone(),
         shared,
-        rate_key: format!("{}\u{0}{}", grant.session.tenant, grant.session.user),
+        rate_key: crate::rate_key(&grant.session.tenant, &grant.session.user),
         tenant: Arc::from(grant.session.tenant.as_str()),
         user: Arc::from(grant.session.user.as_str()),
         grant: Box::new(grant),

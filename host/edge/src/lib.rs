@@ -126,13 +126,21 @@ pub enum EdgeError {
     },
 }
 
+/// Per-user send buckets, keyed by [`rate_key`].
+pub(crate) type SendLimiter = DefaultKeyedRateLimiter<String>;
+
+/// The key of a user's send bucket (and room-creation bucket).
+pub(crate) fn rate_key(tenant: &str, user: &str) -> String {
+    format!("{tenant}\u{0}{user}")
+}
+
 /// State every connection shares.
 pub(crate) struct Shared {
     config: Config,
     /// Tenants and their keys; a reload replaces it.
     auth: std::sync::RwLock<Arc<Authenticator>>,
     rooms: Arc<Rooms>,
-    limiter: DefaultKeyedRateLimiter<String>,
+    limiter: Arc<SendLimiter>,
     wire_limits: throng_wire::Limits,
     presence: Arc<presence::Presence>,
     shutdown: CancellationToken,
@@ -273,6 +281,9 @@ impl Edge {
             room_create_burst: config.limits.room_create_burst,
         });
         let presence = Arc::new(presence::Presence::default());
+        let l = &config.limits;
+        let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
+        let limiter = Arc::new(RateLimiter::keyed(quota));
         if let Some(c) = &cluster {
             // Sends to other edges' rooms go out once per edge tick: the
             // fastest room tick there is.
@@ -284,12 +295,16 @@ impl Edge {
                 .min()
                 .unwrap_or(config.rooms.tick)
                 .min(config.rooms.tick);
+            let setup = cluster::links::LinkSetup {
+                flush_every: flush,
+                presence_every: config.rooms.presence_interval,
+                send_limiter: Arc::clone(&limiter),
+            };
             let links = cluster::links::Links::start(
                 Arc::clone(c),
                 &rooms,
                 Arc::clone(&presence),
-                flush,
-                config.rooms.presence_interval,
+                setup,
                 shutdown.clone(),
                 &connections,
             )
@@ -297,7 +312,6 @@ impl Edge {
             rooms.set_links(links);
         }
         let l = &config.limits;
-        let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
         let wire_limits = throng_wire::Limits {
             max_frame_bytes: l.max_frame_bytes,
             max_body_bytes: l.max_body_bytes,
@@ -311,7 +325,7 @@ impl Edge {
                 Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?,
             )),
             rooms: Arc::clone(&rooms),
-            limiter: RateLimiter::keyed(quota),
+            limiter,
             wire_limits,
             presence,
             shutdown: shutdown.clone(),

@@ -27,6 +27,7 @@
 //! - **Who is online.** A client's batched "which of these users are
 //!   online" asks every other edge at once (one bus message out, one
 //!   answer per edge) and merges what answers within [`WHO_DEADLINE`].
+use crate::SendLimiter;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -74,12 +75,23 @@ pub const RESYNC_DEADLINE: Duration = Duration::from_millis(500);
 /// relay counts its gap as lost).
 const MAX_RESYNCS_IN_FLIGHT: usize = 32;
 
+/// How [`Links::start`] runs.
+pub struct LinkSetup {
+    /// How often sends gathered for other edges' rooms go out.
+    pub flush_every: Duration,
+    pub presence_every: Duration,
+    /// The edge's per-user send limiter: sends forwarded to rooms this
+    /// edge is the origin of are counted in it too.
+    pub send_limiter: Arc<SendLimiter>,
+}
+
 /// An edge's links to the other edges' rooms.
-#[derive(Debug)]
 pub struct Links {
     cluster: Arc<Cluster>,
     rooms: Weak<Rooms>,
     presence: Arc<Presence>,
+    /// See [`LinkSetup::send_limiter`].
+    send_limiter: Arc<SendLimiter>,
     state: Mutex<State>,
     who_in_flight: Arc<tokio::sync::Semaphore>,
     resyncs_in_flight: Arc<tokio::sync::Semaphore>,
@@ -120,6 +132,23 @@ struct Pending {
     since: Instant,
 }
 
+impl std::fmt::Debug for LinkSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSetup")
+            .field("flush_every", &self.flush_every)
+            .field("presence_every", &self.presence_every)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Links {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("edge_id", &self.edge_id())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Links {
     /// Subscribes this edge's ingress, replies and interest subjects and
     /// starts the flusher; everything runs on `tasks` until `shutdown`.
@@ -127,11 +156,15 @@ impl Links {
         cluster: Arc<Cluster>,
         rooms: &Arc<Rooms>,
         presence: Arc<Presence>,
-        flush_every: Duration,
-        presence_every: Duration,
+        setup: LinkSetup,
         shutdown: CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<Links>, ClusterError> {
+        let LinkSetup {
+            flush_every,
+            presence_every,
+            send_limiter,
+        } = setup;
         let me = cluster.edge_id().to_owned();
         let ingress = cluster.subscribe(bus::ingress_subject(&me)).await?;
         let replies = cluster.subscribe(bus::replies_subject(&me)).await?;
@@ -144,6 +177,7 @@ impl Links {
             cluster,
             rooms: Arc::downgrade(rooms),
             presence,
+            send_limiter,
             state: Mutex::new(State::default()),
             who_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_WHO_IN_FLIGHT)),
             resyncs_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_RESYNCS_IN_FLIGHT)),
@@ -376,6 +410,23 @@ impl Links {
                 if let Err(why) = check_room(&item.tenant, &item.room) {
                     self.cluster.malformed(BusKind::Forward, &why);
                     refuse(&reply, item.fwd_id, ErrorCode::Malformed, &why);
+                    continue;
+                }
+                // Counted again here, in one bucket with the user's sends
+                // on this edge and from every other edge: so the user's
+                // rate holds across the cluster for rooms of one origin.
+                if self
+                    .send_limiter
+                    .check_key(&crate::rate_key(&item.tenant, &item.sender))
+                    .is_err()
+                {
+                    metrics::counter!("throng_rate_limited_total", "where" => "origin").increment(1);
+                    refuse(
+                        &reply,
+                        item.fwd_id,
+                        ErrorCode::RateLimited,
+                        "send rate exceeded across the cluster; slow down",
+                    );
                     continue;
                 }
                 let key = RoomKey {
