@@ -112,12 +112,59 @@ pub enum Admission {
     Full { members: u64 },
 }
 
-type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
+/// (tenant, room, user).
+pub(crate) type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
 
-/// What the writer thread is handed.
-enum Work {
+/// What a group log's writer is handed: redb's writer thread here, the
+/// JetStream writer task in `cluster::stream_log`.
+pub(crate) enum Work {
     Append(Append),
     Cursor(MemberKey, u64),
+}
+
+/// The work an append is, counted as queued in `stats`; none for no
+/// messages.
+pub(crate) fn append_work(
+    stats: &LogStats,
+    tenant: &Arc<str>,
+    room: &Arc<str>,
+    messages: Vec<Message>,
+    committed: &Arc<AtomicU64>,
+) -> Option<Work> {
+    if messages.is_empty() {
+        return None;
+    }
+    stats.queued.fetch_add(1, Ordering::Relaxed);
+    stats
+        .queued_messages
+        .fetch_add(messages.len() as u64, Ordering::Relaxed);
+    Some(Work::Append(Append {
+        tenant: Arc::clone(tenant),
+        room: Arc::clone(room),
+        messages,
+        committed: Arc::clone(committed),
+        queued_at: Instant::now(),
+    }))
+}
+
+/// The work a cursor move is. It is noted in `pending` first, where reads
+/// find it until the writer has stored it.
+pub(crate) fn cursor_work(
+    pending: &std::sync::Mutex<HashMap<MemberKey, u64>>,
+    tenant: &Arc<str>,
+    room: &Arc<str>,
+    user: &Arc<str>,
+    seq: u64,
+) -> Work {
+    let key = (Arc::clone(tenant), Arc::clone(room), Arc::clone(user));
+    raise(&mut pending.lock().unwrap_or_else(|e| e.into_inner()), key.clone(), seq);
+    Work::Cursor(key, seq)
+}
+
+/// Merges a cursor move into `cursors`: cursors never move back.
+pub(crate) fn raise(cursors: &mut HashMap<MemberKey, u64>, key: MemberKey, seq: u64) {
+    let v = cursors.entry(key).or_insert(seq);
+    *v = (*v).max(seq);
 }
 
 #[derive(Debug, Error)]
@@ -139,12 +186,12 @@ fn write_err(e: impl std::fmt::Display) -> LogError {
 }
 
 /// One room's batch of messages waiting for the next commit.
-struct Append {
-    tenant: Arc<str>,
-    room: Arc<str>,
-    messages: Vec<Message>,
-    committed: Arc<AtomicU64>,
-    queued_at: Instant,
+pub(crate) struct Append {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) room: Arc<str>,
+    pub(crate) messages: Vec<Message>,
+    pub(crate) committed: Arc<AtomicU64>,
+    pub(crate) queued_at: Instant,
 }
 
 /// Durability figures, for stats and benchmarks.
@@ -289,32 +336,15 @@ impl GroupLog {
     /// Queues messages for the next group commit; `committed` is raised to
     /// the highest committed sequence of this room afterwards.
     pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
-        if messages.is_empty() {
-            return;
+        if let Some(work) = append_work(&self.stats, tenant, room, messages, committed) {
+            let _ = self.tx.send(work);
         }
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .queued_messages
-            .fetch_add(messages.len() as u64, Ordering::Relaxed);
-        let _ = self.tx.send(Work::Append(Append {
-            tenant: Arc::clone(tenant),
-            room: Arc::clone(room),
-            messages,
-            committed: Arc::clone(committed),
-            queued_at: Instant::now(),
-        }));
     }
 
     /// Records `user` as a member of the room whose cursor is at least
     /// `seq` (cursors never move back).
     pub fn set_cursor(&self, tenant: &Arc<str>, room: &Arc<str>, user: &Arc<str>, seq: u64) {
-        let key = (Arc::clone(tenant), Arc::clone(room), Arc::clone(user));
-        {
-            let mut pending = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
-            let v = pending.entry(key.clone()).or_insert(seq);
-            *v = (*v).max(seq);
-        }
-        let _ = self.tx.send(Work::Cursor(key, seq));
+        let _ = self.tx.send(cursor_work(&self.cursors, tenant, room, user, seq));
     }
 
     /// A member's cursor, or `None` if `user` is not a member of the room.
@@ -526,10 +556,7 @@ impl Writer {
         let mut cursors: HashMap<MemberKey, u64> = HashMap::new();
         let take = |work: Work, batch: &mut Vec<Append>, cursors: &mut HashMap<MemberKey, u64>| match work {
             Work::Append(a) => batch.push(a),
-            Work::Cursor(key, seq) => {
-                let v = cursors.entry(key).or_insert(seq);
-                *v = (*v).max(seq);
-            }
+            Work::Cursor(key, seq) => raise(cursors, key, seq),
         };
         let mut warned: Option<Instant> = None;
         let retaining = self.retention.max_age.is_some() || self.retention.max_messages.is_some();

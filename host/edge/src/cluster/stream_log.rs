@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use throng_wire::Message;
 use tokio::sync::mpsc;
 
-use crate::log::{Admission, LogError, LogStats, Retention};
+use crate::log::{Admission, Append, LogError, LogStats, MemberKey, Retention, Work, append_work, cursor_work, raise};
 
 /// The stream that holds every group room's log.
 pub const STREAM: &str = "THRONG_GROUPS";
@@ -90,21 +90,6 @@ struct Entry {
 struct MemberRecord {
     cursor: u64,
     joined_at: u64,
-}
-
-type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
-
-enum Work {
-    Append(Append),
-    Cursor(MemberKey, u64),
-}
-
-struct Append {
-    tenant: Arc<str>,
-    room: Arc<str>,
-    messages: Vec<Message>,
-    committed: Arc<AtomicU64>,
-    queued_at: Instant,
 }
 
 /// Group logs in JetStream: one stream, one KV bucket, one writer task.
@@ -256,32 +241,17 @@ impl StreamLog {
     /// Queues a tick's messages; `committed` is raised once JetStream has
     /// them (and every earlier tick of the room).
     pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
-        if messages.is_empty() {
-            return;
+        if let Some(work) = append_work(&self.inner.stats, tenant, room, messages, committed) {
+            let _ = self.inner.tx.send(work);
         }
-        let stats = &self.inner.stats;
-        stats.queued.fetch_add(1, Ordering::Relaxed);
-        stats
-            .queued_messages
-            .fetch_add(messages.len() as u64, Ordering::Relaxed);
-        let _ = self.inner.tx.send(Work::Append(Append {
-            tenant: Arc::clone(tenant),
-            room: Arc::clone(room),
-            messages,
-            committed: Arc::clone(committed),
-            queued_at: Instant::now(),
-        }));
     }
 
     /// Moves a member's cursor up to `seq` (written with the next batch).
     pub fn set_cursor(&self, tenant: &Arc<str>, room: &Arc<str>, user: &Arc<str>, seq: u64) {
-        let key = (Arc::clone(tenant), Arc::clone(room), Arc::clone(user));
-        {
-            let mut pending = self.inner.cursors.lock().unwrap_or_else(|e| e.into_inner());
-            let v = pending.entry(key.clone()).or_insert(seq);
-            *v = (*v).max(seq);
-        }
-        let _ = self.inner.tx.send(Work::Cursor(key, seq));
+        let _ = self
+            .inner
+            .tx
+            .send(cursor_work(&self.inner.cursors, tenant, room, user, seq));
     }
 
     async fn record(&self, key: &str) -> Result<Option<(MemberRecord, u64)>, LogError> {
@@ -552,10 +522,7 @@ impl Writer {
     fn take(&mut self, work: Work) {
         match work {
             Work::Append(a) => self.queue.push_back(a),
-            Work::Cursor(key, seq) => {
-                let v = self.cursors.entry(key).or_insert(seq);
-                *v = (*v).max(seq);
-            }
+            Work::Cursor(key, seq) => raise(&mut self.cursors, key, seq),
         }
     }
 
