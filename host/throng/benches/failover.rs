@@ -186,9 +186,8 @@ async fn measure(preset: &Preset, kills: usize) -> Samples {
     let mut samples = Samples::default();
     for round in 0..kills {
         let room = room_of(round);
-        let key = throng_edge::cluster::rendezvous::room_key("dev", &room);
-        let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
-        let o = ids.iter().position(|&i| i == origin).expect("origin index");
+        let o = common::origin_index(&ids, &room);
+        let origin = ids[o];
         let survivors: Vec<usize> = (0..3).filter(|&i| i != o).collect();
 
         let viewer = client(&ready[survivors[1]], "viewer", "viewer").await;

@@ -212,9 +212,8 @@ async fn kill_9_of_a_rooms_origin_moves_the_room_and_its_numbers_go_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ids = ["a", "b", "c"];
     let (edges, ready) = start_edges(&nats, dir.path(), &ids, |c| c).await;
-    let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
-    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
-    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let o = origin_index(&ids, "lobby");
+    let origin = ids[o];
     let survivors: Vec<usize> = (0..3).filter(|&i| i != o).collect();
 
     // A viewer on each surviving edge; the sender on the first of them.
@@ -332,9 +331,8 @@ async fn kill_9_of_a_group_rooms_origin_keeps_every_acked_message_a_survivor_saw
     let ids = ["a", "b", "c"];
     let group = |c: String| format!("{c}\n[rooms]\ngroup_rooms = [\"team-*\"]\ngroup_history = \"all\"\n");
     let (edges, ready) = start_edges(&nats, dir.path(), &ids, group).await;
-    let key = throng_edge::cluster::rendezvous::room_key("dev", "team-ops");
-    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
-    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let o = origin_index(&ids, "team-ops");
+    let origin = ids[o];
     let survivors: Vec<usize> = (0..3).filter(|&i| i != o).collect();
 
     let mut members = Vec::new();
@@ -459,9 +457,7 @@ async fn relay_stopped_for(stop: Duration, dead_after: Duration, subscription_ca
         )
     })
     .await;
-    let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
-    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
-    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let o = origin_index(&ids, "lobby");
     let r = 1 - o;
 
     let here = client(&ready[o], "viewer-origin", "viewer").await;
@@ -471,21 +467,7 @@ async fn relay_stopped_for(stop: Duration, dead_after: Duration, subscription_ca
     let sender = client(&ready[o], "host", "host").await;
     let _sender_room = sender.join("lobby").await.expect("sender joins");
     // The relay's viewer gets the origin's batches once the origin heard of it.
-    let mut first = 0;
-    for k in 0..50 {
-        first = sender
-            .send("lobby", throng_wire::Kind::Chat, format!("warm-{k}"))
-            .await
-            .expect("acked")
-            .seq;
-        if !receive_for(&mut there_room, "warm-", 1, Duration::from_millis(200))
-            .await
-            .is_empty()
-        {
-            break;
-        }
-    }
-    assert!(first > 0);
+    warm_relay(&sender, "lobby", &mut there_room).await;
 
     // Sends at the origin while the relay is stopped (for less than
     // dead_after: it stays in the cluster).
@@ -657,9 +639,7 @@ async fn rooms_made_without_end_through_a_relay_stay_under_the_cap_on_both_edges
         )
     })
     .await;
-    let key = throng_edge::cluster::rendezvous::room_key("dev", "lobby");
-    let origin = throng_edge::cluster::rendezvous::origin(&key, ids).expect("an origin");
-    let o = ids.iter().position(|&i| i == origin).expect("origin index");
+    let o = origin_index(&ids, "lobby");
     let r = 1 - o;
 
     let viewer = client(&ready[r], "viewer", "viewer").await;
@@ -667,20 +647,7 @@ async fn rooms_made_without_end_through_a_relay_stay_under_the_cap_on_both_edges
     let host = client(&ready[o], "host", "host").await;
     let _host_room = host.join("lobby").await.expect("joins");
     // The relay's viewer gets the origin's batches once the origin heard of it.
-    let mut warm = false;
-    for k in 0..50 {
-        host.send("lobby", throng_wire::Kind::Chat, format!("warm-{k}"))
-            .await
-            .expect("acked");
-        if !receive_for(&mut lobby, "warm-", 1, Duration::from_millis(200))
-            .await
-            .is_empty()
-        {
-            warm = true;
-            break;
-        }
-    }
-    assert!(warm, "the relay's viewer never got the lobby's messages");
+    warm_relay(&host, "lobby", &mut lobby).await;
     let before: Vec<serde_json::Value> = edges.iter().map(Serve::stats).collect();
 
     let flood_for = Duration::from_secs(8);

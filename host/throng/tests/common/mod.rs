@@ -277,3 +277,29 @@ pub async fn start_edges(
     }
     (edges, ready)
 }
+
+/// The index in `ids` of the edge that is the origin of tenant `dev`'s
+/// `room` while all of `ids` are live.
+pub fn origin_index(ids: &[&str], room: &str) -> usize {
+    let key = throng_edge::cluster::rendezvous::room_key("dev", room);
+    let origin = throng_edge::cluster::rendezvous::origin(&key, ids.iter().copied()).expect("an origin");
+    ids.iter().position(|&i| i == origin).expect("origin index")
+}
+
+/// Sends `warm-k` into `room` until `viewer`, on a relay, gets one: by
+/// then the origin has heard of the relay's viewers.
+pub async fn warm_relay(sender: &throng_client::Client, room: &str, viewer: &mut throng_client::RoomStream) {
+    for k in 0..50 {
+        sender
+            .send(room, throng_wire::Kind::Chat, format!("warm-{k}"))
+            .await
+            .expect("acked");
+        if !receive_for(viewer, "warm-", 1, Duration::from_millis(200))
+            .await
+            .is_empty()
+        {
+            return;
+        }
+    }
+    panic!("the relay's viewer never got `{room}`'s messages");
+}
