@@ -208,3 +208,51 @@ async fn the_client_resumes_by_itself_after_the_edge_restarts() {
     let want: Vec<u64> = (before_restart + 1..=before_restart + 11).collect();
     assert_eq!(seqs, want);
 }
+
+/// An app reads its room in a `select!` loop beside a 2 ms timer (a UI
+/// frame, say), so most calls to `next_batch` are dropped unfinished, also
+/// while the client reconnects after an edge restart. The reconnect goes
+/// on across the drops, and every message arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_room_read_in_a_select_loop_reconnects_all_the_same() {
+    let edge = TestEdge::start(|c| c.rooms.group_rooms = vec!["group-*".into()]).await;
+    let opts = edge.options(edge.token("acme", "member", "viewer", "*"));
+    let mut room = ResumableRoom::join(opts, "group-x", None, ResumePolicy::default())
+        .await
+        .expect("join");
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _s = sender.join("group-x").await.expect("join");
+    sender.send("group-x", Kind::Chat, "m0").await.expect("ack");
+    let log = edge.edge.log_stats();
+    wait_for("m0 to commit", Duration::from_secs(10), || {
+        log.messages.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    drop(sender);
+    let edge = edge.restart().await;
+    let sender = edge.client("acme", "s", "viewer").await;
+    let _s = sender.join("group-x").await.expect("join");
+    sender.send("group-x", Kind::Chat, "m1").await.expect("ack");
+
+    let mut frame = tokio::time::interval(Duration::from_millis(2));
+    let (mut got, mut frames) = (Vec::new(), 0u64);
+    let start = Instant::now();
+    while got.len() < 2 && start.elapsed() < Duration::from_secs(15) {
+        tokio::select! {
+            b = room.next_batch() => got.extend(b.expect("a batch").messages),
+            _ = frame.tick() => frames += 1,
+        }
+    }
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(
+        bodies,
+        ["m0", "m1"],
+        "after {frames} frames and {} reconnects",
+        room.reconnects()
+    );
+    assert_eq!(room.reconnects(), 1);
+    assert!(frames > 10, "the timer ran beside the reads ({frames} frames)");
+}

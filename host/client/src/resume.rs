@@ -42,6 +42,20 @@ pub struct ResumableRoom {
     /// Every edge this room may be served from, and the one serving it.
     edges: Vec<String>,
     edge: usize,
+    /// A reconnect under way: kept here, so a `next_batch` dropped
+    /// meanwhile (a losing `select!` branch) loses none of its progress.
+    reconnecting: Option<Reconnecting>,
+}
+
+/// A new connection, its stream of the room, and which edge it is to.
+type Reconnected = (Client, RoomStream, usize);
+
+struct Reconnecting(std::pin::Pin<Box<dyn std::future::Future<Output = Result<Reconnected, ClientError>> + Send>>);
+
+impl std::fmt::Debug for Reconnecting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reconnecting")
+    }
 }
 
 impl ResumableRoom {
@@ -72,6 +86,7 @@ impl ResumableRoom {
             last_seq: resume_from,
             recent,
             reconnects: 0,
+            reconnecting: None,
         })
     }
 
@@ -108,12 +123,21 @@ impl ResumableRoom {
     /// The next batch, reconnecting as needed. Messages a rejoin's `Joined`
     /// carries come first, as a batch of tick 0.
     ///
-    /// Not cancel-safe while reconnecting: a call dropped then (a losing
-    /// `select!` branch) starts the reconnect over at the next edge, and a
-    /// loop that keeps dropping it never reconnects. Read a room that may
-    /// move from a task of its own.
+    /// Cancel-safe: dropped before it returns (in a `select!` loop, say),
+    /// it loses no batch, and a reconnect under way goes on at the next
+    /// call.
     pub async fn next_batch(&mut self) -> Result<Batch, ClientError> {
         loop {
+            if let Some(r) = &mut self.reconnecting {
+                let done = r.0.as_mut().await;
+                self.reconnecting = None;
+                let (client, mut stream, edge) = done?;
+                self.recent = std::mem::take(&mut stream.recent);
+                self.client = client;
+                self.stream = stream;
+                self.edge = edge;
+                self.reconnects += 1;
+            }
             if !self.recent.is_empty() {
                 let messages = std::mem::take(&mut self.recent);
                 return Ok(self.hand_out(Batch {
@@ -130,7 +154,17 @@ impl ResumableRoom {
                 Some(Ok(batch)) => return Ok(self.hand_out(batch)),
                 Some(Err(e)) if !recoverable(&e) => return Err(e),
                 // The stream ended or broke: the connection is gone or going.
-                _ => self.resume().await?,
+                _ => {
+                    self.client.close();
+                    self.reconnecting = Some(Reconnecting(Box::pin(reconnect(
+                        self.opts.clone(),
+                        self.edges.clone(),
+                        self.edge,
+                        self.room.clone(),
+                        self.last_seq,
+                        self.policy.clone(),
+                    ))));
+                }
             }
         }
     }
@@ -145,38 +179,38 @@ impl ResumableRoom {
         }
         batch
     }
+}
 
-    async fn resume(&mut self) -> Result<(), ClientError> {
-        self.client.close();
-        let started = Instant::now();
-        let mut backoff = self.policy.first_backoff;
-        loop {
-            tokio::time::sleep(backoff).await;
-            // The edge that dropped us is tried last: in a cluster any edge
-            // serves the room, and a dead one costs a handshake timeout.
-            self.edge = (self.edge + 1) % self.edges.len();
-            let opts = self.opts.for_edge(&self.edges[self.edge]);
-            let attempt = async {
-                let client = Client::connect(opts).await?;
-                let stream = client.join_from(&self.room, self.last_seq).await?;
-                Ok::<_, ClientError>((client, stream))
-            };
-            match attempt.await {
-                Ok((client, mut stream)) => {
-                    self.recent = std::mem::take(&mut stream.recent);
-                    self.client = client;
-                    self.stream = stream;
-                    self.reconnects += 1;
-                    return Ok(());
+/// Connects again and rejoins `room` after `last_seq`, trying the edges
+/// after `edge` in turn (the one that dropped us last: in a cluster any
+/// edge serves the room, and a dead one costs a handshake timeout).
+async fn reconnect(
+    opts: ConnectOptions,
+    edges: Vec<String>,
+    mut edge: usize,
+    room: String,
+    last_seq: Option<u64>,
+    policy: ResumePolicy,
+) -> Result<Reconnected, ClientError> {
+    let started = Instant::now();
+    let mut backoff = policy.first_backoff;
+    loop {
+        tokio::time::sleep(backoff).await;
+        edge = (edge + 1) % edges.len();
+        let attempt = async {
+            let client = Client::connect(opts.for_edge(&edges[edge])).await?;
+            let stream = client.join_from(&room, last_seq).await?;
+            Ok::<_, ClientError>((client, stream))
+        };
+        match attempt.await {
+            Ok((client, stream)) => return Ok((client, stream, edge)),
+            Err(e) if !recoverable(&e) => return Err(e),
+            Err(e) => {
+                if started.elapsed() >= policy.give_up_after {
+                    return Err(e);
                 }
-                Err(e) if !recoverable(&e) => return Err(e),
-                Err(e) => {
-                    if started.elapsed() >= self.policy.give_up_after {
-                        return Err(e);
-                    }
-                    tracing::debug!(error = %e, "reconnect failed; retrying");
-                    backoff = (backoff * 2).min(self.policy.max_backoff);
-                }
+                tracing::debug!(error = %e, "reconnect failed; retrying");
+                backoff = (backoff * 2).min(policy.max_backoff);
             }
         }
     }

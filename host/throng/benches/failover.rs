@@ -220,8 +220,8 @@ async fn measure(preset: &Preset, kills: usize) -> Samples {
             })
         };
 
-        // Each viewer is read by a task of its own: a reconnect in progress
-        // must not be cancelled by the other viewer's arrivals.
+        // Each viewer is read by a task of its own, which stamps arrivals
+        // as they come, whatever the other viewer and the kill are doing.
         let (tx, mut viewer_rx) = tokio::sync::mpsc::unbounded_channel();
         let viewing = tokio::spawn(async move {
             while let Some(b) = stream.next_batch().await {
