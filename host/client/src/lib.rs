@@ -137,7 +137,11 @@ pub struct ConnectOptions {
     pub token: String,
     /// TLS server name; defaults to the host part of `server`.
     pub server_name: Option<String>,
+    /// How often to ping an otherwise quiet connection (default 5 s).
     pub keep_alive: Duration,
+    /// How long a silent edge is given before the connection counts as
+    /// lost (default 10 s): a killed edge says nothing, so this is how
+    /// long its viewers wait before `ResumableRoom` moves them on.
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     /// Where to get a later token before the current one expires. With it,
@@ -185,7 +189,7 @@ impl ConnectOptions {
             token: token.into(),
             server_name: None,
             keep_alive: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             refresh: None,
             fallback: Vec::new(),
