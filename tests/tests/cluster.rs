@@ -1001,3 +1001,65 @@ async fn a_users_send_rate_holds_across_the_edges_it_is_connected_to() {
     let (acked, limited) = send_from_all(&clients, RATE / 5, window).await;
     assert_eq!(limited, 0, "{limited} refused under the rate ({acked} acked)");
 }
+
+/// Someone on the bus claims a room has 2^62 viewers in each of 2,000
+/// made-up regions. The origin keeps at most a few hundred regions per
+/// room, sums without wrapping, keeps delivering, and once the claims stop
+/// the room's count is its real one again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_regional_counts_neither_wrap_nor_stick_nor_stop_the_room() {
+    use throng_edge::cluster::bus;
+    let nats = NatsServer::start();
+    let edges = cluster(&nats, &["a"]).await;
+    let viewer = edges[0].client("acme", "viewer", "viewer").await;
+    let mut room = viewer.join("show").await.expect("join");
+    let sender = edges[0].client("acme", "sender", "host").await;
+    let mut own = sender.join("show").await.expect("join");
+    tokio::spawn(async move { while own.next_batch().await.is_some() {} });
+
+    let bus_client = async_nats::connect(nats.url()).await.expect("test client connects");
+    for i in 0..2000 {
+        let claim = bus::RegionCounts {
+            region: format!("r{i}"),
+            from: format!("fake{i}"),
+            at_ms: 0,
+            rooms: vec![bus::RoomCount {
+                tenant: "acme".into(),
+                room: "show".into(),
+                viewers: 1 << 62,
+            }],
+        };
+        bus_client
+            .publish(bus::regional_subject("a"), bus::encode(&claim).into())
+            .await
+            .expect("published");
+    }
+    bus_client.flush().await.expect("flushed");
+    // The room goes on, and counts the claims without wrapping (wrapped,
+    // any multiple of four claims of 2^62 would sum to nothing).
+    let mut lowest = u64::MAX;
+    let mut highest = 0;
+    for k in 0..20 {
+        sender.send("show", Kind::Chat, format!("m{k}")).await.expect("ack");
+        let b = tokio::time::timeout(Duration::from_secs(5), room.next_batch())
+            .await
+            .expect("a batch in time")
+            .expect("open")
+            .expect("batch");
+        lowest = lowest.min(b.online);
+        highest = highest.max(b.online);
+    }
+    assert!(lowest >= 1, "the online count went to {lowest}");
+    assert!(highest > 1 << 62, "the claims were never counted (at most {highest})");
+    // Claims not repeated expire (3 presence intervals + 1 s).
+    let start = Instant::now();
+    let mut online = u64::MAX;
+    while start.elapsed() < Duration::from_secs(10) && online != 2 {
+        sender.send("show", Kind::Chat, "later").await.expect("ack");
+        if let Ok(Some(Ok(b))) = tokio::time::timeout(Duration::from_secs(1), room.next_batch()).await {
+            online = b.online;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(online, 2, "the made-up regions' viewers stuck");
+}

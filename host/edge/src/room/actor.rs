@@ -334,7 +334,7 @@ impl Room {
                 if let Some(l) = &self.link {
                     l.viewers_changed(&self.key, self.viewers.len() as u64);
                 }
-                let online = self.viewers.len() as u64 + self.peer_count();
+                let online = (self.viewers.len() as u64).saturating_add(self.peer_count());
                 let _ = reply.send(Ok(JoinInfo {
                     writer: self.pool.clone(),
                     last_seq,
@@ -551,7 +551,7 @@ impl Room {
             // someone joins: no Wasm instance for nobody.
             self.apply_modules().await;
         }
-        let online = self.viewers.len() as u64 + peers;
+        let online = (self.viewers.len() as u64).saturating_add(peers);
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.ingress.is_empty() && !presence_due {
             // A group room's relays learn how far its log is stored even

@@ -89,6 +89,10 @@ pub(super) struct RoomLink {
     peer_ttl: Duration,
 }
 
+/// Regions an origin keeps counts of per room; more than any real cluster
+/// has.
+const MAX_REGIONS: usize = 256;
+
 /// What the room's task hears from its link.
 #[derive(Debug)]
 pub(super) enum Heard {
@@ -397,6 +401,12 @@ impl RoomLink {
             Peer::Region(region) if viewers == 0 => {
                 self.regions.remove(&region);
             }
+            // Bus messages are not trusted: a flood of made-up region names
+            // must not grow the room without end.
+            Peer::Region(region) if self.regions.len() >= MAX_REGIONS && !self.regions.contains_key(&region) => {
+                metrics::counter!("throng_bus_malformed_total", "kind" => "regional").increment(1);
+                tracing::debug!(%region, "a room heard from more regions than it keeps; ignored");
+            }
             Peer::Region(region) => {
                 self.regions.insert(region, (viewers, Instant::now()));
             }
@@ -413,7 +423,8 @@ impl RoomLink {
     /// Origin: viewers on other edges now, as their regions count them.
     pub(super) fn peer_count(&mut self) -> u64 {
         self.expire_peers();
-        self.regions.values().map(|(n, _)| n).sum()
+        // Saturating: a bogus count must not wrap the total.
+        self.regions.values().fold(0, |sum, (n, _)| sum.saturating_add(*n))
     }
 
     /// Origin: whether any other edge wants the room's batches.
