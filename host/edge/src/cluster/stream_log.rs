@@ -4,14 +4,18 @@
 //! edge can reach them, so a member resumes from any edge:
 //!
 //! - **One stream** ([`STREAM`]) with a subject per room
-//!   (`throng.group.<hash of the tenant-qualified name>`). Each entry is one
-//!   room tick's messages, as in the embedded log, published with the
-//!   message id `<room hash>.<first seq>`: JetStream drops a second copy
-//!   within [`DEDUP_WINDOW`], so a publish retried after a lost ack, or a
-//!   new origin writing what the dead one may already have written, never
-//!   stores a tick twice. Readers also skip any number they already gave.
+//!   (`throng.group.<hash of the tenant-qualified name>`). Each entry holds
+//!   the room's ticks queued since its last entry (one, unless JetStream
+//!   was slow or away), published with the message id
+//!   `<room hash>.<first seq>.<last seq>`: JetStream drops a second copy
+//!   within [`DEDUP_WINDOW`], so a publish retried after a lost ack is not
+//!   stored twice. Readers skip any number they already gave, so what is
+//!   stored twice anyway (a retry holding more ticks, a new origin writing
+//!   what the dead one may already have written) is read once.
+//!   A room has one entry in flight at a time, so its entries are in the
+//!   stream in order.
 //! - **Appends never wait**: rooms hand a tick to the writer task, which
-//!   publishes every room's ticks together each `commit_interval` and
+//!   publishes every room's entry together each `commit_interval` and
 //!   raises each room's `committed` mark once JetStream acked them, in
 //!   order (a room's later tick never counts as committed before an earlier
 //!   one). A publish that fails (NATS away) is retried, in order, until it
@@ -27,7 +31,7 @@
 //!   binary search over stream sequence numbers (`next_by_subject` gets),
 //!   then reads entries one by one.
 //! - **Retention**: `max_messages` is the stream's per-subject limit,
-//!   counted in ticks (entries), so a room keeps at least that many
+//!   counted in entries (a tick or more each), so a room keeps at least that many
 //!   messages; `max_age` is the stream's. JetStream does not say per subject
 //!   what it removed, so a member that comes back from before what is kept
 //!   is not told how many numbers it lost (the embedded log does).
@@ -53,6 +57,13 @@ pub const MEMBERS_BUCKET: &str = "throng_group_members";
 /// How long JetStream remembers a message id: a publish retried after
 /// this is stored again (readers skip the repeat).
 pub const DEDUP_WINDOW: Duration = Duration::from_secs(120);
+/// (tenant, room).
+type RoomId = (Arc<str>, Arc<str>);
+
+/// Most bytes of messages one entry holds when it gathers several ticks
+/// of a room (a single larger tick is an entry of its own): under NATS's
+/// default 1 MB message limit.
+const MAX_ENTRY_BYTES: usize = 512 * 1024;
 /// Longest wait for one JetStream request or ack.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Compare-and-set attempts before a membership change gives up.
@@ -526,59 +537,90 @@ impl Writer {
         }
     }
 
-    /// Publishes every queued tick and waits for the acks; false if some
-    /// were not stored (they stay queued, in order).
+    /// Publishes the queued ticks and waits for the acks; false if some
+    /// publish was not acked (what it held stays queued, in order).
+    ///
+    /// Each room gets one entry per round, holding its queued ticks from
+    /// the oldest (up to [`MAX_ENTRY_BYTES`]): a room's later ticks are
+    /// published only once its earlier ones are acked, so its entries are
+    /// in the stream in order even when a publish fails and is retried,
+    /// which reading (a binary search) relies on. The entry's id names its
+    /// first and last number: a retry that holds more ticks than the lost
+    /// attempt is stored again, and readers skip the repeats.
     async fn store_appends(&mut self) -> bool {
         if self.queue.is_empty() {
             return true;
         }
-        let mut acks = Vec::with_capacity(self.queue.len());
-        for a in &self.queue {
-            let Some(first) = a.messages.first() else {
-                acks.push(None);
+        // Per room, the queue positions of this round's entry and its size.
+        let mut rounds: HashMap<RoomId, (Vec<usize>, usize)> = HashMap::new();
+        let mut full: HashSet<RoomId> = HashSet::new();
+        for (i, a) in self.queue.iter().enumerate() {
+            let room = (Arc::clone(&a.tenant), Arc::clone(&a.room));
+            if full.contains(&room) {
+                continue;
+            }
+            let size: usize = a.messages.iter().map(|m| m.body.len() + m.sender.len() + 32).sum();
+            let (ticks, bytes) = rounds.entry(room.clone()).or_default();
+            if !ticks.is_empty() && *bytes + size > MAX_ENTRY_BYTES {
+                full.insert(room);
+                continue;
+            }
+            ticks.push(i);
+            *bytes += size;
+        }
+        let mut acks = Vec::with_capacity(rounds.len());
+        for (ticks, _) in rounds.into_values() {
+            let messages: Vec<Message> = ticks
+                .iter()
+                .flat_map(|&i| self.queue[i].messages.iter().cloned())
+                .collect();
+            let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
                 continue;
             };
+            let a = &self.queue[ticks[0]];
+            let id = format!(
+                "{}.{}.{}",
+                super::bus::room_token(&a.tenant, &a.room),
+                first.seq,
+                last.seq
+            );
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+            let subject = group_subject(&a.tenant, &a.room);
             let entry = Entry {
                 tenant: a.tenant.to_string(),
                 room: a.room.to_string(),
-                messages: a.messages.clone(),
+                messages,
             };
-            let mut headers = HeaderMap::new();
-            let id = format!("{}.{}", super::bus::room_token(&a.tenant, &a.room), first.seq);
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
             let payload = Bytes::from(super::bus::encode(&entry));
-            let sent = tokio::time::timeout(
-                REQUEST_TIMEOUT,
-                self.js
-                    .publish_with_headers(group_subject(&a.tenant, &a.room), headers, payload),
-            )
-            .await;
-            acks.push(match sent {
-                Ok(Ok(ack)) => Some(ack),
-                _ => None,
-            });
+            let sent =
+                tokio::time::timeout(REQUEST_TIMEOUT, self.js.publish_with_headers(subject, headers, payload)).await;
+            acks.push((ticks, sent));
         }
-        let mut stored = Vec::with_capacity(acks.len());
-        for ack in acks {
-            let ok = match ack {
-                Some(ack) => matches!(
+        let mut stored = vec![false; self.queue.len()];
+        let mut failed = 0usize;
+        for (ticks, sent) in acks {
+            let ok = match sent {
+                Ok(Ok(ack)) => matches!(
                     tokio::time::timeout(REQUEST_TIMEOUT, ack.into_future()).await,
                     Ok(Ok(_))
                 ),
-                None => false,
+                _ => false,
             };
-            stored.push(ok);
+            if ok {
+                for i in ticks {
+                    stored[i] = true;
+                }
+            } else {
+                failed += ticks.len();
+            }
         }
-        // A room's tick counts as stored only if every earlier one of the
-        // room was: `committed` must never pass a tick still missing.
-        let mut blocked: HashSet<(Arc<str>, Arc<str>)> = HashSet::new();
         let mut kept = VecDeque::new();
         let now = Instant::now();
         let (mut done_appends, mut done_messages) = (0u64, 0u64);
         for (a, ok) in self.queue.drain(..).zip(stored) {
-            let room = (Arc::clone(&a.tenant), Arc::clone(&a.room));
-            if !ok || blocked.contains(&room) {
-                blocked.insert(room);
+            // A room's stored ticks are the oldest of its queued ones.
+            if !ok {
                 kept.push_back(a);
                 continue;
             }
@@ -600,16 +642,15 @@ impl Writer {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         metrics::gauge!("throng_group_log_queued").set(self.stats.queued.load(Ordering::Relaxed) as f64);
         metrics::counter!("throng_group_log_commits_total").increment(1);
-        let all = kept.is_empty();
-        if !all {
-            metrics::counter!("throng_group_log_store_retries_total").increment(kept.len() as u64);
+        self.queue = kept;
+        if failed > 0 {
+            metrics::counter!("throng_group_log_store_retries_total").increment(failed as u64);
             tracing::warn!(
-                appends = kept.len(),
+                appends = failed,
                 "JetStream did not ack every group log entry; retrying"
             );
         }
-        self.queue = kept;
-        all
+        failed == 0
     }
 
     /// Writes the cursors gathered, each only upward.

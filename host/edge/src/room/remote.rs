@@ -404,7 +404,7 @@ impl RoomLink {
             // Bus messages are not trusted: a flood of made-up region names
             // must not grow the room without end.
             Peer::Region(region) if self.regions.len() >= MAX_REGIONS && !self.regions.contains_key(&region) => {
-                metrics::counter!("throng_bus_malformed_total", "kind" => "regional").increment(1);
+                metrics::counter!("throng_regions_over_cap_total").increment(1);
                 tracing::debug!(%region, "a room heard from more regions than it keeps; ignored");
             }
             Peer::Region(region) => {
