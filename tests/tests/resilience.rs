@@ -132,15 +132,27 @@ async fn thousands_of_joins_and_leaves_end_with_exact_online_counts() {
     assert_eq!(room.online, 6, "5 stayers + the second newcomer");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_client_resumes_by_itself_after_the_edge_restarts() {
+/// An edge with group rooms, a `ResumableRoom` member of `group-x` on
+/// it, and a sender joined to the room (with its stream).
+async fn group_x_with_a_resumable_member() -> (
+    TestEdge,
+    ResumableRoom,
+    throng_client::Client,
+    throng_client::RoomStream,
+) {
     let edge = TestEdge::start(|c| c.rooms.group_rooms = vec!["group-*".into()]).await;
     let opts = edge.options(edge.token("acme", "member", "viewer", "*"));
-    let mut room = ResumableRoom::join(opts, "group-x", None, ResumePolicy::default())
+    let room = ResumableRoom::join(opts, "group-x", None, ResumePolicy::default())
         .await
         .expect("join");
     let sender = edge.client("acme", "s", "viewer").await;
-    let _s = sender.join("group-x").await.expect("join");
+    let joined = sender.join("group-x").await.expect("join");
+    (edge, room, sender, joined)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_resumes_by_itself_after_the_edge_restarts() {
+    let (edge, mut room, sender, _s) = group_x_with_a_resumable_member().await;
     for i in 0..10 {
         sender.send("group-x", Kind::Chat, format!("m{i}")).await.expect("ack");
     }
@@ -215,13 +227,7 @@ async fn the_client_resumes_by_itself_after_the_edge_restarts() {
 /// on across the drops, and every message arrives once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumable_room_read_in_a_select_loop_reconnects_all_the_same() {
-    let edge = TestEdge::start(|c| c.rooms.group_rooms = vec!["group-*".into()]).await;
-    let opts = edge.options(edge.token("acme", "member", "viewer", "*"));
-    let mut room = ResumableRoom::join(opts, "group-x", None, ResumePolicy::default())
-        .await
-        .expect("join");
-    let sender = edge.client("acme", "s", "viewer").await;
-    let _s = sender.join("group-x").await.expect("join");
+    let (edge, mut room, sender, _s) = group_x_with_a_resumable_member().await;
     sender.send("group-x", Kind::Chat, "m0").await.expect("ack");
     let log = edge.edge.log_stats();
     wait_for("m0 to commit", Duration::from_secs(10), || {

@@ -461,7 +461,7 @@ impl Session<'_> {
                 // The rate limit comes first: every Send costs the sender,
                 // whatever is wrong with it.
                 if self.shared.limiter.check_key(&self.rate_key).is_err() {
-                    metrics::counter!("throng_rate_limited_total").increment(1);
+                    metrics::counter!("throng_rate_limited_total", "where" => "edge").increment(1);
                     if self.refused.count() > limits.control_burst {
                         return Err((ErrorCode::RateLimited, "sends far beyond the rate limit".into()));
                     }
