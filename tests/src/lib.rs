@@ -1,6 +1,7 @@
 //! Support for the end-to-end tests in `tests/tests/`: a real edge on
 //! `127.0.0.1:0` with its own data dir, tokens for its tenants, and clients.
 
+pub mod api;
 pub mod nats;
 
 use std::time::Duration;
@@ -34,12 +35,18 @@ tick = "10ms"
 viewer_cap_per_sec = 0
 empty_room_linger = "1s"
 
+[control]
+operators = [{ name = "ops", key = "test-operator-key-0123456789" }]
+
 [tenants.acme]
 hs256_secret = "acme-secret-0123456789"
 
 [tenants.globex]
 hs256_secret = "globex-secret-0123456789"
 "#;
+
+/// The operator key of [`TEST_CONFIG`].
+pub const OPERATOR_KEY: &str = "test-operator-key-0123456789";
 
 /// [`TEST_CONFIG`] with `dir` as its data dir, for tests that start an
 /// edge themselves (to see it refuse to start, say).

@@ -11,7 +11,11 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let url = format!("http://{addr}{path}");
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut response = agent.get(&url).call().expect("the admin endpoint answers");
+        let mut response = agent
+            .get(&url)
+            .header("Authorization", format!("Bearer {}", throng_tests::OPERATOR_KEY))
+            .call()
+            .expect("the admin endpoint answers");
         let status = response.status().as_u16();
         let body = response.body_mut().read_to_string().expect("a text body");
         (status, body)

@@ -249,6 +249,7 @@ async fn quarantine_ends_after_a_cool_down_that_doubles_and_shows_in_stats() {
         let get = |path: &'static str| {
             tokio::task::spawn_blocking(move || {
                 ureq::get(&format!("http://{admin}{path}"))
+                    .header("Authorization", format!("Bearer {}", throng_tests::OPERATOR_KEY))
                     .call()
                     .expect("admin answers")
                     .body_mut()

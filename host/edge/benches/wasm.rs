@@ -149,7 +149,7 @@ fn filter(c: &mut Criterion) {
         ("mode".to_owned(), "mask".to_owned()),
     ];
     let mut instance = rt
-        .block_on(wasm.instantiate_filter(&module, Arc::from("bench"), params))
+        .block_on(wasm.instantiate_filter(&module, Arc::from("bench"), params, wasm.filter_limits()))
         .expect("instantiate");
     let batch: Vec<Message> = (0..1000)
         .map(|i| Message {

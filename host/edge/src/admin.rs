@@ -1,8 +1,8 @@
-//! The admin HTTP endpoint (`server.admin`): `GET /stats` answers JSON
-//! figures of this edge, `GET /metrics` the process's metrics in the
-//! Prometheus text format (when a Prometheus recorder is installed, see
-//! [`install_prometheus`]). It has no authentication: bind it to loopback or
-//! a private interface.
+//! The admin HTTP endpoint (`server.admin`): the admin API (`/v1`, see
+//! [`crate::api`]), `GET /stats` (JSON figures of this edge), both for
+//! authenticated callers only; and, open for scrapers and load balancers,
+//! `GET /metrics` (the Prometheus text format, when a Prometheus recorder
+//! is installed, see [`install_prometheus`]) and `GET /healthz`.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
@@ -43,6 +43,7 @@ pub(crate) struct AdminState {
     pub shared: Arc<Shared>,
     pub wasm: Arc<WasmStats>,
     pub log: Arc<LogStats>,
+    pub control: Arc<crate::control::ControlPlane>,
     pub started: Instant,
 }
 
@@ -113,18 +114,24 @@ struct GroupLog {
 const MAX_ADMIN_CONNECTIONS: usize = 32;
 /// A request's headers must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
-/// No admin connection lives longer than this, whatever it sends: the
-/// endpoint answers small requests, so a client holding one open is either
-/// gone or hostile.
-const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// No admin connection lives longer than this, whatever it sends. Long
+/// enough for an upload whose checks compile a language runtime (an 18 MB
+/// Python filter compiles for 13-24 s here); a caller must be
+/// authenticated (headers, within `HEADER_TIMEOUT`) before any body is
+/// read, so only key holders can hold a connection this long.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Serves until `shutdown`. Bounded: at most `MAX_ADMIN_CONNECTIONS` at a
 /// time, headers within `HEADER_TIMEOUT`, each connection at most
 /// `CONNECTION_DEADLINE` (500 partial requests once held it for good).
 pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminState>, shutdown: CancellationToken) {
+    let keyed = crate::api::router(Arc::clone(&state)).merge(Router::new().route("/stats", get(stats)).layer(
+        axum::middleware::from_fn_with_state(Arc::clone(&state), crate::api::require_caller),
+    ));
     let app = Router::new()
-        .route("/stats", get(stats))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .merge(keyed)
         .with_state(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let tasks = tokio_util::task::TaskTracker::new();
@@ -215,6 +222,16 @@ async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
         },
         cluster: s.shared.cluster.as_ref().map(|c| c.snapshot()),
     })
+}
+
+/// For load balancers and scrapers: open, cheap, and says whether the
+/// edge is stopping.
+async fn healthz(State(s): State<Arc<AdminState>>) -> Response {
+    if s.shared.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
 }
 
 async fn metrics(State(_): State<Arc<AdminState>>) -> Response {

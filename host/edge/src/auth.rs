@@ -25,6 +25,8 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const MAX_SUB_BYTES: usize = 256;
 /// Longest room pattern (`rooms`), in bytes.
 pub const MAX_ROOMS_PATTERN_BYTES: usize = 256;
+/// The role of a tenant's administrator: the admin API, never a room.
+pub const TENANT_ADMIN: &str = "tenant-admin";
 /// How much of an untrusted value (from a token not yet verified) an error
 /// message quotes.
 const QUOTE: usize = 64;
@@ -147,8 +149,56 @@ impl Authenticator {
         Ok(Self { tenants: map })
     }
 
+    /// The tenants it knows, sorted.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.tenants.keys().cloned().collect();
+        t.sort();
+        t
+    }
+
     /// Verifies `token` and returns what it grants.
     pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        let claims = self.verify_claims(token)?;
+        let role: Role = claims
+            .role
+            .parse()
+            .map_err(|e: String| AuthError::Malformed(crate::untrusted(&e, 2 * QUOTE)))?;
+        if claims.rooms.is_empty() {
+            return Err(AuthError::Malformed("empty `rooms` claim".into()));
+        }
+        if claims.rooms.len() > MAX_ROOMS_PATTERN_BYTES {
+            return Err(AuthError::Malformed(format!(
+                "`rooms` is {} bytes; the limit is {MAX_ROOMS_PATTERN_BYTES}",
+                claims.rooms.len()
+            )));
+        }
+        Ok(Grant {
+            session: Session {
+                tenant: claims.tenant,
+                user: claims.sub,
+                role,
+            },
+            expires_at: claims.exp,
+            rooms: WildMatch::new(&claims.rooms),
+        })
+    }
+
+    /// Verifies a tenant administrator's token (role `tenant-admin`) for
+    /// the admin API; returns the tenant and the user. Such a token joins
+    /// no room: [`Self::verify`] refuses its role.
+    pub fn verify_tenant_admin(&self, token: &str) -> Result<(String, String), AuthError> {
+        let claims = self.verify_claims(token)?;
+        if claims.role != TENANT_ADMIN {
+            return Err(AuthError::Malformed(format!(
+                "role `{}` is not `{TENANT_ADMIN}`",
+                crate::untrusted(&claims.role, QUOTE)
+            )));
+        }
+        Ok((claims.tenant, claims.sub))
+    }
+
+    /// The signature, expiry, tenant and user checks every token passes.
+    fn verify_claims(&self, token: &str) -> Result<Claims, AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -207,28 +257,7 @@ impl Authenticator {
         if claims.sub.chars().any(char::is_control) {
             return Err(AuthError::Malformed("`sub` contains control characters".into()));
         }
-        let role: Role = claims
-            .role
-            .parse()
-            .map_err(|e: String| AuthError::Malformed(crate::untrusted(&e, 2 * QUOTE)))?;
-        if claims.rooms.is_empty() {
-            return Err(AuthError::Malformed("empty `rooms` claim".into()));
-        }
-        if claims.rooms.len() > MAX_ROOMS_PATTERN_BYTES {
-            return Err(AuthError::Malformed(format!(
-                "`rooms` is {} bytes; the limit is {MAX_ROOMS_PATTERN_BYTES}",
-                claims.rooms.len()
-            )));
-        }
-        Ok(Grant {
-            session: Session {
-                tenant: claims.tenant,
-                user: claims.sub,
-                role,
-            },
-            expires_at: claims.exp,
-            rooms: WildMatch::new(&claims.rooms),
-        })
+        Ok(claims)
     }
 }
 

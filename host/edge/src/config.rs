@@ -78,6 +78,9 @@ pub enum ConfigError {
     },
 }
 
+/// Shortest operator key accepted.
+pub const MIN_OPERATOR_KEY: usize = 24;
+
 /// The validated configuration of one edge.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -103,6 +106,60 @@ pub struct Config {
     /// `[cluster]`: edges that share rooms over NATS. None: a single edge,
     /// which needs no NATS.
     pub cluster: Option<ClusterConfig>,
+    /// `[control]`: the admin API's callers and tenants' quotas.
+    pub control: ControlConfig,
+}
+
+/// `[control]`: who may call the admin API (`/v1`), how far rollback
+/// reaches, and what each tenant's uploads may cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Operators' API keys.
+    pub operators: Vec<OperatorKey>,
+    /// Rollback reaches this many earlier deployments of a scope.
+    pub history: u32,
+    /// Every tenant's quota unless `[tenants.X.quota]` says otherwise.
+    pub quota: TenantQuota,
+    /// Per-tenant quotas, resolved (the default filled in).
+    pub tenant_quotas: BTreeMap<String, TenantQuota>,
+}
+
+impl ControlConfig {
+    /// `tenant`'s quota.
+    pub fn quota_of(&self, tenant: &str) -> &TenantQuota {
+        self.tenant_quotas.get(tenant).unwrap_or(&self.quota)
+    }
+}
+
+/// An operator's API key (`Authorization: Bearer <key>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct OperatorKey {
+    pub name: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for OperatorKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys end up in logs through Debug otherwise.
+        write!(f, "OperatorKey({:?}, <redacted>)", self.name)
+    }
+}
+
+/// What one tenant's filters may cost on an edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantQuota {
+    /// Largest module the tenant may upload.
+    pub max_module_bytes: usize,
+    /// Modules the tenant may keep in the store.
+    pub max_modules: u32,
+    /// Filter instances the tenant's chain may hold on an edge: each filter
+    /// keeps two (its instance and a warm spare).
+    pub max_instances: u32,
+    /// Linear memory of each of the tenant's filter instances.
+    pub filter_memory_bytes: usize,
+    /// CPU time of one filter call (the fixed part; `wasm.budget_per_message`
+    /// is added per message of the batch).
+    pub filter_budget: Duration,
 }
 
 /// `[cluster]`: how this edge joins the others over NATS.
@@ -537,6 +594,44 @@ struct RawConfig {
     #[serde(default)]
     storage: RawStorage,
     cluster: Option<RawCluster>,
+    #[serde(default)]
+    control: RawControl,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawControl {
+    operators: Vec<RawOperator>,
+    history: u32,
+    quota: RawQuota,
+}
+
+impl Default for RawControl {
+    fn default() -> Self {
+        Self {
+            operators: Vec::new(),
+            history: 10,
+            quota: RawQuota::default(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperator {
+    name: String,
+    key: String,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    max_module_bytes: Option<usize>,
+    max_modules: Option<u32>,
+    max_instances: Option<u32>,
+    filter_memory_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    filter_budget: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -837,6 +932,7 @@ struct RawTenant {
     es256_public_key: Option<PathBuf>,
     #[serde(default)]
     filters: Vec<RawModuleUse>,
+    quota: Option<RawQuota>,
 }
 
 // ---- phase two: what it means ----
@@ -1280,10 +1376,17 @@ impl Validator<'_> {
             });
         }
 
+        let default_quota = self.quota("control.quota", &raw.control.quota, None, &wasm)?;
+        let mut tenant_quotas = BTreeMap::new();
         let mut tenants = BTreeMap::new();
         let mut filters = BTreeMap::new();
         for (id, t) in raw.tenants {
             let key = format!("tenants.{id}");
+            let quota = match &t.quota {
+                None => default_quota.clone(),
+                Some(q) => self.quota(&format!("{key}.quota"), q, Some(&default_quota), &wasm)?,
+            };
+            tenant_quotas.insert(id.clone(), quota);
             let mut chain = Vec::new();
             for (i, f) in t.filters.into_iter().enumerate() {
                 let fkey = format!("{key}.filters[{i}]");
@@ -1361,6 +1464,100 @@ impl Validator<'_> {
             policies,
             filters,
             cluster: raw.cluster.map(|c| self.cluster(c)).transpose()?,
+            control: self.control(raw.control.operators, raw.control.history, default_quota, tenant_quotas)?,
+        })
+    }
+
+    fn control(
+        &self,
+        operators: Vec<RawOperator>,
+        history: u32,
+        quota: TenantQuota,
+        tenant_quotas: BTreeMap<String, TenantQuota>,
+    ) -> Result<ControlConfig, ConfigError> {
+        let mut out: Vec<OperatorKey> = Vec::new();
+        for (i, o) in operators.into_iter().enumerate() {
+            let key = format!("control.operators[{i}]");
+            check_bus_token(&o.name).map_err(|why| self.err(format!("{key}.name"), why))?;
+            if o.key.len() < MIN_OPERATOR_KEY {
+                return Err(self.err(
+                    format!("{key}.key"),
+                    format!("is {} bytes; use at least {MIN_OPERATOR_KEY}", o.key.len()),
+                ));
+            }
+            if o.key.bytes().any(|b| !b.is_ascii_graphic()) {
+                return Err(self.err(format!("{key}.key"), "must be printable ASCII without spaces"));
+            }
+            if out.iter().any(|k| k.name == o.name) {
+                return Err(self.err(format!("{key}.name"), format!("operator `{}` is named twice", o.name)));
+            }
+            if out.iter().any(|k| k.key == o.key) {
+                return Err(self.err(format!("{key}.key"), "the same key is given to two operators"));
+            }
+            out.push(OperatorKey {
+                name: o.name,
+                key: o.key,
+            });
+        }
+        Ok(ControlConfig {
+            operators: out,
+            history: self.range("control.history", history, 1, 1000)?,
+            quota,
+            tenant_quotas,
+        })
+    }
+
+    /// A quota: each value given, else `inherit`'s, else the edge's own
+    /// limit (`[wasm]`), which no quota may exceed.
+    fn quota(
+        &self,
+        key: &str,
+        q: &RawQuota,
+        inherit: Option<&TenantQuota>,
+        wasm: &WasmSettings,
+    ) -> Result<TenantQuota, ConfigError> {
+        let budget = match wasm.budget {
+            crate::wasm::Budget::Epoch(d) => d,
+            crate::wasm::Budget::Fuel(_) => Duration::from_millis(5),
+        };
+        let base = inherit.cloned().unwrap_or(TenantQuota {
+            max_module_bytes: wasm.max_module_bytes,
+            max_modules: 20,
+            max_instances: 8,
+            filter_memory_bytes: wasm.filter_memory_bytes,
+            filter_budget: budget,
+        });
+        Ok(TenantQuota {
+            max_module_bytes: match q.max_module_bytes {
+                None => base.max_module_bytes,
+                Some(v) => self.range(&format!("{key}.max_module_bytes"), v, 1 << 10, wasm.max_module_bytes)?,
+            },
+            max_modules: match q.max_modules {
+                None => base.max_modules,
+                Some(v) => self.range(&format!("{key}.max_modules"), v, 0, 10_000)?,
+            },
+            max_instances: match q.max_instances {
+                None => base.max_instances,
+                Some(v) => self.range(&format!("{key}.max_instances"), v, 0, 1_000)?,
+            },
+            filter_memory_bytes: match q.filter_memory_bytes {
+                None => base.filter_memory_bytes,
+                Some(v) => self.range(
+                    &format!("{key}.filter_memory_bytes"),
+                    v,
+                    1 << 16,
+                    wasm.filter_memory_bytes,
+                )?,
+            },
+            filter_budget: match q.filter_budget {
+                None => base.filter_budget,
+                Some(v) => self.duration(
+                    &format!("{key}.filter_budget"),
+                    v,
+                    Duration::from_millis(1),
+                    Duration::from_secs(10),
+                )?,
+            },
         })
     }
 
@@ -1523,6 +1720,43 @@ mod tests {
             matches!(&e, ConfigError::Parse { key, .. } if key == "tenants.\"a b\".x"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn control_keys_and_quotas_are_checked_and_named() {
+        let ok = parse(&format!(
+            "[control]\noperators = [{{ name = \"ops\", key = \"0123456789abcdef01234567\" }}]\n\
+             [control.quota]\nmax_modules = 3\n{TENANT}quota = {{ max_modules = 5 }}\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.control.operators[0].name, "ops");
+        assert_eq!(ok.control.quota.max_modules, 3);
+        assert_eq!(ok.control.quota_of("acme").max_modules, 5);
+        // Debug never shows a key.
+        assert!(!format!("{:?}", ok.control).contains("0123456789abcdef"));
+        for (text, key) in [
+            (
+                "[control]\noperators = [{ name = \"ops\", key = \"short\" }]\n",
+                "control.operators[0].key",
+            ),
+            (
+                "[control]\noperators = [{ name = \"a b\", key = \"0123456789abcdef01234567\" }]\n",
+                "control.operators[0].name",
+            ),
+            (
+                "[control.quota]\nmax_module_bytes = 999999999999\n",
+                "control.quota.max_module_bytes",
+            ),
+            (
+                "[control.quota]\nfilter_budget = \"0s\"\n",
+                "control.quota.filter_budget",
+            ),
+            ("[control]\nhistory = 0\n", "control.history"),
+            ("[control]\nbogus = 1\n", "control"),
+        ] {
+            let e = parse(&format!("{text}{TENANT}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -22,17 +22,23 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::wasm::bindings::{Message, Verdict};
-use crate::wasm::filter::{FilterInstance, FilterModule};
+use crate::wasm::filter::{FilterInstance, FilterLimits, FilterModule};
 use crate::wasm::policy::CallFailure;
 use crate::wasm::{Failure, Quarantine, Strikes, WasmRuntime};
 
-/// What happens to a batch its filter could not judge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What happens when a module cannot answer (trap, budget, bad answer,
+/// quarantine): for a filter, to the batch it could not judge; for a
+/// policy, to the tick it could not plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnFailure {
-    /// Every message of the batch is rejected with `FilterUnavailable`.
+    /// Filters: every message of the batch is rejected with
+    /// `FilterUnavailable`. Policies: only host and system messages go out
+    /// that tick.
     #[default]
     Closed,
-    /// The batch passes on unfiltered.
+    /// Filters: the batch passes on unfiltered. Policies: the built-in
+    /// policy plans the tick.
     Open,
 }
 
@@ -63,6 +69,7 @@ pub struct TenantFilter {
     params: Vec<(String, String)>,
     on_failure: OnFailure,
     tenant: Arc<str>,
+    limits: FilterLimits,
     state: tokio::sync::Mutex<FilterState>,
     /// A replacement instance is being made.
     warming: AtomicBool,
@@ -105,12 +112,13 @@ impl TenantFilter {
         params: Vec<(String, String)>,
         on_failure: OnFailure,
         tenant: Arc<str>,
+        limits: FilterLimits,
     ) -> Result<Arc<Self>, CallFailure> {
         let instance = runtime
-            .instantiate_filter(&module, Arc::clone(&tenant), params.clone())
+            .instantiate_filter(&module, Arc::clone(&tenant), params.clone(), limits)
             .await?;
         let spare = runtime
-            .instantiate_filter(&module, Arc::clone(&tenant), params.clone())
+            .instantiate_filter(&module, Arc::clone(&tenant), params.clone(), limits)
             .await?;
         Ok(Arc::new(Self {
             runtime,
@@ -118,6 +126,7 @@ impl TenantFilter {
             params,
             on_failure,
             tenant,
+            limits,
             state: tokio::sync::Mutex::new(FilterState {
                 instance: Some(instance),
                 spare: Some(spare),
@@ -139,6 +148,10 @@ impl TenantFilter {
 
     pub fn on_failure(&self) -> OnFailure {
         self.on_failure
+    }
+
+    pub fn limits(&self) -> FilterLimits {
+        self.limits
     }
 
     pub fn tenant(&self) -> &str {
@@ -238,7 +251,7 @@ impl TenantFilter {
                 let Some(this) = weak.upgrade() else { return };
                 let made = this
                     .runtime
-                    .instantiate_filter(&this.module, Arc::clone(&this.tenant), this.params.clone())
+                    .instantiate_filter(&this.module, Arc::clone(&this.tenant), this.params.clone(), this.limits)
                     .await;
                 let mut state = this.state.lock().await;
                 match made {

@@ -28,7 +28,10 @@
 //!   spare) per tenant, made at load; `on_failure` closed or open.
 //! - [`wasm`]: the engine, module cache (memory and disk), budgets, limits,
 //!   quarantine.
-//! - [`modules`]: which module runs where (edge-config), reloadable.
+//! - [`control`]: the control plane: the module store, versioned
+//!   deployments (seeded by edge-config), rollout, rollback, audit log.
+//! - [`api`]: the authenticated admin API (`/v1`) on the admin listener.
+//! - [`modules`]: which module runs where: the active deployments, built.
 //! - [`log`]: group rooms' durable log (redb), written in group commits.
 //! - [`presence`]: who is online on this edge, for batched queries.
 //! - `fuzzing` (hidden): the checks that `fuzz/` runs on arbitrary bytes and
@@ -46,10 +49,12 @@
 
 pub mod admin;
 mod admission;
+pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod config;
 mod connection;
+pub mod control;
 pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -79,9 +84,10 @@ pub use config::{Config, ConfigError};
 
 use crate::auth::Authenticator;
 use crate::cluster::stream_log::StreamLog;
+use crate::control::ControlPlane;
 use crate::group_store::GroupStore;
 use crate::log::{GroupLog, LogError, LogStats};
-use crate::modules::{ModuleError, ModuleSet};
+use crate::modules::ModuleError;
 use crate::room::{Rooms, RoomsSetup};
 use crate::wasm::{WasmError, WasmRuntime, WasmStats};
 
@@ -191,7 +197,7 @@ pub struct Edge {
     connections: TaskTracker,
     rooms: Arc<Rooms>,
     runtime: Arc<WasmRuntime>,
-    modules: tokio::sync::watch::Sender<Arc<ModuleSet>>,
+    control: Arc<ControlPlane>,
     reload: tokio::sync::Mutex<()>,
     group_log: GroupStore,
     shared: Arc<Shared>,
@@ -234,8 +240,7 @@ impl Edge {
         let filter_instances: usize = 2 * config.filters.values().map(Vec::len).sum::<usize>() + FILTER_SPARE;
         let max_rooms = (wasm.max_instances as usize).saturating_sub(filter_instances).max(1);
         let runtime = WasmRuntime::new(wasm)?;
-        let modules = ModuleSet::load(&config, &runtime, None).await?;
-        let (modules, modules_rx) = tokio::sync::watch::channel(Arc::new(modules));
+        let (control, modules_rx) = ControlPlane::start(&config, Arc::clone(&runtime)).await?;
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let cluster = match &config.cluster {
@@ -350,6 +355,7 @@ impl Edge {
                     shared: Arc::clone(&shared),
                     wasm: Arc::clone(runtime.stats()),
                     log: Arc::clone(group_log.stats()),
+                    control: Arc::clone(&control),
                     started: std::time::Instant::now(),
                 });
                 connections.spawn(admin::serve(listener, state, shutdown.clone()));
@@ -375,7 +381,7 @@ impl Edge {
             connections,
             rooms,
             runtime,
-            modules,
+            control,
             reload: tokio::sync::Mutex::new(()),
             group_log,
             shared,
@@ -408,12 +414,19 @@ impl Edge {
     pub async fn reload(&self, config: &Config) -> Result<Reload, EdgeError> {
         let _one_at_a_time = self.reload.lock().await;
         let auth = Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?;
-        let current = Arc::clone(&self.modules.borrow());
-        let next = ModuleSet::load(config, &self.runtime, Some(&current)).await?;
-        let generation = next.generation;
-        let filters = next.filter_count();
-        *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
-        self.modules.send_replace(Arc::new(next));
+        // The new keys first: a tenant the config adds may then deploy.
+        let before = std::mem::replace(
+            &mut *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(auth),
+        );
+        let generation = match self.control.reload(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()) = before;
+                return Err(e.into());
+            }
+        };
+        let filters = self.control.current().filter_count();
         // Old filters go as rooms swap; over-reserving meanwhile is harmless.
         self.runtime
             .reserve_for_filters(u32::try_from(filters * 2).unwrap_or(u32::MAX));
@@ -432,6 +445,11 @@ impl Edge {
             generation,
             needs_restart,
         })
+    }
+
+    /// The control plane: modules, deployments, audit.
+    pub fn control(&self) -> &Arc<ControlPlane> {
+        &self.control
     }
 
     /// Group log durability figures.
@@ -468,7 +486,7 @@ impl Edge {
             connections,
             rooms,
             runtime,
-            modules,
+            control,
             group_log,
             shared,
             workers,
@@ -493,7 +511,7 @@ impl Edge {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         // Everything holding the group log is gone now; let its writer
         // finish so the file is free for the next start.
-        drop((rooms, runtime, modules, shared, workers));
+        drop((rooms, runtime, control, shared, workers));
         if !group_log.close(Duration::from_secs(5)).await {
             tracing::warn!("shutdown: the group log writer did not finish in 5 s");
         }

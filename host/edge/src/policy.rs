@@ -20,6 +20,7 @@ use std::time::Duration;
 use throng_policy_core::{Columns, DefaultPolicy, NO_GIFT};
 use throng_wire::{Counters, GiftCount, Kind};
 
+use crate::filter::OnFailure;
 use crate::wasm::bindings::RoomStats;
 use crate::wasm::policy::{CallFailure, PolicyInstance, PolicyModule};
 use crate::wasm::{Failure, Quarantine, Strikes, WasmRuntime};
@@ -159,6 +160,11 @@ pub struct WasmPolicy {
     /// still while the module decides.
     fallback_elapsed: u32,
     strikes: Strikes,
+    /// Open: the fallback plans a tick the module could not. Closed: only
+    /// host and system messages go out that tick.
+    on_failure: OnFailure,
+    /// Ticks the module did not plan (failed, or quarantined).
+    failed_ticks: u64,
 }
 
 impl std::fmt::Debug for WasmPolicy {
@@ -187,6 +193,7 @@ impl WasmPolicy {
         params: Vec<(String, String)>,
         label: Arc<str>,
         fallback: NativePolicy,
+        on_failure: OnFailure,
     ) -> Self {
         let mut p = Self {
             runtime,
@@ -197,6 +204,8 @@ impl WasmPolicy {
             fallback,
             fallback_elapsed: 0,
             strikes: Strikes::default(),
+            on_failure,
+            failed_ticks: 0,
         };
         p.ensure_instance().await;
         p
@@ -208,6 +217,15 @@ impl WasmPolicy {
 
     pub fn params(&self) -> &[(String, String)] {
         &self.params
+    }
+
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    /// Ticks this instance's module did not plan, since the room took it.
+    pub fn failed_ticks(&self) -> u64 {
+        self.failed_ticks
     }
 
     pub fn is_quarantined(&self) -> bool {
@@ -311,6 +329,18 @@ impl WasmPolicy {
             }
         }
         self.runtime.stats().fallback_ticks.fetch_add(1, Ordering::Relaxed);
+        self.failed_ticks += 1;
+        if self.on_failure == OnFailure::Closed {
+            // Host and system messages are never dropped, whatever failed.
+            let privileged = [core_kind(Kind::Host).code(), core_kind(Kind::System).code()];
+            let deliver = (0..inbound.len() as u32)
+                .filter(|&i| privileged.contains(&inbound.kinds[i as usize]))
+                .collect();
+            return Plan {
+                deliver,
+                ..Plan::default()
+            };
+        }
         let stats = RoomStats {
             elapsed_ms: std::mem::take(&mut self.fallback_elapsed),
             ..*stats

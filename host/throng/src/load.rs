@@ -121,6 +121,10 @@ pub struct LoadArgs {
     /// from `/stats` when the edges run elsewhere.
     #[arg(long, requires = "server", conflicts_with = "edge_pid", value_delimiter = ',')]
     edge_stats: Vec<String>,
+    /// The operator key --edge-stats reads `/stats` with (default: the
+    /// generated config's).
+    #[arg(long, env = "THRONG_ADMIN_KEY", default_value = server::LOAD_OPERATOR_KEY, hide_env_values = true)]
+    admin_key: String,
     /// Allow a --server that is not on loopback.
     #[arg(long)]
     allow_remote: bool,
@@ -547,6 +551,8 @@ struct Target {
     pids: Vec<u32>,
     /// The edges' admin endpoints, for servers measured over HTTP.
     stats: Vec<String>,
+    /// The operator key `stats` are read with.
+    admin_key: String,
     spawned: Option<Server>,
 }
 
@@ -572,7 +578,7 @@ async fn server_cpu(target: &Target) -> Result<Option<f64>> {
     }
     let mut sum = 0.0;
     for url in &target.stats {
-        sum += remote_process(url).await?.0;
+        sum += remote_process(url, &target.admin_key).await?.0;
     }
     Ok(Some(sum))
 }
@@ -590,7 +596,7 @@ async fn server_memory(target: &Target) -> Result<Option<procstat::Memory>> {
         }
     } else if !target.stats.is_empty() {
         for url in &target.stats {
-            add(remote_process(url).await?.1);
+            add(remote_process(url, &target.admin_key).await?.1);
         }
     } else {
         return Ok(None);
@@ -599,12 +605,16 @@ async fn server_memory(target: &Target) -> Result<Option<procstat::Memory>> {
 }
 
 /// (cpu seconds, memory) from an edge's `GET <url>/stats`.
-async fn remote_process(url: &str) -> Result<(f64, procstat::Memory)> {
+async fn remote_process(url: &str, key: &str) -> Result<(f64, procstat::Memory)> {
     let url = format!("{}/stats", url.trim_end_matches('/'));
     let body = tokio::task::spawn_blocking({
         let url = url.clone();
+        let auth = format!("Bearer {key}");
         move || -> Result<String> {
-            let mut response = ureq::get(&url).call().with_context(|| format!("GET {url}"))?;
+            let mut response = ureq::get(&url)
+                .header("Authorization", auth)
+                .call()
+                .with_context(|| format!("GET {url}"))?;
             response
                 .body_mut()
                 .read_to_string()
@@ -634,6 +644,7 @@ async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize,
                     certs: a.cert.clone(),
                     pids: a.edge_pid.clone(),
                     stats: a.edge_stats.clone(),
+                    admin_key: a.admin_key.clone(),
                     spawned: None,
                 });
             }
@@ -681,6 +692,7 @@ async fn start_target(a: &LoadArgs, plan: &Plan, mode: Mode, frame_bytes: usize,
         certs: vec![server.cert.clone()],
         pids: vec![server.pid],
         stats: Vec::new(),
+        admin_key: a.admin_key.clone(),
         spawned: Some(server),
     })
 }

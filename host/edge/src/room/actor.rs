@@ -17,7 +17,7 @@ use super::remote::{Heard, RoomLink, time_base};
 use super::ring::Ring;
 use super::sequencer::Sequencer;
 use super::slot::ViewerSlot;
-use super::{Inbound, JoinInfo, Peer, RoomError, RoomKey, tick};
+use super::{Inbound, JoinInfo, Peer, RoomError, RoomInfo, RoomKey, tick};
 use crate::config::RoomClass;
 use crate::filter::TenantFilter;
 use crate::modules::{ModuleSet, ResolvedPolicy};
@@ -126,6 +126,10 @@ pub(super) struct Room {
     max_body: u32,
     /// In a cluster (livecast rooms): origin or relay, and the bus.
     link: Option<RoomLink>,
+    /// Figures and what it runs, for the admin API.
+    info: Arc<RoomInfo>,
+    /// The current policy's failed ticks already counted in `info`.
+    policy_failures_seen: u64,
 }
 
 /// What woke a room's task.
@@ -144,7 +148,13 @@ impl Room {
     /// refuses whoever is queued and is forgotten, so the next join makes a
     /// fresh room that tries again.
     #[tracing::instrument(name = "room", skip_all, fields(room = %key))]
-    pub(super) async fn start(key: RoomKey, id: u64, rooms: &Rooms, rx: &mut mpsc::Receiver<Command>) -> Option<Self> {
+    pub(super) async fn start(
+        key: RoomKey,
+        id: u64,
+        rooms: &Rooms,
+        rx: &mut mpsc::Receiver<Command>,
+        info: Arc<RoomInfo>,
+    ) -> Option<Self> {
         let group_log = rooms.is_group(&key.name).then_some(&rooms.log);
         let kind = match RoomKind::open(group_log, &key).await {
             Ok(kind) => kind,
@@ -186,6 +196,8 @@ impl Room {
         };
         Some(Self {
             link,
+            info,
+            policy_failures_seen: 0,
             label: Arc::from(key.to_string().as_str()),
             sequencer: Sequencer::local(first),
             kind,
@@ -334,6 +346,9 @@ impl Room {
                 if let Some(l) = &self.link {
                     l.viewers_changed(&self.key, self.viewers.len() as u64);
                 }
+                self.info
+                    .viewers
+                    .store(self.viewers.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let online = (self.viewers.len() as u64).saturating_add(self.peer_count());
                 let _ = reply.send(Ok(JoinInfo {
                     writer: self.pool.clone(),
@@ -353,6 +368,9 @@ impl Room {
                 if let Some(l) = &self.link {
                     l.viewers_changed(&self.key, self.viewers.len() as u64);
                 }
+                self.info
+                    .viewers
+                    .store(self.viewers.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 if self.viewers.is_empty() && !self.peers_interested() && self.empty_since.is_none() {
                     self.empty_since = Some(Instant::now());
                     if matches!(self.policy, RoomPolicy::Wasm(_)) {
@@ -481,18 +499,51 @@ impl Room {
             return;
         }
         let set = Arc::clone(&self.modules.borrow_and_update());
-        self.filters = set.filters_for(&self.key.tenant).to_vec();
+        let (filters, filter_version) = set.filters_for(&self.key.tenant, &self.key.name);
+        self.filters = filters.to_vec();
+        self.info.set_running(|r| {
+            r.filter_version = filter_version;
+            r.filters = filters
+                .iter()
+                .map(|f| format!("sha256:{}", f.module().hash().hex()))
+                .collect();
+        });
         if let RoomKind::Group(_) = self.kind {
             // Group rooms deliver every message; policies are for livecast.
             self.policy = RoomPolicy::Native(NativePolicy::new(0));
             return;
         }
-        let wanted = set.policy_for(&self.key.tenant, &self.key.name, self.class_name());
+        let pick = set.policy_for(&self.key.tenant, &self.key.name, self.class_name());
+        self.info.set_running(|r| {
+            r.policy_version = pick.version;
+            match pick.policy {
+                ResolvedPolicy::Native { cap_per_sec } => {
+                    r.policy = "native".into();
+                    r.policy_params = [("cap_per_sec".to_owned(), cap_per_sec.to_string())].into();
+                    r.policy_on_failure = None;
+                }
+                ResolvedPolicy::Wasm {
+                    module,
+                    params,
+                    on_failure,
+                } => {
+                    r.policy = format!("sha256:{}", module.hash().hex());
+                    r.policy_params = crate::control::redacted(&params.iter().cloned().collect());
+                    r.policy_on_failure = Some(on_failure.as_str());
+                }
+            }
+        });
+        let wanted = pick.policy;
         let same = match (wanted, &self.policy) {
             (ResolvedPolicy::Native { cap_per_sec }, RoomPolicy::Native(p)) => p.cap_per_sec() == *cap_per_sec,
-            (ResolvedPolicy::Wasm { module, params }, RoomPolicy::Wasm(w)) => {
-                w.module().hash() == module.hash() && w.params() == params.as_slice()
-            }
+            (
+                ResolvedPolicy::Wasm {
+                    module,
+                    params,
+                    on_failure,
+                },
+                RoomPolicy::Wasm(w),
+            ) => w.module().hash() == module.hash() && w.params() == params.as_slice() && w.on_failure() == *on_failure,
             _ => false,
         };
         if same {
@@ -500,7 +551,11 @@ impl Room {
         }
         self.policy = match wanted {
             ResolvedPolicy::Native { cap_per_sec } => RoomPolicy::Native(NativePolicy::new(*cap_per_sec)),
-            ResolvedPolicy::Wasm { module, params } => {
+            ResolvedPolicy::Wasm {
+                module,
+                params,
+                on_failure,
+            } => {
                 // The fallback honours the rule's cap when it names one (a
                 // module's params are its own, so only this key is read).
                 let cap = params
@@ -514,6 +569,7 @@ impl Room {
                     params.clone(),
                     Arc::clone(&self.label),
                     NativePolicy::new(cap),
+                    *on_failure,
                 )
                 .await;
                 RoomPolicy::Wasm(Box::new(policy))
@@ -522,12 +578,31 @@ impl Room {
         tracing::info!(generation = set.generation, policy = ?self.policy, "room policy set");
     }
 
+    /// Shows the policy module's failures and quarantine in the room's info.
+    fn note_policy_health(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (failed, quarantined) = match &self.policy {
+            RoomPolicy::Wasm(w) => (w.failed_ticks(), w.is_quarantined()),
+            RoomPolicy::Native(_) => (0, false),
+        };
+        if failed > self.policy_failures_seen {
+            self.info
+                .policy_failures
+                .fetch_add(failed - self.policy_failures_seen, Relaxed);
+        }
+        self.policy_failures_seen = failed;
+        self.info.policy_quarantined.store(quarantined, Relaxed);
+    }
+
     /// One tick: filters, policy, sequence numbers and acks, history, one
     /// encode, and the batch on its way to every viewer.
     async fn run_tick(&mut self) {
         // Tick numbers follow room time: a tick the machine ran late skips a
         // number rather than stretching the room's second.
         self.tick = self.clock.now().max(self.tick + 1);
+        self.info
+            .viewers
+            .store(self.viewers.len() as u64, std::sync::atomic::Ordering::Relaxed);
         if let Some(origin) = self.link.as_ref().and_then(|l| l.origin()) {
             // Relayed: the origin runs the room; its senders' messages go
             // there, and their answers come back from there.
@@ -552,6 +627,8 @@ impl Room {
             self.apply_modules().await;
         }
         let online = (self.viewers.len() as u64).saturating_add(peers);
+        self.info.online.store(online, std::sync::atomic::Ordering::Relaxed);
+        self.info.sample();
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
         if self.ingress.is_empty() && !presence_due {
             // A group room's relays learn how far its log is stored even
@@ -566,10 +643,13 @@ impl Room {
             return;
         }
         let mut inbox = self.ingress.take();
+        RoomInfo::add(&self.info.msgs_in, inbox.len());
         if let RoomKind::Group(g) = &self.kind {
             g.refuse_if_behind(&mut inbox);
         }
+        let before_filters = inbox.len();
         let inbox = tick::filter(&self.filters, inbox, &self.runtime, &self.key.tenant, self.max_body).await;
+        RoomInfo::add(&self.info.filtered, before_filters - inbox.len());
         let mut metas = InboundBatch::with_capacity(inbox.len());
         for m in &inbox {
             let gift = (m.kind == Kind::Gift)
@@ -589,6 +669,7 @@ impl Room {
             online,
         };
         let plan = self.policy.plan_tick(&stats, &metas).await;
+        self.note_policy_health();
         let left_out = metas
             .kinds
             .iter()
@@ -604,6 +685,7 @@ impl Room {
                 "class" => self.class_name().to_owned(),
             )
             .increment(left_out as u64);
+            RoomInfo::add(&self.info.dropped_by_policy, left_out);
         }
 
         // Every accepted message gets a sequence number and an ack, delivered
@@ -635,6 +717,7 @@ impl Room {
                 messages.push(m);
             }
         }
+        RoomInfo::add(&self.info.delivered, messages.len());
         if let RoomKind::Group(g) = &mut self.kind {
             g.record(&self.key, &messages, self.sequencer.last());
         }

@@ -36,11 +36,13 @@
 //!   replies to a sender's control stream ([`ReplyTx`]).
 //! - `remote`: a room's part in a cluster: origin or relay.
 //! - `clock`: room time in whole ticks.
+//! - `info`: a room's figures and what it runs, for the admin API.
 
 mod actor;
 mod clock;
 mod fanout;
 mod group;
+mod info;
 mod kind;
 mod link;
 mod registry;
@@ -56,6 +58,7 @@ use std::sync::atomic::AtomicU64;
 use throng_wire::{Kind, Message};
 
 pub use actor::RoomHandle;
+pub use info::{RoomInfo, Running};
 pub use registry::{Creator, Rooms, RoomsSetup};
 pub use slot::{Delivery, Next, ReplyTx, ViewerSlot};
 
@@ -64,6 +67,15 @@ pub use slot::{Delivery, Next, ReplyTx, ViewerSlot};
 pub struct RoomKey {
     pub tenant: Arc<str>,
     pub name: Arc<str>,
+}
+
+impl RoomKey {
+    pub fn new(tenant: &str, name: &str) -> Self {
+        RoomKey {
+            tenant: Arc::from(tenant),
+            name: Arc::from(name),
+        }
+    }
 }
 
 impl std::fmt::Display for RoomKey {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::actor::{Command, Room, RoomHandle};
 use super::slot::ViewerSlot;
-use super::{Inbound, JoinInfo, Peer, RoomError, RoomKey};
+use super::{Inbound, JoinInfo, Peer, RoomError, RoomInfo, RoomKey};
 use crate::cluster::links::Links;
 use crate::config::RoomsConfig;
 use crate::group_store::GroupStore;
@@ -51,14 +51,14 @@ pub struct Rooms {
 /// The live rooms, and how many each tenant has.
 #[derive(Debug, Default)]
 struct RoomMap {
-    rooms: HashMap<RoomKey, (u64, mpsc::Sender<Command>)>,
+    rooms: HashMap<RoomKey, (u64, mpsc::Sender<Command>, Arc<RoomInfo>)>,
     per_tenant: HashMap<Arc<str>, usize>,
 }
 
 impl RoomMap {
     /// Removes room `id` under `key` (not a newer room of the same name).
     fn remove(&mut self, key: &RoomKey, id: u64) {
-        if self.rooms.get(key).is_some_and(|(i, _)| *i == id) {
+        if self.rooms.get(key).is_some_and(|(i, _, _)| *i == id) {
             self.rooms.remove(key);
             if let Some(n) = self.per_tenant.get_mut(&key.tenant) {
                 *n -= 1;
@@ -156,6 +156,21 @@ impl Rooms {
         self.group_rooms.iter().any(|p| p.matches(room))
     }
 
+    /// Every live room's figures, `tenant`'s only if given.
+    pub fn infos(&self, tenant: Option<&str>) -> Vec<Arc<RoomInfo>> {
+        self.map()
+            .rooms
+            .values()
+            .filter(|(_, _, i)| tenant.is_none_or(|t| &*i.key.tenant == t))
+            .map(|(_, _, i)| Arc::clone(i))
+            .collect()
+    }
+
+    /// One live room's figures.
+    pub fn info(&self, key: &RoomKey) -> Option<Arc<RoomInfo>> {
+        self.map().rooms.get(key).map(|(_, _, i)| Arc::clone(i))
+    }
+
     /// Rooms currently alive on this edge.
     pub fn len(&self) -> usize {
         self.map().rooms.len()
@@ -183,7 +198,7 @@ impl Rooms {
             return Err(RoomError::ShuttingDown);
         }
         let mut map = self.map();
-        if let Some((_, tx)) = map.rooms.get(key) {
+        if let Some((_, tx, _)) = map.rooms.get(key) {
             return Ok((tx.clone(), false));
         }
         let refusal = if map.rooms.len() >= self.max_rooms {
@@ -205,19 +220,20 @@ impl Rooms {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.config.inbox_capacity);
-        map.rooms.insert(key.clone(), (id, tx.clone()));
+        let info = Arc::new(RoomInfo::new(key.clone(), self.is_group(&key.name)));
+        map.rooms.insert(key.clone(), (id, tx.clone(), Arc::clone(&info)));
         *map.per_tenant.entry(Arc::clone(&key.tenant)).or_default() += 1;
         drop(map);
-        self.start(key.clone(), id, rx);
+        self.start(key.clone(), id, rx, info);
         metrics::gauge!("throng_rooms").increment(1.0);
         Ok((tx, true))
     }
 
     /// Starts room `id` on the first class's pool, where every room starts.
-    fn start(self: &Arc<Self>, key: RoomKey, id: u64, mut rx: mpsc::Receiver<Command>) {
+    fn start(self: &Arc<Self>, key: RoomKey, id: u64, mut rx: mpsc::Receiver<Command>, info: Arc<RoomInfo>) {
         let rooms = Arc::clone(self);
         let start = async move {
-            let Some(room) = Room::start(key, id, &rooms, &mut rx).await else {
+            let Some(room) = Room::start(key, id, &rooms, &mut rx, info).await else {
                 return;
             };
             if let Some((room, rx)) = room.run(rx, &rooms).await {
@@ -303,7 +319,7 @@ impl Rooms {
     pub fn peer_viewers(self: &Arc<Self>, key: &RoomKey, peer: Peer, viewers: u64) {
         let tx = if viewers == 0 {
             match self.map().rooms.get(key) {
-                Some((_, tx)) => tx.clone(),
+                Some((_, tx, _)) => tx.clone(),
                 None => return,
             }
         } else {
@@ -328,7 +344,7 @@ impl Rooms {
         within: std::time::Duration,
     ) -> Option<(Vec<throng_wire::Message>, bool)> {
         // A room not alive here has delivered nothing since it was last.
-        let Some(tx) = self.map().rooms.get(key).map(|(_, tx)| tx.clone()) else {
+        let Some(tx) = self.map().rooms.get(key).map(|(_, tx, _)| tx.clone()) else {
             return Some((Vec::new(), true));
         };
         let (reply, answer) = oneshot::channel();

@@ -3,7 +3,7 @@
 //! multiply by the number of rooms). Calls are serialised on the instance.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::Store;
 
@@ -34,6 +34,16 @@ impl FilterModule {
 pub struct FilterInstance {
     store: Store<GuestState>,
     bindings: MessageFilter,
+    /// The fixed part of each call's CPU budget (the tenant's quota).
+    call_budget: Duration,
+}
+
+/// What one tenant's filter instances may use: its quota, at most the
+/// edge's own `[wasm]` limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterLimits {
+    pub memory_bytes: usize,
+    pub call_budget: Duration,
 }
 
 impl std::fmt::Debug for FilterInstance {
@@ -54,13 +64,15 @@ impl WasmRuntime {
         module: &Arc<FilterModule>,
         label: Arc<str>,
         params: Vec<(String, String)>,
+        limits: FilterLimits,
     ) -> Result<FilterInstance, CallFailure> {
         let started = Instant::now();
         let fail = |reason: String| CallFailure {
             reason,
             elapsed: started.elapsed(),
         };
-        let mut store = self.store(label, module.hash, params.clone(), self.settings.filter_memory_bytes);
+        let memory = limits.memory_bytes.min(self.settings.filter_memory_bytes);
+        let mut store = self.store(label, module.hash, params.clone(), memory);
         self.arm_instantiate(&mut store);
         let bindings = module.pre.instantiate_async(&mut store).await.map_err(|e| {
             fail(
@@ -74,7 +86,11 @@ impl WasmRuntime {
         self.stats
             .instantiations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut instance = FilterInstance { store, bindings };
+        let mut instance = FilterInstance {
+            store,
+            bindings,
+            call_budget: limits.call_budget,
+        };
         match instance.bindings.call_configure(&mut instance.store, &params).await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(fail(format!("configure refused its params: {msg}"))),
@@ -96,7 +112,7 @@ impl WasmRuntime {
     /// there is exactly one verdict per message.
     pub async fn filter(&self, instance: &mut FilterInstance, batch: &[Message]) -> Result<Vec<Verdict>, CallFailure> {
         let started = Instant::now();
-        self.arm(&mut instance.store, batch.len());
+        self.arm_with(&mut instance.store, batch.len(), Some(instance.call_budget));
         let verdicts = instance
             .bindings
             .call_filter(&mut instance.store, batch)

@@ -24,6 +24,7 @@
 //! cool-down that doubles with each repeat, up to a cap.
 
 pub mod bindings;
+pub mod check;
 pub mod filter;
 mod guest;
 pub mod policy;
@@ -532,6 +533,17 @@ impl WasmRuntime {
         Ok(module)
     }
 
+    /// The limits of filters no quota narrows: the edge's own.
+    pub fn filter_limits(&self) -> filter::FilterLimits {
+        filter::FilterLimits {
+            memory_bytes: self.settings.filter_memory_bytes,
+            call_budget: match self.settings.budget {
+                Budget::Epoch(d) => d,
+                Budget::Fuel(_) => Duration::ZERO,
+            },
+        }
+    }
+
     /// A fresh store for one instance, with its memory limit and budget hook.
     fn store(
         &self,
@@ -571,9 +583,16 @@ impl WasmRuntime {
     /// Arms the budget for one call on a batch of `messages`: the fixed
     /// part plus the per-message allowance.
     fn arm(&self, store: &mut Store<GuestState>, messages: usize) {
+        self.arm_with(store, messages, None);
+    }
+
+    /// [`Self::arm`] with the fixed part of a CPU budget given (a tenant's
+    /// quota) instead of the edge's; fuel mode keeps the edge's fuel.
+    fn arm_with(&self, store: &mut Store<GuestState>, messages: usize, cpu: Option<Duration>) {
         let n = u32::try_from(messages).unwrap_or(u32::MAX);
         match self.settings.budget {
             Budget::Epoch(fixed) => {
+                let fixed = cpu.unwrap_or(fixed);
                 let extra = self.settings.budget_per_message.saturating_mul(n);
                 self.arm_cpu(store, fixed.saturating_add(extra));
             }

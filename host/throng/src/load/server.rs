@@ -19,6 +19,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// The HS256 secret of the generated config. Fixed so that a config written
 /// with `--write-config` and the tokens of a later run agree; the generated
 /// config is only for load runs on loopback.
+/// The operator key of the generated config: `--admin-key`'s default.
+pub const LOAD_OPERATOR_KEY: &str = "throng-load-operator-key-0123";
 const LOAD_SECRET: &str = "throng-load-secret-loopback-only";
 
 /// PIDs of servers started and not yet stopped, for the watchdog.
@@ -82,6 +84,10 @@ max_room_creations_per_connection = 10000000
 [rooms]
 tick = "{tick}"
 viewer_cap_per_sec = {cap}
+
+# `--edge-stats` reads /stats with this key (`--admin-key`).
+[control]
+operators = [{{ name = "load", key = "{LOAD_OPERATOR_KEY}" }}]
 
 [tenants.{tenant}]
 hs256_secret = "{LOAD_SECRET}"

@@ -15,6 +15,10 @@ use throng_tests::nats::NatsServer;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_throng");
 
+/// The operator key of [`config`]: the embedded dev config's, so the
+/// tests that run on it read /stats alike.
+pub const OPERATOR_KEY: &str = "throng-dev-operator-key-change-me";
+
 pub const DEAD_AFTER: Duration = Duration::from_secs(2);
 
 pub fn config(nats: &str, edge_id: &str) -> String {
@@ -31,6 +35,9 @@ edge_id = "{edge_id}"
 region = "test"
 heartbeat = "250ms"
 dead_after = "{}ms"
+
+[control]
+operators = [{{ name = "ops", key = "{OPERATOR_KEY}" }}]
 
 [tenants.dev]
 hs256_secret = "dev-secret-0123456789"
@@ -111,6 +118,7 @@ impl Serve {
 
     pub fn stats(&self) -> serde_json::Value {
         let body = ureq::get(&format!("http://{}/stats", self.admin))
+            .header("Authorization", format!("Bearer {OPERATOR_KEY}"))
             .call()
             .expect("stats answers")
             .body_mut()

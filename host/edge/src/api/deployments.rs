@@ -1,0 +1,227 @@
+//! `/v1/deployments`: each scope's versions, activation and rollback.
+//!
+//! A scope is `policies` (operators) or `filters/<tenant>` (that tenant, or
+//! an operator):
+//!
+//! - `GET  /v1/deployments`: every scope the caller may see, with what is
+//!   active;
+//! - `GET  /v1/deployments/<scope>`: one scope, every version;
+//! - `POST /v1/deployments/<scope>`: a new version
+//!   (`{"policies": [...]}` or `{"filters": [...]}`, and an optional
+//!   `note`); with `"activate": <percent>` it is activated at once;
+//! - `GET  /v1/deployments/<scope>/<version>`;
+//! - `POST /v1/deployments/<scope>/activate`: `{"version": v, "percent": p}`
+//!   (p below 100 rolls out to that share of rooms, by a hash of the room;
+//!   activating the same version with a larger share widens it);
+//! - `POST /v1/deployments/<scope>/rollback`: `{"to": v}` or `{}` (the
+//!   version before).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, json_body};
+use crate::admin::AdminState;
+use crate::control::spec::{Activation, Deployment, FilterUse, PolicyRule, Scope, Spec};
+use crate::control::{Caller, ScopeStatus};
+
+pub(super) fn routes() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/v1/deployments", get(all))
+        .route("/v1/deployments/policies", get(policies_status).post(policies_create))
+        .route("/v1/deployments/policies/activate", post(policies_activate))
+        .route("/v1/deployments/policies/rollback", post(policies_rollback))
+        .route("/v1/deployments/policies/{version}", get(policies_version))
+        .route(
+            "/v1/deployments/filters/{tenant}",
+            get(filters_status).post(filters_create),
+        )
+        .route("/v1/deployments/filters/{tenant}/activate", post(filters_activate))
+        .route("/v1/deployments/filters/{tenant}/rollback", post(filters_rollback))
+        .route("/v1/deployments/filters/{tenant}/{version}", get(filters_version))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    policies: Option<Vec<PolicyRule>>,
+    filters: Option<Vec<FilterUse>>,
+    note: Option<String>,
+    /// Activate at once on this share of rooms (100: all).
+    activate: Option<u8>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Activate {
+    version: u64,
+    #[serde(default = "hundred")]
+    percent: u8,
+}
+
+fn hundred() -> u8 {
+    100
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    to: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Created {
+    deployment: Deployment,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active: Option<Activation>,
+}
+
+fn filters_scope(tenant: &str) -> Result<Scope, ApiError> {
+    Scope::parse(&format!("filters/{tenant}")).ok_or_else(|| ApiError::invalid("tenant", "not a tenant id"))
+}
+
+async fn all(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<ScopeStatus>>, ApiError> {
+    Ok(Json(s.control.scopes(&caller)?))
+}
+
+async fn status(s: &AdminState, caller: &Caller, scope: &Scope) -> Result<Json<ScopeStatus>, ApiError> {
+    Ok(Json(s.control.status(caller, scope)?))
+}
+
+async fn create(
+    s: &AdminState,
+    caller: &Caller,
+    scope: &Scope,
+    body: Body,
+) -> Result<impl IntoResponse + use<>, ApiError> {
+    let c: Create = json_body(body).await?;
+    let spec = match (c.policies, c.filters, scope) {
+        (Some(p), None, Scope::Policies) => Spec::Policies(p),
+        (None, Some(f), Scope::Filters(_)) => Spec::Filters(f),
+        (_, _, Scope::Policies) => {
+            return Err(ApiError::invalid(
+                "policies",
+                "the policies scope takes `policies` only",
+            ));
+        }
+        (_, _, Scope::Filters(_)) => return Err(ApiError::invalid("filters", "a filters scope takes `filters` only")),
+    };
+    let deployment = s.control.create(caller, scope, spec, c.note).await?;
+    let active = match c.activate {
+        None => None,
+        Some(p) => Some(s.control.activate(caller, scope, deployment.version, p).await?),
+    };
+    Ok((StatusCode::CREATED, Json(Created { deployment, active })))
+}
+
+async fn version(s: &AdminState, caller: &Caller, scope: &Scope, version: u64) -> Result<Json<Deployment>, ApiError> {
+    Ok(Json(s.control.deployment(caller, scope, version)?))
+}
+
+async fn activate(s: &AdminState, caller: &Caller, scope: &Scope, body: Body) -> Result<Json<Activation>, ApiError> {
+    let a: Activate = json_body(body).await?;
+    Ok(Json(s.control.activate(caller, scope, a.version, a.percent).await?))
+}
+
+async fn rollback(s: &AdminState, caller: &Caller, scope: &Scope, body: Body) -> Result<Json<Activation>, ApiError> {
+    let bytes = axum::body::to_bytes(body, 4096)
+        .await
+        .map_err(|_| ApiError::invalid("(body)", "too large"))?;
+    let r: Rollback = if bytes.iter().all(u8::is_ascii_whitespace) {
+        Rollback::default()
+    } else {
+        json_body(Body::from(bytes)).await?
+    };
+    Ok(Json(s.control.rollback(caller, scope, r.to).await?))
+}
+
+async fn policies_status(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+) -> Result<Json<ScopeStatus>, ApiError> {
+    status(&s, &c, &Scope::Policies).await
+}
+
+async fn policies_create(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    create(&s, &c, &Scope::Policies, body).await
+}
+
+async fn policies_version(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    Path(v): Path<u64>,
+) -> Result<Json<Deployment>, ApiError> {
+    version(&s, &c, &Scope::Policies, v).await
+}
+
+async fn policies_activate(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    body: Body,
+) -> Result<Json<Activation>, ApiError> {
+    activate(&s, &c, &Scope::Policies, body).await
+}
+
+async fn policies_rollback(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    body: Body,
+) -> Result<Json<Activation>, ApiError> {
+    rollback(&s, &c, &Scope::Policies, body).await
+}
+
+async fn filters_status(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    Path(t): Path<String>,
+) -> Result<Json<ScopeStatus>, ApiError> {
+    status(&s, &c, &filters_scope(&t)?).await
+}
+
+async fn filters_create(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    Path(t): Path<String>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    create(&s, &c, &filters_scope(&t)?, body).await
+}
+
+async fn filters_version(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    Path((t, v)): Path<(String, u64)>,
+) -> Result<Json<Deployment>, ApiError> {
+    version(&s, &c, &filters_scope(&t)?, v).await
+}
+
+async fn filters_activate(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    Path(t): Path<String>,
+    body: Body,
+) -> Result<Json<Activation>, ApiError> {
+    activate(&s, &c, &filters_scope(&t)?, body).await
+}
+
+async fn filters_rollback(
+    State(s): State<Arc<AdminState>>,
+    Extension(c): Extension<Caller>,
+    Path(t): Path<String>,
+    body: Body,
+) -> Result<Json<Activation>, ApiError> {
+    rollback(&s, &c, &filters_scope(&t)?, body).await
+}

@@ -1,0 +1,220 @@
+//! The admin API (`/v1`) on the admin listener: JSON in and out, one file
+//! per resource, one error type with a stable code, and authentication as
+//! a layer in front of every route but `/metrics` and `/healthz`.
+//!
+//! Callers: operators, with a key from edge-config (`[control] operators`),
+//! and tenants' administrators, with a JWT signed by their tenant's key
+//! whose role is `tenant-admin`; a tenant sees and changes only its own
+//! modules, filters and rooms. Both send `Authorization: Bearer <...>`.
+//!
+//! - `modules`: upload (checked step by step), list, show.
+//! - `deployments`: versions per scope, activate (at once or for a share
+//!   of rooms), roll back.
+//! - `audit`: the audit log.
+//! - `rooms`: what runs where, per room and tenant.
+
+mod audit;
+mod deployments;
+mod modules;
+mod rooms;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::admin::AdminState;
+use crate::control::{Caller, ControlError};
+
+/// Largest JSON request body.
+const MAX_JSON_BYTES: usize = 1 << 20;
+
+/// The routes that need a caller, with authentication in front.
+pub(crate) fn router(state: Arc<AdminState>) -> Router<Arc<AdminState>> {
+    Router::new()
+        .merge(modules::routes())
+        .merge(deployments::routes())
+        .merge(audit::routes())
+        .merge(rooms::routes())
+        .layer(axum::middleware::from_fn_with_state(state, authenticate))
+}
+
+/// An API error: status, stable code, message, and the field at fault.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        let field = field.into();
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid_request",
+            message: format!("`{field}`: {}", message.into()),
+            field: Some(field),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        if matches!(e, ControlError::Store(_)) {
+            tracing::error!(error = %e, "control store failed");
+        }
+        ApiError {
+            status: StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            code: e.code(),
+            field: e.field(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+            },
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Reads a JSON body of at most [`MAX_JSON_BYTES`] into `T`; an error
+/// names the field at fault.
+pub(crate) async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_JSON_BYTES).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("a JSON body is at most {MAX_JSON_BYTES} bytes"),
+        )
+    })?;
+    let de = &mut serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "(body)".to_owned() } else { path };
+        ApiError::invalid(field, crate::untrusted(&e.inner().to_string(), 200))
+    })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// The layer for keyed routes outside `/v1` (`/stats`).
+pub(crate) async fn require_caller(state: State<Arc<AdminState>>, req: Request, next: Next) -> Response {
+    authenticate(state, req, next).await
+}
+
+/// Who is calling, from `Authorization: Bearer`: an operator's key or a
+/// tenant administrator's token. Refused callers get 401 with the reason.
+async fn authenticate(State(state): State<Arc<AdminState>>, mut req: Request, next: Next) -> Response {
+    let caller = match bearer(req.headers()) {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send `Authorization: Bearer <operator key or tenant-admin token>`",
+        )),
+        Some(token) => identify(&state, token),
+    };
+    match caller {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => {
+            metrics::counter!("throng_admin_unauthenticated_total").increment(1);
+            e.into_response()
+        }
+    }
+}
+
+fn identify(state: &AdminState, token: &str) -> Result<Caller, ApiError> {
+    // Compared as digests: equal length, and no early exit on the first
+    // differing byte of the key itself.
+    let offered = Sha256::digest(token.as_bytes());
+    for op in state.control.operators() {
+        if Sha256::digest(op.key.as_bytes()) == offered {
+            return Ok(Caller::Operator { name: op.name });
+        }
+    }
+    if token.split('.').count() != 3 {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "not an operator key, nor a token",
+        ));
+    }
+    let auth = state.shared.authenticator();
+    match auth.verify_tenant_admin(token) {
+        Ok((tenant, user)) => Ok(Caller::Tenant { tenant, user }),
+        Err(e) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            auth_code(&e),
+            format!("tenant-admin token refused: {e}"),
+        )),
+    }
+}
+
+/// The stable code of a refused token.
+fn auth_code(e: &crate::auth::AuthError) -> &'static str {
+    use crate::auth::AuthError as A;
+    match e {
+        A::Missing => "unauthenticated",
+        A::Malformed(_) | A::TooLong(_) => "token_malformed",
+        A::UnknownTenant(_) => "unknown_tenant",
+        A::Algorithm { .. } => "algorithm_not_allowed",
+        A::Expired => "token_expired",
+        A::NotYetValid | A::BadSignature => "token_invalid",
+    }
+}

@@ -1,0 +1,116 @@
+//! `/v1/modules`: upload a component (checked before it is stored), list
+//! and show what the caller may see.
+//!
+//! Upload: `POST /v1/modules?name=<n>&version=<v>&world=<room-policy|message-filter>&params=<JSON object>`
+//! with the component's bytes as the body. 201 with the record when stored,
+//! 200 with the first record when the caller stored these bytes before,
+//! 422 `module_refused` naming the step (`size`, `compile`, `world`,
+//! `instantiate`, `configure`, `self_test`) and the reason.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::admin::AdminState;
+use crate::control::{Caller, ControlError, ModuleRecord, Upload, World};
+
+pub(super) fn routes() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/v1/modules", get(list).post(upload))
+        .route("/v1/modules/{sha256}", get(show))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    name: String,
+    version: String,
+    world: String,
+    /// A JSON object of string values: what `configure` is checked with.
+    #[serde(default)]
+    params: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Uploaded {
+    created: bool,
+    module: ModuleRecord,
+}
+
+async fn upload(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<impl IntoResponse, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let world = match q.world.as_str() {
+        "room-policy" => World::RoomPolicy,
+        "message-filter" => World::MessageFilter,
+        other => {
+            return Err(ApiError::invalid(
+                "world",
+                format!(
+                    "`{}`: expected room-policy or message-filter",
+                    crate::untrusted(other, 40)
+                ),
+            ));
+        }
+    };
+    let params: BTreeMap<String, String> = match &q.params {
+        None => BTreeMap::new(),
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| ApiError::invalid("params", format!("a JSON object of string values: {e}")))?,
+    };
+    // The read stops one byte past the largest module anyone may upload;
+    // the size step then names the caller's own limit.
+    let limit = s.control.max_upload_bytes();
+    let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| {
+        ApiError::from(ControlError::Refused {
+            step: "size",
+            reason: format!("module is over {limit} bytes, the most this edge takes"),
+        })
+    })?;
+    let (module, created) = s
+        .control
+        .upload(
+            &caller,
+            Upload {
+                name: q.name,
+                version: q.version,
+                world,
+                params,
+            },
+            bytes.to_vec(),
+        )
+        .await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(Uploaded { created, module })))
+}
+
+async fn list(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<ModuleRecord>>, ApiError> {
+    Ok(Json(s.control.modules(&caller)?))
+}
+
+async fn show(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+    Path(sha256): Path<String>,
+) -> Result<Json<Vec<ModuleRecord>>, ApiError> {
+    let hex = sha256.strip_prefix("sha256:").unwrap_or(&sha256).to_ascii_lowercase();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::invalid("sha256", "expected 64 hex digits"));
+    }
+    Ok(Json(s.control.module(&caller, &hex)?))
+}

@@ -1,0 +1,1289 @@
+//! The control plane: modules uploaded once and kept by content hash,
+//! deployments that say which module runs where, activation (at once or
+//! for a share of rooms), rollback, and an audit log of every change.
+//!
+//! # Layout
+//!
+//! - [`spec`]: deployments as documents: scopes, versions, rollout shares.
+//! - [`store`]: the durable state (redb) and module bytes on disk.
+//! - this file: [`ControlPlane`], the rules: who may do what, the checks a
+//!   module passes before it is stored, quotas, and turning the active
+//!   deployments into the [`ModuleSet`] rooms run.
+//!
+//! Uploading is apart from activating (as at Fastly or Cloudflare): a
+//! module is checked when uploaded (size, compile, world, instantiate,
+//! configure, self-test), a deployment is checked when created (every
+//! module it names exists, may be used by that scope, fits its world and
+//! takes its params), and an activation builds the whole new module set
+//! before it replaces the old one. A failure at any step changes nothing.
+//!
+//! edge-config's `[[policy]]` rules and tenants' `filters` seed the first
+//! deployment of their scopes, and a changed file on reload adds a new one.
+
+pub mod spec;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::watch;
+
+use crate::config::{Config, ControlConfig, ModuleSource as ConfigSource, OperatorKey, PolicyChoice};
+use crate::modules::{self, Deployed, ModuleError, ModuleSet, ModuleSource};
+use crate::wasm::filter::FilterLimits;
+use crate::wasm::{ModuleHash, WasmError, WasmRuntime};
+use spec::{Activation, Deployment, FilterUse, OnFailure, PolicyRule, Scope, Spec};
+use store::{ControlStore, StoreError};
+
+/// Who signed what an edge-config file seeded.
+pub const CONFIG_CALLER: &str = "edge-config";
+
+/// The plug-in point a module is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum World {
+    RoomPolicy,
+    MessageFilter,
+}
+
+impl World {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            World::RoomPolicy => "room-policy",
+            World::MessageFilter => "message-filter",
+        }
+    }
+}
+
+/// Who is calling: an operator (by key) or a tenant's admin (by token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Operator { name: String },
+    Tenant { tenant: String, user: String },
+}
+
+impl Caller {
+    /// As the audit log names it: `operator:<name>` or `tenant:<id>/<user>`.
+    pub fn who(&self) -> String {
+        match self {
+            Caller::Operator { name } => format!("operator:{name}"),
+            Caller::Tenant { tenant, user } => format!("tenant:{tenant}/{user}"),
+        }
+    }
+
+    /// The owner of what this caller uploads.
+    pub fn owner(&self) -> String {
+        match self {
+            Caller::Operator { .. } => OPERATOR_OWNER.into(),
+            Caller::Tenant { tenant, .. } => tenant_owner(tenant),
+        }
+    }
+
+    pub fn is_operator(&self) -> bool {
+        matches!(self, Caller::Operator { .. })
+    }
+
+    /// Whether this caller may act for `tenant`.
+    pub fn may_act_for(&self, tenant: &str) -> bool {
+        match self {
+            Caller::Operator { .. } => true,
+            Caller::Tenant { tenant: t, .. } => t == tenant,
+        }
+    }
+
+    /// The tenant this caller is limited to, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Caller::Operator { .. } => None,
+            Caller::Tenant { tenant, .. } => Some(tenant),
+        }
+    }
+}
+
+/// The owner of operators' modules.
+pub const OPERATOR_OWNER: &str = "operator";
+
+fn tenant_owner(tenant: &str) -> String {
+    format!("tenant:{tenant}")
+}
+
+/// One step a module passed on upload, and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub step: String,
+    pub ms: f64,
+}
+
+/// A stored module: immutable, by content hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    pub sha256: String,
+    /// `operator`, or `tenant:<id>`.
+    pub owner: String,
+    pub name: String,
+    /// A label of the uploader's choosing; (owner, name, version) names one
+    /// module for ever.
+    pub version: String,
+    pub world: World,
+    pub size: u64,
+    pub uploader: String,
+    pub uploaded_at_ms: u64,
+    /// The params `configure` was checked with.
+    pub params: BTreeMap<String, String>,
+    pub checks: Vec<CheckReport>,
+}
+
+impl ModuleRecord {
+    fn key(&self) -> String {
+        format!("{}/{}", self.owner, self.sha256)
+    }
+
+    /// The tenant that owns it, if a tenant does.
+    pub fn tenant(&self) -> Option<&str> {
+        self.owner.strip_prefix("tenant:")
+    }
+}
+
+/// One change, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at_ms: u64,
+    /// `operator:<name>`, `tenant:<id>/<user>` or `edge-config`.
+    pub who: String,
+    /// e.g. `module.upload`, `deployment.create`, `deployment.activate`,
+    /// `deployment.rollback`, `user.disconnect`, `room.publish`.
+    pub action: String,
+    /// What it acted on: a module hash, a scope, a room.
+    pub target: String,
+    /// The tenant concerned, if one is: tenants read only their own entries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl AuditEntry {
+    pub fn new(caller: &str, action: &str, target: impl Into<String>) -> Self {
+        AuditEntry {
+            seq: 0,
+            at_ms: crate::unix_now_ms(),
+            who: caller.to_owned(),
+            action: action.to_owned(),
+            target: target.into(),
+            tenant: None,
+            from: None,
+            to: None,
+            detail: None,
+        }
+    }
+}
+
+/// Why a control-plane call was refused. Each has a stable code and an
+/// HTTP status; the message names the field or step at fault.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("`{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+    /// A module failed a check on upload.
+    #[error("module refused at step `{step}`: {reason}")]
+    Refused { step: &'static str, reason: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("quota `{quota}`: {reason}")]
+    Quota { quota: &'static str, reason: String },
+    /// A deployment names something that cannot run.
+    #[error("`{field}`: {reason}")]
+    Deployment { field: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ControlError {
+    /// The stable code clients match on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ControlError::Forbidden(_) => "forbidden",
+            ControlError::NotFound(_) => "not_found",
+            ControlError::Invalid { .. } => "invalid_request",
+            ControlError::Refused { .. } => "module_refused",
+            ControlError::Conflict(_) => "conflict",
+            ControlError::Quota { .. } => "quota_exceeded",
+            ControlError::Deployment { .. } => "deployment_refused",
+            ControlError::Store(_) => "internal",
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        match self {
+            ControlError::Forbidden(_) | ControlError::Quota { .. } => 403,
+            ControlError::NotFound(_) => 404,
+            ControlError::Invalid { .. } => 400,
+            ControlError::Refused { .. } | ControlError::Deployment { .. } => 422,
+            ControlError::Conflict(_) => 409,
+            ControlError::Store(_) => 500,
+        }
+    }
+
+    /// The field or step at fault, for clients that point at it.
+    pub fn field(&self) -> Option<String> {
+        match self {
+            ControlError::Invalid { field, .. } | ControlError::Deployment { field, .. } => Some(field.clone()),
+            ControlError::Refused { step, .. } => Some((*step).to_owned()),
+            ControlError::Quota { quota, .. } => Some((*quota).to_owned()),
+            _ => None,
+        }
+    }
+
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ControlError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn deployment(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ControlError::Deployment {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What an uploader says of a module.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub name: String,
+    pub version: String,
+    pub world: World,
+    pub params: BTreeMap<String, String>,
+}
+
+/// A scope's state: what is active and which versions exist.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScopeStatus {
+    pub scope: String,
+    pub active: Option<Activation>,
+    pub versions: Vec<Deployment>,
+}
+
+/// The control plane of one edge.
+pub struct ControlPlane {
+    store: ControlStore,
+    runtime: Arc<WasmRuntime>,
+    modules: watch::Sender<Arc<ModuleSet>>,
+    settings: RwLock<ControlConfig>,
+    /// Tenants the config knows (deployments for others are refused).
+    tenants: RwLock<BTreeSet<String>>,
+    classes: Vec<String>,
+    default_cap: u32,
+    max_module_bytes: usize,
+    /// One change at a time: an activation builds against the set it replaces.
+    change: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Opens the store, seeds it from `config` and builds the module set
+    /// rooms start with.
+    pub async fn start(
+        config: &Config,
+        runtime: Arc<WasmRuntime>,
+    ) -> Result<(Arc<ControlPlane>, watch::Receiver<Arc<ModuleSet>>), ModuleError> {
+        let store = ControlStore::open(&config.data_dir).map_err(|e| ModuleError {
+            key: "server.data_dir".into(),
+            reason: e.to_string(),
+        })?;
+        let (tx, rx) = watch::channel(Arc::new(ModuleSet::empty(config.rooms.viewer_cap_per_sec)));
+        let plane = Arc::new(ControlPlane {
+            store,
+            runtime,
+            modules: tx,
+            settings: RwLock::new(config.control.clone()),
+            tenants: RwLock::new(config.tenants.keys().cloned().collect()),
+            classes: config.rooms.classes.iter().map(|c| c.name.clone()).collect(),
+            default_cap: config.rooms.viewer_cap_per_sec,
+            max_module_bytes: config.wasm.max_module_bytes,
+            change: tokio::sync::Mutex::new(()),
+        });
+        plane.reload(config).await?;
+        Ok((plane, rx))
+    }
+
+    /// Takes a (re)loaded config: operators' keys, quotas and tenants, and
+    /// a new deployment for every scope whose part of the file changed.
+    /// Returns the new module set's generation.
+    pub async fn reload(&self, config: &Config) -> Result<u64, ModuleError> {
+        let _one = self.change.lock().await;
+        *self.settings.write().unwrap_or_else(|e| e.into_inner()) = config.control.clone();
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = config.tenants.keys().cloned().collect();
+        let seeded = self.seed(config).await?;
+        // Several scopes may change at once: they are built together.
+        let over: Vec<(Scope, Activation)> = seeded.iter().map(|(s, _, a, _)| (s.clone(), a.clone())).collect();
+        let set = self.build(&over).await.map_err(|e| match e {
+            BuildError::Module(m) => config_key(m, config),
+            BuildError::Store(s) => ModuleError {
+                key: "control".into(),
+                reason: s.to_string(),
+            },
+        })?;
+        // Only now, with the set built, do the seeded versions count.
+        for (scope, spec, activation, entry) in seeded {
+            let key = scope.key();
+            self.store.set_active(&key, &activation).map_err(store_err)?;
+            self.store.set_seed(&key, &spec).map_err(store_err)?;
+            self.store.audit(entry).map_err(store_err)?;
+        }
+        let generation = set.generation;
+        self.modules.send_replace(Arc::new(set));
+        Ok(generation)
+    }
+
+    /// Operators' keys in force.
+    pub fn operators(&self) -> Vec<OperatorKey> {
+        self.settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .operators
+            .clone()
+    }
+
+    /// The largest module anyone may upload here (operators' limit).
+    pub fn max_upload_bytes(&self) -> usize {
+        self.max_module_bytes
+    }
+
+    /// The module set rooms run now.
+    pub fn current(&self) -> Arc<ModuleSet> {
+        Arc::clone(&self.modules.borrow())
+    }
+
+    pub fn store(&self) -> &ControlStore {
+        &self.store
+    }
+
+    fn quota_limits(&self, tenant: &str) -> FilterLimits {
+        let s = self.settings.read().unwrap_or_else(|e| e.into_inner());
+        let q = s.quota_of(tenant);
+        FilterLimits {
+            memory_bytes: q.filter_memory_bytes,
+            call_budget: q.filter_budget,
+        }
+    }
+
+    fn knows_tenant(&self, tenant: &str) -> bool {
+        self.tenants.read().unwrap_or_else(|e| e.into_inner()).contains(tenant)
+    }
+
+    // ---- modules ----
+
+    /// Checks and stores a module. Returns the record and whether it is new
+    /// (the same owner uploading the same bytes again gets the first record).
+    pub async fn upload(
+        &self,
+        caller: &Caller,
+        up: Upload,
+        bytes: Vec<u8>,
+    ) -> Result<(ModuleRecord, bool), ControlError> {
+        check_label("name", &up.name)?;
+        check_label("version", &up.version)?;
+        if let Some(t) = caller.tenant()
+            && up.world != World::MessageFilter
+        {
+            return Err(ControlError::Forbidden(format!(
+                "tenant `{t}` may upload message-filter modules only; room policies are deployed by operators"
+            )));
+        }
+        let (max_bytes, max_modules, limits) = match caller.tenant() {
+            None => (self.max_module_bytes, u32::MAX, self.runtime.filter_limits()),
+            Some(t) => {
+                let s = self.settings.read().unwrap_or_else(|e| e.into_inner());
+                let q = s.quota_of(t);
+                (
+                    q.max_module_bytes,
+                    q.max_modules,
+                    FilterLimits {
+                        memory_bytes: q.filter_memory_bytes,
+                        call_budget: q.filter_budget,
+                    },
+                )
+            }
+        };
+        let mut checks = Vec::new();
+        let started = Instant::now();
+        if bytes.len() > max_bytes {
+            return Err(ControlError::Refused {
+                step: "size",
+                reason: format!("module is {} bytes; the limit is {max_bytes}", bytes.len()),
+            });
+        }
+        checks.push(report("size", started));
+        let sha256 = ModuleHash::of(&bytes).hex();
+        let owner = caller.owner();
+        if let Some(existing) = self.store.module(&owner, &sha256)? {
+            return Ok((existing, false));
+        }
+        let mine: Vec<ModuleRecord> = self.store.modules()?.into_iter().filter(|m| m.owner == owner).collect();
+        if let Some(other) = mine.iter().find(|m| m.name == up.name && m.version == up.version) {
+            return Err(ControlError::Conflict(format!(
+                "module `{}` version `{}` exists already with sha256 {}; versions are immutable: upload under a new version",
+                up.name, up.version, other.sha256
+            )));
+        }
+        if mine.len() >= max_modules as usize {
+            return Err(ControlError::Quota {
+                quota: "max_modules",
+                reason: format!("the tenant keeps {} modules; the quota is {max_modules}", mine.len()),
+            });
+        }
+        let params: Vec<(String, String)> = up.params.clone().into_iter().collect();
+        let _one = self.change.lock().await;
+        self.check_module(&bytes, up.world, params, limits, &mut checks).await?;
+        self.store.put_bytes(&sha256, &bytes)?;
+        let record = ModuleRecord {
+            sha256: sha256.clone(),
+            owner,
+            name: up.name,
+            version: up.version,
+            world: up.world,
+            size: bytes.len() as u64,
+            uploader: caller.who(),
+            uploaded_at_ms: crate::unix_now_ms(),
+            params: up.params,
+            checks,
+        };
+        self.store.put_module(&record)?;
+        let mut entry = AuditEntry::new(&caller.who(), "module.upload", format!("sha256:{sha256}"));
+        entry.tenant = record.tenant().map(str::to_owned);
+        entry.to = Some(format!(
+            "{} {} ({})",
+            record.name,
+            record.version,
+            record.world.as_str()
+        ));
+        self.store.audit(entry)?;
+        tracing::info!(
+            who = %caller.who(),
+            module = %sha256,
+            name = %record.name,
+            version = %record.version,
+            world = record.world.as_str(),
+            "module stored"
+        );
+        Ok((record, true))
+    }
+
+    /// Compile, world, instantiate, configure, self-test.
+    async fn check_module(
+        &self,
+        bytes: &[u8],
+        world: World,
+        params: Vec<(String, String)>,
+        limits: FilterLimits,
+        checks: &mut Vec<CheckReport>,
+    ) -> Result<(), ControlError> {
+        let started = Instant::now();
+        // Compiling fills the disk cache too: a deployment or restart that
+        // names the module finds it compiled.
+        let compiled = {
+            let rt = Arc::clone(&self.runtime);
+            let bytes = bytes.to_vec();
+            tokio::task::spawn_blocking(move || match world {
+                World::RoomPolicy => rt.load_policy(&bytes).map(Compiled::Policy),
+                World::MessageFilter => rt.load_filter(&bytes).map(Compiled::Filter),
+            })
+            .await
+            .map_err(|e| ControlError::Refused {
+                step: "compile",
+                reason: e.to_string(),
+            })?
+        };
+        let compiled = compiled.map_err(|e| match e {
+            WasmError::TooLarge { .. } => ControlError::Refused {
+                step: "size",
+                reason: e.to_string(),
+            },
+            WasmError::WrongWorld { .. } => ControlError::Refused {
+                step: "world",
+                reason: e.to_string(),
+            },
+            other => ControlError::Refused {
+                step: "compile",
+                reason: other.to_string(),
+            },
+        })?;
+        checks.push(report("compile_and_world", started));
+        let started = Instant::now();
+        let checked = match &compiled {
+            Compiled::Policy(m) => self.runtime.check_policy(m, params).await,
+            Compiled::Filter(m) => self.runtime.check_filter(m, params, limits).await,
+        };
+        checked.map_err(|f| ControlError::Refused {
+            step: f.stage.as_str(),
+            reason: f.reason,
+        })?;
+        checks.push(report("instantiate_configure_self_test", started));
+        Ok(())
+    }
+
+    /// The modules `caller` may see: all for operators, its own for a tenant.
+    pub fn modules(&self, caller: &Caller) -> Result<Vec<ModuleRecord>, ControlError> {
+        let owner = caller.owner();
+        Ok(self
+            .store
+            .modules()?
+            .into_iter()
+            .filter(|m| caller.is_operator() || m.owner == owner)
+            .collect())
+    }
+
+    /// One module by hash, as `caller` may see it. Another tenant's module
+    /// is not found, never shown.
+    pub fn module(&self, caller: &Caller, sha256: &str) -> Result<Vec<ModuleRecord>, ControlError> {
+        let found: Vec<ModuleRecord> = self
+            .modules(caller)?
+            .into_iter()
+            .filter(|m| m.sha256 == sha256)
+            .collect();
+        if found.is_empty() {
+            return Err(ControlError::NotFound(format!(
+                "no module sha256:{sha256} that you may see"
+            )));
+        }
+        Ok(found)
+    }
+
+    // ---- deployments ----
+
+    fn may_deploy(&self, caller: &Caller, scope: &Scope) -> Result<(), ControlError> {
+        match scope {
+            Scope::Policies if !caller.is_operator() => Err(ControlError::Forbidden(
+                "only operators deploy policies; tenants deploy their own filters (filters/<tenant>)".into(),
+            )),
+            Scope::Filters(t) if !caller.may_act_for(t) => Err(ControlError::Forbidden(format!(
+                "tenant `{}` may not touch tenant `{t}`'s filters",
+                caller.tenant().unwrap_or_default()
+            ))),
+            Scope::Filters(t) if !self.knows_tenant(t) => Err(ControlError::NotFound(format!("no tenant `{t}`"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A scope's active version and its deployments, newest last.
+    pub fn status(&self, caller: &Caller, scope: &Scope) -> Result<ScopeStatus, ControlError> {
+        match scope {
+            Scope::Filters(t) if !caller.may_act_for(t) => {
+                return Err(ControlError::Forbidden(format!(
+                    "tenant `{}` may not read tenant `{t}`'s filters",
+                    caller.tenant().unwrap_or_default()
+                )));
+            }
+            _ => {}
+        }
+        let key = scope.key();
+        Ok(ScopeStatus {
+            active: self.store.active(&key)?,
+            versions: self.store.deployments(&key)?,
+            scope: key,
+        })
+    }
+
+    /// Every scope with an active deployment that `caller` may see.
+    pub fn scopes(&self, caller: &Caller) -> Result<Vec<ScopeStatus>, ControlError> {
+        let mut out = Vec::new();
+        for (key, _) in self.store.actives()? {
+            let Some(scope) = Scope::parse(&key) else { continue };
+            let visible = match (&scope, caller.tenant()) {
+                (_, None) => true,
+                (Scope::Policies, Some(_)) => false,
+                (Scope::Filters(t), Some(me)) => t == me,
+            };
+            if visible {
+                out.push(self.status(caller, &scope)?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn deployment(&self, caller: &Caller, scope: &Scope, version: u64) -> Result<Deployment, ControlError> {
+        if let Scope::Filters(t) = scope
+            && !caller.may_act_for(t)
+        {
+            return Err(ControlError::Forbidden(format!(
+                "tenant `{}` may not read tenant `{t}`'s filters",
+                caller.tenant().unwrap_or_default()
+            )));
+        }
+        if matches!(scope, Scope::Policies) && !caller.is_operator() {
+            return Err(ControlError::Forbidden("only operators read policy deployments".into()));
+        }
+        self.store
+            .deployment(&scope.key(), version)?
+            .ok_or_else(|| ControlError::NotFound(format!("no version {version} of {scope}")))
+    }
+
+    /// Checks and stores a new version of `scope`; it is not active until
+    /// [`Self::activate`]d.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        scope: &Scope,
+        spec: Spec,
+        note: Option<String>,
+    ) -> Result<Deployment, ControlError> {
+        self.may_deploy(caller, scope)?;
+        if let Some(n) = &note
+            && n.len() > 1024
+        {
+            return Err(ControlError::invalid("note", "longer than 1024 bytes"));
+        }
+        let _one = self.change.lock().await;
+        self.check_spec(caller, scope, &spec).await?;
+        let d = self.store_version(caller.who(), scope, spec, note)?;
+        let mut entry = AuditEntry::new(&caller.who(), "deployment.create", scope.key());
+        entry.tenant = scope.tenant().map(str::to_owned);
+        entry.to = Some(format!("v{}", d.version));
+        self.store.audit(entry)?;
+        Ok(d)
+    }
+
+    fn store_version(
+        &self,
+        who: String,
+        scope: &Scope,
+        spec: Spec,
+        note: Option<String>,
+    ) -> Result<Deployment, ControlError> {
+        let key = scope.key();
+        let d = Deployment {
+            version: self.store.last_version(&key)? + 1,
+            scope: key,
+            spec,
+            note,
+            created_by: who,
+            created_at_ms: crate::unix_now_ms(),
+        };
+        self.store.put_deployment(&d)?;
+        Ok(d)
+    }
+
+    /// Every module the spec names exists, may be used in this scope, is of
+    /// the right world and takes its params; quotas hold.
+    async fn check_spec(&self, caller: &Caller, scope: &Scope, spec: &Spec) -> Result<(), ControlError> {
+        match (scope, spec) {
+            (Scope::Policies, Spec::Policies(rules)) => {
+                if rules.len() > 1000 {
+                    return Err(ControlError::invalid("policies", "more than 1000 rules"));
+                }
+                for (i, r) in rules.iter().enumerate() {
+                    let field = format!("policies[{i}]");
+                    self.check_policy_rule(&field, r).await?;
+                }
+            }
+            (Scope::Filters(tenant), Spec::Filters(chain)) => {
+                if !caller.is_operator() {
+                    let q = {
+                        let s = self.settings.read().unwrap_or_else(|e| e.into_inner());
+                        s.quota_of(tenant).max_instances
+                    };
+                    let wanted = chain.len().saturating_mul(2);
+                    if wanted > q as usize {
+                        return Err(ControlError::Quota {
+                            quota: "max_instances",
+                            reason: format!(
+                                "a chain of {} filters holds {wanted} instances (each and its warm spare); the quota is {q}",
+                                chain.len()
+                            ),
+                        });
+                    }
+                }
+                let limits = self.quota_limits(tenant);
+                for (i, f) in chain.iter().enumerate() {
+                    let field = format!("filters[{i}]");
+                    self.check_filter_use(&field, tenant, f, limits).await?;
+                }
+            }
+            (Scope::Policies, _) => {
+                return Err(ControlError::invalid("filters", "the policies scope takes `policies`"));
+            }
+            (Scope::Filters(_), _) => {
+                return Err(ControlError::invalid("policies", "a filters scope takes `filters`"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn check_policy_rule(&self, field: &str, r: &PolicyRule) -> Result<(), ControlError> {
+        for (name, value) in [("tenant", &r.tenant), ("rooms", &r.rooms)] {
+            if value.is_empty() || value.len() > 256 {
+                return Err(ControlError::invalid(
+                    format!("{field}.{name}"),
+                    "must be 1 to 256 bytes",
+                ));
+            }
+        }
+        if let Some(class) = &r.class
+            && !self.classes.contains(class)
+        {
+            return Err(ControlError::invalid(
+                format!("{field}.class"),
+                format!("no room class `{class}` (classes: {})", self.classes.join(", ")),
+            ));
+        }
+        check_params(&format!("{field}.params"), &r.params)?;
+        let params: Vec<(String, String)> = r.params.clone().into_iter().collect();
+        if r.module == "native" {
+            throng_policy_core::DefaultPolicy::from_params(params.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(|e| ControlError::deployment(format!("{field}.params"), e))?;
+            return Ok(());
+        }
+        let bytes = self.bytes_for(&format!("{field}.module"), &r.module, None)?;
+        let rt = Arc::clone(&self.runtime);
+        let module = tokio::task::spawn_blocking(move || rt.load_policy(&bytes))
+            .await
+            .map_err(|e| ControlError::deployment(format!("{field}.module"), e.to_string()))?
+            .map_err(|e| ControlError::deployment(format!("{field}.module"), e.to_string()))?;
+        self.runtime.check_policy(&module, params).await.map_err(|f| {
+            ControlError::deployment(format!("{field}.params"), format!("{}: {}", f.stage.as_str(), f.reason))
+        })
+    }
+
+    async fn check_filter_use(
+        &self,
+        field: &str,
+        tenant: &str,
+        f: &FilterUse,
+        limits: FilterLimits,
+    ) -> Result<(), ControlError> {
+        check_params(&format!("{field}.params"), &f.params)?;
+        let bytes = self.bytes_for(&format!("{field}.module"), &f.module, Some(tenant))?;
+        let rt = Arc::clone(&self.runtime);
+        let module = tokio::task::spawn_blocking(move || rt.load_filter(&bytes))
+            .await
+            .map_err(|e| ControlError::deployment(format!("{field}.module"), e.to_string()))?
+            .map_err(|e| ControlError::deployment(format!("{field}.module"), e.to_string()))?;
+        let params: Vec<(String, String)> = f.params.clone().into_iter().collect();
+        self.runtime.check_filter(&module, params, limits).await.map_err(|e| {
+            ControlError::deployment(format!("{field}.params"), format!("{}: {}", e.stage.as_str(), e.reason))
+        })
+    }
+
+    /// The bytes of a module reference a scope may use: a built-in, an
+    /// operator's module, or (in `tenant`'s filter scope) the tenant's own.
+    fn bytes_for(&self, field: &str, reference: &str, tenant: Option<&str>) -> Result<Vec<u8>, ControlError> {
+        if let Some(name) = reference.strip_prefix("builtin:") {
+            return modules::builtin(name)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| ControlError::deployment(field, format!("no built-in module `{name}`")));
+        }
+        let Some(hex) = reference.strip_prefix("sha256:") else {
+            return Err(ControlError::deployment(
+                field,
+                format!(
+                    "`{}`: expected sha256:<hex> of a stored module or builtin:<name>",
+                    crate::untrusted(reference, 80)
+                ),
+            ));
+        };
+        let hex = hex.to_ascii_lowercase();
+        let mut owners = vec![OPERATOR_OWNER.to_owned()];
+        if let Some(t) = tenant {
+            owners.push(tenant_owner(t));
+        }
+        let mut found = false;
+        for owner in &owners {
+            if self.store.module(owner, &hex)?.is_some() {
+                found = true;
+                break;
+            }
+        }
+        if !found {
+            return Err(ControlError::deployment(
+                field,
+                format!(
+                    "no stored module sha256:{} that this scope may use",
+                    crate::untrusted(&hex, 64)
+                ),
+            ));
+        }
+        Ok(self.store.bytes(&hex)?)
+    }
+
+    /// Puts `version` of `scope` on `percent` of rooms (the rest stay on the
+    /// version active now), or on every room at 100. Widening a rollout is
+    /// activating the same version with a larger share.
+    pub async fn activate(
+        &self,
+        caller: &Caller,
+        scope: &Scope,
+        version: u64,
+        percent: u8,
+    ) -> Result<Activation, ControlError> {
+        self.may_deploy(caller, scope)?;
+        if percent > 100 {
+            return Err(ControlError::invalid("percent", format!("{percent} is over 100")));
+        }
+        let _one = self.change.lock().await;
+        let key = scope.key();
+        if self.store.deployment(&key, version)?.is_none() {
+            return Err(ControlError::NotFound(format!("no version {version} of {scope}")));
+        }
+        let current = self.store.active(&key)?;
+        let base = if percent == 100 {
+            None
+        } else {
+            let base = match &current {
+                Some(a) if a.version == version => a.base,
+                Some(a) => Some(a.version),
+                None => None,
+            };
+            if base.is_none() {
+                return Err(ControlError::invalid(
+                    "percent",
+                    format!("{scope} has no other active version to roll out from: activate at 100"),
+                ));
+            }
+            base
+        };
+        let next = Activation {
+            version,
+            percent,
+            base,
+            by: caller.who(),
+            at_ms: crate::unix_now_ms(),
+        };
+        self.apply(caller, scope, current, next, "deployment.activate").await
+    }
+
+    /// Returns `scope` to an earlier version on every room: `to`, or the
+    /// one before the active one. Only the last `control.history` versions
+    /// can be returned to.
+    pub async fn rollback(&self, caller: &Caller, scope: &Scope, to: Option<u64>) -> Result<Activation, ControlError> {
+        self.may_deploy(caller, scope)?;
+        let _one = self.change.lock().await;
+        let key = scope.key();
+        let current = self
+            .store
+            .active(&key)?
+            .ok_or_else(|| ControlError::NotFound(format!("{scope} has no active deployment to roll back")))?;
+        let target = match to {
+            Some(v) => v,
+            None => match current.base {
+                Some(b) => b,
+                None => current.version.checked_sub(1).filter(|v| *v > 0).ok_or_else(|| {
+                    ControlError::invalid("to", format!("{scope} has no version before v{}", current.version))
+                })?,
+            },
+        };
+        let last = self.store.last_version(&key)?;
+        let history = u64::from(self.settings.read().unwrap_or_else(|e| e.into_inner()).history);
+        if target == 0 || target > last || target + history <= last {
+            return Err(ControlError::invalid(
+                "to",
+                format!(
+                    "v{target} is not among the last {history} versions of {scope} (v{}..=v{last})",
+                    last.saturating_sub(history) + 1
+                ),
+            ));
+        }
+        if self.store.deployment(&key, target)?.is_none() {
+            return Err(ControlError::NotFound(format!("no version {target} of {scope}")));
+        }
+        let next = Activation {
+            version: target,
+            percent: 100,
+            base: None,
+            by: caller.who(),
+            at_ms: crate::unix_now_ms(),
+        };
+        self.apply(caller, scope, Some(current), next, "deployment.rollback")
+            .await
+    }
+
+    /// Builds the set with `next` in force, then (only if that worked)
+    /// stores it, audits it and hands it to the rooms.
+    async fn apply(
+        &self,
+        caller: &Caller,
+        scope: &Scope,
+        current: Option<Activation>,
+        next: Activation,
+        action: &str,
+    ) -> Result<Activation, ControlError> {
+        let set = self
+            .build(&[(scope.clone(), next.clone())])
+            .await
+            .map_err(|e| match e {
+                BuildError::Module(m) => ControlError::deployment(m.key, m.reason),
+                BuildError::Store(s) => ControlError::Store(s),
+            })?;
+        let key = scope.key();
+        self.store.set_active(&key, &next)?;
+        let mut entry = AuditEntry::new(&caller.who(), action, key);
+        entry.tenant = scope.tenant().map(str::to_owned);
+        entry.from = current.as_ref().map(describe);
+        entry.to = Some(describe(&next));
+        self.store.audit(entry)?;
+        tracing::info!(
+            who = %caller.who(),
+            %scope,
+            version = next.version,
+            percent = next.percent,
+            base = ?next.base,
+            generation = set.generation,
+            action,
+            "deployment in force"
+        );
+        self.modules.send_replace(Arc::new(set));
+        Ok(next)
+    }
+
+    /// The module set of the stored activations, with those in `over` in
+    /// place of their scopes'.
+    async fn build(&self, over: &[(Scope, Activation)]) -> Result<ModuleSet, BuildError> {
+        let mut actives: BTreeMap<String, Activation> = self.store.actives()?.into_iter().collect();
+        for (scope, a) in over {
+            actives.insert(scope.key(), a.clone());
+        }
+        let mut deployed = Deployed::default();
+        for (key, a) in actives {
+            let Some(scope) = Scope::parse(&key) else { continue };
+            let current = self.store.deployment(&key, a.version)?.ok_or_else(|| ModuleError {
+                key: key.clone(),
+                reason: format!("active version {} is missing from the store", a.version),
+            })?;
+            let base = match a.base {
+                None => None,
+                Some(b) => Some(self.store.deployment(&key, b)?.ok_or_else(|| ModuleError {
+                    key: key.clone(),
+                    reason: format!("rollout base version {b} is missing from the store"),
+                })?),
+            };
+            match scope {
+                Scope::Policies => deployed.policies = Some((a, current, base)),
+                Scope::Filters(t) => {
+                    // A tenant gone from the config runs no filters.
+                    if self.knows_tenant(&t) {
+                        deployed.filters.push((t, a, current, base));
+                    }
+                }
+            }
+        }
+        let previous = self.current();
+        let source = Source { plane: self };
+        Ok(ModuleSet::build(&deployed, &source, &self.runtime, &previous, self.default_cap).await?)
+    }
+
+    // ---- edge-config ----
+
+    /// For every scope whose part of `config` differs from what it seeded
+    /// last, stores a new version (modules read from files are checked and
+    /// stored like uploads). Returns what to activate once the set builds.
+    async fn seed(&self, config: &Config) -> Result<Vec<(Scope, Spec, Activation, AuditEntry)>, ModuleError> {
+        let mut specs = Vec::new();
+        let mut rules = Vec::new();
+        for rule in &config.policies {
+            let (module, params) = match &rule.policy {
+                PolicyChoice::Native { cap_per_sec } => (
+                    "native".to_owned(),
+                    BTreeMap::from([("cap_per_sec".to_owned(), cap_per_sec.to_string())]),
+                ),
+                PolicyChoice::Module(m) => (
+                    self.seed_module(&m.key, &m.source, World::RoomPolicy, &m.params)
+                        .await?,
+                    m.params.iter().cloned().collect(),
+                ),
+            };
+            rules.push(PolicyRule {
+                tenant: rule.tenant.clone(),
+                rooms: rule.rooms.clone(),
+                class: rule.class.clone(),
+                module,
+                params,
+                on_failure: OnFailure::Open,
+            });
+        }
+        specs.push((Scope::Policies, Spec::Policies(rules)));
+        for tenant in config.tenants.keys() {
+            let mut chain = Vec::new();
+            for m in config.filters.get(tenant).map_or(&[][..], Vec::as_slice) {
+                chain.push(FilterUse {
+                    module: self
+                        .seed_module(&m.key, &m.source, World::MessageFilter, &m.params)
+                        .await?,
+                    params: m.params.iter().cloned().collect(),
+                    on_failure: m.on_failure,
+                });
+            }
+            specs.push((Scope::Filters(tenant.clone()), Spec::Filters(chain)));
+        }
+        let mut out = Vec::new();
+        for (scope, spec) in specs {
+            let key = scope.key();
+            let seeded = self.store.seed(&key).map_err(store_err)?;
+            let empty =
+                matches!(&spec, Spec::Policies(r) if r.is_empty()) || matches!(&spec, Spec::Filters(c) if c.is_empty());
+            let active = self.store.active(&key).map_err(store_err)?;
+            let unchanged = match &seeded {
+                Some(s) => *s == spec,
+                // Nothing seeded and nothing to seed: no deployment needed.
+                None => empty && active.is_none(),
+            };
+            if unchanged {
+                continue;
+            }
+            let d = self
+                .store_version(
+                    CONFIG_CALLER.into(),
+                    &scope,
+                    spec.clone(),
+                    Some("from edge-config".into()),
+                )
+                .map_err(|e| ModuleError {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            let activation = Activation {
+                version: d.version,
+                percent: 100,
+                base: None,
+                by: CONFIG_CALLER.into(),
+                at_ms: crate::unix_now_ms(),
+            };
+            let mut entry = AuditEntry::new(CONFIG_CALLER, "deployment.activate", key.clone());
+            entry.tenant = scope.tenant().map(str::to_owned);
+            entry.from = active.as_ref().map(describe);
+            entry.to = Some(describe(&activation));
+            entry.detail = Some("edge-config seeded or changed".into());
+            out.push((scope, spec, activation, entry));
+        }
+        Ok(out)
+    }
+
+    /// A module named in edge-config, as a reference a deployment holds: a
+    /// built-in stays by name; a file is checked and stored like an upload.
+    async fn seed_module(
+        &self,
+        key: &str,
+        source: &ConfigSource,
+        world: World,
+        params: &[(String, String)],
+    ) -> Result<String, ModuleError> {
+        let fail = |reason: String| ModuleError {
+            key: key.to_owned(),
+            reason,
+        };
+        let bytes = match source {
+            ConfigSource::Builtin(name) => return Ok(format!("builtin:{name}")),
+            ConfigSource::Path(path) => {
+                std::fs::read(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?
+            }
+            ConfigSource::Hash(hex) => self.store.bytes(hex).map_err(|e| fail(e.to_string()))?,
+        };
+        let sha256 = ModuleHash::of(&bytes).hex();
+        if self.store.module(OPERATOR_OWNER, &sha256).map_err(store_err)?.is_none() {
+            // Checked for compile and world only: the deployment build that
+            // follows runs `configure` with the rule's params and names the key.
+            let rt = Arc::clone(&self.runtime);
+            let b = bytes.clone();
+            tokio::task::spawn_blocking(move || match world {
+                World::RoomPolicy => rt.load_policy(&b).map(drop),
+                World::MessageFilter => rt.load_filter(&b).map(drop),
+            })
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| fail(e.to_string()))?;
+            self.store.put_bytes(&sha256, &bytes).map_err(store_err)?;
+            let name = match source {
+                ConfigSource::Path(p) => p
+                    .file_stem()
+                    .map_or("module".into(), |s| s.to_string_lossy().into_owned()),
+                _ => format!("sha256-{}", &sha256[..12]),
+            };
+            let record = ModuleRecord {
+                sha256: sha256.clone(),
+                owner: OPERATOR_OWNER.into(),
+                name: crate::untrusted(&name, 64),
+                version: format!("edge-config-{}", &sha256[..12]),
+                world,
+                size: bytes.len() as u64,
+                uploader: CONFIG_CALLER.into(),
+                uploaded_at_ms: crate::unix_now_ms(),
+                params: params.iter().cloned().collect(),
+                checks: Vec::new(),
+            };
+            self.store.put_module(&record).map_err(store_err)?;
+        }
+        Ok(format!("sha256:{sha256}"))
+    }
+
+    // ---- audit ----
+
+    /// Audit entries after `after`, at most `limit`: all for operators, a
+    /// tenant's own for a tenant.
+    pub fn audit_log(&self, caller: &Caller, after: u64, limit: usize) -> Result<Vec<AuditEntry>, ControlError> {
+        let tenant = caller.tenant().map(str::to_owned);
+        Ok(self.store.audit_log(after, limit, |e| match &tenant {
+            None => true,
+            Some(t) => e.tenant.as_deref() == Some(t.as_str()),
+        })?)
+    }
+
+    /// Writes an entry for a change made elsewhere (the server API).
+    pub fn record(&self, entry: AuditEntry) -> Result<AuditEntry, ControlError> {
+        Ok(self.store.audit(entry)?)
+    }
+}
+
+enum Compiled {
+    Policy(#[allow(dead_code)] Arc<crate::wasm::policy::PolicyModule>),
+    Filter(#[allow(dead_code)] Arc<crate::wasm::filter::FilterModule>),
+}
+
+#[derive(Debug, Error)]
+enum BuildError {
+    #[error(transparent)]
+    Module(#[from] ModuleError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Source<'a> {
+    plane: &'a ControlPlane,
+}
+
+impl ModuleSource for Source<'_> {
+    fn bytes(&self, reference: &str) -> Result<Vec<u8>, String> {
+        if let Some(name) = reference.strip_prefix("builtin:") {
+            return modules::builtin(name)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| format!("no built-in module `{name}`"));
+        }
+        match reference.strip_prefix("sha256:") {
+            Some(hex) => self.plane.store.bytes(hex).map_err(|e| e.to_string()),
+            None => Err(format!("`{reference}` is not a module reference")),
+        }
+    }
+
+    fn filter_limits(&self, tenant: &str) -> FilterLimits {
+        self.plane.quota_limits(tenant)
+    }
+}
+
+/// A build failure of what edge-config seeded, named by the config key
+/// that said it (`policy[0].module`, `tenants.acme.filters[1].module`)
+/// rather than the deployment's field.
+fn config_key(mut e: ModuleError, config: &Config) -> ModuleError {
+    let Some((scope, rest)) = e.key.split_once('@') else {
+        return e;
+    };
+    let index = rest
+        .split_once('[')
+        .and_then(|(_, r)| r.split_once(']'))
+        .and_then(|(n, _)| n.parse::<usize>().ok());
+    let Some(i) = index else { return e };
+    let key = match Scope::parse(scope) {
+        Some(Scope::Policies) => config.policies.get(i).map(|r| match &r.policy {
+            PolicyChoice::Module(m) => m.key.clone(),
+            PolicyChoice::Native { .. } => format!("policy[{i}].params"),
+        }),
+        Some(Scope::Filters(t)) => config.filters.get(&t).and_then(|c| c.get(i)).map(|m| m.key.clone()),
+        None => None,
+    };
+    if let Some(key) = key {
+        e.key = key;
+    }
+    e
+}
+
+fn describe(a: &Activation) -> String {
+    match a.base {
+        Some(b) => format!("v{} on {}% of rooms (v{b} on the rest)", a.version, a.percent),
+        None => format!("v{}", a.version),
+    }
+}
+
+fn report(step: &str, started: Instant) -> CheckReport {
+    CheckReport {
+        step: step.into(),
+        ms: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+fn store_err(e: StoreError) -> ModuleError {
+    ModuleError {
+        key: "control".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// Module names and version labels: 1 to 64 of `A-Z a-z 0-9 . _ - +`.
+fn check_label(field: &str, value: &str) -> Result<(), ControlError> {
+    if value.is_empty() || value.len() > 64 {
+        return Err(ControlError::invalid(field, "must be 1 to 64 characters"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+')))
+    {
+        return Err(ControlError::invalid(
+            field,
+            format!("has the character {c:?}; allowed are A-Z a-z 0-9 . _ - +"),
+        ));
+    }
+    Ok(())
+}
+
+/// Params are small: at most 64 keys of 64 bytes, values of 4 KiB.
+fn check_params(field: &str, params: &BTreeMap<String, String>) -> Result<(), ControlError> {
+    if params.len() > 64 {
+        return Err(ControlError::invalid(field, "more than 64 params"));
+    }
+    for (k, v) in params {
+        if k.is_empty() || k.len() > 64 {
+            return Err(ControlError::invalid(
+                format!("{field}.{}", crate::untrusted(k, 64)),
+                "keys are 1 to 64 bytes",
+            ));
+        }
+        if v.len() > 4096 {
+            return Err(ControlError::invalid(
+                format!("{field}.{k}"),
+                "values are at most 4096 bytes",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `params` with the values of secret-looking keys hidden, for showing.
+pub fn redacted(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    params
+        .iter()
+        .map(|(k, v)| {
+            let lower = k.to_ascii_lowercase();
+            let secret = ["secret", "token", "password", "key", "credential"]
+                .iter()
+                .any(|s| lower.contains(s));
+            (k.clone(), if secret { "<redacted>".into() } else { v.clone() })
+        })
+        .collect()
+}
