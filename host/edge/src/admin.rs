@@ -131,6 +131,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminSta
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/dashboard", get(dashboard))
         .merge(keyed)
         .with_state(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
@@ -222,6 +223,19 @@ async fn stats(State(s): State<Arc<AdminState>>) -> Json<Stats> {
         },
         cluster: s.shared.cluster.as_ref().map(|c| c.snapshot()),
     })
+}
+
+/// The live dashboard: a static page (no data in it) that asks for a key
+/// and reads `/v1/events` with it.
+async fn dashboard() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (axum::http::header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("api/dashboard.html"),
+    )
+        .into_response()
 }
 
 /// For load balancers and scrapers: open, cheap, and says whether the

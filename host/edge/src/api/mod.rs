@@ -12,10 +12,12 @@
 //!   of rooms), roll back.
 //! - `audit`: the audit log.
 //! - `rooms`: what runs where, per room and tenant.
+//! - `overview`: the dashboard's picture, as JSON and as server-sent events.
 
 mod audit;
 mod deployments;
 mod modules;
+mod overview;
 mod rooms;
 
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router<Arc<AdminState>> {
         .merge(deployments::routes())
         .merge(audit::routes())
         .merge(rooms::routes())
+        .merge(overview::routes())
         .layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
 

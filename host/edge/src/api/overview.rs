@@ -1,0 +1,171 @@
+//! One picture of the edge for the dashboard: `GET /v1/overview` (JSON)
+//! and `GET /v1/events` (the same picture as server-sent events, once a
+//! second). Scoped like everything else: a tenant sees its own rooms,
+//! modules, deployments and quarantines only.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Serialize;
+
+use super::ApiError;
+use super::rooms::{RoomView, TenantView, room_views, tenant_views};
+use crate::admin::AdminState;
+use crate::control::{Caller, ModuleRecord, ScopeStatus};
+
+pub(super) fn routes() -> Router<Arc<AdminState>> {
+    Router::new()
+        .route("/v1/overview", get(overview))
+        .route("/v1/events", get(events))
+}
+
+/// Rooms shown at most, busiest first.
+const MAX_ROOMS: usize = 500;
+/// An event stream ends after this; the page opens a new one (the admin
+/// listener closes every connection after its deadline anyway).
+const STREAM_FOR: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Overview {
+    pub edge: EdgeView,
+    pub tenants: Vec<TenantView>,
+    /// Busiest first, at most 500.
+    pub rooms: Vec<RoomView>,
+    pub rooms_total: usize,
+    pub modules: Vec<ModuleUse>,
+    pub deployments: Vec<ScopeStatus>,
+    pub quarantined: Vec<QuarantineView>,
+    /// Every live edge of the cluster and what it runs; absent on a single edge.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterSnapshot>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct EdgeView {
+    pub edge_id: Option<String>,
+    pub region: Option<String>,
+    pub uptime_s: f64,
+    pub connections: u64,
+    pub rooms: usize,
+    /// Who is looking: `operator:<name>` or `tenant:<id>/<user>`.
+    pub caller: String,
+    pub at_ms: u64,
+}
+
+/// A module and where it runs on this edge.
+#[derive(Debug, Serialize)]
+pub(crate) struct ModuleUse {
+    #[serde(flatten)]
+    pub record: ModuleRecord,
+    /// Live rooms running it (as their policy or one of their filters).
+    pub rooms: u64,
+    pub viewers: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct QuarantineView {
+    pub kind: &'static str,
+    pub tenant: String,
+    pub label: String,
+    pub module: String,
+    pub remaining_s: f64,
+    pub level: u32,
+}
+
+pub(crate) fn picture(s: &AdminState, caller: &Caller) -> Result<Overview, ApiError> {
+    let only = caller.tenant();
+    let mut rooms = room_views(s, only);
+    let rooms_total = rooms.len();
+    let modules = s
+        .control
+        .modules(caller)?
+        .into_iter()
+        .map(|record| {
+            let tag = format!("sha256:{}", record.sha256);
+            let using = rooms
+                .iter()
+                .filter(|r| r.running.policy == tag || r.running.filters.contains(&tag))
+                .filter(|r| record.tenant().is_none_or(|t| t == r.tenant));
+            let (n, viewers) = using.fold((0, 0), |(n, v), r| (n + 1, v + r.viewers));
+            ModuleUse {
+                record,
+                rooms: n,
+                viewers,
+            }
+        })
+        .collect();
+    rooms.sort_by(|a, b| b.viewers.cmp(&a.viewers).then(b.in_per_s.total_cmp(&a.in_per_s)));
+    rooms.truncate(MAX_ROOMS);
+    let now = Instant::now();
+    let quarantined = s
+        .wasm
+        .quarantined()
+        .into_iter()
+        .filter(|q| only.is_none_or(|t| q.tenant == t))
+        .map(|q| QuarantineView {
+            kind: q.kind,
+            tenant: q.tenant,
+            label: q.label,
+            module: q.module.hex(),
+            remaining_s: q.until.saturating_duration_since(now).as_secs_f64(),
+            level: q.level,
+        })
+        .collect();
+    let cluster = s.shared.cluster.as_ref().map(|c| c.snapshot());
+    Ok(Overview {
+        edge: EdgeView {
+            edge_id: cluster.as_ref().map(|c| c.edge_id.clone()),
+            region: cluster.as_ref().map(|c| c.region.clone()),
+            uptime_s: s.started.elapsed().as_secs_f64(),
+            connections: s.shared.open_connections.load(Ordering::Relaxed),
+            rooms: s.shared.rooms.len(),
+            caller: caller.who(),
+            at_ms: crate::unix_now_ms(),
+        },
+        tenants: tenant_views(s, only),
+        rooms,
+        rooms_total,
+        modules,
+        deployments: s.control.scopes(caller)?,
+        quarantined,
+        // Which edges exist is the operators' business.
+        cluster: if caller.is_operator() { cluster } else { None },
+    })
+}
+
+async fn overview(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Overview>, ApiError> {
+    Ok(Json(picture(&s, &caller)?))
+}
+
+async fn events(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let started = Instant::now();
+    let stream = futures::stream::unfold((s, caller, true), move |(s, caller, first)| async move {
+        if !first {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        if started.elapsed() > STREAM_FOR || s.shared.shutdown.is_cancelled() {
+            return None;
+        }
+        let event = match picture(&s, &caller) {
+            Ok(p) => Event::default()
+                .event("overview")
+                .json_data(&p)
+                .unwrap_or_else(|_| Event::default().event("error").data("cannot encode")),
+            Err(e) => Event::default().event("error").data(format!("{e:?}")),
+        };
+        Some((Ok(event), (s, caller, false)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
