@@ -203,6 +203,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
     // Boxed, and reset rather than remade: a timer is large, and this task
     // lives as long as the viewer.
     let mut expiry = Box::pin(tokio::time::sleep_until(session.expiry));
+    let kick = shared.kicks.register(&session.rate_key, id);
     // Why the edge ends the connection, when it does: the close carries it
     // (fatal codes are closed by the writer already; this covers the rest).
     let mut last_words: Option<Fatal> = None;
@@ -210,6 +211,14 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
         let frame = tokio::select! {
             _ = shared.shutdown.cancelled() => {
                 let _ = reply.send(error_frame((ErrorCode::ShuttingDown, "the edge is shutting down".into())));
+                break;
+            }
+            reason = kick.rung() => {
+                tracing::info!(%reason, "closing: disconnected through the admin API");
+                metrics::counter!("throng_connections_closed_total", "reason" => "disconnected").increment(1);
+                let fatal = (ErrorCode::Disconnected, reason);
+                let _ = reply.send(error_frame(fatal.clone()));
+                last_words = Some(fatal);
                 break;
             }
             _ = &mut expiry => {
@@ -248,6 +257,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
         }
     }
     session.leave_all().await;
+    session.shared.kicks.unregister(&session.rate_key, id);
     shared.presence.disconnected(&session.tenant, &session.user);
     drop(session);
     drop(reply);

@@ -59,6 +59,7 @@ pub mod filter;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod group_store;
+mod kick;
 pub mod log;
 pub mod modules;
 pub mod policy;
@@ -154,6 +155,8 @@ pub(crate) struct Shared {
     /// Connections past their handshake and not yet closed.
     open_connections: AtomicU64,
     admission: Arc<admission::Admission>,
+    /// Every authenticated connection, for the server API's disconnect.
+    kicks: kick::Kicks,
     /// This edge's cluster, with `[cluster]`.
     cluster: Option<Arc<cluster::Cluster>>,
 }
@@ -337,6 +340,7 @@ impl Edge {
             next_connection: AtomicU64::new(1),
             open_connections: AtomicU64::new(0),
             admission: admission::Admission::new(&config.limits),
+            kicks: kick::Kicks::default(),
             cluster,
             config,
         });

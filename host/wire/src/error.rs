@@ -56,6 +56,9 @@ pub enum ErrorCode {
     ServerBusy = 40,
     /// The edge is shutting down.
     ShuttingDown = 41,
+    /// An operator or the tenant's backend ended this session (the text
+    /// says why). A client should not reconnect by itself.
+    Disconnected = 42,
     /// A tenant filter rejected the message.
     Filtered = 50,
     /// A tenant filter configured `on_failure = "closed"` could not judge
@@ -69,7 +72,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -92,6 +95,7 @@ impl ErrorCode {
         Self::RateLimited,
         Self::ServerBusy,
         Self::ShuttingDown,
+        Self::Disconnected,
         Self::Filtered,
         Self::FilterUnavailable,
         Self::Internal,
@@ -122,6 +126,7 @@ impl ErrorCode {
                 | Self::AlgorithmNotAllowed
                 | Self::ServerBusy
                 | Self::ShuttingDown
+                | Self::Disconnected
                 | Self::TooSlow
                 | Self::Internal
         )

@@ -12,6 +12,8 @@
 //!   of rooms), roll back.
 //! - `audit`: the audit log.
 //! - `rooms`: what runs where, per room and tenant.
+//! - `server`: the server API for tenants' backends: publish, disconnect,
+//!   presence, group history.
 //! - `overview`: the dashboard's picture, as JSON and as server-sent events.
 
 mod audit;
@@ -19,6 +21,7 @@ mod deployments;
 mod modules;
 mod overview;
 mod rooms;
+mod server;
 
 use std::sync::Arc;
 
@@ -46,6 +49,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router<Arc<AdminState>> {
         .merge(audit::routes())
         .merge(rooms::routes())
         .merge(overview::routes())
+        .merge(server::routes())
         .layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
 

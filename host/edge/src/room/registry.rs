@@ -171,6 +171,11 @@ impl Rooms {
         self.map().rooms.get(key).map(|(_, _, i)| Arc::clone(i))
     }
 
+    /// Group rooms' log.
+    pub fn group_log(&self) -> &GroupStore {
+        &self.log
+    }
+
     /// Rooms currently alive on this edge.
     pub fn len(&self) -> usize {
         self.map().rooms.len()
