@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod nats;
+pub mod tools;
 
 use std::time::Duration;
 
