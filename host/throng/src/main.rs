@@ -1,5 +1,6 @@
 //! The `throng` command: run an edge, mint dev tokens, talk to an edge.
 
+mod admin_cli;
 mod baseline;
 mod load;
 
@@ -60,6 +61,19 @@ enum RoleArg {
     Host,
     /// The same sending rights as a host.
     Moderator,
+    /// A tenant's administrator: the admin API (`throng module`,
+    /// `throng admin`) for that tenant only; joins no room.
+    TenantAdmin,
+}
+
+impl RoleArg {
+    /// As the token's `role` claim says it.
+    fn claim(self) -> &'static str {
+        match self {
+            RoleArg::TenantAdmin => throng_edge::auth::TENANT_ADMIN,
+            other => Role::from(other).as_str(),
+        }
+    }
 }
 
 impl From<RoleArg> for Role {
@@ -67,7 +81,7 @@ impl From<RoleArg> for Role {
         match r {
             RoleArg::Viewer => Role::Viewer,
             RoleArg::Host => Role::Host,
-            RoleArg::Moderator => Role::Moderator,
+            RoleArg::Moderator | RoleArg::TenantAdmin => Role::Moderator,
         }
     }
 }
@@ -169,6 +183,10 @@ enum Command {
         #[command(subcommand)]
         action: ClientAction,
     },
+    /// Upload, list and deploy Wasm modules through an edge's admin API.
+    Module(Box<admin_cli::ModuleArgs>),
+    /// Rooms, tenants, disconnects and publishing through an edge's admin API.
+    Admin(Box<admin_cli::AdminArgs>),
     /// Load an edge (or a bare-quinn baseline) with real QUIC viewers and report CPU, RSS and latency.
     Load(Box<load::LoadArgs>),
     /// Baseline server for `throng load --mode bare-quinn`.
@@ -299,6 +317,8 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Load(args) => load::run(*args).await,
+        Command::Module(args) => admin_cli::module(*args).await,
+        Command::Admin(args) => admin_cli::admin(*args).await,
         Command::BareQuinn(args) => baseline::run(args).await,
         Command::Serve {
             config,
@@ -336,7 +356,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let claims = Claims {
                 tenant,
                 sub: user,
-                role: Role::from(role).as_str().to_owned(),
+                role: role.claim().to_owned(),
                 rooms,
                 exp: unix_now() + ttl.as_secs(),
                 nbf: None,

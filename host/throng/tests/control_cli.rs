@@ -1,0 +1,251 @@
+//! `throng module` and `throng admin` against a running `throng serve`:
+//! an operator's and a tenant's commands, each answer checked, and errors
+//! that say what went wrong with a non-zero exit.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{BIN, OPERATOR_KEY, Serve};
+use serde_json::Value;
+use tokio::process::Command;
+
+struct Cli {
+    admin: String,
+    key: String,
+}
+
+impl Cli {
+    async fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            Command::new(BIN)
+                .args(args)
+                .args(["--admin", &format!("http://{}", self.admin)])
+                .env("THRONG_ADMIN_KEY", &self.key)
+                .output(),
+        )
+        .await
+        .expect("in time")
+        .expect("runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let (ok, out, err) = self.run(&all).await;
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {out}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ];
+    let edge = Serve::start(dir.path(), &args).await;
+    let ops = Cli {
+        admin: edge.admin.clone(),
+        key: OPERATOR_KEY.into(),
+    };
+    // A module file to upload: the built-in keyword filter's bytes.
+    let wasm = dir.path().join("kw.wasm");
+    std::fs::write(&wasm, throng_guest_artifacts::FILTER_KEYWORDS).expect("write");
+    let wasm = wasm.to_str().expect("utf-8");
+
+    let (ok, out, err) = ops
+        .run(&[
+            "module",
+            "upload",
+            wasm,
+            "--name",
+            "kw",
+            "--version",
+            "1.0.0",
+            "--world",
+            "message-filter",
+            "--param",
+            "words=scam",
+        ])
+        .await;
+    assert!(ok && out.starts_with("stored: sha256:"), "{out}{err}");
+    let hash = out.split_whitespace().nth(1).expect("hash").to_owned();
+    let list = ops.json(&["module", "list"]).await;
+    assert_eq!(list[0]["name"], "kw");
+    let show = ops.json(&["module", "show", &hash]).await;
+    assert_eq!(show[0]["world"], "message-filter");
+
+    // A refused upload says which step and why, and exits 1.
+    let policy = dir.path().join("policy.wasm");
+    std::fs::write(&policy, throng_guest_artifacts::POLICY_DEFAULT).expect("write");
+    let (ok, _, err) = ops
+        .run(&[
+            "module",
+            "upload",
+            policy.to_str().expect("utf-8"),
+            "--name",
+            "p",
+            "--version",
+            "1",
+            "--world",
+            "message-filter",
+        ])
+        .await;
+    assert!(
+        !ok && err.contains("module_refused") && err.contains("[world]"),
+        "{err}"
+    );
+
+    // Deploy to the dev tenant's filters, then another version on half the rooms, then roll back.
+    let d = ops
+        .json(&[
+            "module",
+            "deploy",
+            &hash,
+            "--tenant",
+            "dev",
+            "--param",
+            "words=scam",
+            "--note",
+            "first",
+        ])
+        .await;
+    // (The dev config's own filter chain seeded v1.)
+    let v1 = d["active"]["version"].as_u64().expect("active");
+    assert_eq!(d["deployment"]["version"].as_u64(), Some(v1), "{d:#}");
+    let d2 = ops
+        .json(&[
+            "module",
+            "deploy",
+            &hash,
+            "--tenant",
+            "dev",
+            "--param",
+            "words=spam",
+            "--percent",
+            "0",
+        ])
+        .await;
+    let v2 = d2["deployment"]["version"].as_u64().expect("version");
+    assert_eq!(v2, v1 + 1);
+    assert!(d2.get("active").is_none(), "0% activates nothing: {d2:#}");
+    let r = ops
+        .json(&[
+            "module",
+            "rollout",
+            "filters/dev",
+            "--version",
+            &v2.to_string(),
+            "--percent",
+            "50",
+        ])
+        .await;
+    assert_eq!(
+        (r["percent"].as_u64(), r["base"].as_u64()),
+        (Some(50), Some(v1)),
+        "{r:#}"
+    );
+    let (ok, out, _) = ops.run(&["module", "status", "filters/dev"]).await;
+    assert!(
+        ok && out.contains(&format!("v{v2} on 50% of rooms (v{v1} on the rest)")) && out.contains("first"),
+        "{out}"
+    );
+    let (ok, out, _) = ops.run(&["module", "rollback", "filters/dev"]).await;
+    assert!(ok && out.contains(&format!("back to v{v1}")), "{out}");
+    let status = ops.json(&["module", "status"]).await;
+    assert!(
+        status.as_array().is_some_and(|s| s
+            .iter()
+            .any(|s| s["scope"] == "filters/dev" && s["active"]["version"] == v1)),
+        "{status:#}"
+    );
+
+    // A tenant's administrator, with a token from `throng token`.
+    let token = Command::new(BIN)
+        .args([
+            "token",
+            "--tenant",
+            "dev",
+            "--user",
+            "ops-bot",
+            "--role",
+            "tenant-admin",
+        ])
+        .output()
+        .await
+        .expect("token");
+    let tenant = Cli {
+        admin: edge.admin.clone(),
+        key: String::from_utf8_lossy(&token.stdout).trim().to_owned(),
+    };
+    assert_eq!(
+        tenant.json(&["module", "list"]).await,
+        serde_json::json!([]),
+        "operators' modules are not the tenant's"
+    );
+    let (ok, _, err) = tenant.run(&["module", "deploy", "native", "--policies"]).await;
+    assert!(!ok && err.contains("403 forbidden"), "{err}");
+    let (ok, out, err) = tenant
+        .run(&[
+            "admin",
+            "publish",
+            "dev",
+            "lobby",
+            "hello from the backend",
+            "--kind",
+            "host",
+        ])
+        .await;
+    assert!(ok && out.starts_with("published as seq "), "{out}{err}");
+    let rooms = tenant.json(&["admin", "rooms"]).await;
+    assert_eq!(rooms[0]["room"], "lobby", "{rooms:#}");
+    let (ok, out, _) = tenant.run(&["admin", "tenants"]).await;
+    assert!(ok && out.starts_with("dev "), "{out}");
+    let (ok, out, _) = tenant.run(&["admin", "disconnect", "dev", "nobody"]).await;
+    assert!(ok && out.contains("0 connections closed"), "{out}");
+    let audit = ops.json(&["admin", "audit"]).await;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    for want in [
+        "module.upload",
+        "deployment.create",
+        "deployment.activate",
+        "deployment.rollback",
+        "user.disconnect",
+    ] {
+        assert!(actions.contains(&want), "{want} in {actions:?}");
+    }
+
+    // Wrong key: a clear error and exit 1.
+    let wrong = Cli {
+        admin: edge.admin.clone(),
+        key: "not-a-key-0123456789abcdef".into(),
+    };
+    let (ok, _, err) = wrong.run(&["admin", "rooms"]).await;
+    assert!(!ok && err.contains("401 unauthenticated"), "{err}");
+    let (ok, _, err) = ops
+        .run(&["module", "rollout", "elsewhere", "--version", "1", "--percent", "5"])
+        .await;
+    assert!(
+        !ok && err.contains("a scope is `policies` or `filters/<tenant>`"),
+        "{err}"
+    );
+    drop(edge);
+}
