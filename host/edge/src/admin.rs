@@ -27,15 +27,33 @@ static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 /// `/metrics` renders. Once per process: later calls return the same
 /// handle; `None` if another recorder was installed first.
 pub fn install_prometheus() -> Option<PrometheusHandle> {
-    PROMETHEUS
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => Some(handle),
-            Err(e) => {
-                tracing::warn!(error = %e, "no Prometheus metrics: cannot install the recorder");
-                None
-            }
-        })
-        .clone()
+    PROMETHEUS.get_or_init(install).clone()
+}
+
+fn install() -> Option<PrometheusHandle> {
+    // Call latencies as histograms with fixed buckets (summaries do not add
+    // up across edges).
+    let builder = PrometheusBuilder::new().set_buckets_for_metric(
+        metrics_exporter_prometheus::Matcher::Suffix("_call_seconds".into()),
+        crate::metrics_help::CALL_BUCKETS,
+    );
+    let builder = match builder {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "histogram buckets refused; summaries instead");
+            PrometheusBuilder::new()
+        }
+    };
+    match builder.install_recorder() {
+        Ok(handle) => {
+            crate::metrics_help::describe();
+            Some(handle)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no Prometheus metrics: cannot install the recorder");
+            None
+        }
+    }
 }
 
 /// What `/stats` reads.

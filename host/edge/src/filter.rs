@@ -17,7 +17,7 @@
 //! within `quarantine_window` the filter is quarantined for a cool-down
 //! that doubles with each repeat ([`Strikes`]), then gets a fresh instance.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -62,6 +62,21 @@ pub enum Unjudged {
     NotReady,
 }
 
+/// What a tenant's filter did on this edge, for the tenant to see.
+#[derive(Debug, Default)]
+pub struct FilterCalls {
+    pub calls: AtomicU64,
+    pub messages: AtomicU64,
+    /// Messages it rejected (or rewrote beyond the body limit).
+    pub rejected: AtomicU64,
+    /// Calls that failed (trap, budget, bad answer).
+    pub failures: AtomicU64,
+    /// Batches it could not judge (failed, quarantined, starting again).
+    pub unjudged: AtomicU64,
+    pub total_us: AtomicU64,
+    pub max_us: AtomicU64,
+}
+
 /// A tenant's instance of one filter module.
 pub struct TenantFilter {
     runtime: Arc<WasmRuntime>,
@@ -70,6 +85,7 @@ pub struct TenantFilter {
     on_failure: OnFailure,
     tenant: Arc<str>,
     limits: FilterLimits,
+    calls: FilterCalls,
     state: tokio::sync::Mutex<FilterState>,
     /// A replacement instance is being made.
     warming: AtomicBool,
@@ -127,6 +143,7 @@ impl TenantFilter {
             on_failure,
             tenant,
             limits,
+            calls: FilterCalls::default(),
             state: tokio::sync::Mutex::new(FilterState {
                 instance: Some(instance),
                 spare: Some(spare),
@@ -154,12 +171,33 @@ impl TenantFilter {
         self.limits
     }
 
+    pub fn calls(&self) -> &FilterCalls {
+        &self.calls
+    }
+
+    /// Whether it is quarantined now, and for how much longer.
+    pub fn quarantined_for(&self) -> Option<Duration> {
+        let state = self.state.try_lock().ok()?;
+        state
+            .strikes
+            .quarantined_until()
+            .map(|u| u.saturating_duration_since(std::time::Instant::now()))
+    }
+
     pub fn tenant(&self) -> &str {
         &self.tenant
     }
 
     /// One verdict per message, or why the batch went unjudged.
     pub async fn run(self: &Arc<Self>, batch: &[Message]) -> Result<Vec<Verdict>, Unjudged> {
+        let out = self.judge(batch).await;
+        if out.is_err() {
+            self.calls.unjudged.fetch_add(1, Ordering::Relaxed);
+        }
+        out
+    }
+
+    async fn judge(self: &Arc<Self>, batch: &[Message]) -> Result<Vec<Verdict>, Unjudged> {
         let mut state = self.state.lock().await;
         if state.strikes.is_quarantined() {
             return Err(Unjudged::Quarantined);
@@ -177,7 +215,21 @@ impl TenantFilter {
             self.replace_instance(Duration::ZERO);
             return Err(Unjudged::NotReady);
         };
-        match self.runtime.filter(instance, batch).await {
+        let started = std::time::Instant::now();
+        let judged = self.runtime.filter(instance, batch).await;
+        let took = started.elapsed();
+        let us = took.as_micros() as u64;
+        self.calls.calls.fetch_add(1, Ordering::Relaxed);
+        self.calls.messages.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.calls.total_us.fetch_add(us, Ordering::Relaxed);
+        self.calls.max_us.fetch_max(us, Ordering::Relaxed);
+        metrics::histogram!(
+            "throng_filter_call_seconds",
+            "tenant" => self.tenant.to_string(),
+            "module" => self.module.hash().short(),
+        )
+        .record(took.as_secs_f64());
+        match judged {
             Ok(v) => Ok(v),
             Err(f) => {
                 // A trapped instance may hold broken state: never reuse it.
@@ -195,6 +247,7 @@ impl TenantFilter {
     fn fail(&self, state: &mut FilterState, f: CallFailure) -> Duration {
         let stats = self.runtime.stats();
         stats.filter_failures.fetch_add(1, Ordering::Relaxed);
+        self.calls.failures.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(
             "throng_wasm_filter_failures_total",
             "tenant" => self.tenant.to_string(),

@@ -61,6 +61,7 @@ pub mod fuzzing;
 pub mod group_store;
 mod kick;
 pub mod log;
+mod metrics_help;
 pub mod modules;
 pub mod policy;
 pub mod presence;

@@ -258,6 +258,20 @@ impl ModuleSet {
         }
     }
 
+    /// Every tenant filter in the set: tenant, deployment version, filter.
+    pub fn filters(&self) -> Vec<(&str, u64, &Arc<TenantFilter>)> {
+        let mut out = Vec::new();
+        for (tenant, track) in &self.filters {
+            for v in track.versions() {
+                for f in &v.items {
+                    out.push((tenant.as_str(), v.version, f));
+                }
+            }
+        }
+        out.sort_by_key(|(t, v, _)| (t.to_string(), *v));
+        out
+    }
+
     fn all_filters(&self, tenant: &str) -> impl Iterator<Item = &Arc<TenantFilter>> {
         self.filters
             .get(tenant)

@@ -306,7 +306,15 @@ impl WasmPolicy {
         if self.ensure_instance().await
             && let Some(instance) = self.instance.as_mut()
         {
-            match self.runtime.plan_tick(instance, *stats, inbound).await {
+            let started = std::time::Instant::now();
+            let planned = self.runtime.plan_tick(instance, *stats, inbound).await;
+            metrics::histogram!(
+                "throng_policy_call_seconds",
+                "tenant" => self.label.split('/').next().unwrap_or_default().to_owned(),
+                "module" => self.module.hash().short(),
+            )
+            .record(started.elapsed().as_secs_f64());
+            match planned {
                 Ok(plan) => {
                     return Plan {
                         deliver: plan.deliver,

@@ -11,6 +11,8 @@
 //! - `deployments`: versions per scope, activate (at once or for a share
 //!   of rooms), roll back.
 //! - `audit`: the audit log.
+//! - `filters`: what each tenant filter did (calls, failures, quarantine,
+//!   latency).
 //! - `rooms`: what runs where, per room and tenant.
 //! - `server`: the server API for tenants' backends: publish, disconnect,
 //!   presence, group history.
@@ -18,6 +20,7 @@
 
 mod audit;
 mod deployments;
+mod filters;
 mod modules;
 mod overview;
 mod rooms;
@@ -50,6 +53,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router<Arc<AdminState>> {
         .merge(rooms::routes())
         .merge(overview::routes())
         .merge(server::routes())
+        .merge(filters::routes())
         .layer(axum::middleware::from_fn_with_state(state, authenticate))
 }
 

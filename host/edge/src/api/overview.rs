@@ -41,6 +41,8 @@ pub(crate) struct Overview {
     pub modules: Vec<ModuleUse>,
     pub deployments: Vec<ScopeStatus>,
     pub quarantined: Vec<QuarantineView>,
+    /// What each tenant filter did.
+    pub filters: Vec<super::filters::FilterView>,
     /// Every live edge of the cluster and what it runs; absent on a single edge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterSnapshot>,
@@ -134,6 +136,7 @@ pub(crate) fn picture(s: &AdminState, caller: &Caller) -> Result<Overview, ApiEr
         modules,
         deployments: s.control.scopes(caller)?,
         quarantined,
+        filters: super::filters::filter_views(s, caller),
         // Which edges exist is the operators' business.
         cluster: if caller.is_operator() { cluster } else { None },
     })

@@ -578,6 +578,22 @@ impl Room {
         tracing::info!(generation = set.generation, policy = ?self.policy, "room policy set");
     }
 
+    /// Counts a tick's messages by outcome, labelled with tenant and class.
+    fn count_messages(&self, accepted: usize, delivered: usize, filtered: usize) {
+        let (tenant, class) = (self.key.tenant.to_string(), self.class_name().to_owned());
+        for (outcome, n) in [("accepted", accepted), ("delivered", delivered), ("filtered", filtered)] {
+            if n > 0 {
+                metrics::counter!(
+                    "throng_room_messages_total",
+                    "tenant" => tenant.clone(),
+                    "class" => class.clone(),
+                    "outcome" => outcome,
+                )
+                .increment(n as u64);
+            }
+        }
+    }
+
     /// Shows the policy module's failures and quarantine in the room's info.
     fn note_policy_health(&mut self) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -649,7 +665,8 @@ impl Room {
         }
         let before_filters = inbox.len();
         let inbox = tick::filter(&self.filters, inbox, &self.runtime, &self.key.tenant, self.max_body).await;
-        RoomInfo::add(&self.info.filtered, before_filters - inbox.len());
+        let accepted_n = inbox.len();
+        RoomInfo::add(&self.info.filtered, before_filters - accepted_n);
         let mut metas = InboundBatch::with_capacity(inbox.len());
         for m in &inbox {
             let gift = (m.kind == Kind::Gift)
@@ -718,6 +735,7 @@ impl Room {
             }
         }
         RoomInfo::add(&self.info.delivered, messages.len());
+        self.count_messages(accepted_n, messages.len(), before_filters - accepted_n);
         if let RoomKind::Group(g) = &mut self.kind {
             g.record(&self.key, &messages, self.sequencer.last());
         }

@@ -78,7 +78,7 @@ pub(super) async fn filter(
             match verdict {
                 Verdict::Accept => kept.push(m),
                 Verdict::Reject(reason) => {
-                    metrics::counter!("throng_messages_filtered_total").increment(1);
+                    filtered(tenant, filter);
                     let _ = m.reply.send(EdgeFrame::Rejected {
                         client_msg_id: m.client_msg_id,
                         code: ErrorCode::Filtered.code(),
@@ -93,7 +93,7 @@ pub(super) async fn filter(
                     // A rewrite may not exceed what a client could send;
                     // the original was judged unfit, so it does not go
                     // out either.
-                    metrics::counter!("throng_messages_filtered_total").increment(1);
+                    filtered(tenant, filter);
                     let _ = m.reply.send(EdgeFrame::Rejected {
                         client_msg_id: m.client_msg_id,
                         code: ErrorCode::Filtered.code(),
@@ -156,4 +156,15 @@ pub(super) fn encode_batch(batch: Batch, max_frame: u32) -> Vec<Arc<Delivery>> {
         }
     }
     deliveries
+}
+
+/// One message a tenant's filter refused.
+fn filtered(tenant: &str, filter: &crate::filter::TenantFilter) {
+    filter.calls().rejected.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!(
+        "throng_messages_filtered_total",
+        "tenant" => tenant.to_owned(),
+        "module" => filter.module().hash().short(),
+    )
+    .increment(1);
 }
