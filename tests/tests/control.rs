@@ -206,6 +206,9 @@ async fn tenants_cannot_see_replace_or_deploy_each_others_modules_or_touch_their
         "forbidden",
     );
     refused(&globex.get("/v1/deployments/filters/acme").await, 403, "forbidden");
+    // Policies are the operators' (their params may hold secrets).
+    refused(&globex.get("/v1/deployments/policies").await, 403, "forbidden");
+    refused(&globex.get("/v1/deployments/policies/1").await, 403, "forbidden");
     // acme's module is not there for globex to use; globex's own upload of
     // the same bytes is, under its own record.
     let stolen = globex.post("/v1/deployments/filters/globex", chain.clone()).await;

@@ -590,6 +590,9 @@ impl ControlPlane {
     /// A scope's active version and its deployments, newest last.
     pub fn status(&self, caller: &Caller, scope: &Scope) -> Result<ScopeStatus, ControlError> {
         match scope {
+            Scope::Policies if !caller.is_operator() => {
+                return Err(ControlError::Forbidden("only operators read policy deployments".into()));
+            }
             Scope::Filters(t) if !caller.may_act_for(t) => {
                 return Err(ControlError::Forbidden(format!(
                     "tenant `{}` may not read tenant `{t}`'s filters",
