@@ -70,13 +70,13 @@ async fn upload(
         Some(text) => serde_json::from_str(text)
             .map_err(|e| ApiError::invalid("params", format!("a JSON object of string values: {e}")))?,
     };
-    // The read stops one byte past the largest module anyone may upload;
-    // the size step then names the caller's own limit.
-    let limit = s.control.max_upload_bytes();
+    // The read stops one byte past the caller's own limit (a tenant's
+    // quota), so an oversized upload costs that much memory at most.
+    let limit = s.control.max_upload_bytes(&caller);
     let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| {
         ApiError::from(ControlError::Refused {
             step: "size",
-            reason: format!("module is over {limit} bytes, the most this edge takes"),
+            reason: format!("module is over {limit} bytes, the most this caller may upload"),
         })
     })?;
     let (module, created) = s

@@ -366,9 +366,19 @@ impl ControlPlane {
             .clone()
     }
 
-    /// The largest module anyone may upload here (operators' limit).
-    pub fn max_upload_bytes(&self) -> usize {
-        self.max_module_bytes
+    /// The largest module `caller` may upload: the edge's limit for
+    /// operators, the tenant's quota for a tenant.
+    pub fn max_upload_bytes(&self, caller: &Caller) -> usize {
+        match caller.tenant() {
+            None => self.max_module_bytes,
+            Some(t) => self
+                .settings
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .quota_of(t)
+                .max_module_bytes
+                .min(self.max_module_bytes),
+        }
     }
 
     /// The module set rooms run now.
