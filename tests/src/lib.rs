@@ -228,8 +228,14 @@ pub fn builtin_policy(rooms: &str, module: &str, params: &[(&str, &str)]) -> Pol
         tenant: "*".into(),
         rooms: rooms.into(),
         class: None,
-        policy: PolicyChoice::Module(builtin(module, params)),
+        policy: PolicyChoice::Module(policy_use(builtin(module, params))),
     }
+}
+
+/// Policies fail open unless a rule says otherwise.
+fn policy_use(mut m: ModuleUse) -> ModuleUse {
+    m.on_failure = throng_edge::filter::OnFailure::Open;
+    m
 }
 
 /// A built-in module with params, as a filter chain entry or policy.
@@ -275,7 +281,7 @@ pub fn test_policy(rooms: &str, module: &str, params: &[(&str, &str)]) -> Policy
         tenant: "*".into(),
         rooms: rooms.into(),
         class: None,
-        policy: PolicyChoice::Module(test_module(module, params)),
+        policy: PolicyChoice::Module(policy_use(test_module(module, params))),
     }
 }
 

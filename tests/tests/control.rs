@@ -576,3 +576,38 @@ async fn bad_deployments_are_refused_naming_the_field() {
     assert_eq!(ops.get("/v1/deployments").await.body, json!([]));
     edge.edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_policy_fails_open_or_closed_as_its_rule_says() {
+    use throng_edge::config::PolicyChoice;
+    use throng_edge::filter::OnFailure;
+    for (on_failure, chat_delivered) in [(OnFailure::Open, true), (OnFailure::Closed, false)] {
+        let edge = TestEdge::start(|c| {
+            // Traps on every plan-tick.
+            let mut rule = throng_tests::test_policy("*", "hostile-trap", &[]);
+            if let PolicyChoice::Module(m) = &mut rule.policy {
+                m.on_failure = on_failure;
+            }
+            c.policies.push(rule);
+        })
+        .await;
+        let viewer = edge.client("acme", "v", "viewer").await;
+        let mut room = viewer.join("lobby").await.expect("join");
+        let host = edge.client("acme", "h", "host").await;
+        let _h = host.join("lobby").await.expect("join");
+        host.send("lobby", Kind::Chat, "chat")
+            .await
+            .expect("accepted either way");
+        host.send("lobby", Kind::Host, "host").await.expect("accepted");
+        let want = if chat_delivered { 2 } else { 1 };
+        let (got, _) = collect(&mut room, want, Duration::from_secs(5)).await;
+        let bodies: Vec<&[u8]> = got.iter().map(|m| m.body.as_slice()).collect();
+        let expected: Vec<&[u8]> = if chat_delivered {
+            vec![b"chat", b"host"]
+        } else {
+            vec![b"host"]
+        };
+        assert_eq!(bodies, expected, "{on_failure:?}");
+        edge.edge.shutdown().await;
+    }
+}

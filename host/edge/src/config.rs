@@ -239,9 +239,9 @@ pub struct ModuleUse {
     pub key: String,
     pub source: ModuleSource,
     pub params: Vec<(String, String)>,
-    /// Filters: what happens to a batch the filter could not judge
-    /// (`on_failure`, default closed). Policies always fall back to the
-    /// built-in policy and ignore it.
+    /// What happens when the module cannot answer (`on_failure`): filters
+    /// default to closed (the batch is refused), policies to open (the
+    /// built-in policy plans the tick).
     pub on_failure: OnFailure,
 }
 
@@ -733,6 +733,9 @@ struct RawPolicyRule {
     module: String,
     #[serde(default)]
     params: BTreeMap<String, toml::Value>,
+    /// "open" (default: the built-in policy plans a tick the module could
+    /// not) or "closed" (only host and system messages go out that tick).
+    on_failure: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1356,7 +1359,11 @@ impl Validator<'_> {
                     source: self.module_source(&format!("{key}.module"), &rule.module, wasm.max_module_bytes)?,
                     key: format!("{key}.module"),
                     params,
-                    on_failure: OnFailure::Closed,
+                    on_failure: self.on_failure(
+                        &format!("{key}.on_failure"),
+                        rule.on_failure.as_deref(),
+                        OnFailure::Open,
+                    )?,
                 })
             };
             if let Some(class) = &rule.class
@@ -1390,16 +1397,11 @@ impl Validator<'_> {
             let mut chain = Vec::new();
             for (i, f) in t.filters.into_iter().enumerate() {
                 let fkey = format!("{key}.filters[{i}]");
-                let on_failure = match f.on_failure.as_deref() {
-                    None | Some("closed") => OnFailure::Closed,
-                    Some("open") => OnFailure::Open,
-                    Some(other) => {
-                        return Err(self.err(
-                            format!("{fkey}.on_failure"),
-                            format!("`{other}`: expected \"open\" or \"closed\""),
-                        ));
-                    }
-                };
+                let on_failure = self.on_failure(
+                    &format!("{fkey}.on_failure"),
+                    f.on_failure.as_deref(),
+                    OnFailure::Closed,
+                )?;
                 chain.push(ModuleUse {
                     source: self.module_source(&format!("{fkey}.module"), &f.module, wasm.max_module_bytes)?,
                     key: format!("{fkey}.module"),
@@ -1657,6 +1659,15 @@ impl Validator<'_> {
                 Ok((k, v))
             })
             .collect()
+    }
+
+    fn on_failure(&self, key: &str, value: Option<&str>, default: OnFailure) -> Result<OnFailure, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some("closed") => Ok(OnFailure::Closed),
+            Some("open") => Ok(OnFailure::Open),
+            Some(other) => Err(self.err(key, format!("`{other}`: expected \"open\" or \"closed\""))),
+        }
     }
 
     fn module_source(&self, key: &str, text: &str, max_bytes: usize) -> Result<ModuleSource, ConfigError> {

@@ -213,6 +213,8 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
                 let _ = reply.send(error_frame((ErrorCode::ShuttingDown, "the edge is shutting down".into())));
                 break;
             }
+            // A kick between two frames is kept (a stored permit), so a
+            // fresh wait each time round loses none.
             reason = kick.rung() => {
                 tracing::info!(%reason, "closing: disconnected through the admin API");
                 metrics::counter!("throng_connections_closed_total", "reason" => "disconnected").increment(1);
@@ -1011,12 +1013,13 @@ mod tests {
 
     /// A task holds its future's largest state for as long as it lives, and
     /// these live as long as a viewer stays: an idle viewer costs what they
-    /// weigh. (With this toolchain: 1,344, 376 and 376 bytes; `run` grew
+    /// weigh. (With this toolchain: 1,416, 376 and 376 bytes; `run` grew
     /// from 1,072 when sessions got their token's expiry timer, a control
-    /// frame limiter and an admission permit.)
+    /// frame limiter and an admission permit, and by 72 bytes when the admin
+    /// API could disconnect them.)
     #[test]
     fn long_lived_per_viewer_tasks_stay_small() {
-        assert!(size4(run) <= 1408, "run: {}", size4(run));
+        assert!(size4(run) <= 1440, "run: {}", size4(run));
         assert!(size3(write_live) <= 512, "write_live: {}", size3(write_live));
         assert!(size4(write_control) <= 512, "write_control: {}", size4(write_control));
     }

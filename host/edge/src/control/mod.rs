@@ -1014,15 +1014,17 @@ impl ControlPlane {
         let mut specs = Vec::new();
         let mut rules = Vec::new();
         for rule in &config.policies {
-            let (module, params) = match &rule.policy {
+            let (module, params, on_failure) = match &rule.policy {
                 PolicyChoice::Native { cap_per_sec } => (
                     "native".to_owned(),
                     BTreeMap::from([("cap_per_sec".to_owned(), cap_per_sec.to_string())]),
+                    OnFailure::Open,
                 ),
                 PolicyChoice::Module(m) => (
                     self.seed_module(&m.key, &m.source, World::RoomPolicy, &m.params)
                         .await?,
                     m.params.iter().cloned().collect(),
+                    m.on_failure,
                 ),
             };
             rules.push(PolicyRule {
@@ -1031,7 +1033,7 @@ impl ControlPlane {
                 class: rule.class.clone(),
                 module,
                 params,
-                on_failure: OnFailure::Open,
+                on_failure,
             });
         }
         specs.push((Scope::Policies, Spec::Policies(rules)));

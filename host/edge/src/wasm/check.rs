@@ -76,26 +76,12 @@ impl WasmRuntime {
         let label: Arc<str> = Arc::from("check");
         let mut store = self.store(label, module.hash, params.clone(), self.settings.policy_memory_bytes);
         self.arm_instantiate(&mut store);
-        let bindings = module.pre.instantiate_async(&mut store).await.map_err(|e| {
-            fail(
-                CheckStage::Instantiate,
-                WasmError::Instantiate {
-                    hash: module.hash,
-                    reason: reason(&e),
-                }
-                .to_string(),
-            )
-        })?;
-        match bindings.call_configure(&mut store, &params).await {
-            Ok(Ok(())) => {}
-            Ok(Err(msg)) => {
-                return Err(fail(
-                    CheckStage::Configure,
-                    format!("configure refused its params: {msg}"),
-                ));
-            }
-            Err(e) => return Err(fail(CheckStage::Configure, format!("configure failed: {}", reason(&e)))),
-        }
+        let bindings = module
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| instantiate_failed(module.hash, &e))?;
+        configured(bindings.call_configure(&mut store, &params).await)?;
         let inbound = synthetic_inbound(crate::unix_now_ms());
         let stats = RoomStats {
             tick: 1,
@@ -123,26 +109,12 @@ impl WasmRuntime {
         let memory = limits.memory_bytes.min(self.settings.filter_memory_bytes);
         let mut store = self.store(label, module.hash, params.clone(), memory);
         self.arm_instantiate(&mut store);
-        let bindings = module.pre.instantiate_async(&mut store).await.map_err(|e| {
-            fail(
-                CheckStage::Instantiate,
-                WasmError::Instantiate {
-                    hash: module.hash,
-                    reason: reason(&e),
-                }
-                .to_string(),
-            )
-        })?;
-        match bindings.call_configure(&mut store, &params).await {
-            Ok(Ok(())) => {}
-            Ok(Err(msg)) => {
-                return Err(fail(
-                    CheckStage::Configure,
-                    format!("configure refused its params: {msg}"),
-                ));
-            }
-            Err(e) => return Err(fail(CheckStage::Configure, format!("configure failed: {}", reason(&e)))),
-        }
+        let bindings = module
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| instantiate_failed(module.hash, &e))?;
+        configured(bindings.call_configure(&mut store, &params).await)?;
         // A filter carrying a language runtime may start up on its first
         // call: that one runs under the instantiation budget, as at load.
         let warm = [message("throng-self-test", Kind::Chat, b"warm-up")];
@@ -163,6 +135,29 @@ impl WasmRuntime {
             .await
             .map_err(|e| fail(CheckStage::SelfTest, format!("filter failed: {}", reason(&e))))?;
         validate_verdicts(&verdicts, batch.len()).map_err(|r| fail(CheckStage::SelfTest, r))
+    }
+}
+
+fn instantiate_failed(hash: super::ModuleHash, e: &wasmtime::Error) -> CheckFailure {
+    fail(
+        CheckStage::Instantiate,
+        WasmError::Instantiate {
+            hash,
+            reason: reason(e),
+        }
+        .to_string(),
+    )
+}
+
+/// What `configure` answered, as a check.
+fn configured(answer: wasmtime::Result<Result<(), String>>) -> Result<(), CheckFailure> {
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(msg)) => Err(fail(
+            CheckStage::Configure,
+            format!("configure refused its params: {msg}"),
+        )),
+        Err(e) => Err(fail(CheckStage::Configure, format!("configure failed: {}", reason(&e)))),
     }
 }
 
