@@ -51,6 +51,8 @@ pub fn python_filter() -> Vec<u8> {
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
     let out = target_dir().join("py-filter").join("filter-python.wasm");
+    // A fresh clone has no such folder yet; build.py writes into it.
+    std::fs::create_dir_all(target_dir().join("py-filter")).expect("py-filter dir");
     run(
         "building modules/filter-python (python3, componentize-py from PyPI)",
         Command::new("python3")
