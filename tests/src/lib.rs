@@ -82,15 +82,21 @@ impl TestEdge {
     /// Stops the edge and starts a new one on the same address and data dir
     /// (what an edge restart looks like to its clients).
     pub async fn restart(self) -> TestEdge {
+        self.restart_after(async {}).await.0
+    }
+
+    /// [`Self::restart`], with `meanwhile` run while the edge is down.
+    pub async fn restart_after<T>(self, meanwhile: impl std::future::Future<Output = T>) -> (TestEdge, T) {
         let TestEdge { edge, mut config, _dir } = self;
         config.listen = edge.local_addr();
         edge.shutdown().await;
+        let out = meanwhile.await;
         // The old endpoint's driver lets go of the UDP port a moment after
         // its last connection is gone.
         let start = std::time::Instant::now();
         loop {
             match Edge::start(config.clone()).await {
-                Ok(edge) => return TestEdge { edge, config, _dir },
+                Ok(edge) => return (TestEdge { edge, config, _dir }, out),
                 Err(e) if start.elapsed() < Duration::from_secs(5) => {
                     let _ = e;
                     tokio::time::sleep(Duration::from_millis(50)).await;

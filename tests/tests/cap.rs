@@ -201,8 +201,10 @@ async fn above_the_cap_no_second_holds_more_and_the_cap_is_used() {
         // second is 20 ticks of 50 ms.
         let most = most_within(&ticks, 20);
         assert!(most <= CAP, "{room}: {most} messages in 20 ticks: {shown:?}");
-        // On the viewer's clock, less the jitter one late tick can add.
-        let most = most_within(&times, Duration::from_millis(1000 - 25));
+        // On the viewer's clock, less the jitter one late tick can add: a
+        // batch delivered up to a tick late (both cores busy) puts 21
+        // ticks' batches within 950 ms, not more.
+        let most = most_within(&times, Duration::from_millis(1000 - 50));
         assert!(most <= CAP, "{room}: {most} messages within one second: {shown:?}");
         let hosts = got.iter().filter(|g| g.2.kind == Kind::Host).count();
         assert_eq!(hosts, hosts_sent, "{room}: every host message arrives");

@@ -611,3 +611,248 @@ async fn a_failing_policy_fails_open_or_closed_as_its_rule_says() {
         edge.edge.shutdown().await;
     }
 }
+
+// ---- in a cluster ----
+
+async fn clustered(nats: &throng_tests::nats::NatsServer, id: &str) -> TestEdge {
+    let url = nats.url();
+    let id = id.to_owned();
+    TestEdge::start(move |c| {
+        with_admin(c);
+        let mut cluster = throng_edge::config::ClusterConfig::with_nats(vec![url]);
+        cluster.edge_id = Some(id);
+        cluster.heartbeat = Duration::from_millis(100);
+        cluster.dead_after = Duration::from_millis(600);
+        c.cluster = Some(cluster);
+        // Several edges in one process: each sizes its Wasm pool as if alone.
+        c.wasm.max_instances = 256;
+    })
+    .await
+}
+
+async fn all_live(edges: &[&TestEdge]) {
+    for e in edges {
+        let c = e.edge.cluster().expect("clustered");
+        throng_tests::wait_for("every edge to see the others", Duration::from_secs(10), || {
+            c.live().edges.len() == edges.len()
+        })
+        .await;
+    }
+}
+
+/// A room of acme's whose origin is `edge` (where its filters run).
+fn room_on(edge: &TestEdge, prefix: &str) -> String {
+    let c = edge.edge.cluster().expect("clustered");
+    let live = c.live();
+    (0..10_000)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|r| live.origin("acme", r) == Some(c.edge_id()))
+        .expect("a room of this edge's")
+}
+
+/// What acme's filters do to "a spoiler here" in `room` on `edge`:
+/// `rejected`, or the body a viewer receives.
+async fn verdict(edge: &TestEdge, room: &str) -> String {
+    let viewer = edge.client("acme", "verdict-viewer", "viewer").await;
+    let mut stream = viewer.join(room).await.expect("join");
+    let sender = edge.client("acme", "verdict-sender", "viewer").await;
+    let _s = sender.join(room).await.expect("join");
+    if sender.send(room, Kind::Chat, "a spoiler here").await.is_err() {
+        return "rejected".into();
+    }
+    let (got, _) = collect(&mut stream, 1, Duration::from_secs(5)).await;
+    got.first()
+        .map_or("nothing".into(), |m| String::from_utf8_lossy(&m.body).into_owned())
+}
+
+/// Polls `path` on `api` until `done` holds of the answer (at most 15 s).
+async fn until(api: &Api, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = api.get(path).await;
+        if a.status == 200 && done(&a.body) {
+            return a.body;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {:#}", a.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn running(view: &Value, edge: &str, scope: &str) -> Option<u64> {
+    view["edges"].as_array()?.iter().find(|e| e["edge_id"] == edge)?["running"][scope]["version"].as_u64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_modules_and_deployments_reach_every_edge_and_late_or_restarted_edges_converge() {
+    // `/metrics` shows the counts below only with a recorder installed.
+    throng_edge::admin::install_prometheus().expect("the only recorder of this test process");
+    let nats = throng_tests::nats::NatsServer::start();
+    let a = clustered(&nats, "edge-a").await;
+    // A tenant's module and deployment, made on A before B exists.
+    let up = tenant_admin(&a, "acme")
+        .upload(
+            throng_guest_artifacts::FILTER_KEYWORDS,
+            "words",
+            "1.0.0",
+            "message-filter",
+            json!({"words": "x"}),
+        )
+        .await;
+    assert_eq!(up.status, 201, "{:#}", up.body);
+    let module = format!("sha256:{}", sha(&up));
+    let chain = |mode: &str| json!({"filters": [{"module": module, "params": {"words": "spoiler", "mode": mode}}], "activate": 100});
+    let v1 = tenant_admin(&a, "acme")
+        .post("/v1/deployments/filters/acme", chain("mask"))
+        .await;
+    assert_eq!(
+        (v1.status, &v1.body["deployment"]["version"]),
+        (201, &json!(1)),
+        "{:#}",
+        v1.body
+    );
+
+    // B joins late and runs v1 with the module's bytes, told nothing.
+    let b = clustered(&nats, "edge-b").await;
+    all_live(&[&a, &b]).await;
+    let shown = operator(&b).get(&format!("/v1/modules/{module}")).await;
+    assert_eq!(shown.status, 200, "{:#}", shown.body);
+    assert_eq!(shown.body[0]["uploader"], "tenant:acme/acme-admin");
+    let st = operator(&b).get("/v1/deployments/filters/acme").await;
+    assert_eq!(st.body["active"]["version"], 1, "{:#}", st.body);
+    let room_b = room_on(&b, "on-b");
+    assert_eq!(verdict(&b, &room_b).await, "a ******* here");
+
+    // A change made on B reaches A, whose rooms run it.
+    let v2 = tenant_admin(&b, "acme")
+        .post("/v1/deployments/filters/acme", chain("reject"))
+        .await;
+    assert_eq!(
+        (v2.status, &v2.body["deployment"]["version"]),
+        (201, &json!(2)),
+        "{:#}",
+        v2.body
+    );
+    let view = until(&operator(&a), "/v1/deployments/edges", "both edges on v2", |v| {
+        running(v, "edge-a", "filters/acme") == Some(2) && running(v, "edge-b", "filters/acme") == Some(2)
+    })
+    .await;
+    for e in view["edges"].as_array().expect("edges") {
+        assert_eq!((&e["in_step"], &e["live"]), (&json!(true), &json!(true)), "{view:#}");
+    }
+    assert_eq!(view["desired"]["filters/acme"]["version"], 2, "{view:#}");
+    let room_a = room_on(&a, "on-a");
+    assert_eq!(verdict(&a, &room_a).await, "rejected");
+    // A tenant sees its own scope only.
+    let mine = tenant_admin(&a, "globex").get("/v1/deployments/edges").await;
+    assert_eq!(mine.status, 200, "{:#}", mine.body);
+    assert!(
+        mine.body["desired"].as_object().is_some_and(|d| d.is_empty()),
+        "{:#}",
+        mine.body
+    );
+
+    // Two edges numbering a version at once get two numbers.
+    let (ops_a, ops_b) = (operator(&a), operator(&b));
+    let (x, y) = tokio::join!(
+        ops_a.post("/v1/deployments/filters/acme", json!({"filters": []})),
+        ops_b.post("/v1/deployments/filters/acme", json!({"filters": []})),
+    );
+    assert_eq!((x.status, y.status), (201, 201), "{:#} {:#}", x.body, y.body);
+    let mut numbers = [&x, &y].map(|a| a.body["deployment"]["version"].as_u64().expect("version"));
+    numbers.sort_unstable();
+    assert_eq!(numbers, [3, 4]);
+
+    // A disconnect asked of A closes the user's sessions on B too.
+    let on_a = throng_tests::RawSession::hello(&a, a.token("acme", "mallory", "viewer", "*")).await;
+    let on_b = throng_tests::RawSession::hello(&b, b.token("acme", "mallory", "viewer", "*")).await;
+    let bystander = throng_tests::RawSession::hello(&b, b.token("acme", "alice", "viewer", "*")).await;
+    let kicked = operator(&a)
+        .post("/v1/tenants/acme/users/mallory/disconnect", json!({"reason": "banned"}))
+        .await;
+    assert_eq!(kicked.status, 200, "{:#}", kicked.body);
+    assert_eq!(
+        (&kicked.body["connections"], &kicked.body["unanswered_edges"]),
+        (&json!(2), &json!(0)),
+        "{:#}",
+        kicked.body
+    );
+    for s in [&on_a, &on_b] {
+        assert_eq!(
+            throng_tests::close_code(&s.conn, Duration::from_secs(5)).await,
+            Some(throng_wire::ErrorCode::Disconnected)
+        );
+    }
+    assert!(bystander.conn.close_reason().is_none());
+
+    // B is down while A rolls back; B comes back and follows.
+    let (b, back) = b
+        .restart_after(async {
+            tenant_admin(&a, "acme")
+                .post("/v1/deployments/filters/acme/rollback", json!({"to": 1}))
+                .await
+        })
+        .await;
+    assert_eq!(back.status, 200, "{:#}", back.body);
+    all_live(&[&a, &b]).await;
+    until(&operator(&b), "/v1/deployments/edges", "B back on v1", |v| {
+        running(v, "edge-b", "filters/acme") == Some(1)
+            && v["edges"]
+                .as_array()
+                .is_some_and(|es| es.iter().all(|e| e["in_step"] == true))
+    })
+    .await;
+    assert_eq!(verdict(&b, &room_on(&b, "on-b")).await, "a ******* here");
+    // B's audit log tells what it took from the cluster, and who did it.
+    let log = operator(&b).get("/v1/audit").await;
+    let took = log
+        .body
+        .as_array()
+        .expect("entries")
+        .iter()
+        .rev()
+        .find(|e| e["action"] == "deployment.activate" && e["to"] == "v1")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(took["who"], "tenant:acme/acme-admin", "{:#}", log.body);
+    assert_eq!(took["from"], "v2", "{took:#}");
+    assert!(
+        took["detail"].as_str().is_some_and(|d| d.contains("cluster")),
+        "{took:#}"
+    );
+
+    // Made-up values in the bucket are skipped and counted; nothing moves.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let kv = js.get_key_value("throng_control").await.expect("bucket");
+    let hex = |s: &str| s.bytes().map(|b| format!("{b:02x}")).collect::<String>();
+    for (key, value) in [
+        (format!("a.{}", hex("filters/acme")), "not json".to_owned()),
+        (
+            format!("a.{}", hex("policies")),
+            json!({"version": 1, "percent": 250, "by": "x", "at_ms": 0}).to_string(),
+        ),
+        (
+            format!("d.{}.9", hex("filters/acme")),
+            json!({"scope": "policies", "version": 9}).to_string(),
+        ),
+        (format!("m.{}.{}", hex("operator"), "ab".repeat(32)), "{}".to_owned()),
+        ("zz.nothing".to_owned(), "x".to_owned()),
+    ] {
+        kv.put(key, value.into()).await.expect("put");
+    }
+    let anonymous = Api::anonymous(b.edge.admin_addr().expect("admin"));
+    until(&anonymous, "/metrics", "five made-up values counted", |m| {
+        m.as_str()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("throng_control_sync_malformed_total "))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 5.0)
+    })
+    .await;
+    let st = operator(&b).get("/v1/deployments/filters/acme").await;
+    assert_eq!(st.body["active"]["version"], 1, "{:#}", st.body);
+    assert_eq!(verdict(&b, &room_on(&b, "on-b")).await, "a ******* here");
+    a.edge.shutdown().await;
+    b.edge.shutdown().await;
+}

@@ -157,7 +157,7 @@ pub(crate) struct Shared {
     open_connections: AtomicU64,
     admission: Arc<admission::Admission>,
     /// Every authenticated connection, for the server API's disconnect.
-    kicks: kick::Kicks,
+    kicks: Arc<kick::Kicks>,
     /// This edge's cluster, with `[cluster]`.
     cluster: Option<Arc<cluster::Cluster>>,
 }
@@ -244,13 +244,21 @@ impl Edge {
         let filter_instances: usize = 2 * config.filters.values().map(Vec::len).sum::<usize>() + FILTER_SPARE;
         let max_rooms = (wasm.max_instances as usize).saturating_sub(filter_instances).max(1);
         let runtime = WasmRuntime::new(wasm)?;
-        let (control, modules_rx) = ControlPlane::start(&config, Arc::clone(&runtime)).await?;
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let cluster = match &config.cluster {
             None => None,
             Some(c) => Some(cluster::Cluster::join(c, local_addr, shutdown.clone(), &connections).await?),
         };
+        // In a cluster, deployments come from the cluster's control bucket.
+        let join = cluster.as_ref().map(|c| control::ClusterJoin {
+            client: c.client(),
+            edge_id: c.edge_id().to_owned(),
+            region: c.region().to_owned(),
+            shutdown: shutdown.clone(),
+            tasks: connections.clone(),
+        });
+        let (control, modules_rx) = ControlPlane::start(&config, Arc::clone(&runtime), join).await?;
         let retention = log::Retention {
             max_age: config.rooms.group_retention.max_age,
             max_messages: config.rooms.group_retention.max_messages,
@@ -293,6 +301,7 @@ impl Edge {
         let l = &config.limits;
         let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
         let limiter = Arc::new(RateLimiter::keyed(quota));
+        let kicks = Arc::new(kick::Kicks::default());
         if let Some(c) = &cluster {
             // Sends to other edges' rooms go out once per edge tick: the
             // fastest room tick there is.
@@ -308,6 +317,7 @@ impl Edge {
                 flush_every: flush,
                 presence_every: config.rooms.presence_interval,
                 send_limiter: Arc::clone(&limiter),
+                kicks: Arc::clone(&kicks),
             };
             let links = cluster::links::Links::start(
                 Arc::clone(c),
@@ -341,7 +351,7 @@ impl Edge {
             next_connection: AtomicU64::new(1),
             open_connections: AtomicU64::new(0),
             admission: admission::Admission::new(&config.limits),
-            kicks: kick::Kicks::default(),
+            kicks,
             cluster,
             config,
         });

@@ -28,6 +28,14 @@ pub fn describe() {
         ),
         ("throng_auth_refused_total", "Hello frames whose token was refused."),
         (
+            "throng_control_sync_malformed_total",
+            "Values in the cluster's control bucket that did not parse or did not match their key (skipped).",
+        ),
+        (
+            "throng_control_sync_failures_total",
+            "Modules (what=module) or activations (what=activation) from the cluster this edge could not keep or build.",
+        ),
+        (
             "throng_bad_frames_total",
             "Connections closed for a frame that did not decode.",
         ),

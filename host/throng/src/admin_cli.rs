@@ -122,6 +122,9 @@ enum ModuleAction {
     },
     /// What is active, per scope (or one scope, with its versions).
     Status { scope: Option<String> },
+    /// Which edge runs which version of each scope (in a cluster, every
+    /// edge's last report; an edge behind or failing is marked).
+    Edges,
 }
 
 #[derive(Debug, Args)]
@@ -468,6 +471,32 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
                     Some(all) => all.iter().map(one).collect(),
                     None => one(v),
                 }
+            });
+        }
+        ModuleAction::Edges => {
+            let v = api.get("/v1/deployments/edges").await?;
+            api.show(&v, |v| {
+                let mut out = String::from("in force:");
+                for (scope, a) in v["desired"].as_object().into_iter().flatten() {
+                    out += &format!(" {scope} {};", activation(a));
+                }
+                out.push('\n');
+                for e in v["edges"].as_array().into_iter().flatten() {
+                    let state = match (e["live"].as_bool(), e["in_step"].as_bool()) {
+                        (Some(false), _) => "gone",
+                        (_, Some(true)) => "in step",
+                        _ => "BEHIND",
+                    };
+                    out += &format!("{} ({})  {state}:", s(&e["edge_id"]), s(&e["region"]));
+                    for (scope, a) in e["running"].as_object().into_iter().flatten() {
+                        out += &format!(" {scope} {};", activation(a));
+                    }
+                    for (scope, f) in e["failing"].as_object().into_iter().flatten() {
+                        out += &format!(" FAILING {scope} v{}: {};", s(&f["version"]), s(&f["reason"]));
+                    }
+                    out.push('\n');
+                }
+                out
             });
         }
     }

@@ -163,6 +163,12 @@ async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
         ok && out.contains(&format!("v{v2} on 50% of rooms (v{v1} on the rest)")) && out.contains("first"),
         "{out}"
     );
+    let (ok, out, _) = ops.run(&["module", "edges"]).await;
+    assert!(
+        ok && out.contains(&format!("filters/dev v{v2} on 50% of rooms (v{v1} on the rest)"))
+            && out.contains("in step"),
+        "{out}"
+    );
     let (ok, out, _) = ops.run(&["module", "rollback", "filters/dev"]).await;
     assert!(ok && out.contains(&format!("back to v{v1}")), "{out}");
     let status = ops.json(&["module", "status"]).await;

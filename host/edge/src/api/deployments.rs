@@ -14,7 +14,9 @@
 //!   (p below 100 rolls out to that share of rooms, by a hash of the room;
 //!   activating the same version with a larger share widens it);
 //! - `POST /v1/deployments/<scope>/rollback`: `{"to": v}` or `{}` (the
-//!   version before).
+//!   version before);
+//! - `GET  /v1/deployments/edges`: which edge runs which version of each
+//!   scope, against what is in force (in a cluster, every edge's report).
 
 use std::sync::Arc;
 
@@ -29,11 +31,12 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, json_body};
 use crate::admin::AdminState;
 use crate::control::spec::{Activation, Deployment, FilterUse, PolicyRule, Scope, Spec};
-use crate::control::{Caller, ScopeStatus};
+use crate::control::{Caller, EdgesView, ScopeStatus};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
     Router::new()
         .route("/v1/deployments", get(all))
+        .route("/v1/deployments/edges", get(edges))
         .route("/v1/deployments/policies", get(policies_status).post(policies_create))
         .route("/v1/deployments/policies/activate", post(policies_activate))
         .route("/v1/deployments/policies/rollback", post(policies_rollback))
@@ -91,6 +94,26 @@ async fn all(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<ScopeStatus>>, ApiError> {
     Ok(Json(s.control.scopes(&caller)?))
+}
+
+async fn edges(
+    State(s): State<Arc<AdminState>>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<EdgesView>, ApiError> {
+    Ok(Json(edges_view(&s, &caller)?))
+}
+
+/// [`crate::control::ControlPlane::edges`], each edge marked live or not
+/// from the cluster's membership.
+pub(super) fn edges_view(s: &AdminState, caller: &Caller) -> Result<EdgesView, ApiError> {
+    let mut view = s.control.edges(caller)?;
+    if let Some(c) = &s.shared.cluster {
+        let live = c.live();
+        for e in &mut view.edges {
+            e.live = Some(live.contains(&e.report.edge_id));
+        }
+    }
+    Ok(view)
 }
 
 async fn status(s: &AdminState, caller: &Caller, scope: &Scope) -> Result<Json<ScopeStatus>, ApiError> {

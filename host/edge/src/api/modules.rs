@@ -73,6 +73,7 @@ async fn upload(
     // The read stops one byte past the caller's own limit (a tenant's
     // quota), so an oversized upload costs that much memory at most.
     let limit = s.control.max_upload_bytes(&caller);
+    let _turn = s.control.upload_slot().await?;
     let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| {
         ApiError::from(ControlError::Refused {
             step: "size",
@@ -89,7 +90,7 @@ async fn upload(
                 world,
                 params,
             },
-            bytes.to_vec(),
+            Vec::from(bytes),
         )
         .await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };

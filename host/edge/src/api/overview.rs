@@ -46,6 +46,8 @@ pub(crate) struct Overview {
     /// Every live edge of the cluster and what it runs; absent on a single edge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterSnapshot>,
+    /// Which edge runs which version of each scope the caller may see.
+    pub deployed: crate::control::EdgesView,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +141,7 @@ pub(crate) fn picture(s: &AdminState, caller: &Caller) -> Result<Overview, ApiEr
         filters: super::filters::filter_views(s, caller),
         // Which edges exist is the operators' business.
         cluster: if caller.is_operator() { cluster } else { None },
+        deployed: super::deployments::edges_view(s, caller)?,
     })
 }
 

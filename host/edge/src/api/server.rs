@@ -7,7 +7,8 @@
 //!   "body": "...", "sender": "..."}` → `{"seq": n}` once the room's tick
 //!   accepted it (filters judge it like any message);
 //! - `POST /v1/tenants/<tenant>/users/<user>/disconnect`: `{"reason": "..."}`
-//!   → `{"connections": n}` closed on this edge with `Disconnected` (42);
+//!   → `{"connections": n}` closed with `Disconnected` (42), on every
+//!   edge of the cluster;
 //! - `POST /v1/tenants/<tenant>/presence`: `{"users": [...]}` (up to 10,000)
 //!   → `{"online": [bool...], "online_users": n}` (every edge of a cluster);
 //! - `GET /v1/rooms/<tenant>/<room>/history?from=&to=&limit=`: a group
@@ -26,7 +27,7 @@ use throng_wire::{EdgeFrame, Kind};
 
 use super::{ApiError, json_body};
 use crate::admin::AdminState;
-use crate::control::{AuditEntry, Caller};
+use crate::control::{AuditEntry, Caller, ControlError};
 use crate::room::{Inbound, ReplyTx, RoomKey};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
@@ -163,7 +164,12 @@ struct Disconnect {
 
 #[derive(Debug, Serialize)]
 struct Disconnected {
+    /// Sessions closed, on this edge and the others that answered.
     connections: usize,
+    /// In a cluster: live edges that did not answer in time (the order
+    /// was sent to them all the same).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unanswered_edges: Option<usize>,
 }
 
 async fn disconnect(
@@ -183,12 +189,25 @@ async fn disconnect(
         json_body(Body::from(bytes)).await?
     };
     let reason = crate::untrusted(d.reason.as_deref().unwrap_or("disconnected by the service"), 200);
-    let n = s.shared.kicks.kick(&crate::rate_key(&tenant, &user), &reason);
+    let mut n = s.shared.kicks.kick(&crate::rate_key(&tenant, &user), &reason);
+    let mut unanswered = None;
+    if let Some(links) = s.shared.rooms.cluster_links() {
+        let (elsewhere, missing) = links.disconnect(&tenant, &user, &reason).await.ok_or_else(|| {
+            ApiError::from(ControlError::Unavailable(
+                "too many cluster-wide queries under way on this edge; retry".into(),
+            ))
+        })?;
+        n += elsewhere;
+        unanswered = Some(missing);
+    }
     let mut entry = AuditEntry::new(&caller.who(), "user.disconnect", format!("{tenant}/{user}"));
     entry.tenant = Some(tenant.clone());
     entry.detail = Some(format!("{n} connections: {reason}"));
     s.control.record(entry)?;
-    Ok(Json(Disconnected { connections: n }))
+    Ok(Json(Disconnected {
+        connections: n,
+        unanswered_edges: unanswered,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -249,6 +249,11 @@ pub fn who_subject() -> String {
     format!("{PREFIX}.who")
 }
 
+/// Where an edge tells the others to close a user's sessions.
+pub fn kick_subject() -> String {
+    format!("{PREFIX}.kick")
+}
+
 /// Where a relay asks a room's origin for what the bus lost.
 pub fn resync_subject(origin: &str) -> String {
     format!("{PREFIX}.resync.{origin}")
@@ -293,6 +298,22 @@ pub struct WhoQuery {
     pub from: String,
     pub tenant: String,
     pub users: Vec<String>,
+}
+
+/// Close `user`'s sessions on every edge (the server API's disconnect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KickOrder {
+    pub from: String,
+    pub tenant: String,
+    pub user: String,
+    pub reason: String,
+}
+
+/// How many sessions an edge closed for a [`KickOrder`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KickAnswer {
+    pub from: String,
+    pub connections: u32,
 }
 
 /// One edge's answer: a bit per asked user, in order.

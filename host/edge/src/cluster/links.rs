@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::bus::{
-    self, EdgeCounts, Forward, Forwarded, Interest, OriginCount, Outcome, RegionCounts, Replies, Reply, Resync,
-    Resynced, RoomCount, WhoAnswer, WhoQuery,
+    self, EdgeCounts, Forward, Forwarded, Interest, KickAnswer, KickOrder, OriginCount, Outcome, RegionCounts, Replies,
+    Reply, Resync, Resynced, RoomCount, WhoAnswer, WhoQuery,
 };
 use super::{BusKind, Cluster, ClusterError, LiveSet};
 use crate::presence::Presence;
@@ -83,6 +83,8 @@ pub struct LinkSetup {
     /// The edge's per-user send limiter: sends forwarded to rooms this
     /// edge is the origin of are counted in it too.
     pub send_limiter: Arc<SendLimiter>,
+    /// The edge's sessions by user, for disconnects ordered elsewhere.
+    pub kicks: Arc<crate::kick::Kicks>,
 }
 
 /// An edge's links to the other edges' rooms.
@@ -92,6 +94,7 @@ pub struct Links {
     presence: Arc<Presence>,
     /// See [`LinkSetup::send_limiter`].
     send_limiter: Arc<SendLimiter>,
+    kicks: Arc<crate::kick::Kicks>,
     state: Mutex<State>,
     who_in_flight: Arc<tokio::sync::Semaphore>,
     resyncs_in_flight: Arc<tokio::sync::Semaphore>,
@@ -164,6 +167,7 @@ impl Links {
             flush_every,
             presence_every,
             send_limiter,
+            kicks,
         } = setup;
         let me = cluster.edge_id().to_owned();
         let ingress = cluster.subscribe(bus::ingress_subject(&me)).await?;
@@ -173,11 +177,13 @@ impl Links {
         let regional = cluster.subscribe(bus::regional_subject(&me)).await?;
         let who = cluster.subscribe(bus::who_subject()).await?;
         let resync = cluster.subscribe(bus::resync_subject(&me)).await?;
+        let kick = cluster.subscribe(bus::kick_subject()).await?;
         let links = Arc::new(Links {
             cluster,
             rooms: Arc::downgrade(rooms),
             presence,
             send_limiter,
+            kicks,
             state: Mutex::new(State::default()),
             who_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_WHO_IN_FLIGHT)),
             resyncs_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_RESYNCS_IN_FLIGHT)),
@@ -191,6 +197,7 @@ impl Links {
         tasks.spawn(Arc::clone(&links).hear_regional(regional));
         tasks.spawn(Arc::clone(&links).hear_who(who));
         tasks.spawn(Arc::clone(&links).hear_resync(resync));
+        tasks.spawn(Arc::clone(&links).hear_kick(kick));
         tasks.spawn(Arc::clone(&links).flush(flush_every));
         tasks.spawn(Arc::clone(&links).count(presence_every));
         Ok(links)
@@ -713,6 +720,71 @@ impl Links {
             metrics::counter!("throng_presence_query_partial_total").increment(1);
         }
         Some(here)
+    }
+
+    /// Closes `user`'s sessions on every other live edge. Returns the
+    /// sessions they closed and how many edges did not answer within
+    /// [`WHO_DEADLINE`] (the order reached them all the same, unless the
+    /// bus lost it). None when too many cluster-wide queries are under way.
+    pub async fn disconnect(&self, tenant: &str, user: &str, reason: &str) -> Option<(usize, usize)> {
+        let others = self.cluster.live().edges.len().saturating_sub(1);
+        if others == 0 {
+            return Some((0, 0));
+        }
+        let _permit = Arc::clone(&self.who_in_flight).try_acquire_owned().ok()?;
+        let inbox = self.cluster.inbox();
+        let Ok(mut answers) = self.cluster.subscribe(inbox.clone()).await else {
+            return Some((0, others));
+        };
+        let order = KickOrder {
+            from: self.edge_id().to_owned(),
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if let Err(e) = self
+            .cluster
+            .request(bus::kick_subject(), inbox, BusKind::Kick, bus::encode(&order))
+            .await
+        {
+            tracing::warn!(error = %e, "disconnect not sent to the other edges");
+            return Some((0, others));
+        }
+        let deadline = tokio::time::Instant::now() + WHO_DEADLINE;
+        let mut heard = std::collections::HashSet::new();
+        let mut closed = 0usize;
+        while heard.len() < others {
+            let answer = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                a = self.next::<KickAnswer>(&mut answers, BusKind::Kick) => match a { Some(a) => a, None => break },
+            };
+            if heard.insert(answer.from) {
+                closed += answer.connections as usize;
+            }
+        }
+        Some((closed, others - heard.len()))
+    }
+
+    /// Other edges' disconnects: this edge's sessions of that user close.
+    async fn hear_kick(self: Arc<Self>, mut sub: async_nats::Subscriber) {
+        while let Some((order, reply)) = self.next_message::<KickOrder>(&mut sub, BusKind::Kick).await {
+            if order.from == self.edge_id() {
+                continue;
+            }
+            let reason = crate::untrusted(&order.reason, 200);
+            let n = self.kicks.kick(&crate::rate_key(&order.tenant, &order.user), &reason);
+            if n > 0 {
+                tracing::info!(tenant = %crate::untrusted(&order.tenant, 64), from = %crate::untrusted(&order.from, 64),
+                    connections = n, "sessions closed by a disconnect from another edge");
+            }
+            if let Some(reply) = reply {
+                let answer = KickAnswer {
+                    from: self.edge_id().to_owned(),
+                    connections: n.min(u32::MAX as usize) as u32,
+                };
+                let _ = self.cluster.publish(reply, BusKind::Kick, bus::encode(&answer)).await;
+            }
+        }
     }
 
     /// Asks `origin` for the messages of `key` it delivered after `after`

@@ -143,10 +143,12 @@ pub enum BusKind {
     Who,
     /// A relay's request for what the bus lost, and the origin's answer.
     Resync,
+    /// A cluster-wide disconnect of a user, and each edge's count.
+    Kick,
 }
 
 impl BusKind {
-    pub const ALL: [BusKind; 9] = [
+    pub const ALL: [BusKind; 10] = [
         BusKind::Announce,
         BusKind::Batch,
         BusKind::Forward,
@@ -156,6 +158,7 @@ impl BusKind {
         BusKind::Regional,
         BusKind::Who,
         BusKind::Resync,
+        BusKind::Kick,
     ];
 
     pub fn name(self) -> &'static str {
@@ -169,6 +172,7 @@ impl BusKind {
             BusKind::Regional => "regional",
             BusKind::Who => "who",
             BusKind::Resync => "resync",
+            BusKind::Kick => "kick",
         }
     }
 }

@@ -20,8 +20,10 @@
 //! edge-config's `[[policy]]` rules and tenants' `filters` seed the first
 //! deployment of their scopes, and a changed file on reload adds a new one.
 
+pub mod shared;
 pub mod spec;
 pub mod store;
+mod sync;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -35,6 +37,7 @@ use crate::config::{Config, ControlConfig, ModuleSource as ConfigSource, Operato
 use crate::modules::{self, Deployed, ModuleError, ModuleSet, ModuleSource};
 use crate::wasm::filter::FilterLimits;
 use crate::wasm::{ModuleHash, WasmError, WasmRuntime};
+use shared::{EdgeReport, Failing, Shared, SharedError};
 use spec::{Activation, Deployment, FilterUse, OnFailure, PolicyRule, Scope, Spec};
 use store::{ControlStore, StoreError};
 
@@ -208,6 +211,18 @@ pub enum ControlError {
     Deployment { field: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// In a cluster, JetStream (where changes are made) does not answer.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<SharedError> for ControlError {
+    fn from(e: SharedError) -> Self {
+        match e {
+            SharedError::Conflict(m) => ControlError::Conflict(format!("{m}; read the scope again and retry")),
+            SharedError::Unavailable(m) => ControlError::Unavailable(m),
+        }
+    }
 }
 
 impl ControlError {
@@ -222,6 +237,7 @@ impl ControlError {
             ControlError::Quota { .. } => "quota_exceeded",
             ControlError::Deployment { .. } => "deployment_refused",
             ControlError::Store(_) => "internal",
+            ControlError::Unavailable(_) => "unavailable",
         }
     }
 
@@ -233,6 +249,7 @@ impl ControlError {
             ControlError::Refused { .. } | ControlError::Deployment { .. } => 422,
             ControlError::Conflict(_) => 409,
             ControlError::Store(_) => 500,
+            ControlError::Unavailable(_) => 503,
         }
     }
 
@@ -270,6 +287,32 @@ pub struct Upload {
     pub params: BTreeMap<String, String>,
 }
 
+/// Which edges run which deployment.
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgesView {
+    /// Each scope's activation in force (the cluster's, or this edge's).
+    pub desired: BTreeMap<String, Activation>,
+    pub edges: Vec<EdgeView>,
+}
+
+/// One edge's report, and whether it runs what is in force.
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeView {
+    #[serde(flatten)]
+    pub report: EdgeReport,
+    /// Every scope at the version and share in force, none failing.
+    pub in_step: bool,
+    /// Whether the edge is in the live set now (set by the caller, which
+    /// knows the cluster's membership).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live: Option<bool>,
+}
+
+/// The same version on the same share of rooms.
+fn same_version(a: &Activation, b: &Activation) -> bool {
+    (a.version, a.percent, a.base) == (b.version, b.percent, b.base)
+}
+
 /// A scope's state: what is active and which versions exist.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScopeStatus {
@@ -291,7 +334,52 @@ pub struct ControlPlane {
     max_module_bytes: usize,
     /// One change at a time: an activation builds against the set it replaces.
     change: tokio::sync::Mutex<()>,
+    /// In a cluster: where changes are shared.
+    link: Option<Link>,
+    /// Uploads read and checked at once: each holds its body in memory.
+    uploads: tokio::sync::Semaphore,
 }
+
+/// Uploads an edge reads and checks at once; more wait (see
+/// [`ControlPlane::upload_slot`]), so a flood of uploads costs at most this
+/// many bodies of memory.
+const UPLOADS_AT_ONCE: usize = 2;
+/// How long an upload waits for its turn before it is refused.
+const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// An edge's part in a cluster's control plane.
+#[derive(Debug)]
+struct Link {
+    edge_id: String,
+    region: String,
+    /// Set once JetStream first answers; changes wait for it.
+    shared: tokio::sync::OnceCell<Shared>,
+    /// Each scope's activation in the bucket, as last read.
+    desired: std::sync::Mutex<BTreeMap<String, Activation>>,
+    /// Activations this edge could not build, by scope.
+    failing: std::sync::Mutex<BTreeMap<String, Failing>>,
+    /// Every edge's last report (`e.<edge>`), by edge id.
+    reports: std::sync::Mutex<BTreeMap<String, EdgeReport>>,
+    /// edge-config has not reached the shared bucket yet (JetStream was
+    /// away when the edge started).
+    needs_seed: std::sync::atomic::AtomicBool,
+    /// The config last applied, for seeding once JetStream answers.
+    config: std::sync::Mutex<Option<Config>>,
+}
+
+/// What an edge in a cluster brings to its control plane.
+#[derive(Debug)]
+pub struct ClusterJoin {
+    pub client: async_nats::Client,
+    pub edge_id: String,
+    pub region: String,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub tasks: tokio_util::task::TaskTracker,
+}
+
+/// How long an edge's start waits for the cluster's deployments before it
+/// starts on its own copy (and follows the cluster once JetStream answers).
+const FIRST_SYNC: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -304,9 +392,14 @@ impl std::fmt::Debug for ControlPlane {
 impl ControlPlane {
     /// Opens the store, seeds it from `config` and builds the module set
     /// rooms start with.
+    ///
+    /// In a cluster the shared bucket is the truth: the edge takes what it
+    /// holds (waiting at most [`FIRST_SYNC`]), then seeds edge-config there
+    /// if its part of the file is new, and follows every change after.
     pub async fn start(
         config: &Config,
         runtime: Arc<WasmRuntime>,
+        cluster: Option<ClusterJoin>,
     ) -> Result<(Arc<ControlPlane>, watch::Receiver<Arc<ModuleSet>>), ModuleError> {
         let store = ControlStore::open(&config.data_dir).map_err(|e| ModuleError {
             key: "server.data_dir".into(),
@@ -323,9 +416,54 @@ impl ControlPlane {
             default_cap: config.rooms.viewer_cap_per_sec,
             max_module_bytes: config.wasm.max_module_bytes,
             change: tokio::sync::Mutex::new(()),
+            link: cluster.as_ref().map(|c| Link {
+                edge_id: c.edge_id.clone(),
+                region: c.region.clone(),
+                shared: tokio::sync::OnceCell::new(),
+                desired: std::sync::Mutex::default(),
+                failing: std::sync::Mutex::default(),
+                reports: std::sync::Mutex::default(),
+                needs_seed: std::sync::atomic::AtomicBool::new(true),
+                config: std::sync::Mutex::new(None),
+            }),
+            uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
         });
+        if let Some(c) = cluster {
+            // Rooms start on this edge's own copy; the first sync brings
+            // what changed in the cluster while it was away.
+            let set = plane.build(&[]).await.map_err(|e| ModuleError {
+                key: "control".into(),
+                reason: e.to_string(),
+            })?;
+            plane.modules.send_replace(Arc::new(set));
+            let (synced_tx, mut synced) = watch::channel(false);
+            c.tasks
+                .spawn(sync::run(Arc::clone(&plane), c.client, synced_tx, c.shutdown));
+            if tokio::time::timeout(FIRST_SYNC, synced.wait_for(|s| *s)).await.is_err() {
+                tracing::warn!(
+                    "the cluster's control bucket did not answer within {FIRST_SYNC:?}: starting on this edge's own \
+                     deployments and edge-config; the cluster's take over once JetStream answers"
+                );
+            }
+        }
         plane.reload(config).await?;
         Ok((plane, rx))
+    }
+
+    /// The shared bucket, in a cluster: `Ok(None)` on a lone edge, an
+    /// error while JetStream has not answered (changes wait for it, so no
+    /// edge changes alone what all run).
+    fn shared(&self) -> Result<Option<&Shared>, ControlError> {
+        match &self.link {
+            None => Ok(None),
+            Some(l) => l.shared.get().map(Some).ok_or_else(|| {
+                ControlError::Unavailable(
+                    "this edge is in a cluster and its control bucket (JetStream) does not answer yet: \
+                     changes are made there, so none is made now; retry shortly"
+                        .into(),
+                )
+            }),
+        }
     }
 
     /// Takes a (re)loaded config: operators' keys, quotas and tenants, and
@@ -335,7 +473,17 @@ impl ControlPlane {
         let _one = self.change.lock().await;
         *self.settings.write().unwrap_or_else(|e| e.into_inner()) = config.control.clone();
         *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = config.tenants.keys().cloned().collect();
-        let seeded = self.seed(config).await?;
+        // In a cluster edge-config seeds the shared bucket; until JetStream
+        // answers, this edge's own store, and the bucket once it does.
+        let shared = self.link.as_ref().and_then(|l| {
+            *l.config.lock().unwrap_or_else(|e| e.into_inner()) = Some(config.clone());
+            l.shared.get()
+        });
+        let cluster_err = |e: SharedError| ModuleError {
+            key: "cluster".into(),
+            reason: e.to_string(),
+        };
+        let seeded = self.seed(config, shared).await?;
         // Several scopes may change at once: they are built together.
         let over: Vec<(Scope, Activation)> = seeded.iter().map(|(s, _, a, _)| (s.clone(), a.clone())).collect();
         let set = self.build(&over).await.map_err(|e| match e {
@@ -348,12 +496,22 @@ impl ControlPlane {
         // Only now, with the set built, do the seeded versions count.
         for (scope, spec, activation, entry) in seeded {
             let key = scope.key();
+            if let Some(sh) = shared {
+                // The file is the operator's word: it wins over a change
+                // made meanwhile, as a SIGHUP on a lone edge does.
+                sh.put_active(&key, &activation).await.map_err(cluster_err)?;
+                sh.put_seed(&key, &spec).await.map_err(cluster_err)?;
+            }
             self.store.set_active(&key, &activation).map_err(store_err)?;
             self.store.set_seed(&key, &spec).map_err(store_err)?;
             self.store.audit(entry).map_err(store_err)?;
         }
         let generation = set.generation;
         self.modules.send_replace(Arc::new(set));
+        if let (Some(l), Some(sh)) = (&self.link, shared) {
+            l.needs_seed.store(false, std::sync::atomic::Ordering::Relaxed);
+            self.report(sh).await;
+        }
         Ok(generation)
     }
 
@@ -378,6 +536,17 @@ impl ControlPlane {
                 .quota_of(t)
                 .max_module_bytes
                 .min(self.max_module_bytes),
+        }
+    }
+
+    /// A turn to read and check an upload: at most [`UPLOADS_AT_ONCE`] at a
+    /// time; one that waits longer than [`UPLOAD_WAIT`] is refused (503).
+    pub async fn upload_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ControlError> {
+        match tokio::time::timeout(UPLOAD_WAIT, self.uploads.acquire()).await {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err(ControlError::Unavailable(format!(
+                "{UPLOADS_AT_ONCE} uploads are being checked on this edge and this one waited {UPLOAD_WAIT:?}; retry"
+            ))),
         }
     }
 
@@ -465,9 +634,9 @@ impl ControlPlane {
             });
         }
         let params: Vec<(String, String)> = up.params.clone().into_iter().collect();
+        let shared = self.shared()?;
         let _one = self.change.lock().await;
         self.check_module(&bytes, up.world, params, limits, &mut checks).await?;
-        self.store.put_bytes(&sha256, &bytes)?;
         let record = ModuleRecord {
             sha256: sha256.clone(),
             owner,
@@ -480,6 +649,20 @@ impl ControlPlane {
             params: up.params,
             checks,
         };
+        if let Some(sh) = shared {
+            if let Some(other) = sh
+                .claim_label(&record.owner, &record.name, &record.version, &sha256)
+                .await?
+            {
+                return Err(ControlError::Conflict(format!(
+                    "module `{}` version `{}` exists already with sha256 {other} (uploaded on another edge); \
+                     versions are immutable: upload under a new version",
+                    record.name, record.version
+                )));
+            }
+            sh.put_module(&record, &bytes).await?;
+        }
+        self.store.put_bytes(&sha256, &bytes)?;
         self.store.put_module(&record)?;
         let mut entry = AuditEntry::new(&caller.who(), "module.upload", format!("sha256:{sha256}"));
         entry.tenant = record.tenant().map(str::to_owned);
@@ -668,9 +851,10 @@ impl ControlPlane {
         {
             return Err(ControlError::invalid("note", "longer than 1024 bytes"));
         }
+        let shared = self.shared()?;
         let _one = self.change.lock().await;
         self.check_spec(caller, scope, &spec).await?;
-        let d = self.store_version(caller.who(), scope, spec, note)?;
+        let d = self.store_version(shared, caller.who(), scope, spec, note).await?;
         let mut entry = AuditEntry::new(&caller.who(), "deployment.create", scope.key());
         entry.tenant = scope.tenant().map(str::to_owned);
         entry.to = Some(format!("v{}", d.version));
@@ -678,24 +862,48 @@ impl ControlPlane {
         Ok(d)
     }
 
-    fn store_version(
+    /// Stores `spec` as the scope's next version. In a cluster the number
+    /// is claimed in the shared bucket: when another edge took it first,
+    /// its deployment is kept and the next number tried.
+    async fn store_version(
         &self,
+        shared: Option<&Shared>,
         who: String,
         scope: &Scope,
         spec: Spec,
         note: Option<String>,
     ) -> Result<Deployment, ControlError> {
         let key = scope.key();
-        let d = Deployment {
+        let mut d = Deployment {
             version: self.store.last_version(&key)? + 1,
-            scope: key,
+            scope: key.clone(),
             spec,
             note,
             created_by: who,
             created_at_ms: crate::unix_now_ms(),
         };
-        self.store.put_deployment(&d)?;
-        Ok(d)
+        let Some(sh) = shared else {
+            self.store.put_deployment(&d)?;
+            return Ok(d);
+        };
+        for _ in 0..32 {
+            match sh.claim_version(&d).await {
+                Ok(()) => {
+                    self.store.put_deployment(&d)?;
+                    return Ok(d);
+                }
+                Err(SharedError::Conflict(_)) => {
+                    if let Some(theirs) = sh.deployment(&key, d.version).await? {
+                        self.store.put_deployment(&theirs)?;
+                    }
+                    d.version += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ControlError::Conflict(format!(
+            "{scope}: 32 version numbers were taken by other edges meanwhile; retry"
+        )))
     }
 
     /// Every module the spec names exists, may be used in this scope, is of
@@ -854,6 +1062,7 @@ impl ControlPlane {
         if percent > 100 {
             return Err(ControlError::invalid("percent", format!("{percent} is over 100")));
         }
+        self.shared()?;
         let _one = self.change.lock().await;
         let key = scope.key();
         if self.store.deployment(&key, version)?.is_none() {
@@ -891,6 +1100,7 @@ impl ControlPlane {
     /// can be returned to.
     pub async fn rollback(&self, caller: &Caller, scope: &Scope, to: Option<u64>) -> Result<Activation, ControlError> {
         self.may_deploy(caller, scope)?;
+        self.shared()?;
         let _one = self.change.lock().await;
         let key = scope.key();
         let current = self
@@ -949,6 +1159,18 @@ impl ControlPlane {
                 BuildError::Store(s) => ControlError::Store(s),
             })?;
         let key = scope.key();
+        if let Some(sh) = self.shared()? {
+            // Changed against what this edge saw: if another edge changed
+            // the scope meanwhile, this change is refused, not lost.
+            let held = sh.active(&key).await?;
+            if held.as_ref().map(|v| &v.value) != current.as_ref() {
+                return Err(ControlError::Conflict(format!(
+                    "{scope} was changed on another edge meanwhile (it is at {}); read it again and retry",
+                    held.as_ref().map_or("nothing".into(), |v| describe(&v.value))
+                )));
+            }
+            sh.set_active(&key, &next, held.map(|v| v.revision)).await?;
+        }
         self.store.set_active(&key, &next)?;
         let mut entry = AuditEntry::new(&caller.who(), action, key);
         entry.tenant = scope.tenant().map(str::to_owned);
@@ -966,6 +1188,9 @@ impl ControlPlane {
             "deployment in force"
         );
         self.modules.send_replace(Arc::new(set));
+        if let Ok(Some(sh)) = self.shared() {
+            self.report(sh).await;
+        }
         Ok(next)
     }
 
@@ -1010,7 +1235,11 @@ impl ControlPlane {
     /// For every scope whose part of `config` differs from what it seeded
     /// last, stores a new version (modules read from files are checked and
     /// stored like uploads). Returns what to activate once the set builds.
-    async fn seed(&self, config: &Config) -> Result<Vec<(Scope, Spec, Activation, AuditEntry)>, ModuleError> {
+    async fn seed(
+        &self,
+        config: &Config,
+        shared: Option<&Shared>,
+    ) -> Result<Vec<(Scope, Spec, Activation, AuditEntry)>, ModuleError> {
         let mut specs = Vec::new();
         let mut rules = Vec::new();
         for rule in &config.policies {
@@ -1053,25 +1282,40 @@ impl ControlPlane {
         let mut out = Vec::new();
         for (scope, spec) in specs {
             let key = scope.key();
-            let seeded = self.store.seed(&key).map_err(store_err)?;
+            let cluster_err = |e: SharedError| ModuleError {
+                key: "cluster".into(),
+                reason: e.to_string(),
+            };
+            let (seeded, active) = match shared {
+                None => (
+                    self.store.seed(&key).map_err(store_err)?,
+                    self.store.active(&key).map_err(store_err)?,
+                ),
+                Some(sh) => (
+                    sh.seed(&key).await.map_err(cluster_err)?.map(|v| v.value),
+                    sh.active(&key).await.map_err(cluster_err)?.map(|v| v.value),
+                ),
+            };
             let empty =
                 matches!(&spec, Spec::Policies(r) if r.is_empty()) || matches!(&spec, Spec::Filters(c) if c.is_empty());
-            let active = self.store.active(&key).map_err(store_err)?;
             let unchanged = match &seeded {
                 Some(s) => *s == spec,
-                // Nothing seeded and nothing to seed: no deployment needed.
-                None => empty && active.is_none(),
+                // Nothing seeded and nothing to seed: no deployment needed
+                // (and one made through the API stays in force).
+                None => empty,
             };
             if unchanged {
                 continue;
             }
             let d = self
                 .store_version(
+                    shared,
                     CONFIG_CALLER.into(),
                     &scope,
                     spec.clone(),
                     Some("from edge-config".into()),
                 )
+                .await
                 .map_err(|e| ModuleError {
                     key: key.clone(),
                     reason: e.to_string(),
@@ -1148,6 +1392,77 @@ impl ControlPlane {
             self.store.put_module(&record).map_err(store_err)?;
         }
         Ok(format!("sha256:{sha256}"))
+    }
+
+    // ---- what runs where ----
+
+    /// What this edge runs now, as it reports it to the cluster.
+    fn own_report(&self) -> EdgeReport {
+        let (edge_id, region, failing) = match &self.link {
+            Some(l) => (
+                l.edge_id.clone(),
+                l.region.clone(),
+                l.failing.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            ),
+            None => ("this-edge".into(), String::new(), BTreeMap::new()),
+        };
+        EdgeReport {
+            edge_id,
+            region,
+            at_ms: crate::unix_now_ms(),
+            generation: self.current().generation,
+            running: self.store.actives().unwrap_or_default().into_iter().collect(),
+            failing,
+        }
+    }
+
+    /// Tells the cluster what this edge runs (best effort: the next
+    /// change tells it again).
+    async fn report(&self, shared: &Shared) {
+        if let Err(e) = shared.report(&self.own_report()).await {
+            tracing::warn!(error = %e, "cannot tell the cluster what this edge runs");
+        }
+    }
+
+    /// Which version of each scope every edge runs, against what the
+    /// cluster (or, alone, this edge) has activated. A tenant sees only its
+    /// own filters' scope.
+    ///
+    /// In a cluster, from the bucket as this edge last read it (its watch
+    /// keeps up): cheap enough for the dashboard's every second.
+    pub fn edges(&self, caller: &Caller) -> Result<EdgesView, ControlError> {
+        let mine = self.own_report();
+        let (desired, reports): (BTreeMap<String, Activation>, Vec<EdgeReport>) = match &self.link {
+            None => (mine.running.clone(), vec![mine]),
+            Some(l) => {
+                let desired = l.desired.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut reports = l.reports.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                reports.insert(mine.edge_id.clone(), mine);
+                (desired, reports.into_values().collect())
+            }
+        };
+        let visible = |scope: &str| match caller.tenant() {
+            None => true,
+            Some(t) => Scope::parse(scope).is_some_and(|s| s.tenant() == Some(t)),
+        };
+        let desired: BTreeMap<String, Activation> = desired.into_iter().filter(|(k, _)| visible(k)).collect();
+        let edges = reports
+            .into_iter()
+            .map(|mut r| {
+                r.running.retain(|k, _| visible(k));
+                r.failing.retain(|k, _| visible(k));
+                let in_step = r.failing.is_empty()
+                    && desired
+                        .iter()
+                        .all(|(k, a)| r.running.get(k).is_some_and(|mine| same_version(mine, a)));
+                EdgeView {
+                    report: r,
+                    in_step,
+                    live: None,
+                }
+            })
+            .collect();
+        Ok(EdgesView { desired, edges })
     }
 
     // ---- audit ----
