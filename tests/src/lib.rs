@@ -136,6 +136,34 @@ impl TestEdge {
         ConnectOptions::new(self.addr(), self.roots(), token)
     }
 
+    /// Options for a WebTransport session, as a browser page opens one:
+    /// HTTP/3 to the session path, the certificate pinned by its hash.
+    pub fn web_options(&self, token: String) -> ConnectOptions {
+        self.options(token)
+            .with_webtransport(throng_client::WebTransportOptions {
+                path: "/throng".into(),
+                cert_hashes: vec![self.web_cert_hash()],
+                origin: None,
+            })
+    }
+
+    /// The SHA-256 of the WebTransport certificate the edge serves now.
+    pub fn web_cert_hash(&self) -> [u8; 32] {
+        use base64::Engine;
+        let hash = self.edge.webtransport_cert_sha256().expect("WebTransport is on");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(hash)
+            .expect("base64 hash");
+        bytes.try_into().expect("32 bytes")
+    }
+
+    /// A WebTransport client as `user` of `tenant` with `role`, allowed every room.
+    pub async fn web_client(&self, tenant: &str, user: &str, role: &str) -> Client {
+        Client::connect(self.web_options(self.token(tenant, user, role, "*")))
+            .await
+            .expect("WebTransport client connects")
+    }
+
     /// Connects a client as `user` of `tenant` with `role`, allowed every room.
     pub async fn client(&self, tenant: &str, user: &str, role: &str) -> Client {
         Client::connect(self.options(self.token(tenant, user, role, "*")))
@@ -154,8 +182,9 @@ pub async fn raw(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quin
 
 /// A raw QUIC connection to `edge`, with no stream opened yet.
 pub async fn raw_connection(edge: &TestEdge) -> quinn::Connection {
-    let config = throng_client::tls::client_config(&edge.roots(), Duration::from_secs(5), Duration::from_secs(10))
-        .expect("client config");
+    let config =
+        throng_client::tls::client_config(&edge.roots(), None, Duration::from_secs(5), Duration::from_secs(10))
+            .expect("client config");
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     endpoint.set_default_client_config(config);
     endpoint

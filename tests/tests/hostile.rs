@@ -11,8 +11,9 @@ use throng_wire::{ClientFrame, EdgeFrame, ErrorCode, Kind};
 /// Says Hello on a raw connection whose client grants the edge almost no
 /// flow-control credit on the control stream: replies pile up at the edge.
 async fn non_reading_client(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let mut config = throng_client::tls::client_config(&edge.roots(), Duration::from_secs(5), Duration::from_secs(30))
-        .expect("client config");
+    let mut config =
+        throng_client::tls::client_config(&edge.roots(), None, Duration::from_secs(5), Duration::from_secs(30))
+            .expect("client config");
     let mut transport = quinn::TransportConfig::default();
     transport
         .stream_receive_window(1024u32.into())

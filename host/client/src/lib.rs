@@ -31,11 +31,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, RecvStream, SendStream};
+// One session type for both transports: a native connection is a raw
+// session (no HTTP/3 layer), a browser-style one goes through CONNECT.
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
 use throng_wire::{Batch, ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Kind, Limits, Message, Session, encode};
 use tokio::sync::{mpsc, oneshot};
+use web_transport_quinn::{RecvStream, SendStream, Session as Connection};
 
 pub use throng_wire as wire;
 
@@ -125,6 +127,23 @@ impl ClientError {
             other => ClientError::Connection(other.to_string()),
         }
     }
+
+    fn from_session(e: &web_transport_quinn::SessionError) -> Self {
+        use web_transport_quinn::{SessionError, WebTransportError};
+        match e {
+            SessionError::ConnectionError(e) => Self::from_connection(e),
+            // A WebTransport close carries the code in a capsule.
+            SessionError::WebTransportError(WebTransportError::Closed(code, reason)) => {
+                let raw = u16::try_from(*code).unwrap_or(u16::MAX);
+                ClientError::Edge {
+                    code: ErrorCode::from_code(raw),
+                    raw,
+                    text: reason.clone(),
+                }
+            }
+            other => ClientError::Connection(other.to_string()),
+        }
+    }
 }
 
 /// How to reach an edge and who to be there.
@@ -152,6 +171,22 @@ pub struct ConnectOptions {
     /// `server` cannot be reached; a [`ResumableRoom`] moves to the next
     /// one when its connection drops. `roots` must trust all of them.
     pub fallback: Vec<String>,
+    /// Connect the way a browser does, over WebTransport (HTTP/3), instead
+    /// of native QUIC.
+    pub webtransport: Option<WebTransportOptions>,
+}
+
+/// A WebTransport session instead of a native connection: the same
+/// protocol inside, reached at `https://<server><path>`.
+#[derive(Debug, Clone, Default)]
+pub struct WebTransportOptions {
+    /// The edge's session path (`[webtransport] path`, `/throng` by default).
+    pub path: String,
+    /// SHA-256 hashes of certificates to accept without a CA, as browsers
+    /// take `serverCertificateHashes`; empty: trust `roots`.
+    pub cert_hashes: Vec<[u8; 32]>,
+    /// The Origin header a page would send; none for a non-browser client.
+    pub origin: Option<String>,
 }
 
 /// Gives the client a fresh token when its current one nears expiry (a
@@ -193,7 +228,14 @@ impl ConnectOptions {
             handshake_timeout: Duration::from_secs(10),
             refresh: None,
             fallback: Vec::new(),
+            webtransport: None,
         }
+    }
+
+    /// Connects over WebTransport, as a browser does.
+    pub fn with_webtransport(mut self, webtransport: WebTransportOptions) -> Self {
+        self.webtransport = Some(webtransport);
+        self
     }
 
     /// Edges of one cluster, any of which serves every room: the first is
@@ -341,7 +383,7 @@ struct CloseOnDrop(Connection);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.close(0u32.into(), b"client dropped");
+        self.0.close(0, b"client dropped");
     }
 }
 
@@ -383,6 +425,19 @@ pub struct PendingAck {
 impl PendingAck {
     pub async fn ack(self) -> Result<Ack, ClientError> {
         self.rx.await.unwrap_or(Err(ClientError::Closed))
+    }
+}
+
+/// A WebTransport handshake that did not open a session: the edge's HTTP
+/// status (404 for a wrong path, 403 for an origin it does not allow) or
+/// the network's error.
+fn webtransport_refused(e: web_transport_quinn::ClientError) -> ClientError {
+    match e {
+        web_transport_quinn::ClientError::Connection(e) => ClientError::from_connection(&e),
+        web_transport_quinn::ClientError::HttpError(web_transport_quinn::ConnectError::ErrorStatus(status)) => {
+            ClientError::Connect(format!("the edge refused the WebTransport session: HTTP {status}"))
+        }
+        other => ClientError::Connect(format!("WebTransport handshake failed: {other}")),
     }
 }
 
@@ -431,14 +486,39 @@ impl Client {
     /// Connects through an existing endpoint (many clients can share one socket).
     pub async fn connect_with(endpoint: quinn::Endpoint, opts: ConnectOptions) -> Result<Client, ClientError> {
         let (addr, host) = resolve(&opts.server).await?;
-        let config = tls::client_config(&opts.roots, opts.keep_alive, opts.idle_timeout)?;
+        let config = tls::client_config(
+            &opts.roots,
+            opts.webtransport.as_ref().map(|w| w.cert_hashes.as_slice()),
+            opts.keep_alive,
+            opts.idle_timeout,
+        )?;
         let server_name = opts.server_name.clone().unwrap_or(host);
         let connecting = endpoint
             .connect_with(config, addr, &server_name)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let handshake = async {
-            let conn = connecting.await.map_err(|e| ClientError::from_connection(&e))?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ClientError::from_connection(&e))?;
+            let quic = connecting.await.map_err(|e| ClientError::from_connection(&e))?;
+            let conn = match &opts.webtransport {
+                None => Connection::raw(quic),
+                Some(w) => {
+                    let url = format!("https://{}{}", opts.server, w.path);
+                    let url = web_transport_quinn::proto::ConnectRequest::new(
+                        url.parse::<url::Url>()
+                            .map_err(|e| ClientError::Address(format!("{url}: {e}")))?,
+                    );
+                    let request = match &w.origin {
+                        Some(origin) => url.with_header(
+                            web_transport_quinn::http::header::ORIGIN,
+                            origin
+                                .parse()
+                                .map_err(|_| ClientError::Address(format!("bad origin `{origin}`")))?,
+                        ),
+                        None => url,
+                    };
+                    Connection::connect(quic, request).await.map_err(webtransport_refused)?
+                }
+            };
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| ClientError::from_session(&e))?;
             let hello = encode(
                 &ClientFrame::Hello {
                     token: opts.token.clone(),
@@ -464,7 +544,7 @@ impl Client {
                 Some(other) => Err(ClientError::Protocol(format!("expected Welcome, got {other:?}"))),
                 None => Err(conn
                     .close_reason()
-                    .map(|e| ClientError::from_connection(&e))
+                    .map(|e| ClientError::from_session(&e))
                     .unwrap_or(ClientError::Protocol("control stream ended before Welcome".into()))),
             }
         };
@@ -671,12 +751,12 @@ impl Client {
             .pending()
             .fatal
             .clone()
-            .unwrap_or(ClientError::from_connection(&e))
+            .unwrap_or(ClientError::from_session(&e))
     }
 
     /// Closes the connection.
     pub fn close(&self) {
-        self.conn.close(0u32.into(), b"client closed");
+        self.conn.close(0, b"client closed");
     }
 
     /// Closes the connection and waits (at most `limit`) until the close has
@@ -708,11 +788,11 @@ async fn read_frame(
                 buf.finish().map_err(|e| ClientError::Protocol(e.to_string()))?;
                 return Ok(None);
             }
-            Err(quinn::ReadError::ConnectionLost(e)) => return Err(ClientError::from_connection(&e)),
+            Err(web_transport_quinn::ReadError::SessionError(e)) => return Err(ClientError::from_session(&e)),
             Err(e) => {
                 return Err(conn
                     .close_reason()
-                    .map(|c| ClientError::from_connection(&c))
+                    .map(|c| ClientError::from_session(&c))
                     .unwrap_or(ClientError::Connection(e.to_string())));
             }
         }
@@ -725,7 +805,7 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
             Ok(Some(f)) => f,
             Ok(None) => {
                 let e = conn.closed().await;
-                inner.fail(ClientError::from_connection(&e));
+                inner.fail(ClientError::from_session(&e));
                 return;
             }
             Err(e) => {
@@ -812,7 +892,7 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
                 inner.fail(ClientError::Protocol(format!(
                     "unexpected frame on the control stream: {other:?}"
                 )));
-                conn.close(u32::from(ErrorCode::UnexpectedFrame.code()).into(), b"unexpected frame");
+                conn.close(u32::from(ErrorCode::UnexpectedFrame.code()), b"unexpected frame");
                 return;
             }
         }

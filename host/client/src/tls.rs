@@ -1,4 +1,6 @@
-//! Client TLS: trust the given certificates, speak ALPN `throng/1`, TLS 1.3 on ring.
+//! Client TLS: trust the given certificates (or, over WebTransport, the
+//! certificate hashes a page would pin), speak ALPN `throng/1` (or `h3`),
+//! TLS 1.3 on ring.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,9 +22,12 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientErr
     Ok(certs)
 }
 
-/// A quinn client config trusting exactly `roots`.
+/// A quinn client config trusting exactly `roots`; with `webtransport`,
+/// speaking HTTP/3 and, if hashes are given, accepting exactly the
+/// certificates with those SHA-256 hashes instead.
 pub fn client_config(
     roots: &[CertificateDer<'static>],
+    webtransport: Option<&[[u8; 32]]>,
     keep_alive: Duration,
     idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, ClientError> {
@@ -33,12 +38,23 @@ pub fn client_config(
             .map_err(|e| ClientError::Tls(format!("bad certificate to trust: {e}")))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![throng_wire::ALPN.to_vec()];
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let mut tls = match webtransport {
+        Some(hashes) if !hashes.is_empty() => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedHashes {
+                hashes: hashes.to_vec(),
+                provider,
+            }))
+            .with_no_client_auth(),
+        _ => builder.with_root_certificates(store).with_no_client_auth(),
+    };
+    tls.alpn_protocols = match webtransport {
+        Some(_) => vec![web_transport_quinn::ALPN.as_bytes().to_vec()],
+        None => vec![throng_wire::ALPN.to_vec()],
+    };
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -52,4 +68,56 @@ pub fn client_config(
         ));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// Accepts a server certificate by its SHA-256 hash, as browsers do with
+/// `serverCertificateHashes` (no CA, no name check; the handshake's
+/// signature is still verified against the certificate's key).
+#[derive(Debug)]
+struct PinnedHashes {
+    hashes: Vec<[u8; 32]>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedHashes {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let hash: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if self.hashes.contains(&hash) {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -146,12 +146,15 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<AdminSta
     let keyed = crate::api::router(Arc::clone(&state)).merge(Router::new().route("/stats", get(stats)).layer(
         axum::middleware::from_fn_with_state(Arc::clone(&state), crate::api::require_caller),
     ));
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/dashboard", get(dashboard))
-        .merge(keyed)
-        .with_state(state);
+        .merge(keyed);
+    if state.shared.webtransport.as_ref().is_some_and(|w| w.config.demo) {
+        app = app.merge(crate::api::demo::routes());
+    }
+    let app = app.with_state(state);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let tasks = tokio_util::task::TaskTracker::new();
     loop {

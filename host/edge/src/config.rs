@@ -108,7 +108,44 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[control]`: the admin API's callers and tenants' quotas.
     pub control: ControlConfig,
+    /// `[webtransport]`: browsers on the same UDP port (ALPN `h3`). None
+    /// when turned off.
+    pub webtransport: Option<WebTransportConfig>,
 }
+
+/// `[webtransport]`: browser sessions over HTTP/3 beside native QUIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebTransportConfig {
+    /// The path a session's CONNECT must ask for (`/throng`).
+    pub path: String,
+    /// Page origins allowed to open sessions (`*` allows any). The demo
+    /// page's own origin is always allowed. A request without an Origin
+    /// header is not from a browser page and is let through: the token
+    /// still decides who it is.
+    pub allowed_origins: Vec<String>,
+    /// Serve the demo page at `/demo` on the admin endpoint.
+    pub demo: bool,
+    /// How long the self-signed WebTransport dev certificate is valid.
+    /// Browsers take one by hash only if it is ECDSA and valid at most
+    /// 14 days.
+    pub dev_cert_lifetime: Duration,
+    /// A dev certificate with less than this left is replaced.
+    pub dev_cert_renew_before: Duration,
+}
+
+/// `scheme://host[:port]`, nothing after: the form of a browser's Origin header.
+fn is_origin(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) else {
+        return false;
+    };
+    !rest.is_empty() && !rest.contains(['/', ' ', '?', '#', '@'])
+}
+
+/// How far back a new dev certificate's validity starts.
+pub const DEV_CERT_BACKDATE: Duration = Duration::from_secs(60);
+
+/// Longest validity browsers accept for a certificate pinned by hash.
+pub const MAX_PINNED_CERT_LIFETIME: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// `[control]`: who may call the admin API (`/v1`), how far rollback
 /// reaches, and what each tenant's uploads may cost.
@@ -596,6 +633,34 @@ struct RawConfig {
     cluster: Option<RawCluster>,
     #[serde(default)]
     control: RawControl,
+    #[serde(default)]
+    webtransport: RawWebTransport,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawWebTransport {
+    enabled: bool,
+    path: String,
+    allowed_origins: Vec<String>,
+    demo: bool,
+    #[serde(with = "humantime_serde")]
+    dev_cert_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    dev_cert_renew_before: Duration,
+}
+
+impl Default for RawWebTransport {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/throng".into(),
+            allowed_origins: Vec::new(),
+            demo: false,
+            dev_cert_lifetime: Duration::from_secs(13 * 24 * 3600),
+            dev_cert_renew_before: Duration::from_secs(3 * 24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -1467,7 +1532,56 @@ impl Validator<'_> {
             filters,
             cluster: raw.cluster.map(|c| self.cluster(c)).transpose()?,
             control: self.control(raw.control.operators, raw.control.history, default_quota, tenant_quotas)?,
+            webtransport: self.webtransport(raw.webtransport)?,
         })
+    }
+
+    fn webtransport(&self, w: RawWebTransport) -> Result<Option<WebTransportConfig>, ConfigError> {
+        if !w.enabled {
+            return Ok(None);
+        }
+        if !w.path.starts_with('/') || w.path.len() > 256 || w.path.contains(['?', '#', ' ']) {
+            return Err(self.err(
+                "webtransport.path",
+                format!(
+                    "`{}` is not a path (it starts with `/`, has no `?`, `#` or spaces, at most 256 bytes)",
+                    w.path
+                ),
+            ));
+        }
+        for origin in &w.allowed_origins {
+            let valid = origin == "*" || is_origin(origin);
+            if !valid {
+                return Err(self.err(
+                    "webtransport.allowed_origins",
+                    format!("`{origin}` is not an origin like \"https://example.com\" or \"http://127.0.0.1:9433\" (or \"*\")"),
+                ));
+            }
+        }
+        let lifetime = self.duration(
+            "webtransport.dev_cert_lifetime",
+            w.dev_cert_lifetime,
+            Duration::from_secs(60),
+            MAX_PINNED_CERT_LIFETIME,
+        )?;
+        // A new certificate starts a little in the past (clocks differ),
+        // so it has that much less than its lifetime left.
+        if w.dev_cert_renew_before + DEV_CERT_BACKDATE + Duration::from_secs(1) > lifetime {
+            return Err(self.err(
+                "webtransport.dev_cert_renew_before",
+                format!(
+                    "must be shorter than webtransport.dev_cert_lifetime less {}s (a new certificate is dated that far back)",
+                    DEV_CERT_BACKDATE.as_secs()
+                ),
+            ));
+        }
+        Ok(Some(WebTransportConfig {
+            path: w.path,
+            allowed_origins: w.allowed_origins,
+            demo: w.demo,
+            dev_cert_lifetime: lifetime,
+            dev_cert_renew_before: w.dev_cert_renew_before,
+        }))
     }
 
     fn control(

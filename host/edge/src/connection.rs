@@ -11,9 +11,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::peer::{In, Out, Peer};
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use quinn::{Connection, RecvStream, SendStream};
 use throng_wire::{
     Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, split_to_fit, validate_room_name,
 };
@@ -93,6 +93,38 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let conn = if negotiated_h3(&conn) {
+        let Some(web) = shared.webtransport.as_ref() else {
+            // `h3` is offered only with WebTransport on.
+            conn.close(0u32.into(), b"WebTransport is off");
+            return;
+        };
+        match web
+            .accept(conn, shared.config.limits.hello_timeout)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(session) => {
+                metrics::counter!("throng_webtransport_sessions_total").increment(1);
+                Peer::Web(Arc::new(session))
+            }
+            Err(e) => {
+                // Debug, not info: anyone can make these by the thousand.
+                let _enter = span.enter();
+                tracing::debug!(error = %e, "WebTransport session refused");
+                metrics::counter!("throng_webtransport_refused_total", "reason" => e.label()).increment(1);
+                return;
+            }
+        }
+    } else {
+        if shared.webtransport.is_some() {
+            // The handshake allowed a browser's HTTP/3 streams; a native
+            // client needs its control stream and nothing more.
+            conn.set_max_concurrent_bi_streams(1u32.into());
+            conn.set_max_concurrent_uni_streams(0u32.into());
+        }
+        Peer::Quic(conn)
+    };
     metrics::counter!("throng_connections_total").increment(1);
     metrics::gauge!("throng_connections").increment(1.0);
     shared
@@ -110,14 +142,19 @@ pub(crate) async fn serve(
     );
 }
 
-async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthenticated) {
+/// Whether the handshake settled on HTTP/3, i.e. a browser's WebTransport.
+fn negotiated_h3(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .is_some_and(|p| p == web_transport_quinn::ALPN.as_bytes())
+}
+
+async fn run(id: u64, conn: Peer, shared: &Arc<Shared>, slot: Unauthenticated) {
     let limits = &shared.config.limits;
     let (send, recv) = match tokio::time::timeout(limits.hello_timeout, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "closed before opening a control stream");
-            return;
-        }
+        Ok(Err(_)) => return,
         Err(_) => {
             close(&conn, ErrorCode::Unauthenticated, "no control stream opened in time");
             return;
@@ -127,7 +164,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
     let (reply, replies) = ReplyTx::channel(limits.reply_queue as usize, move || {
         // The queue is full, so no error frame could get through: the
         // close carries the code. Closing twice is harmless.
-        if closer.close_reason().is_none() {
+        if !closer.is_closed() {
             tracing::info!(code = %ErrorCode::TooSlow, "closing: the client does not read its replies");
             metrics::counter!("throng_connections_closed_total", "reason" => "not_reading").increment(1);
             close(&closer, ErrorCode::TooSlow, "too slow: not reading replies");
@@ -270,7 +307,7 @@ async fn run(id: u64, conn: Connection, shared: &Arc<Shared>, slot: Unauthentica
     }
     match last_words {
         Some((code, text)) => close(&conn, code, &text),
-        None => conn.close(0u32.into(), b"bye"),
+        None => conn.close(0, b"bye"),
     }
 }
 
@@ -288,8 +325,8 @@ fn error_frame((code, text): Fatal) -> EdgeFrame {
     }
 }
 
-fn close(conn: &Connection, code: ErrorCode, reason: &str) {
-    conn.close(u32::from(code.code()).into(), reason.as_bytes());
+fn close(conn: &Peer, code: ErrorCode, reason: &str) {
+    conn.close(u32::from(code.code()), reason.as_bytes());
 }
 
 enum ReadError {
@@ -298,7 +335,7 @@ enum ReadError {
 }
 
 struct Reader {
-    recv: RecvStream,
+    recv: In,
     buf: FrameBuffer<ClientFrame>,
 }
 
@@ -312,8 +349,8 @@ impl Reader {
             {
                 return Ok(Some(frame));
             }
-            match self.recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.buf.extend(&chunk.bytes),
+            match self.recv.read_chunk(READ_CHUNK).await {
+                Ok(Some(chunk)) => self.buf.extend(&chunk),
                 Ok(None) => {
                     return self
                         .buf
@@ -330,14 +367,9 @@ impl Reader {
 /// Writes replies to the control stream. A fatal `Error` is the last frame:
 /// the stream is finished, the client gets a moment to read it, then the
 /// connection closes with the error's code.
-async fn write_control(
-    mut send: SendStream,
-    mut replies: mpsc::Receiver<Box<EdgeFrame>>,
-    conn: Connection,
-    max_frame: u32,
-) {
+async fn write_control(mut send: Out, mut replies: mpsc::Receiver<Box<EdgeFrame>>, conn: Peer, max_frame: u32) {
     // Acks and errors must not queue behind room batches.
-    let _ = send.set_priority(10);
+    send.set_priority(10);
     loop {
         let frame = tokio::select! {
             f = replies.recv() => match f { Some(f) => f, None => break },
@@ -360,13 +392,13 @@ async fn write_control(
             return;
         }
         if let Some((code, text)) = fatal {
-            let _ = send.finish();
+            send.finish();
             let _ = tokio::time::timeout(LINGER_ON_ERROR, send.stopped()).await;
             close(&conn, code, &text);
             return;
         }
     }
-    let _ = send.finish();
+    send.finish();
     // The connection closes next: give the last replies (an error among
     // them, maybe) a moment to be read first.
     let _ = tokio::time::timeout(LINGER_ON_ERROR, send.stopped()).await;
@@ -380,7 +412,7 @@ struct JoinedRoom {
 
 struct Session<'a> {
     id: u64,
-    conn: Connection,
+    conn: Peer,
     shared: &'a Arc<Shared>,
     /// Boxed: read on every frame, but large, and an idle viewer keeps it.
     grant: Box<Grant>,
@@ -835,6 +867,9 @@ struct CatchUp {
     online: u64,
 }
 
+/// Why a catch-up stopped when its stream went away.
+const CLOSED: &str = "the room stream closed";
+
 /// Messages per catch-up read (and at most per batch frame).
 const CATCH_UP_CHUNK: usize = 256;
 
@@ -843,7 +878,7 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
 
 impl CatchUp {
     /// Writes the missed messages in order, as batches of tick 0.
-    async fn write(self, stream: &mut SendStream, max_frame: u32) -> Result<(), String> {
+    async fn write(self, stream: &mut Out, max_frame: u32) -> Result<(), String> {
         // `missed` in a catch-up batch counts sequence numbers retention
         // removed before the member came back.
         let batch = |messages: Vec<Message>, missed: u64| {
@@ -896,7 +931,7 @@ impl CatchUp {
                     stream
                         .write_chunk(batch(frame, std::mem::take(&mut missed))?)
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|_| CLOSED.to_owned())?;
                 }
             }
             if missed > 0 {
@@ -904,12 +939,15 @@ impl CatchUp {
                 stream
                     .write_chunk(batch(Vec::new(), missed)?)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| CLOSED.to_owned())?;
             }
         }
         if !self.tail.is_empty() {
             for frame in split_to_fit(self.tail.clone(), max_frame, 0) {
-                stream.write_chunk(batch(frame, 0)?).await.map_err(|e| e.to_string())?;
+                stream
+                    .write_chunk(batch(frame, 0)?)
+                    .await
+                    .map_err(|_| CLOSED.to_owned())?;
             }
         }
         Ok(())
@@ -918,7 +956,7 @@ impl CatchUp {
 
 /// Writes `Joined`, then what a returning member missed, then drains the
 /// viewer's slot into its room stream. Runs on the room's class pool.
-async fn write_room(mut stream: SendStream, joined: Bytes, catch_up: CatchUp, slot: Arc<ViewerSlot>, max_frame: u32) {
+async fn write_room(mut stream: Out, joined: Bytes, catch_up: CatchUp, slot: Arc<ViewerSlot>, max_frame: u32) {
     if open_room(&mut stream, joined, catch_up, &slot, max_frame).await {
         // A task of its own: the catch-up's state is three times the size
         // of the live loop's, and the live loop runs for hours.
@@ -929,13 +967,13 @@ async fn write_room(mut stream: SendStream, joined: Bytes, catch_up: CatchUp, sl
 /// Drains the viewer's slot; follows the room to another class's pool when
 /// it moves there. Not instrumented: entering a span on every wake-up of
 /// 10,000 writers costs more than the few lines they log.
-async fn write_live(mut stream: SendStream, slot: Arc<ViewerSlot>, max_frame: u32) {
+async fn write_live(mut stream: Out, slot: Arc<ViewerSlot>, max_frame: u32) {
     if let Drained::Moved(pool) = drain_room(&mut stream, &slot, max_frame).await {
         move_writer(&pool, stream, slot, max_frame);
     }
 }
 
-fn move_writer(pool: &tokio::runtime::Handle, stream: SendStream, slot: Arc<ViewerSlot>, max_frame: u32) {
+fn move_writer(pool: &tokio::runtime::Handle, stream: Out, slot: Arc<ViewerSlot>, max_frame: u32) {
     pool.spawn(write_live(stream, slot, max_frame));
 }
 
@@ -950,13 +988,7 @@ enum Drained {
 }
 
 /// Writes `Joined` and the catch-up; false if the stream is unusable.
-async fn open_room(
-    stream: &mut SendStream,
-    joined: Bytes,
-    catch_up: CatchUp,
-    slot: &ViewerSlot,
-    max_frame: u32,
-) -> bool {
+async fn open_room(stream: &mut Out, joined: Bytes, catch_up: CatchUp, slot: &ViewerSlot, max_frame: u32) -> bool {
     if stream.write_chunk(joined).await.is_err() {
         slot.close();
         return false;
@@ -964,14 +996,14 @@ async fn open_room(
     if let Err(e) = catch_up.write(stream, max_frame).await {
         tracing::warn!(error = %e, "catch-up failed; closing the room stream");
         slot.close();
-        let _ = stream.reset(u32::from(ErrorCode::Internal.code()).into());
+        stream.reset(u32::from(ErrorCode::Internal.code()));
         return false;
     }
     true
 }
 
 /// Writes batches until the room closes the slot, moves, or evicts.
-async fn drain_room(stream: &mut SendStream, slot: &ViewerSlot, max_frame: u32) -> Drained {
+async fn drain_room(stream: &mut Out, slot: &ViewerSlot, max_frame: u32) -> Drained {
     loop {
         let (deliveries, missed) = match slot.next().await {
             Next::Batches(deliveries, missed) => (deliveries, missed),
@@ -995,7 +1027,7 @@ async fn drain_room(stream: &mut SendStream, slot: &ViewerSlot, max_frame: u32) 
             }
         }
     }
-    let _ = stream.finish();
+    stream.finish();
     Drained::Done
 }
 

@@ -63,12 +63,14 @@ mod kick;
 pub mod log;
 mod metrics_help;
 pub mod modules;
+mod peer;
 pub mod policy;
 pub mod presence;
 pub mod procstat;
 pub mod room;
 pub mod tls;
 pub mod wasm;
+pub mod webtransport;
 mod workers;
 
 use std::net::SocketAddr;
@@ -160,6 +162,8 @@ pub(crate) struct Shared {
     kicks: Arc<kick::Kicks>,
     /// This edge's cluster, with `[cluster]`.
     cluster: Option<Arc<cluster::Cluster>>,
+    /// Browser sessions, with `[webtransport]`.
+    webtransport: Option<Arc<webtransport::WebTransport>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -214,7 +218,16 @@ impl Edge {
     /// Binds the listener and starts serving. Returns once the socket is bound.
     pub async fn start(config: Config) -> Result<Edge, EdgeError> {
         let identity = tls::identity(&config)?;
-        let crypto = tls::server_crypto(&identity)?;
+        // Browsers get their own certificate: a dev one they can pin by
+        // hash, or the configured one.
+        let web_cert = match &config.webtransport {
+            None => None,
+            Some(w) => Some(Arc::new(match &config.tls {
+                Some(_) => tls::WebCert::configured(&identity)?,
+                None => tls::WebCert::dev(&config.data_dir, w.dev_cert_lifetime, w.dev_cert_renew_before)?,
+            })),
+        };
+        let crypto = tls::server_crypto(&identity, web_cert.as_ref())?;
         let mut server = quinn::ServerConfig::with_crypto(crypto);
         server.transport_config(Arc::new(transport(&config)?));
 
@@ -246,6 +259,20 @@ impl Edge {
         let runtime = WasmRuntime::new(wasm)?;
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
+        let webtransport = match (&config.webtransport, web_cert) {
+            (Some(w), Some(cert)) => {
+                if config.tls.is_none() {
+                    connections.spawn(Arc::clone(&cert).keep_fresh(
+                        config.data_dir.clone(),
+                        w.dev_cert_lifetime,
+                        w.dev_cert_renew_before,
+                        shutdown.clone(),
+                    ));
+                }
+                Some(Arc::new(webtransport::WebTransport::new(w.clone(), cert, local_addr)))
+            }
+            _ => None,
+        };
         let cluster = match &config.cluster {
             None => None,
             Some(c) => Some(cluster::Cluster::join(c, local_addr, shutdown.clone(), &connections).await?),
@@ -353,6 +380,7 @@ impl Edge {
             admission: admission::Admission::new(&config.limits),
             kicks,
             cluster,
+            webtransport,
             config,
         });
         connections.spawn(accept_loop(endpoint.clone(), Arc::clone(&shared), connections.clone()));
@@ -366,6 +394,9 @@ impl Edge {
                     .await
                     .map_err(|source| EdgeError::AdminBind { addr, source })?;
                 let bound = listener.local_addr().unwrap_or(addr);
+                if let Some(w) = shared.webtransport.as_ref().filter(|w| w.config.demo) {
+                    w.set_demo_addr(bound);
+                }
                 let state = Arc::new(admin::AdminState {
                     shared: Arc::clone(&shared),
                     wasm: Arc::clone(runtime.stats()),
@@ -485,6 +516,23 @@ impl Edge {
     /// The certificate clients should trust.
     pub fn cert_path(&self) -> &Path {
         &self.cert_path
+    }
+
+    /// The URL browsers open a WebTransport session to, when enabled.
+    pub fn webtransport_url(&self) -> Option<&str> {
+        self.shared.webtransport.as_ref().map(|w| w.url.as_str())
+    }
+
+    /// Base64 SHA-256 of the WebTransport dev certificate in use now (what
+    /// pages pass in `serverCertificateHashes`); none with a configured
+    /// certificate or without WebTransport.
+    pub fn webtransport_cert_sha256(&self) -> Option<String> {
+        self.shared.webtransport.as_ref()?.cert.current().sha256.clone()
+    }
+
+    /// The demo page's address, when it is served.
+    pub fn demo_url(&self) -> Option<String> {
+        self.shared.webtransport.as_ref()?.demo_url()
     }
 
     /// Rooms alive on this edge.
@@ -645,13 +693,22 @@ async fn housekeeping(shared: Arc<Shared>) {
 /// Transport settings for many mostly idle viewers: the client may open one
 /// bidirectional (control) stream and no unidirectional ones, and its
 /// receive windows are small, because quinn sizes per-connection state from
-/// these limits. Public so the bare-quinn baseline of `throng load` runs
-/// the very same settings.
+/// these limits. With WebTransport, a browser also needs HTTP/3's own
+/// streams (RFC 9114 asks for three unidirectional ones: control and the
+/// two QPACK streams; and the CONNECT stream beside the control stream):
+/// the limits are raised for every handshake, since the protocol is known
+/// only after it, and a native connection is held back to one and none once
+/// it is known. Public so the bare-quinn baseline of `throng load` runs the
+/// very same settings.
 pub fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
     let q = &config.quic;
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
+    let (bidi, uni) = match config.webtransport {
+        Some(_) => (WEB_BIDI_STREAMS, WEB_UNI_STREAMS),
+        None => (1, 0),
+    };
+    t.max_concurrent_bidi_streams(bidi.into())
+        .max_concurrent_uni_streams(uni.into())
         .stream_receive_window(q.stream_receive_window.into())
         .receive_window(q.connection_receive_window.into())
         .send_window(q.send_window)
@@ -663,6 +720,11 @@ pub fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
         .enable_segmentation_offload(q.segmentation_offload);
     Ok(t)
 }
+
+/// Streams a browser may open: the CONNECT and control streams.
+const WEB_BIDI_STREAMS: u32 = 2;
+/// HTTP/3's control stream and the two QPACK streams.
+const WEB_UNI_STREAMS: u32 = 3;
 
 /// The listener's UDP socket with the configured kernel buffers (shared with
 /// the bare-quinn baseline).

@@ -64,7 +64,7 @@ pub async fn run(a: BareQuinnArgs) -> Result<std::process::ExitCode> {
     // The edge's certificate handling and rustls setup, so the handshake
     // costs the same on both sides of the comparison.
     let identity = throng_edge::tls::identity(&config)?;
-    let crypto = throng_edge::tls::server_crypto(&identity)?;
+    let crypto = throng_edge::tls::server_crypto(&identity, None)?;
     let mut server = quinn::ServerConfig::with_crypto(crypto);
     server.transport_config(Arc::new(throng_edge::transport(&config)?));
     let endpoint = quinn::Endpoint::new(

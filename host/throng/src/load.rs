@@ -63,6 +63,15 @@ pub enum Mode {
     Compare,
 }
 
+/// How the viewers reach the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// Native QUIC, ALPN `throng/1`.
+    Quic,
+    /// WebTransport (HTTP/3), as browsers do, the certificate pinned by hash.
+    Webtransport,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PolicyChoice {
     /// The default policy compiled to Wasm, as deployed.
@@ -162,6 +171,11 @@ pub struct LoadArgs {
     /// Viewer connections.
     #[arg(long, default_value_t = 100)]
     viewers: usize,
+    /// How viewers connect (senders and churners stay native): native QUIC
+    /// or WebTransport, which pins `webtransport-cert.pem` from the edge's
+    /// data dir (beside --cert, or the spawned edge's) by its hash.
+    #[arg(long, value_enum, default_value = "quic")]
+    transport: Transport,
     /// Rooms `load-0`, `load-1`, ...; viewers are spread over them round-robin.
     #[arg(long, default_value_t = 1)]
     rooms: usize,
@@ -215,6 +229,25 @@ pub struct LoadArgs {
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
+}
+
+/// WebTransport viewers pin the edge's WebTransport dev certificate, which
+/// sits beside its native one in the data dir.
+fn webtransport_options(target: &Target) -> Result<throng_client::WebTransportOptions> {
+    use sha2::Digest;
+    let native = target
+        .certs
+        .first()
+        .context("no certificate to find the WebTransport one beside")?;
+    let path = native.with_file_name("webtransport-cert.pem");
+    let cert = throng_client::tls::load_certs(&path)
+        .with_context(|| format!("WebTransport viewers need the edge's {}", path.display()))?
+        .remove(0);
+    Ok(throng_client::WebTransportOptions {
+        path: "/throng".into(),
+        cert_hashes: vec![sha2::Sha256::digest(cert.as_ref()).into()],
+        origin: None,
+    })
 }
 
 /// What every run of one command shares.
@@ -772,6 +805,10 @@ async fn measure(
         o.server_name = Some(server_name.clone());
         o
     };
+    let web = match a.transport {
+        Transport::Quic => None,
+        Transport::Webtransport => Some(webtransport_options(target)?),
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let counters: Vec<Arc<PerViewer>> = (0..a.viewers).map(|_| Arc::default()).collect();
     progress.phase("connecting");
@@ -801,6 +838,7 @@ async fn measure(
         let keep_alive = ConnectOptions::new("", Vec::new(), "");
         Some(throng_client::tls::client_config(
             &roots,
+            None,
             keep_alive.keep_alive,
             keep_alive.idle_timeout,
         )?)
@@ -822,8 +860,10 @@ async fn measure(
                 tasks.spawn(conns::bare_viewer(Arc::clone(&ctx), ep, v));
             }
             None => {
+                let mut opts = template(token(a, plan, format!("load-v{i}"), Role::Viewer)?, i);
+                opts.webtransport = web.clone();
                 let v = Viewer {
-                    opts: template(token(a, plan, format!("load-v{i}"), Role::Viewer)?, i),
+                    opts,
                     room: room_name(i % a.rooms),
                     index: i,
                     sample_frames: i < a.rooms,

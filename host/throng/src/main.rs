@@ -162,6 +162,10 @@ enum Command {
         /// PEM private key, for tenants configured with an ES256 public key.
         #[arg(long)]
         key: Option<PathBuf>,
+        /// Make a token that expired an hour ago (to see how clients take
+        /// `TokenExpired`); --ttl is ignored.
+        #[arg(long)]
+        expired: bool,
     },
     /// Connect to an edge as a client.
     Client {
@@ -344,6 +348,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             rooms,
             ttl,
             key,
+            expired,
         } => {
             let config = load_config(config.as_deref())?;
             let tenant_config = config
@@ -358,7 +363,11 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 sub: user,
                 role: role.claim().to_owned(),
                 rooms,
-                exp: unix_now() + ttl.as_secs(),
+                exp: if expired {
+                    unix_now().saturating_sub(3600)
+                } else {
+                    unix_now() + ttl.as_secs()
+                },
                 nbf: None,
             };
             let token = sign(&claims, tenant_config, private.as_deref()).map_err(anyhow::Error::msg)?;
@@ -484,7 +493,17 @@ async fn serve(
     let config = overrides(load_config(config_path.as_deref())?)?;
     let edge = Edge::start(config).await.context("cannot start the edge")?;
     let cert = std::fs::canonicalize(edge.cert_path()).unwrap_or_else(|_| edge.cert_path().to_owned());
-    println!("throng ready quic={} cert={}", edge.local_addr(), cert.display());
+    let mut ready = format!("throng ready quic={} cert={}", edge.local_addr(), cert.display());
+    if let Some(url) = edge.webtransport_url() {
+        ready.push_str(&format!(" webtransport={url}"));
+    }
+    if let Some(hash) = edge.webtransport_cert_sha256() {
+        ready.push_str(&format!(" cert_sha256={hash}"));
+    }
+    if let Some(demo) = edge.demo_url() {
+        ready.push_str(&format!(" demo={demo}"));
+    }
+    println!("{ready}");
     if let Some(c) = edge.cluster() {
         println!("throng cluster edge_id={} region={}", c.edge_id(), c.region());
     }

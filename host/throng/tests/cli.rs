@@ -78,6 +78,8 @@ impl Serve {
             .strip_prefix("throng ready quic=")
             .unwrap_or_else(|| panic!("ready line: {ready}"));
         let (addr, cert) = rest.split_once(" cert=").expect("ready line has cert=");
+        // The ready line goes on after the path (webtransport=..., cert_sha256=...).
+        let cert = cert.split(' ').next().unwrap_or(cert);
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
         let sink = Arc::clone(&stderr);

@@ -35,6 +35,8 @@ async fn start(config: &std::path::Path) -> (Child, String, std::path::PathBuf) 
         .expect("ready line")
         .to_owned();
     let (addr, cert) = rest.split_once(" cert=").expect("cert");
+    // The ready line goes on after the path (webtransport=..., cert_sha256=...).
+    let cert = cert.split(' ').next().unwrap_or(cert);
     (child, addr.to_owned(), cert.into())
 }
 

@@ -250,6 +250,8 @@ async fn a_server_is_measured_through_its_stats_endpoint() {
     .expect("ready line");
     let rest = ready.trim().strip_prefix("throng ready quic=").expect("ready line");
     let (addr, cert) = rest.split_once(" cert=").expect("cert");
+    // The ready line goes on after the path (webtransport=..., cert_sha256=...).
+    let cert = cert.split(' ').next().unwrap_or(cert);
 
     let stats = format!("http://127.0.0.1:{admin_port}");
     let config_str = config.to_str().expect("utf-8 path");

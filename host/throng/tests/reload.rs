@@ -137,6 +137,8 @@ async fn sighup_applies_tenants_names_restart_settings_and_a_bad_config_changes_
         .expect("read");
     let rest = ready.trim().strip_prefix("throng ready quic=").expect("ready line");
     let (addr, cert) = rest.split_once(" cert=").expect("cert=");
+    // The ready line goes on after the path (webtransport=..., cert_sha256=...).
+    let cert = cert.split(' ').next().unwrap_or(cert);
     let (addr, cert) = (addr.to_owned(), cert.to_owned());
 
     let dev = token(&path, "dev").await.expect("dev token");

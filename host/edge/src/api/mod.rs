@@ -17,8 +17,10 @@
 //! - `server`: the server API for tenants' backends: publish, disconnect,
 //!   presence, group history.
 //! - `overview`: the dashboard's picture, as JSON and as server-sent events.
+//! - `demo`: the WebTransport demo page (open, like the dashboard).
 
 mod audit;
+pub(crate) mod demo;
 mod deployments;
 mod filters;
 mod modules;

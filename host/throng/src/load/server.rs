@@ -226,6 +226,8 @@ pub fn parse_ready(line: &str) -> Result<(SocketAddr, PathBuf)> {
     let (addr, cert) = rest
         .split_once(" cert=")
         .with_context(|| format!("ready line without cert=: `{line}`"))?;
+    // More follows the path (webtransport=..., cert_sha256=...).
+    let cert = cert.split(' ').next().unwrap_or(cert);
     let addr = addr
         .parse()
         .with_context(|| format!("ready line has a bad address `{addr}`"))?;

@@ -185,7 +185,8 @@ pub async fn wait_line(lines: &mut mpsc::UnboundedReceiver<String>, needle: &str
 /// The QUIC address and certificate a `throng serve` printed.
 pub fn quic_of(ready: &str) -> (String, std::path::PathBuf) {
     let rest = ready.trim().strip_prefix("throng ready quic=").expect("ready line");
-    let (addr, cert) = rest.split_once(" cert=").expect("cert in the ready line");
+    let (addr, rest) = rest.split_once(" cert=").expect("cert in the ready line");
+    let cert = rest.split(' ').next().unwrap_or(rest);
     (addr.to_owned(), std::path::PathBuf::from(cert))
 }
 
