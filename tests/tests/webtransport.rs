@@ -337,3 +337,38 @@ async fn an_h3_connection_that_never_sends_connect_is_closed_at_the_hello_timeou
     );
     edge.web_client("acme", "after", "viewer").await;
 }
+
+/// With a certificate from config (`[tls]`), browsers get that one too and
+/// check it against their CAs: no hash is pinned or printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_configured_certificate_browsers_get_it_and_no_hash_is_pinned() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rcgen::CertifiedKey { cert, key_pair } =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).expect("cert");
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key_pair.serialize_pem()).expect("write key");
+    let edge = TestEdge::start(|c| {
+        c.tls = Some(throng_edge::config::TlsFiles {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        });
+    })
+    .await;
+    assert_eq!(edge.edge.webtransport_cert_sha256(), None);
+    let roots = throng_client::tls::load_certs(&cert_path).expect("roots");
+    let token = edge.token("acme", "ca-user", "viewer", "*");
+    let mut opts =
+        throng_client::ConnectOptions::new(edge.addr(), roots, token).with_webtransport(WebTransportOptions {
+            path: "/throng".into(),
+            cert_hashes: Vec::new(),
+            origin: None,
+        });
+    opts.server_name = Some("localhost".into());
+    let web = Client::connect(opts)
+        .await
+        .expect("a WebTransport session on the configured certificate");
+    web.join("lobby").await.expect("joins");
+    // And a native client on the very same certificate.
+    edge.client("acme", "native", "viewer").await;
+}

@@ -247,7 +247,12 @@ fn main() -> std::process::ExitCode {
     };
     let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
         tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+            // web-transport-quinn warns at every browser that leaves without
+            // a close capsule: a client's doing, one line per session, which
+            // any page could turn into a log flood.
+            .unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("{default_level},web_transport_quinn=error"))
+            }),
     );
     match cli.log_format {
         // Colour codes are noise in a file or a pipe.

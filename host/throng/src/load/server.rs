@@ -226,8 +226,13 @@ pub fn parse_ready(line: &str) -> Result<(SocketAddr, PathBuf)> {
     let (addr, cert) = rest
         .split_once(" cert=")
         .with_context(|| format!("ready line without cert=: `{line}`"))?;
-    // More follows the path (webtransport=..., cert_sha256=...).
-    let cert = cert.split(' ').next().unwrap_or(cert);
+    // More may follow the path (webtransport=..., cert_sha256=..., demo=...);
+    // the path itself may hold spaces.
+    let cert = [" webtransport=", " cert_sha256=", " demo="]
+        .iter()
+        .filter_map(|key| cert.find(key))
+        .min()
+        .map_or(cert, |end| &cert[..end]);
     let addr = addr
         .parse()
         .with_context(|| format!("ready line has a bad address `{addr}`"))?;
@@ -250,6 +255,10 @@ mod tests {
     fn ready_line_parses() {
         let (addr, cert) = parse_ready("throng ready quic=127.0.0.1:4433 cert=/tmp/a b/c.pem").expect("parses");
         assert_eq!(addr, "127.0.0.1:4433".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(cert, PathBuf::from("/tmp/a b/c.pem"));
+        let line = "throng ready quic=127.0.0.1:4433 cert=/tmp/a b/c.pem webtransport=https://127.0.0.1:4433/throng \
+                    cert_sha256=AAAA demo=http://127.0.0.1:9433/demo";
+        let (_, cert) = parse_ready(line).expect("parses with WebTransport");
         assert_eq!(cert, PathBuf::from("/tmp/a b/c.pem"));
         assert!(parse_ready("throng ready quic=nope cert=x").is_err());
         assert!(parse_ready("hello").is_err());
