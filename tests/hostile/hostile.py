@@ -20,6 +20,10 @@ Attacks (what each was observed to do to an unbounded edge, see BENCHMARKS.md):
   initial-flood  QUIC Initial packets from 64 sockets, never finished
   never-hello    handshakes completed, Hello never sent
   half-open      handshakes started (Initial answered), never finished
+  wt-never-connect  browser-protocol (h3) handshakes finished, no CONNECT, held
+  wt-never-hello    WebTransport sessions opened (CONNECT answered 200), no Hello, held
+  wt-churn       a WebTransport session cycles Join/Leave over new room names
+  wt-ping-flood  a WebTransport session granting no credit, Pings streamed
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3Connection
+from aioquic.h3.events import HeadersReceived, WebTransportStreamDataReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
@@ -132,33 +138,103 @@ class Raw(QuicConnectionProtocol):
         self.control: int | None = None
 
     def quic_event_received(self, event) -> None:
+        if isinstance(event, StreamDataReceived):
+            self.frames(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, ConnectionTerminated) and not self.closed.done():
+            self.closed.set_result(event.error_code)
+
+    def frames(self, stream_id: int, data: bytes, ended: bool) -> None:
         # Control frames come on the control stream; Joined and Batch on each
         # room's own stream. Every stream is parsed; a stalled one costs us,
         # not the edge.
-        if isinstance(event, StreamDataReceived):
-            buf = self.bufs.get(event.stream_id, b"") + event.data
-            while len(buf) >= 4:
-                (n,) = struct.unpack(">I", buf[:4])
-                if len(buf) < 4 + n:
-                    break
-                name = edge_frame_name(buf[4 : 4 + n])
-                buf = buf[4 + n :]
-                self.seen[name] = self.seen.get(name, 0) + 1
-                {"Welcome": self.welcome, "Joined": self.joined, "Pong": self.pong}.get(
-                    name, asyncio.Event()
-                ).set()
-            if event.end_stream:
-                self.bufs.pop(event.stream_id, None)
-            else:
-                self.bufs[event.stream_id] = buf
-        elif isinstance(event, ConnectionTerminated) and not self.closed.done():
-            self.closed.set_result(event.error_code)
+        buf = self.bufs.get(stream_id, b"") + data
+        while len(buf) >= 4:
+            (n,) = struct.unpack(">I", buf[:4])
+            if len(buf) < 4 + n:
+                break
+            name = edge_frame_name(buf[4 : 4 + n])
+            buf = buf[4 + n :]
+            self.seen[name] = self.seen.get(name, 0) + 1
+            {"Welcome": self.welcome, "Joined": self.joined, "Pong": self.pong}.get(
+                name, asyncio.Event()
+            ).set()
+        if ended:
+            self.bufs.pop(stream_id, None)
+        else:
+            self.bufs[stream_id] = buf
 
     def write(self, data: bytes) -> None:
         if self.control is None:
             self.control = self._quic.get_next_available_stream_id()
         self._quic.send_stream_data(self.control, data)
         self.transmit()
+
+
+class Web(Raw):
+    """The same client as a browser reaches the edge: HTTP/3, a CONNECT to
+    the session path, then the protocol on WebTransport streams."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic, enable_webtransport=True)
+        self.session: int | None = None
+        self.answered: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def quic_event_received(self, event) -> None:
+        if isinstance(event, ConnectionTerminated) and not self.closed.done():
+            self.closed.set_result(event.error_code)
+        # aioquic does not mark a bidirectional WebTransport stream it opened
+        # as one, and would parse the edge's answers as HTTP/3 frames.
+        if isinstance(event, StreamDataReceived) and event.stream_id == self.control:
+            self.frames(event.stream_id, event.data, event.end_stream)
+            return
+        for e in self.h3.handle_event(event):
+            if isinstance(e, HeadersReceived) and e.stream_id == self.session and not self.answered.done():
+                self.answered.set_result(dict(e.headers).get(b":status", b"?").decode())
+            elif isinstance(e, WebTransportStreamDataReceived):
+                self.frames(e.stream_id, e.data, e.stream_ended)
+
+    def open_session(self, authority: str, path: str = "/throng") -> None:
+        self.session = self._quic.get_next_available_stream_id()
+        self.h3.send_headers(self.session, [
+            (b":method", b"CONNECT"), (b":scheme", b"https"), (b":authority", authority.encode()),
+            (b":path", path.encode()), (b":protocol", b"webtransport"),
+        ])
+        self.transmit()
+
+    def write(self, data: bytes) -> None:
+        if self.control is None:
+            self.control = self.h3.create_webtransport_stream(self.session, is_unidirectional=False)
+        try:
+            self._quic.send_stream_data(self.control, data)
+        except (RuntimeError, ValueError):
+            # The edge stopped or ended the stream (it is closing the session).
+            if not self.closed.done():
+                self.closed.set_result("stream stopped")
+        self.transmit()
+
+
+async def open_web(server: tuple[str, int], source: str, *, credit: int | None = None, connect: bool = True) -> Web:
+    """An h3 connection, and (with `connect`) a WebTransport session the edge accepted."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="localhost")
+    config.verify_mode = ssl.CERT_NONE
+    config.idle_timeout = 30.0
+    if credit is not None:
+        config.max_data = credit
+        config.max_stream_data = credit
+    quic = QuicConnection(configuration=config)
+    if credit is not None:
+        freeze_credit(quic)
+    loop = asyncio.get_running_loop()
+    _, proto = await loop.create_datagram_endpoint(lambda: Web(quic), local_addr=(source, 0))
+    proto.connect(server)
+    await proto.wait_connected()
+    if connect:
+        proto.open_session(f"{server[0]}:{server[1]}")
+        status = await asyncio.wait_for(proto.answered, 5)
+        if status != "200":
+            raise RuntimeError(f"CONNECT answered {status}")
+    return proto
 
 
 def freeze_credit(quic: QuicConnection) -> None:
@@ -386,6 +462,84 @@ async def half_open(server, token, until, tally: Tally) -> None:
             drop(p)
 
 
+async def web_authenticated(server, token, *, credit=None) -> Web:
+    proto = await asyncio.wait_for(open_web(server, ATTACKER, credit=credit), 5)
+    proto.write(hello(token))
+    await asyncio.wait_for(proto.welcome.wait(), 5)
+    return proto
+
+
+async def held(open_one, until, tally: Tally) -> None:
+    """Open connections 16 at a time and hold them; forget what the edge closed."""
+    kept: list = []
+    while time.monotonic() < until:
+        batch = [asyncio.create_task(asyncio.wait_for(open_one(), 3)) for _ in range(16)]
+        for t in batch:
+            try:
+                kept.append(await t)
+                tally.connections += 1
+            except Exception:
+                tally.errors += 1
+        for p in [p for p in kept if p.closed.done()]:
+            tally.absorb(p)
+            drop(p)
+        kept = [p for p in kept if not p.closed.done()]
+        await asyncio.sleep(0.02)
+    for p in kept:
+        tally.absorb(p)
+        drop(p)
+
+
+async def wt_never_connect(server, token, until, tally: Tally) -> None:
+    """Finish h3 handshakes and never ask for a session; keep opening more."""
+    await held(lambda: open_web(server, ATTACKER, connect=False), until, tally)
+
+
+async def wt_never_hello(server, token, until, tally: Tally) -> None:
+    """Open WebTransport sessions and never say Hello; keep opening more."""
+    await held(lambda: open_web(server, ATTACKER), until, tally)
+
+
+async def wt_churn(server, token, until, tally: Tally) -> None:
+    """`churn` over WebTransport."""
+    while time.monotonic() < until:
+        try:
+            proto = await web_authenticated(server, token)
+        except Exception:
+            tally.errors += 1
+            await asyncio.sleep(0.05)
+            continue
+        tally.connections += 1
+        while time.monotonic() < until and not proto.closed.done():
+            for _ in range(50):
+                room = "churn-" + uuid.uuid4().hex[:16]
+                proto.write(join(room) + leave(room))
+                tally.sent += 2
+            await asyncio.sleep(0.01)
+        tally.absorb(proto)
+        await close(proto)
+
+
+async def wt_ping_flood(server, token, until, tally: Tally) -> None:
+    """`ping-flood` over WebTransport: 16 KiB of credit, never raised."""
+    nonce = 0
+    while time.monotonic() < until:
+        try:
+            proto = await web_authenticated(server, token, credit=16 * 1024)
+        except Exception:
+            tally.errors += 1
+            await asyncio.sleep(0.05)
+            continue
+        tally.connections += 1
+        while time.monotonic() < until and not proto.closed.done():
+            proto.write(b"".join(ping(nonce + i) for i in range(200)))
+            nonce += 200
+            tally.sent += 200
+            await asyncio.sleep(0.005)
+        tally.absorb(proto)
+        await close(proto)
+
+
 ATTACKS = {
     "churn": churn,
     "ping-flood": ping_flood,
@@ -394,6 +548,10 @@ ATTACKS = {
     "initial-flood": initial_flood,
     "never-hello": never_hello,
     "half-open": half_open,
+    "wt-never-connect": wt_never_connect,
+    "wt-never-hello": wt_never_hello,
+    "wt-churn": wt_churn,
+    "wt-ping-flood": wt_ping_flood,
 }
 
 # --- the legitimate viewer and the watcher ----------------------------------

@@ -716,7 +716,11 @@ pub fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
             quinn::IdleTimeout::try_from(q.idle_timeout).map_err(|e| EdgeError::Transport(e.to_string()))?,
         ))
         .keep_alive_interval(q.keep_alive)
-        .datagram_receive_buffer_size(None)
+        // web-transport-quinn announces H3_DATAGRAM, and HTTP/3 peers then
+        // require the datagram transport parameter (RFC 9297; aioquic
+        // closes without it). The edge reads no datagrams: quinn keeps at
+        // most this many bytes of them, dropping the oldest.
+        .datagram_receive_buffer_size(config.webtransport.as_ref().map(|_| WEB_DATAGRAM_BUFFER))
         .enable_segmentation_offload(q.segmentation_offload);
     Ok(t)
 }
@@ -725,6 +729,8 @@ pub fn transport(config: &Config) -> Result<quinn::TransportConfig, EdgeError> {
 const WEB_BIDI_STREAMS: u32 = 2;
 /// HTTP/3's control stream and the two QPACK streams.
 const WEB_UNI_STREAMS: u32 = 3;
+/// Unread datagram bytes a connection may hold (also the largest datagram).
+const WEB_DATAGRAM_BUFFER: usize = 1200;
 
 /// The listener's UDP socket with the configured kernel buffers (shared with
 /// the bare-quinn baseline).
