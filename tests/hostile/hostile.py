@@ -305,11 +305,12 @@ async def authenticated(server, token, *, credit=None) -> Raw:
     return proto
 
 
-async def churn(server, token, until, tally: Tally) -> None:
+async def churn(server, token, until, tally: Tally, connect=None) -> None:
     """Join/Leave over distinct new room names, as fast as the edge lets it."""
+    connect = connect or authenticated
     while time.monotonic() < until:
         try:
-            proto = await authenticated(server, token)
+            proto = await connect(server, token)
         except Exception:
             tally.errors += 1
             await asyncio.sleep(0.05)
@@ -325,12 +326,13 @@ async def churn(server, token, until, tally: Tally) -> None:
         await close(proto)
 
 
-async def ping_flood(server, token, until, tally: Tally) -> None:
+async def ping_flood(server, token, until, tally: Tally, connect=None) -> None:
     """Grant 16 KiB of credit once, then stream Pings and never read more."""
+    connect = connect or authenticated
     nonce = 0
     while time.monotonic() < until:
         try:
-            proto = await authenticated(server, token, credit=16 * 1024)
+            proto = await connect(server, token, credit=16 * 1024)
         except Exception:
             tally.errors += 1
             await asyncio.sleep(0.05)
@@ -428,47 +430,6 @@ async def initial_flood(server, token, until, tally: Tally) -> None:
         s.close()
 
 
-async def never_hello(server, token, until, tally: Tally) -> None:
-    """Finish handshakes, open no stream, send nothing; keep opening more."""
-    held: list[Raw] = []
-    while time.monotonic() < until:
-        batch = [asyncio.create_task(asyncio.wait_for(open_raw(server, ATTACKER), 3)) for _ in range(16)]
-        for t in batch:
-            try:
-                held.append(await t)
-                tally.connections += 1
-            except Exception:
-                tally.errors += 1
-        # Keep memory in this process bounded: forget the ones the edge closed.
-        for p in [p for p in held if p.closed.done()]:
-            tally.absorb(p)
-            drop(p)
-        held = [p for p in held if not p.closed.done()]
-        await asyncio.sleep(0.02)
-    for p in held:
-        tally.absorb(p)
-        drop(p)
-
-
-async def half_open(server, token, until, tally: Tally) -> None:
-    """Start handshakes and abandon them after the edge's first answer."""
-    while time.monotonic() < until:
-        batch = []
-        for _ in range(32):
-            batch.append(await open_raw(server, ATTACKER, wait=False))
-            tally.connections += 1
-        await asyncio.sleep(0.05)
-        for p in batch:
-            drop(p)
-
-
-async def web_authenticated(server, token, *, credit=None) -> Web:
-    proto = await asyncio.wait_for(open_web(server, ATTACKER, credit=credit), 5)
-    proto.write(hello(token))
-    await asyncio.wait_for(proto.welcome.wait(), 5)
-    return proto
-
-
 async def held(open_one, until, tally: Tally) -> None:
     """Open connections 16 at a time and hold them; forget what the edge closed."""
     kept: list = []
@@ -490,6 +451,30 @@ async def held(open_one, until, tally: Tally) -> None:
         drop(p)
 
 
+async def never_hello(server, token, until, tally: Tally) -> None:
+    """Finish handshakes, open no stream, send nothing; keep opening more."""
+    await held(lambda: open_raw(server, ATTACKER), until, tally)
+
+
+async def half_open(server, token, until, tally: Tally) -> None:
+    """Start handshakes and abandon them after the edge's first answer."""
+    while time.monotonic() < until:
+        batch = []
+        for _ in range(32):
+            batch.append(await open_raw(server, ATTACKER, wait=False))
+            tally.connections += 1
+        await asyncio.sleep(0.05)
+        for p in batch:
+            drop(p)
+
+
+async def web_authenticated(server, token, *, credit=None) -> Web:
+    proto = await asyncio.wait_for(open_web(server, ATTACKER, credit=credit), 5)
+    proto.write(hello(token))
+    await asyncio.wait_for(proto.welcome.wait(), 5)
+    return proto
+
+
 async def wt_never_connect(server, token, until, tally: Tally) -> None:
     """Finish h3 handshakes and never ask for a session; keep opening more."""
     await held(lambda: open_web(server, ATTACKER, connect=False), until, tally)
@@ -502,42 +487,12 @@ async def wt_never_hello(server, token, until, tally: Tally) -> None:
 
 async def wt_churn(server, token, until, tally: Tally) -> None:
     """`churn` over WebTransport."""
-    while time.monotonic() < until:
-        try:
-            proto = await web_authenticated(server, token)
-        except Exception:
-            tally.errors += 1
-            await asyncio.sleep(0.05)
-            continue
-        tally.connections += 1
-        while time.monotonic() < until and not proto.closed.done():
-            for _ in range(50):
-                room = "churn-" + uuid.uuid4().hex[:16]
-                proto.write(join(room) + leave(room))
-                tally.sent += 2
-            await asyncio.sleep(0.01)
-        tally.absorb(proto)
-        await close(proto)
+    await churn(server, token, until, tally, connect=web_authenticated)
 
 
 async def wt_ping_flood(server, token, until, tally: Tally) -> None:
     """`ping-flood` over WebTransport: 16 KiB of credit, never raised."""
-    nonce = 0
-    while time.monotonic() < until:
-        try:
-            proto = await web_authenticated(server, token, credit=16 * 1024)
-        except Exception:
-            tally.errors += 1
-            await asyncio.sleep(0.05)
-            continue
-        tally.connections += 1
-        while time.monotonic() < until and not proto.closed.done():
-            proto.write(b"".join(ping(nonce + i) for i in range(200)))
-            nonce += 200
-            tally.sent += 200
-            await asyncio.sleep(0.005)
-        tally.absorb(proto)
-        await close(proto)
+    await ping_flood(server, token, until, tally, connect=web_authenticated)
 
 
 ATTACKS = {
