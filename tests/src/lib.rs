@@ -2,6 +2,7 @@
 //! `127.0.0.1:0` with its own data dir, tokens for its tenants, and clients.
 
 pub mod api;
+pub mod checker;
 pub mod nats;
 pub mod tools;
 
@@ -172,7 +173,7 @@ impl TestEdge {
     }
 }
 
-/// A raw QUIC connection speaking ALPN throng/1, to send what no client
+/// A raw QUIC connection speaking ALPN throng/2, to send what no client
 /// library would: (connection, control send stream, control recv stream).
 pub async fn raw(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let conn = raw_connection(edge).await;
@@ -451,6 +452,7 @@ impl RawSession {
         self.send(&ClientFrame::Join {
             room: room.into(),
             resume_from,
+            epoch: 0,
         })
         .await;
         let recv = tokio::time::timeout(Duration::from_secs(10), self.conn.accept_uni())

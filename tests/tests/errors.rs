@@ -85,6 +85,7 @@ async fn bad_frames_get_a_typed_error_and_a_close_while_others_keep_receiving() 
             vec![frame(&ClientFrame::Join {
                 room: "lobby".into(),
                 resume_from: None,
+                epoch: 0,
             })],
             ErrorCode::UnexpectedFrame,
         ),

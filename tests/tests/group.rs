@@ -373,8 +373,7 @@ async fn a_room_whose_log_end_cannot_be_read_refuses_joins_and_never_renumbers()
 #[test]
 fn retention_and_compaction_bound_the_file() {
     use std::sync::Arc;
-    use std::sync::atomic::AtomicU64;
-    use throng_edge::log::{GroupLog, Retention};
+    use throng_edge::log::{Commit, GroupLog, Retention};
 
     const ROOMS: usize = 10;
     const TICKS_PER_ROOM: u64 = 100;
@@ -384,7 +383,7 @@ fn retention_and_compaction_bound_the_file() {
         let path = dir.path().join(name);
         let log = GroupLog::open_with(&path, Duration::from_millis(5), u64::MAX, retention).expect("open");
         let tenant: Arc<str> = Arc::from("bench");
-        let committed: Vec<Arc<AtomicU64>> = (0..ROOMS).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let committed: Vec<Arc<Commit>> = (0..ROOMS).map(|_| Commit::new(0, 0)).collect();
         for t in 0..TICKS_PER_ROOM {
             for (r, c) in committed.iter().enumerate() {
                 let room: Arc<str> = Arc::from(format!("group-{r}").as_str());
@@ -396,14 +395,11 @@ fn retention_and_compaction_bound_the_file() {
                         body: vec![b'x'; 200],
                     })
                     .collect();
-                log.append(&tenant, &room, messages, c);
+                log.append(&tenant, &room, messages, (t + 1) * PER_TICK, c);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while committed
-            .iter()
-            .any(|c| c.load(Ordering::Acquire) < TICKS_PER_ROOM * PER_TICK)
-        {
+        while committed.iter().any(|c| c.stored() < TICKS_PER_ROOM * PER_TICK) {
             assert!(Instant::now() < deadline, "every append commits");
             std::thread::sleep(Duration::from_millis(5));
         }

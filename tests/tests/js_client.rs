@@ -10,8 +10,8 @@ use std::process::Command;
 use serde_json::{Value, json};
 use throng_tests::tools;
 use throng_wire::{
-    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, GiftCount, Kind, Limits, Message, Role, Session,
-    encode,
+    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, GiftCount, Kind, Limits, Message, Resumed, Role,
+    Session, encode,
 };
 
 const MAX: u32 = throng_wire::DEFAULT_MAX_FRAME;
@@ -41,13 +41,20 @@ fn edge_json(f: &EdgeFrame) -> Value {
                 "maxRooms": limits.max_rooms, "sendRatePerSec": limits.send_rate_per_sec,
                 "sendBurst": limits.send_burst, "idleTimeoutMs": limits.idle_timeout_ms},
             "expiresAt": expires_at}),
-        EdgeFrame::Joined { room, online, recent } => json!({"type": "Joined", "room": room, "online": online,
-            "recent": recent.iter().map(message).collect::<Vec<_>>()}),
+        EdgeFrame::Joined {
+            room,
+            online,
+            recent,
+            epoch,
+            resumed,
+        } => json!({"type": "Joined", "room": room, "online": online,
+            "recent": recent.iter().map(message).collect::<Vec<_>>(), "epoch": epoch,
+            "resumed": resumed_json(*resumed)}),
         EdgeFrame::Batch(b) => json!({"type": "Batch", "room": b.room, "tick": b.tick,
             "messages": b.messages.iter().map(message).collect::<Vec<_>>(),
             "counters": {"likes": b.counters.likes,
                 "gifts": b.counters.gifts.iter().map(|g| json!({"gift": g.gift, "count": g.count})).collect::<Vec<_>>()},
-            "pinned": b.pinned, "online": b.online, "missed": b.missed}),
+            "pinned": b.pinned, "online": b.online, "missed": b.missed, "epoch": b.epoch}),
         EdgeFrame::Ack { client_msg_id, seq } => json!({"type": "Ack", "clientMsgId": client_msg_id, "seq": seq}),
         EdgeFrame::Rejected {
             client_msg_id,
@@ -68,10 +75,23 @@ fn edge_json(f: &EdgeFrame) -> Value {
     }
 }
 
+fn resumed_json(r: Resumed) -> Value {
+    match r {
+        Resumed::Fresh => json!({"kind": "Fresh"}),
+        Resumed::Continued => json!({"kind": "Continued"}),
+        Resumed::Truncated => json!({"kind": "Truncated"}),
+        Resumed::NewEpoch { previous } => json!({"kind": "NewEpoch", "previous": previous}),
+    }
+}
+
 fn client_json(f: &ClientFrame) -> Value {
     match f {
         ClientFrame::Hello { token } => json!({"type": "Hello", "token": token}),
-        ClientFrame::Join { room, resume_from } => json!({"type": "Join", "room": room, "resumeFrom": resume_from}),
+        ClientFrame::Join {
+            room,
+            resume_from,
+            epoch,
+        } => json!({"type": "Join", "room": room, "resumeFrom": resume_from, "epoch": epoch}),
         ClientFrame::Leave { room } => json!({"type": "Leave", "room": room}),
         ClientFrame::Send {
             room,
@@ -126,6 +146,30 @@ fn edge_frames() -> Vec<(&'static str, EdgeFrame)> {
                     .enumerate()
                     .map(|(i, k)| msg(i as u64 + 1, "ünïcødé 👋", *k, format!("m{i}").as_bytes()))
                     .collect(),
+                epoch: 1_796_000_000_123,
+                resumed: Resumed::Continued,
+            },
+        ),
+        (
+            "joined into a new epoch",
+            EdgeFrame::Joined {
+                room: "lobby".into(),
+                online: 3,
+                recent: vec![msg(1 << 40, "bob", Kind::Chat, b"after")],
+                epoch: 1_796_000_000_999,
+                resumed: Resumed::NewEpoch {
+                    previous: 1_796_000_000_123,
+                },
+            },
+        ),
+        (
+            "joined, ring moved on",
+            EdgeFrame::Joined {
+                room: "lobby".into(),
+                online: 3,
+                recent: Vec::new(),
+                epoch: 7,
+                resumed: Resumed::Truncated,
             },
         ),
         (
@@ -134,6 +178,8 @@ fn edge_frames() -> Vec<(&'static str, EdgeFrame)> {
                 room: "a".into(),
                 online: 0,
                 recent: Vec::new(),
+                epoch: 0,
+                resumed: Resumed::Fresh,
             },
         ),
         (
@@ -162,6 +208,7 @@ fn edge_frames() -> Vec<(&'static str, EdgeFrame)> {
                 pinned: vec![127],
                 online: 10_000_000,
                 missed: 2,
+                epoch: 1_796_000_000_123,
             }),
         ),
         (
@@ -174,6 +221,7 @@ fn edge_frames() -> Vec<(&'static str, EdgeFrame)> {
                 pinned: Vec::new(),
                 online: u64::from(u32::MAX) + 1,
                 missed: 0,
+                epoch: (1 << 53) - 1,
             }),
         ),
         (
@@ -258,6 +306,7 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
             ClientFrame::Join {
                 room: "lobby".into(),
                 resume_from: None,
+                epoch: 0,
             },
         ),
         (
@@ -265,6 +314,7 @@ fn client_frames() -> Vec<(&'static str, ClientFrame)> {
             ClientFrame::Join {
                 room: "group-demo".into(),
                 resume_from: Some(300),
+                epoch: 1_796_000_000_123,
             },
         ),
         ("leave", ClientFrame::Leave { room: "lobby".into() }),

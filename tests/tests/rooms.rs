@@ -114,12 +114,18 @@ async fn a_livecast_late_joiner_gets_the_ring_then_live_with_no_gap_or_duplicate
     let sender = edge.client("acme", "host", "host").await;
     let _s = sender.join("show").await.expect("join");
     let acked = Arc::new(AtomicU64::new(0));
+    // Livecast rooms number above their earlier lives (a time base): the
+    // figures below are counted from the number before the first message.
+    let base = Arc::new(AtomicU64::new(0));
     let streaming = {
         let sender = sender.clone();
-        let acked = Arc::clone(&acked);
+        let (acked, base) = (Arc::clone(&acked), Arc::clone(&base));
         tokio::spawn(async move {
             for i in 0..300 {
-                sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                let ack = sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                if i == 0 {
+                    base.store(ack.seq - 1, Ordering::Relaxed);
+                }
                 acked.store(i + 1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -139,13 +145,14 @@ async fn a_livecast_late_joiner_gets_the_ring_then_live_with_no_gap_or_duplicate
         late.push((c, room));
     }
     streaming.await.expect("sender");
+    let base = base.load(Ordering::Relaxed);
     for (i, (_c, room)) in late.iter_mut().enumerate() {
         assert_eq!(room.recent.len(), 50, "late joiner {i}: a full ring");
         let first = room.recent[0].seq;
-        let expected_total = (300 - first + 1) as usize;
+        let expected_total = (base + 300 - first + 1) as usize;
         let got = take(room, expected_total, Duration::from_secs(10)).await;
         let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
-        let expected: Vec<u64> = (first..=300).collect();
+        let expected: Vec<u64> = (first..=base + 300).collect();
         assert_eq!(seqs, expected, "late joiner {i}: ring then live, seamless");
     }
 }
@@ -160,12 +167,18 @@ async fn a_livecast_rejoin_from_its_last_seq_is_seamless_at_the_wire() {
     let sender = edge.client("acme", "host", "host").await;
     let _s = sender.join("show").await.expect("join");
     let acked = Arc::new(AtomicU64::new(0));
+    // Livecast rooms number above their earlier lives (a time base): the
+    // figures below are counted from the number before the first message.
+    let base = Arc::new(AtomicU64::new(0));
     let streaming = {
         let sender = sender.clone();
-        let acked = Arc::clone(&acked);
+        let (acked, base) = (Arc::clone(&acked), Arc::clone(&base));
         tokio::spawn(async move {
             for i in 0..200 {
-                sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                let ack = sender.send("show", Kind::Chat, format!("m{i}")).await.expect("ack");
+                if i == 0 {
+                    base.store(ack.seq - 1, Ordering::Relaxed);
+                }
                 acked.store(i + 1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -174,8 +187,13 @@ async fn a_livecast_rejoin_from_its_last_seq_is_seamless_at_the_wire() {
     let token = edge.token("acme", "viewer", "viewer", "*");
     let mut first = RawSession::hello(&edge, token.clone()).await;
     let mut stream = first.join("show", None).await;
+    wait_for("the first ack", Duration::from_secs(10), || {
+        acked.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    let base = base.load(Ordering::Relaxed);
     let mut last = None;
-    while last.is_none_or(|s| s < 40) {
+    while last.is_none_or(|s| s < base + 40) {
         match stream.next(Duration::from_secs(10)).await {
             Some(EdgeFrame::Joined { recent, .. }) => last = recent.last().map(|m| m.seq).or(last),
             Some(EdgeFrame::Batch(b)) => last = b.messages.last().map(|m| m.seq).or(last),
@@ -187,7 +205,7 @@ async fn a_livecast_rejoin_from_its_last_seq_is_seamless_at_the_wire() {
     drop(stream);
     // Twenty messages go by while it is away: fewer than the ring holds.
     wait_for("messages to go by", Duration::from_secs(20), || {
-        acked.load(Ordering::Relaxed) >= last + 20
+        acked.load(Ordering::Relaxed) >= last - base + 20
     })
     .await;
 
@@ -199,7 +217,7 @@ async fn a_livecast_rejoin_from_its_last_seq_is_seamless_at_the_wire() {
         other => panic!("expected Joined, got {other:?}"),
     }
     assert!(wire.len() >= 20, "the ring gave {} of the missed messages", wire.len());
-    while wire.last().is_none_or(|m| m.seq < 200) {
+    while wire.last().is_none_or(|m| m.seq < base + 200) {
         match stream.next(Duration::from_secs(10)).await {
             Some(EdgeFrame::Batch(b)) => wire.extend(b.messages),
             other => panic!("expected batches up to seq 200, got {other:?}"),
@@ -207,10 +225,10 @@ async fn a_livecast_rejoin_from_its_last_seq_is_seamless_at_the_wire() {
     }
     streaming.await.expect("sender");
     let seqs: Vec<u64> = wire.iter().map(|m| m.seq).collect();
-    let expected: Vec<u64> = (last + 1..=200).collect();
+    let expected: Vec<u64> = (last + 1..=base + 200).collect();
     assert_eq!(seqs, expected, "ring then live: no duplicate, no gap at the seam");
     let bodies: Vec<Vec<u8>> = wire.iter().map(|m| m.body.clone()).collect();
-    let want: Vec<Vec<u8>> = (last..200).map(|i| format!("m{i}").into_bytes()).collect();
+    let want: Vec<Vec<u8>> = (last - base..200).map(|i| format!("m{i}").into_bytes()).collect();
     assert_eq!(bodies, want);
 }
 
@@ -231,19 +249,35 @@ async fn a_group_room_refuses_messages_while_its_log_is_behind() {
     let mut room = member.join("group-busy").await.expect("join");
     let sender = edge.client("acme", "lead", "viewer").await;
     let _own = sender.join("group-busy").await.expect("join");
+    // Acked means stored: the five are answered only once they are
+    // committed, so they are sent without waiting for their acks.
+    let mut pending = Vec::new();
     for i in 0..5 {
-        sender
-            .send("group-busy", Kind::Chat, format!("m{i}"))
-            .await
-            .expect("ack while the log has room");
+        pending.push(
+            sender
+                .submit("group-busy", Kind::Chat, format!("m{i}"))
+                .await
+                .expect("sent"),
+        );
+    }
+    let stats = edge.edge.log_stats();
+    let start = std::time::Instant::now();
+    while stats.queued_messages.load(std::sync::atomic::Ordering::Relaxed) < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the five never reached the log"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let refused = sender
         .send("group-busy", Kind::Chat, "refused")
         .await
         .expect_err("the log is 5 messages behind");
     assert_eq!(refused.code(), Some(throng_wire::ErrorCode::ServerBusy), "{refused}");
-    let stats = edge.edge.log_stats();
     assert_eq!(stats.refused.load(std::sync::atomic::Ordering::Relaxed), 1);
+    for p in pending {
+        p.ack().await.expect("acked once the log commits");
+    }
 
     // The commit lands; messages are taken again.
     let start = std::time::Instant::now();

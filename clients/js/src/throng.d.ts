@@ -1,4 +1,4 @@
-// Types for throng.js: the `throng/1` wire protocol and a WebTransport session.
+// Types for throng.js: the `throng/2` wire protocol and a WebTransport session.
 // u64 fields are JS numbers; a decoded u64 above Number.MAX_SAFE_INTEGER is
 // refused as Malformed.
 
@@ -132,11 +132,24 @@ export interface Welcome {
   expiresAt: number;
 }
 
+/** What became of a join's resumeFrom. */
+export type Resumed =
+  | { kind: 'Fresh' }
+  /** Everything the room delivered after the number follows. */
+  | { kind: 'Continued' }
+  /** Same numbering, but the edge no longer held all of it: messages may be lost, uncounted. */
+  | { kind: 'Truncated' }
+  /** The number was of another numbering (`previous`): what was said between is unknown. */
+  | { kind: 'NewEpoch'; previous: number };
+
 export interface Joined {
   type: 'Joined';
   room: string;
   online: number;
   recent: Message[];
+  /** The room's numbering: sequence numbers compare only within one epoch. */
+  epoch: number;
+  resumed: Resumed;
 }
 
 export interface Batch {
@@ -150,6 +163,8 @@ export interface Batch {
   online: number;
   /** Batches not received because this viewer fell behind. */
   missed: number;
+  /** The numbering of `messages`; a change means another edge took the room over. */
+  epoch: number;
 }
 
 export interface Ack {
@@ -232,6 +247,8 @@ export interface Join {
   room: string;
   /** null (or, when encoding, absent) joins without resuming. */
   resumeFrom: number | null;
+  /** The numbering resumeFrom is of (0: the room's current one). */
+  epoch: number;
 }
 
 export interface Leave {
@@ -334,6 +351,8 @@ export interface ConnectOptions {
 export interface JoinOptions {
   /** Ask for what the edge still has after this sequence number. */
   resumeFrom?: number | null;
+  /** The numbering resumeFrom is of (default 0: the room's current one). */
+  epoch?: number;
   /** Batches kept for `for await` when the consumer is slow (default 1024; 0: events only). */
   buffer?: number;
 }
@@ -352,6 +371,10 @@ export declare class Room extends EventTarget implements AsyncIterable<Batch> {
   online: number;
   /** What Joined carried (after resumeFrom, if given). */
   readonly recent: Message[];
+  /** The room's numbering. */
+  readonly epoch: number;
+  /** What became of the join's resumeFrom. */
+  readonly resumed: Resumed;
   /** Resolves when the stream ends: null after a leave, or the ThrongError that ended it. */
   readonly ended: Promise<ThrongError | null>;
   /**
@@ -414,6 +437,8 @@ export interface ResumingRoomOptions {
   room: string;
   /** Hand out only messages after this sequence number. */
   resumeFrom?: number | null;
+  /** The numbering resumeFrom is of (default 0: the room's current one). */
+  epoch?: number;
   /** Default 100; doubles up to maxBackoffMs. */
   firstBackoffMs?: number;
   /** Default 2000. */
@@ -422,9 +447,20 @@ export interface ResumingRoomOptions {
   giveUpAfterMs?: number;
 }
 
+export interface Gap {
+  /** NewEpoch: the room's numbering changed (a restart, a takeover). Truncated: the edge no longer held all after afterSeq. */
+  kind: 'NewEpoch' | 'Truncated';
+  fromEpoch: number;
+  toEpoch: number;
+  /** The last sequence number handed out before the gap (of fromEpoch). */
+  afterSeq: number | null;
+}
+
 export interface ResumingRoomEventMap {
   /** Messages never repeat; a rejoin's recent messages come first as a batch of tick 0. */
   batch: CustomEvent<Batch>;
+  /** Messages may be lost here, uncounted; comes before the batches after it. */
+  gap: CustomEvent<Gap>;
   status: CustomEvent<ResumingStatus>;
   /**
    * The error that stopped the room (status turns 'closed' next), or a
@@ -444,7 +480,11 @@ export declare class ResumingRoom extends EventTarget {
   constructor(options: ResumingRoomOptions);
   readonly room: string;
   readonly lastSeq: number | null;
+  /** The numbering lastSeq is of. */
+  readonly epoch: number;
   readonly reconnects: number;
+  /** Gaps met so far. */
+  readonly gaps: number;
   readonly status: ResumingStatus;
   /** The current connection, or null while there is none. */
   readonly client: ThrongClient | null;

@@ -1,5 +1,5 @@
 // Throng client for browsers (and anything else with WebTransport): the wire
-// protocol `throng/1` and a session over one WebTransport connection.
+// protocol `throng/2` and a session over one WebTransport connection.
 //
 // One self-contained module, served to pages as-is: no imports, and nothing
 // at the top level that a browser lacks.
@@ -354,9 +354,30 @@ const KIND = names('Kind', ['chat', 'like', 'gift', 'host', 'system']);
 const ROLE = names('Role', ['viewer', 'host', 'moderator']);
 const MESSAGE = struct([['seq', U64], ['sender', STR], ['kind', KIND], ['body', BYTES]]);
 
+/** A u64 that encodes as 0 when absent (a Join's epoch: "the room's current"). */
+const ABSENT_IS_ZERO = { enc: (w, v, path) => U64.enc(w, v ?? 0, path), dec: (r) => U64.dec(r) };
+
+/** What became of a join's resume: {kind: 'Fresh' | 'Continued' | 'Truncated'} or {kind: 'NewEpoch', previous}. */
+const RESUMED_KINDS = ['Fresh', 'Continued', 'Truncated', 'NewEpoch'];
+const RESUMED = {
+  enc(w, v, path) {
+    const i = RESUMED_KINDS.indexOf(v?.kind);
+    if (i < 0) throw new TypeError(`${path}.kind must be one of ${RESUMED_KINDS.join(', ')}`);
+    w.varint(i);
+    if (v.kind === 'NewEpoch') U64.enc(w, v.previous, `${path}.previous`);
+  },
+  dec(r) {
+    const at = r.pos;
+    const i = U32.dec(r);
+    if (i >= RESUMED_KINDS.length) r.fail(`an unknown Resumed ${i}`, at);
+    const kind = RESUMED_KINDS[i];
+    return kind === 'NewEpoch' ? { kind, previous: U64.dec(r) } : { kind };
+  },
+};
+
 const CLIENT_FRAME = union('ClientFrame', [
   ['Hello', [['token', STR]]],
-  ['Join', [['room', STR], ['resumeFrom', option(U64)]]],
+  ['Join', [['room', STR], ['resumeFrom', option(U64)], ['epoch', ABSENT_IS_ZERO]]],
   ['Leave', [['room', STR]]],
   ['Send', [['room', STR], ['kind', KIND], ['body', BYTES], ['clientMsgId', U64]]],
   ['Ping', [['nonce', U64]]],
@@ -374,13 +395,13 @@ const EDGE_FRAME = union('EdgeFrame', [
     ])],
     ['expiresAt', U64],
   ]],
-  ['Joined', [['room', STR], ['online', U64], ['recent', vec(MESSAGE)]]],
+  ['Joined', [['room', STR], ['online', U64], ['recent', vec(MESSAGE)], ['epoch', U64], ['resumed', RESUMED]]],
   // A newtype variant, Batch(Batch): postcard writes the struct's fields
   // right after the tag, so it reads as a struct variant.
   ['Batch', [
     ['room', STR], ['tick', U64], ['messages', vec(MESSAGE)],
     ['counters', struct([['likes', U64], ['gifts', vec(struct([['gift', STR], ['count', U64]]))]])],
-    ['pinned', vec(U64)], ['online', U64], ['missed', U64],
+    ['pinned', vec(U64)], ['online', U64], ['missed', U64], ['epoch', U64],
   ]],
   ['Ack', [['clientMsgId', U64], ['seq', U64]]],
   ['Rejected', [['clientMsgId', U64], ['code', U16], ['reason', STR]]],
@@ -646,6 +667,10 @@ export class Room extends EventTarget {
     this.room = joined.room;
     this.online = joined.online;
     this.recent = joined.recent;
+    /** The room's numbering: sequence numbers compare only within one epoch. */
+    this.epoch = joined.epoch;
+    /** What became of the join's resumeFrom. */
+    this.resumed = joined.resumed;
     this.ended = new Promise((resolve) => { this.#settle = resolve; });
     this.#limit = limit;
   }
@@ -811,14 +836,16 @@ export class ThrongClient extends EventTarget {
 
   /**
    * Joins `room`; resolves when its stream delivered Joined. `resumeFrom`
-   * asks for what the edge still has after that sequence number. `buffer`
-   * bounds the batches kept for `for await` (0: events only).
+   * asks for what the edge still has after that sequence number of
+   * numbering `epoch` (a Joined's or a Batch's; 0: the room's current one);
+   * the Room's `resumed` says what became of it. `buffer` bounds the
+   * batches kept for `for await` (0: events only).
    */
-  async join(room, { resumeFrom = null, buffer = ROOM_BUFFER } = {}) {
+  async join(room, { resumeFrom = null, epoch = 0, buffer = ROOM_BUFFER } = {}) {
     this.#ensureOpen();
     if (!Number.isSafeInteger(buffer) || buffer < 0) throw new RangeError('buffer must be a whole number of batches');
     if (this.#joins.has(room)) throw new Error(`a join of room "${room}" is already under way`);
-    const frame = encodeClientFrame({ type: 'Join', room, resumeFrom }, this.#limits.maxFrameBytes);
+    const frame = encodeClientFrame({ type: 'Join', room, resumeFrom, epoch }, this.#limits.maxFrameBytes);
     const joined = this.#expect(this.#joins, room, { buffer });
     this.#write(frame);
     return joined;
@@ -1088,7 +1115,11 @@ function isRecoverable(err) {
  * One room that survives dropped connections: it reconnects with backoff
  * (fresh options from getOptions() each time, since the edge's certificate
  * hash can rotate), rejoins after the last sequence number it handed out,
- * and never hands out a message twice.
+ * and never hands out a message twice. Where messages may have been lost
+ * uncounted (the room's numbering changed: an edge restarted or another
+ * took the room over; or the edge no longer held everything after our
+ * number) it emits a 'gap' event ({kind: 'NewEpoch' | 'Truncated',
+ * fromEpoch, toEpoch, afterSeq}) before the batches that follow it.
  */
 export class ResumingRoom extends EventTarget {
   #getOptions;
@@ -1096,20 +1127,24 @@ export class ResumingRoom extends EventTarget {
   #maxBackoffMs;
   #giveUpAfterMs;
   #lastSeq;
+  #epoch = 0;
   #status = 'idle';
   #started = false;
   #stopped = false;
   #wakeUp = noop;
 
-  constructor({ getOptions, room, resumeFrom = null, firstBackoffMs = 100, maxBackoffMs = 2000, giveUpAfterMs = 60000 } = {}) {
+  constructor({ getOptions, room, resumeFrom = null, epoch = 0, firstBackoffMs = 100, maxBackoffMs = 2000, giveUpAfterMs = 60000 } = {}) {
     super();
     if (typeof getOptions !== 'function') throw new TypeError('getOptions must be an async function returning {url, token, certHashes}');
     if (typeof room !== 'string') throw new TypeError('room must be a string');
     this.room = room;
     this.reconnects = 0;
+    /** Gaps met so far (see the 'gap' event). */
+    this.gaps = 0;
     this.client = null;
     this.#getOptions = getOptions;
     this.#lastSeq = resumeFrom;
+    this.#epoch = epoch;
     this.#firstBackoffMs = firstBackoffMs;
     this.#maxBackoffMs = maxBackoffMs;
     this.#giveUpAfterMs = giveUpAfterMs;
@@ -1118,6 +1153,11 @@ export class ResumingRoom extends EventTarget {
   /** The sequence number of the last message handed out, or null. */
   get lastSeq() {
     return this.#lastSeq;
+  }
+
+  /** The numbering lastSeq is of (0 before the first join). */
+  get epoch() {
+    return this.#epoch;
   }
 
   /** 'idle' before start(), then 'connecting' | 'live' | 'reconnecting' | 'closed'. */
@@ -1155,7 +1195,7 @@ export class ResumingRoom extends EventTarget {
       let room;
       try {
         client = await this.#connect();
-        room = await client.join(this.room, { resumeFrom: this.#lastSeq });
+        room = await client.join(this.room, { resumeFrom: this.#lastSeq, epoch: this.#epoch });
       } catch (e) {
         client?.close();
         if (this.#stopped) return;
@@ -1206,15 +1246,19 @@ export class ResumingRoom extends EventTarget {
 
   /** Hands out the room's batches until it ends; resolves with why (null: the edge finished it). */
   async #follow(room) {
+    const kind = room.resumed.kind;
+    this.#numbering(kind === 'NewEpoch' || kind === 'Truncated' ? kind : null, room.epoch);
     const recent = this.#unseen(room.recent);
     if (recent.length > 0) {
       this.#emit('batch', {
         type: 'Batch', room: room.room, tick: 0, messages: recent,
-        counters: { likes: 0, gifts: [] }, pinned: [], online: room.online, missed: 0,
+        counters: { likes: 0, gifts: [] }, pinned: [], online: room.online, missed: 0, epoch: room.epoch,
       });
     }
     try {
       for await (const batch of room) {
+        // Another edge took the room over mid-stream.
+        if (batch.epoch !== this.#epoch) this.#numbering('NewEpoch', batch.epoch);
         const messages = this.#unseen(batch.messages);
         this.#emit('batch', messages === batch.messages ? batch : { ...batch, messages });
       }
@@ -1222,6 +1266,17 @@ export class ResumingRoom extends EventTarget {
     } catch (e) {
       return e;
     }
+  }
+
+  /** Takes in the room's numbering, saying so where a gap may hide lost messages. */
+  #numbering(gap, epoch) {
+    if (gap !== null) {
+      this.gaps += 1;
+      this.#emit('gap', { kind: gap, fromEpoch: this.#epoch, toEpoch: epoch, afterSeq: this.#lastSeq });
+    }
+    // A room's numbers only go up, across epochs too: lastSeq still tells
+    // what was handed out already.
+    this.#epoch = epoch;
   }
 
   /** The messages after the last one handed out, which become the handed out ones. */

@@ -29,7 +29,7 @@ const utf8 = (s) => new TextEncoder().encode(s);
 const message = (seq) => ({ seq, sender: 'bob', kind: 'chat', body: utf8(`m${seq}`) });
 const batch = (room, tick, seqs, extra = {}) => ({
   type: 'Batch', room, tick, messages: seqs.map(message),
-  counters: { likes: 0, gifts: [] }, pinned: [], online: 2, missed: 0, ...extra,
+  counters: { likes: 0, gifts: [] }, pinned: [], online: 2, missed: 0, epoch: 1, ...extra,
 });
 
 /** Length-prefixed ClientFrames out of what the client writes. */
@@ -124,7 +124,7 @@ class FakeSession {
     let stream;
     const readable = new ReadableStream({ start: (c) => { stream = c; } });
     this.#streams.push(stream);
-    stream.enqueue(encodeEdgeFrame({ type: 'Joined', online: 1, recent: [], ...joined }));
+    stream.enqueue(encodeEdgeFrame({ type: 'Joined', online: 1, recent: [], epoch: 1, resumed: { kind: 'Fresh' }, ...joined }));
     this.#uni.enqueue(readable);
     const room = {
       batch: (b) => stream.enqueue(encodeEdgeFrame(b)),
@@ -325,7 +325,7 @@ test('join resolves with the room once its stream delivers Joined; batches come 
   const events = [];
   room.addEventListener('batch', (e) => events.push(e.detail.tick));
   assert.ok(room instanceof Room);
-  assert.deepEqual(session.received[1], { type: 'Join', room: 'lobby', resumeFrom: 0 });
+  assert.deepEqual(session.received[1], { type: 'Join', room: 'lobby', resumeFrom: 0, epoch: 0 });
   assert.equal(room.room, 'lobby');
   assert.equal(room.online, 5);
   assert.deepEqual(room.recent.map((m) => m.seq), [1, 2]);
@@ -576,7 +576,7 @@ test('ResumingRoom reconnects after a drop, resumes after the last seq and never
   first.drop();
   await until(() => fake.sessions.length === 2 && fake.sessions[1].rooms.has('lobby'), 'the rejoin');
   const second = fake.sessions[1];
-  assert.deepEqual(second.received[1], { type: 'Join', room: 'lobby', resumeFrom: 6 });
+  assert.deepEqual(second.received[1], { type: 'Join', room: 'lobby', resumeFrom: 6, epoch: 1 });
   assert.deepEqual(second.options.serverCertificateHashes[0].value, new Uint8Array(hashes[1]), 'options fetched again');
   second.rooms.get('lobby').batch(batch('lobby', 20, [9, 10]));
   await until(() => resuming.lastSeq === 10, 'seq 10');
@@ -590,6 +590,53 @@ test('ResumingRoom reconnects after a drop, resumes after the last seq and never
   assert.equal(resuming.status, 'closed');
   assert.equal(resuming.client, null);
   await assert.rejects(resuming.send('chat', 'late'), (e) => throngError(0, 'send')(e) && /not connected/.test(e.message));
+});
+
+test('ResumingRoom says when the room\'s numbering changed, and hands out the new numbering\'s messages', async () => {
+  // The first edge numbers in epoch 1 up to 50; after its restart the room is
+  // epoch 2 and numbers on above (from 1000): the viewer is told of the gap
+  // between, before the new numbering's messages.
+  const fake = fakeWebTransport(edge({
+    on: {
+      Join(s, f) {
+        if (fake.sessions.length === 1) {
+          s.openRoom({ room: f.room, online: 1, epoch: 1, recent: [message(49), message(50)] });
+        } else {
+          s.openRoom({
+            room: f.room, online: 1, epoch: 2, resumed: { kind: 'NewEpoch', previous: f.epoch },
+            recent: [message(1000), message(1001)],
+          });
+        }
+      },
+    },
+  }));
+  const resuming = new ResumingRoom({
+    getOptions: async () => ({ url: 'https://edge.test/throng', token: 'good', certHashes: Buffer.alloc(32, 1).toString('base64'), WebTransport: fake.WebTransport }),
+    room: 'lobby',
+    firstBackoffMs: 5,
+  });
+  const seen = watch(resuming);
+  const gaps = [];
+  resuming.addEventListener('gap', (e) => gaps.push({ ...e.detail, seqsBefore: seen.seqs.length }));
+  resuming.start();
+  await until(() => seen.seqs.length === 2, 'the first recent messages');
+  assert.equal(resuming.epoch, 1);
+  fake.sessions[0].drop();
+  await until(() => seen.seqs.length === 4, 'the new numbering\'s messages');
+  assert.deepEqual(seen.seqs, [49, 50, 1000, 1001]);
+  assert.deepEqual(fake.sessions[1].received[1], { type: 'Join', room: 'lobby', resumeFrom: 50, epoch: 1 });
+  assert.deepEqual(gaps, [{ kind: 'NewEpoch', fromEpoch: 1, toEpoch: 2, afterSeq: 50, seqsBefore: 2 }]);
+  assert.equal(resuming.gaps, 1);
+  assert.equal(resuming.epoch, 2);
+  assert.equal(resuming.lastSeq, 1001);
+  // A batch of yet another numbering mid-stream (another edge took over) is
+  // a gap too; what it repeats of the old numbering is not handed out twice.
+  fake.sessions[1].rooms.get('lobby').batch(batch('lobby', 9, [1001, 2000], { epoch: 3 }));
+  await until(() => seen.seqs.length === 5, 'the takeover\'s batch');
+  assert.equal(gaps.length, 2);
+  assert.deepEqual({ ...gaps[1], seqsBefore: undefined }, { kind: 'NewEpoch', fromEpoch: 2, toEpoch: 3, afterSeq: 1001, seqsBefore: undefined });
+  assert.deepEqual(seen.seqs, [49, 50, 1000, 1001, 2000]);
+  resuming.stop();
 });
 
 test('ResumingRoom reconnects after ShuttingDown and ServerBusy, backing off', async () => {

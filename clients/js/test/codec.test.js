@@ -44,8 +44,8 @@ const message = (seq, kind = 'chat', body = utf8(`message ${seq}`)) => ({ seq, s
 
 const CLIENT_FRAMES = [
   { type: 'Hello', token: 'eyJhbGciOiJFZERTQSJ9.e30.c2ln' },
-  { type: 'Join', room: 'lobby', resumeFrom: null },
-  { type: 'Join', room: 'show-42:main_room.v2', resumeFrom: 2 ** 40 },
+  { type: 'Join', room: 'lobby', resumeFrom: null, epoch: 0 },
+  { type: 'Join', room: 'show-42:main_room.v2', resumeFrom: 2 ** 40, epoch: 1_796_000_000_123 },
   { type: 'Leave', room: 'lobby' },
   { type: 'Send', room: 'lobby', kind: 'chat', body: utf8('héllo 👋'), clientMsgId: 1 },
   { type: 'Send', room: 'lobby', kind: 'system', body: new Uint8Array(0), clientMsgId: Number.MAX_SAFE_INTEGER },
@@ -63,14 +63,19 @@ const EDGE_FRAMES = [
     limits: { maxFrameBytes: 65536, maxBodyBytes: 4096, maxRooms: 8, sendRatePerSec: 5, sendBurst: 10, idleTimeoutMs: 30000 },
     expiresAt: 1_900_000_000,
   },
-  { type: 'Joined', room: 'lobby', online: 3, recent: [message(1), message(2, 'host'), message(3, 'gift', new Uint8Array([0, 255]))] },
-  { type: 'Joined', room: 'empty', online: 0, recent: [] },
+  {
+    type: 'Joined', room: 'lobby', online: 3, recent: [message(1), message(2, 'host'), message(3, 'gift', new Uint8Array([0, 255]))],
+    epoch: 1_796_000_000_123, resumed: { kind: 'Continued' },
+  },
+  { type: 'Joined', room: 'empty', online: 0, recent: [], epoch: 0, resumed: { kind: 'Fresh' } },
+  { type: 'Joined', room: 'lobby', online: 0, recent: [], epoch: 9, resumed: { kind: 'NewEpoch', previous: 2 ** 50 } },
+  { type: 'Joined', room: 'lobby', online: 0, recent: [], epoch: 9, resumed: { kind: 'Truncated' } },
   {
     type: 'Batch', room: 'lobby', tick: 17, messages: [message(4), message(5, 'like')],
     counters: { likes: 12, gifts: [{ gift: 'rose', count: 2 }, { gift: 'rocket', count: 1 }] },
-    pinned: [4], online: 1000, missed: 2,
+    pinned: [4], online: 1000, missed: 2, epoch: 1_796_000_000_123,
   },
-  { type: 'Batch', room: 'lobby', tick: 0, messages: [], counters: { likes: 0, gifts: [] }, pinned: [], online: 0, missed: 0 },
+  { type: 'Batch', room: 'lobby', tick: 0, messages: [], counters: { likes: 0, gifts: [] }, pinned: [], online: 0, missed: 0, epoch: 0 },
   { type: 'Ack', clientMsgId: 1, seq: 2 ** 50 },
   { type: 'Rejected', clientMsgId: 2, code: ErrorCode.RateLimited, reason: 'slow down' },
   { type: 'Error', code: ErrorCode.TokenExpired, text: 'token expired' },
@@ -116,8 +121,8 @@ test('bytes match postcard', () => {
   assert.equal(hex(encodeClientFrame({ type: 'Ping', nonce: 1 })), '000000020401');
   assert.equal(hex(encodeClientFrame({ type: 'Ping', nonce: 300 })), '0000000304ac02');
   assert.equal(hex(encodeClientFrame({ type: 'Hello', token: 't' })), '00000003000174');
-  assert.equal(hex(encodeClientFrame({ type: 'Join', room: 'a', resumeFrom: null })), '000000040101' + '6100');
-  assert.equal(hex(encodeClientFrame({ type: 'Join', room: 'a', resumeFrom: 5 })), '00000005010161' + '0105');
+  assert.equal(hex(encodeClientFrame({ type: 'Join', room: 'a', resumeFrom: null })), '00000005010161' + '00' + '00');
+  assert.equal(hex(encodeClientFrame({ type: 'Join', room: 'a', resumeFrom: 5, epoch: 300 })), '00000007010161' + '0105' + 'ac02');
   assert.equal(
     hex(encodeClientFrame({ type: 'Send', room: 'r', kind: 'gift', body: bytes(9, 8), clientMsgId: 2 })),
     '00000008' + '03' + '0172' + '02' + '020908' + '02',
@@ -126,9 +131,9 @@ test('bytes match postcard', () => {
   assert.equal(hex(encodeClientFrame({ type: 'Ping', nonce: Number.MAX_SAFE_INTEGER })), '0000000904' + hex(varint(2n ** 53n - 1n)));
 });
 
-test('an absent resumeFrom encodes as None', () => {
+test('an absent resumeFrom encodes as None, an absent epoch as 0', () => {
   const frame = encodeClientFrame({ type: 'Join', room: 'lobby' });
-  assert.deepEqual(decodeClientFrame(frame.subarray(4)), { type: 'Join', room: 'lobby', resumeFrom: null });
+  assert.deepEqual(decodeClientFrame(frame.subarray(4)), { type: 'Join', room: 'lobby', resumeFrom: null, epoch: 0 });
 });
 
 test('a FrameReader splits frames fed one byte at a time and in odd chunks', () => {
@@ -226,8 +231,8 @@ test('a bool byte other than 0 or 1 is malformed', () => {
 });
 
 test('an option tag other than 0 or 1 is malformed', () => {
-  assert.deepEqual(decodeClientFrame(bytes(1, 1, 0x61, 1, 7)), { type: 'Join', room: 'a', resumeFrom: 7 });
-  expectDecodeError(() => decodeClientFrame(bytes(1, 1, 0x61, 2, 7)), ErrorCode.Malformed, /option tag of 2/);
+  assert.deepEqual(decodeClientFrame(bytes(1, 1, 0x61, 1, 7, 3)), { type: 'Join', room: 'a', resumeFrom: 7, epoch: 3 });
+  expectDecodeError(() => decodeClientFrame(bytes(1, 1, 0x61, 2, 7, 3)), ErrorCode.Malformed, /option tag of 2/);
 });
 
 test('varints follow postcard: bounded length, no overflow, zero padding accepted', () => {

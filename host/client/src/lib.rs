@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! - [`Client::connect`] resolves the edge, does the QUIC + TLS handshake
-//!   (ALPN `throng/1`), opens the control stream, says `Hello` with the JWT
+//!   (ALPN `throng/2`), opens the control stream, says `Hello` with the JWT
 //!   and waits for `Welcome`.
 //! - A reader task takes edge frames off the control stream and completes
 //!   what waits for them: acks and rejections by client message id, pongs
@@ -23,7 +23,7 @@
 mod resume;
 pub mod tls;
 
-pub use resume::{ResumableRoom, ResumePolicy};
+pub use resume::{Gap, GapKind, ResumableRoom, ResumePolicy, RoomEvent};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 // session (no HTTP/3 layer), a browser-style one goes through CONNECT.
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
-use throng_wire::{Batch, ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Kind, Limits, Message, Session, encode};
+use throng_wire::{
+    Batch, ClientFrame, EdgeFrame, ErrorCode, FrameBuffer, Kind, Limits, Message, Resumed, Session, encode,
+};
 use tokio::sync::{mpsc, oneshot};
 use web_transport_quinn::{RecvStream, SendStream, Session as Connection};
 
@@ -404,6 +406,10 @@ pub struct RoomStream {
     pub online: u64,
     /// Recent messages (after `resume_from`, if given).
     pub recent: Vec<Message>,
+    /// The room's numbering: sequence numbers compare only within one.
+    pub epoch: u64,
+    /// What became of the join's resume.
+    pub resumed: Resumed,
     rx: mpsc::Receiver<Result<Batch, ClientError>>,
 }
 
@@ -607,8 +613,17 @@ impl Client {
         self.join_from(room, None).await
     }
 
-    /// Joins a room, asking for what the edge still has after `resume_from`.
+    /// Joins a room, asking for what the edge still has after `resume_from`
+    /// (a number of the room's current numbering).
     pub async fn join_from(&self, room: &str, resume_from: Option<u64>) -> Result<RoomStream, ClientError> {
+        self.resume(room, resume_from, 0).await
+    }
+
+    /// Joins a room, asking for what the edge still has after `resume_from`
+    /// of numbering `epoch` (a `Joined`'s or a `Batch`'s; 0 if unknown).
+    /// [`RoomStream::resumed`] says what became of it: a new numbering, or
+    /// a hole the edge could not count, is said, never silent.
+    pub async fn resume(&self, room: &str, resume_from: Option<u64>, epoch: u64) -> Result<RoomStream, ClientError> {
         let (tx, rx) = oneshot::channel();
         {
             let mut p = self.inner.pending();
@@ -625,6 +640,7 @@ impl Client {
         let frame = ClientFrame::Join {
             room: room.to_owned(),
             resume_from,
+            epoch,
         };
         if let Err(e) = self.inner.write(&frame).await {
             self.inner.pending().joins.remove(room);
@@ -950,8 +966,14 @@ async fn accept_rooms(conn: Connection, inner: Arc<Inner>, max_frame: u32) {
 
 async fn read_room(mut recv: RecvStream, inner: Arc<Inner>, conn: Connection, max_frame: u32) {
     let mut buf = FrameBuffer::new(max_frame);
-    let (room, online, recent) = match read_frame(&mut recv, &mut buf, &conn).await {
-        Ok(Some(EdgeFrame::Joined { room, online, recent })) => (room, online, recent),
+    let (room, online, recent, epoch, resumed) = match read_frame(&mut recv, &mut buf, &conn).await {
+        Ok(Some(EdgeFrame::Joined {
+            room,
+            online,
+            recent,
+            epoch,
+            resumed,
+        })) => (room, online, recent, epoch, resumed),
         other => {
             tracing::warn!(frame = ?other, "room stream did not start with Joined");
             return;
@@ -966,6 +988,8 @@ async fn read_room(mut recv: RecvStream, inner: Arc<Inner>, conn: Connection, ma
         room: room.clone(),
         online,
         recent,
+        epoch,
+        resumed,
         rx,
     };
     if waiter.send(Ok(stream)).is_err() {

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use throng_wire::{Batch, Counters, ErrorCode};
+use throng_wire::{Batch, Counters, ErrorCode, Resumed};
 
 use crate::{Client, ClientError, ConnectOptions, RoomStream};
 
@@ -26,6 +26,35 @@ impl Default for ResumePolicy {
     }
 }
 
+/// What a [`ResumableRoom`] hands out next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomEvent {
+    Batch(Batch),
+    /// Messages may have been lost here, and nobody can say how many.
+    Gap(Gap),
+}
+
+/// A place in a room's stream where messages may be missing uncounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub kind: GapKind,
+    /// The numbering before the gap and after it (the same for `Truncated`).
+    pub from_epoch: u64,
+    pub to_epoch: u64,
+    /// The last sequence number handed out before the gap (of `from_epoch`).
+    pub after_seq: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapKind {
+    /// The room's numbering changed (a restart, or another edge took the
+    /// room over): what was said between is unknown.
+    NewEpoch,
+    /// Same numbering, but the edge no longer held everything after our
+    /// last number (a livecast room's recent messages moved on).
+    Truncated,
+}
+
 /// A joined room that reconnects and resumes from the last sequence number
 /// it delivered when the connection drops.
 #[derive(Debug)]
@@ -36,6 +65,13 @@ pub struct ResumableRoom {
     client: Client,
     stream: RoomStream,
     last_seq: Option<u64>,
+    /// The numbering `last_seq` is of (0 before the first `Joined`).
+    epoch: u64,
+    /// A gap the latest rejoin or batch showed, not yet handed out.
+    gap: Option<Gap>,
+    gaps: u64,
+    /// A batch that showed a gap, handed out after it.
+    next: Option<Batch>,
     /// Recent messages from the latest `Joined`, not yet handed out.
     recent: Vec<throng_wire::Message>,
     reconnects: u64,
@@ -59,15 +95,28 @@ impl std::fmt::Debug for Reconnecting {
 }
 
 impl ResumableRoom {
-    /// Connects and joins `room` (from `resume_from`, if given).
+    /// Connects and joins `room` (from `resume_from`, if given, a number of
+    /// the room's current numbering).
     pub async fn join(
         opts: ConnectOptions,
         room: &str,
         resume_from: Option<u64>,
         policy: ResumePolicy,
     ) -> Result<Self, ClientError> {
+        Self::resume(opts, room, resume_from, 0, policy).await
+    }
+
+    /// Connects and joins `room` after `resume_from` of numbering `epoch`
+    /// (0: the room's current one).
+    pub async fn resume(
+        opts: ConnectOptions,
+        room: &str,
+        resume_from: Option<u64>,
+        epoch: u64,
+        policy: ResumePolicy,
+    ) -> Result<Self, ClientError> {
         let client = Client::connect(opts.clone()).await?;
-        let mut stream = client.join_from(room, resume_from).await?;
+        let mut stream = client.resume(room, resume_from, epoch).await?;
         let recent = std::mem::take(&mut stream.recent);
         let edges = opts.edges();
         let remote = client.remote_address();
@@ -75,19 +124,61 @@ impl ResumableRoom {
             .iter()
             .position(|e| e.parse::<std::net::SocketAddr>().is_ok_and(|a| a == remote))
             .unwrap_or(0);
-        Ok(Self {
+        let mut this = Self {
             edges,
             edge,
             opts,
             policy,
             room: room.to_owned(),
+            epoch,
+            gap: None,
+            gaps: 0,
+            next: None,
             client,
-            stream,
             last_seq: resume_from,
+            stream,
             recent,
             reconnects: 0,
             reconnecting: None,
-        })
+        };
+        this.joined();
+        Ok(this)
+    }
+
+    /// Takes in what the latest `Joined` said of the numbering.
+    fn joined(&mut self) {
+        let (epoch, resumed) = (self.stream.epoch, self.stream.resumed);
+        let kind = match resumed {
+            Resumed::NewEpoch { .. } => Some(GapKind::NewEpoch),
+            Resumed::Truncated => Some(GapKind::Truncated),
+            Resumed::Fresh | Resumed::Continued => None,
+        };
+        self.note_gap(kind, epoch);
+    }
+
+    fn note_gap(&mut self, kind: Option<GapKind>, epoch: u64) {
+        if let Some(kind) = kind {
+            self.gaps += 1;
+            self.gap = Some(Gap {
+                kind,
+                from_epoch: self.epoch,
+                to_epoch: epoch,
+                after_seq: self.last_seq,
+            });
+        }
+        // A room's numbers only go up, across epochs too: `last_seq` still
+        // tells what was handed out already.
+        self.epoch = epoch;
+    }
+
+    /// The numbering of [`ResumableRoom::last_seq`].
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// How many gaps (uncounted holes) this room met so far.
+    pub fn gaps(&self) -> u64 {
+        self.gaps
     }
 
     /// The sequence number of the last message handed out.
@@ -120,13 +211,25 @@ impl ResumableRoom {
         &self.client
     }
 
-    /// The next batch, reconnecting as needed. Messages a rejoin's `Joined`
-    /// carries come first, as a batch of tick 0.
+    /// The next batch, reconnecting as needed; gaps are counted
+    /// ([`ResumableRoom::gaps`]) but not handed out: see
+    /// [`ResumableRoom::next_event`].
+    pub async fn next_batch(&mut self) -> Result<Batch, ClientError> {
+        loop {
+            if let RoomEvent::Batch(b) = self.next_event().await? {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// The next batch or gap, reconnecting as needed. Messages a rejoin's
+    /// `Joined` carries come first, as a batch of tick 0; a gap the rejoin
+    /// (or a batch of another numbering) showed comes before them.
     ///
     /// Cancel-safe: dropped before it returns (in a `select!` loop, say),
     /// it loses no batch, and a reconnect under way goes on at the next
     /// call.
-    pub async fn next_batch(&mut self) -> Result<Batch, ClientError> {
+    pub async fn next_event(&mut self) -> Result<RoomEvent, ClientError> {
         loop {
             if let Some(r) = &mut self.reconnecting {
                 let done = r.0.as_mut().await;
@@ -137,10 +240,17 @@ impl ResumableRoom {
                 self.stream = stream;
                 self.edge = edge;
                 self.reconnects += 1;
+                self.joined();
+            }
+            if let Some(gap) = self.gap.take() {
+                return Ok(RoomEvent::Gap(gap));
+            }
+            if let Some(batch) = self.next.take() {
+                return Ok(RoomEvent::Batch(self.hand_out(batch)));
             }
             if !self.recent.is_empty() {
                 let messages = std::mem::take(&mut self.recent);
-                return Ok(self.hand_out(Batch {
+                return Ok(RoomEvent::Batch(self.hand_out(Batch {
                     room: self.room.clone(),
                     tick: 0,
                     messages,
@@ -148,10 +258,17 @@ impl ResumableRoom {
                     pinned: Vec::new(),
                     online: self.stream.online,
                     missed: 0,
-                }));
+                    epoch: self.epoch,
+                })));
             }
             match self.stream.next_batch().await {
-                Some(Ok(batch)) => return Ok(self.hand_out(batch)),
+                Some(Ok(batch)) if batch.epoch != self.epoch => {
+                    // Another edge took the room over mid-stream: what its
+                    // predecessor said last may not have reached us.
+                    self.note_gap(Some(GapKind::NewEpoch), batch.epoch);
+                    self.next = Some(batch);
+                }
+                Some(Ok(batch)) => return Ok(RoomEvent::Batch(self.hand_out(batch))),
                 Some(Err(e)) if !recoverable(&e) => return Err(e),
                 // The stream ended or broke: the connection is gone or going.
                 _ => {
@@ -161,7 +278,7 @@ impl ResumableRoom {
                         self.edges.clone(),
                         self.edge,
                         self.room.clone(),
-                        self.last_seq,
+                        (self.last_seq, self.epoch),
                         self.policy.clone(),
                     ))));
                 }
@@ -189,7 +306,7 @@ async fn reconnect(
     edges: Vec<String>,
     mut edge: usize,
     room: String,
-    last_seq: Option<u64>,
+    (last_seq, epoch): (Option<u64>, u64),
     policy: ResumePolicy,
 ) -> Result<Reconnected, ClientError> {
     let started = Instant::now();
@@ -199,7 +316,7 @@ async fn reconnect(
         edge = (edge + 1) % edges.len();
         let attempt = async {
             let client = Client::connect(opts.for_edge(&edges[edge])).await?;
-            let stream = client.join_from(&room, last_seq).await?;
+            let stream = client.resume(&room, last_seq, epoch).await?;
             Ok::<_, ClientError>((client, stream))
         };
         match attempt.await {

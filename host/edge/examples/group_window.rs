@@ -10,12 +10,12 @@
 //! origin rooms do.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use throng_edge::cluster::stream_log::StreamLog;
 use throng_edge::group_store::GroupStore;
-use throng_edge::log::{GroupLog, Retention};
+use throng_edge::log::{Commit, GroupLog, Retention};
 use throng_wire::{Kind, Message};
 
 #[tokio::main]
@@ -46,7 +46,8 @@ async fn main() {
     let names: Vec<Arc<str>> = (0..rooms)
         .map(|i| Arc::from(format!("group-{run}-{i}").as_str()))
         .collect();
-    let committed: Vec<Arc<AtomicU64>> = (0..rooms).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    // Fresh rooms: each claim expects no entry before its first.
+    let committed: Vec<Arc<Commit>> = (0..rooms).map(|_| Commit::new(0, 0)).collect();
     let mut seq = vec![0u64; rooms];
     let start = Instant::now();
     let mut tick = 0u64;
@@ -63,16 +64,14 @@ async fn main() {
                     }
                 })
                 .collect();
-            log.append(&tenant, &names[r], messages, &committed[r]);
+            log.append(&tenant, &names[r], messages, seq[r], &committed[r]);
         }
         tick += 1;
         tokio::time::sleep_until((start + Duration::from_millis(50 * tick)).into()).await;
     }
     // Let the last commit land.
     let wait = Instant::now();
-    while committed.iter().zip(&seq).any(|(c, s)| c.load(Ordering::Acquire) < *s)
-        && wait.elapsed() < Duration::from_secs(10)
-    {
+    while committed.iter().zip(&seq).any(|(c, s)| c.stored() < *s) && wait.elapsed() < Duration::from_secs(10) {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let s = log.stats();

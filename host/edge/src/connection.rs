@@ -15,7 +15,8 @@ use crate::peer::{In, Out, Peer};
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use throng_wire::{
-    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, encode, split_to_fit, validate_room_name,
+    Batch, ClientFrame, Counters, EdgeFrame, ErrorCode, FrameBuffer, Message, Resumed, encode, split_to_fit,
+    validate_room_name,
 };
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -480,7 +481,11 @@ impl Session<'_> {
             ClientFrame::Hello { .. } => {
                 return Err((ErrorCode::UnexpectedFrame, "Hello was already received".into()));
             }
-            ClientFrame::Join { room, resume_from } => self.join(room, resume_from).await,
+            ClientFrame::Join {
+                room,
+                resume_from,
+                epoch,
+            } => self.join(room, resume_from, epoch).await,
             ClientFrame::Leave { room } => match self.joined.remove(&room) {
                 Some(r) => r.handle.leave(self.id).await,
                 None => {
@@ -676,7 +681,7 @@ impl Session<'_> {
         let _ = self.reply.send(answer);
     }
 
-    async fn join(&mut self, room: String, resume_from: Option<u64>) {
+    async fn join(&mut self, room: String, resume_from: Option<u64>, epoch: u64) {
         let limits = &self.shared.config.limits;
         let refusal = if let Err(e) = validate_room_name(&room) {
             Some((ErrorCode::BadRoomName, e))
@@ -718,6 +723,11 @@ impl Session<'_> {
         // A returning member without a sequence of its own resumes after
         // what it last said it had seen; under `since_join` nobody reads
         // from before they joined, whatever they ask for.
+        // A number of another log (one made anew) is not one of this log's:
+        // the member resumes after its cursor here, and is told.
+        let foreign =
+            admission.is_some() && resume_from.is_some() && epoch != 0 && epoch != self.shared.rooms.log().epoch();
+        let resume_from = if foreign { None } else { resume_from };
         let requested = resume_from;
         let since_join = self.shared.config.rooms.group_history == GroupHistory::SinceJoin;
         let resume_from = match admission {
@@ -726,7 +736,9 @@ impl Session<'_> {
                 let floor = if since_join { joined_at } else { 0 };
                 Some(resume_from.unwrap_or(cursor).max(floor))
             }
-            Some(Admission::New { joined_at }) if since_join => Some(resume_from.unwrap_or(joined_at).max(joined_at)),
+            Some(Admission::New { joined_at }) if since_join || foreign => {
+                Some(resume_from.unwrap_or(joined_at).max(joined_at))
+            }
             Some(Admission::New { .. }) => resume_from,
             // `membership` turns a full room into a refusal.
             Some(Admission::Full { .. }) => return,
@@ -755,7 +767,7 @@ impl Session<'_> {
         let (handle, info, created) = match self
             .shared
             .rooms
-            .join(&key, self.id, Arc::clone(&slot), resume_from, creator)
+            .join(&key, self.id, Arc::clone(&slot), resume_from, epoch, creator)
             .await
         {
             Ok(joined) => joined,
@@ -784,8 +796,15 @@ impl Session<'_> {
                 .log()
                 .set_cursor(&self.tenant, &key.name, &self.user, at);
         }
-        let joined_frame = joined_frame(&room, info.online, info.recent, limits.max_frame_bytes);
+        let joined_frame = joined_frame(
+            &room,
+            info.online,
+            info.recent,
+            (info.epoch, info.resumed),
+            limits.max_frame_bytes,
+        );
         let catch_up = CatchUp {
+            epoch: info.epoch,
             log: info.catch_up.map(|range| (self.shared.rooms.log().clone(), range)),
             stored: info.stored,
             key: key.clone(),
@@ -834,12 +853,20 @@ impl Session<'_> {
 
 /// The first frame of a room stream. Recent messages that would not fit in
 /// one frame are dropped oldest first.
-fn joined_frame(room: &str, online: u64, mut recent: Vec<Message>, max_frame: u32) -> Bytes {
+fn joined_frame(
+    room: &str,
+    online: u64,
+    mut recent: Vec<Message>,
+    (epoch, resumed): (u64, Resumed),
+    max_frame: u32,
+) -> Bytes {
     loop {
         let frame = EdgeFrame::Joined {
             room: room.to_owned(),
             online,
             recent,
+            epoch,
+            resumed,
         };
         if let Ok(bytes) = encode(&frame, max_frame) {
             return bytes;
@@ -859,6 +886,8 @@ fn joined_frame(room: &str, online: u64, mut recent: Vec<Message>, max_frame: u3
 
 /// What a returning group member missed, sent between `Joined` and live batches.
 struct CatchUp {
+    /// The room's numbering, in the catch-up's batches.
+    epoch: u64,
     log: Option<(GroupStore, (u64, u64))>,
     /// How far the room's log is stored, kept current.
     stored: Option<Arc<std::sync::atomic::AtomicU64>>,
@@ -891,6 +920,7 @@ impl CatchUp {
                     pinned: Vec::new(),
                     online: self.online,
                     missed,
+                    epoch: self.epoch,
                 }),
                 max_frame,
             )

@@ -4,13 +4,13 @@
 //! embedded log's blocking calls run on tokio's blocking threads.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use throng_wire::Message;
 
 use crate::cluster::stream_log::StreamLog;
-use crate::log::{Admission, GroupLog, LogError, LogStats};
+use crate::log::{Admission, Commit, GroupLog, LogError, LogStats};
 
 #[derive(Debug, Clone)]
 pub enum GroupStore {
@@ -33,11 +33,42 @@ impl GroupStore {
         }
     }
 
-    /// Queues a tick's messages; `committed` is raised once they are stored.
-    pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
+    /// The numbering the rooms' sequence numbers belong to: the log's own
+    /// (a log made anew is another epoch).
+    pub fn epoch(&self) -> u64 {
         match self {
-            Self::Local(l) => l.append(tenant, room, messages, committed),
-            Self::Stream(s) => s.append(tenant, room, messages, committed),
+            Self::Local(l) => l.epoch(),
+            Self::Stream(s) => s.epoch(),
+        }
+    }
+
+    /// Claims a room's log for this edge to write: where it ends, and the
+    /// [`Commit`] its appends raise. In a cluster the claim is fenced when
+    /// another edge appends after it (`cluster::stream_log`); the embedded
+    /// log has one writer, this edge, by its file lock.
+    pub async fn claim(&self, tenant: &str, room: &str) -> Result<(u64, Arc<Commit>), LogError> {
+        match self {
+            Self::Local(_) => {
+                let last = self.last_seq(tenant, room).await?;
+                Ok((last, Commit::new(last, 0)))
+            }
+            Self::Stream(s) => s.claim(tenant, room).await,
+        }
+    }
+
+    /// Queues a tick's messages, with `head`, the highest number the room
+    /// handed out with them; `committed` is raised to it once stored.
+    pub fn append(
+        &self,
+        tenant: &Arc<str>,
+        room: &Arc<str>,
+        messages: Vec<Message>,
+        head: u64,
+        committed: &Arc<Commit>,
+    ) {
+        match self {
+            Self::Local(l) => l.append(tenant, room, messages, head, committed),
+            Self::Stream(s) => s.append(tenant, room, messages, head, committed),
         }
     }
 

@@ -323,6 +323,7 @@ impl Edge {
             max_rooms_per_tenant: config.limits.max_rooms_per_tenant as usize,
             room_create_rate_per_sec: config.limits.room_create_rate_per_sec,
             room_create_burst: config.limits.room_create_burst,
+            incarnation: cluster.as_ref().map_or_else(unix_now_ms, |c| c.incarnation()),
         });
         let presence = Arc::new(presence::Presence::default());
         let l = &config.limits;

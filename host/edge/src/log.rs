@@ -30,16 +30,18 @@
 //! which stops every reader and writer while it runs, so it runs at most
 //! every `compact_interval` and only after retention removed something.
 //!
-//! **What an ack promises.** A group room acks a message when it is
-//! sequenced, before it is on disk: the ack promises order (its sequence
-//! number) and that the message is committed within the durability window,
-//! one `commit_interval` plus one commit (fsync), unless the edge dies in
-//! that window. BENCHMARKS.md has the measured window. (In a cluster the
-//! log is in JetStream instead: `cluster::stream_log`.)
+//! **What an ack promises.** A group room acks a message, and delivers it
+//! to anyone, only once its writer committed it (redb commits with an
+//! fsync): an ack, or a message seen, means it is on disk and its number
+//! is its own for good. A room waits on its [`Commit`] for that; the cost
+//! is one `commit_interval` plus one commit of latency (BENCHMARKS.md has
+//! the figures). An edge killed before a commit loses only messages nobody
+//! was told of, so numbering on from the log's end reuses no number anyone
+//! saw. (In a cluster the log is in JetStream instead: `cluster::stream_log`.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, mpsc};
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,18 @@ use throng_wire::Message;
 /// `Vec<Message>` in sequence order. One entry per room tick, not per
 /// message: a commit of many rooms' ticks is then a few B-tree inserts.
 const TICKS: TableDefinition<(&str, &str, u64), &[u8]> = TableDefinition::new("ticks");
+
+/// (tenant, room) → the highest sequence number the room handed out and
+/// committed, delivered or not (a like folded into a counter has one too):
+/// numbering after a restart goes on above it, so no acked number is
+/// handed out twice.
+const HEADS: TableDefinition<(&str, &str), u64> = TableDefinition::new("heads");
+
+/// `"epoch"` → when this log was made (Unix ms): the numbering its rooms'
+/// sequence numbers belong to. A log made anew (a wiped data dir) is
+/// another epoch, so a client's numbers from the old one are not taken
+/// for the new one's.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// (tenant, room, user) → the member's cursor.
 const MEMBERS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("members");
@@ -112,6 +126,77 @@ pub enum Admission {
     Full { members: u64 },
 }
 
+/// How far one room's log is stored: raised by the log's writer after each
+/// commit, waited on by the room, which acks and delivers only what it
+/// covers. In a cluster it is also the room's claim on its log: the
+/// JetStream writer appends only after the entry this room last knew of,
+/// and marks the claim `fenced` when another edge appended meanwhile.
+#[derive(Debug)]
+pub struct Commit {
+    stored: Arc<AtomicU64>,
+    fenced: AtomicBool,
+    changed: tokio::sync::Notify,
+    /// JetStream: the stream sequence of the room's last entry as this
+    /// edge knows it (0 for none), the expected last subject sequence of
+    /// its next append.
+    last_entry: AtomicU64,
+}
+
+impl Commit {
+    /// A claim on a log stored up to `stored`, whose last entry is
+    /// `last_entry` (JetStream's stream sequence; 0 for none or redb).
+    pub fn new(stored: u64, last_entry: u64) -> Arc<Self> {
+        Arc::new(Self {
+            stored: Arc::new(AtomicU64::new(stored)),
+            fenced: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            last_entry: AtomicU64::new(last_entry),
+        })
+    }
+
+    /// The highest sequence number stored.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Acquire)
+    }
+
+    /// The same, kept current, for readers that only look.
+    pub fn stored_mark(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.stored)
+    }
+
+    /// Whether another writer appended to the room's log after this claim
+    /// was made: nothing more is stored under it.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Waits until the mark rises or the claim is fenced (returns at once
+    /// if either happened since the last wait).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Raises the mark to `seq` (never lowers it) and wakes the room.
+    pub(crate) fn raise(&self, seq: u64) {
+        if self.stored.fetch_max(seq, Ordering::AcqRel) < seq {
+            self.changed.notify_one();
+        }
+    }
+
+    pub(crate) fn fence(&self) {
+        self.fenced.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    pub(crate) fn last_entry(&self) -> u64 {
+        self.last_entry.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_last_entry(&self, seq: u64) {
+        self.last_entry.store(seq, Ordering::Release);
+    }
+}
+
 /// (tenant, room, user).
 pub(crate) type MemberKey = (Arc<str>, Arc<str>, Arc<str>);
 
@@ -129,9 +214,11 @@ pub(crate) fn append_work(
     tenant: &Arc<str>,
     room: &Arc<str>,
     messages: Vec<Message>,
-    committed: &Arc<AtomicU64>,
+    head: u64,
+    committed: &Arc<Commit>,
 ) -> Option<Work> {
-    if messages.is_empty() {
+    let head = head.max(messages.last().map_or(0, |m| m.seq));
+    if messages.is_empty() && head <= committed.stored() {
         return None;
     }
     stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +229,7 @@ pub(crate) fn append_work(
         tenant: Arc::clone(tenant),
         room: Arc::clone(room),
         messages,
+        head,
         committed: Arc::clone(committed),
         queued_at: Instant::now(),
     }))
@@ -190,7 +278,10 @@ pub(crate) struct Append {
     pub(crate) tenant: Arc<str>,
     pub(crate) room: Arc<str>,
     pub(crate) messages: Vec<Message>,
-    pub(crate) committed: Arc<AtomicU64>,
+    /// The highest number the room handed out with these messages (at
+    /// least the last message's).
+    pub(crate) head: u64,
+    pub(crate) committed: Arc<Commit>,
     pub(crate) queued_at: Instant,
 }
 
@@ -242,6 +333,7 @@ pub struct GroupLog {
     stats: Arc<LogStats>,
     writer_done: Arc<std::sync::atomic::AtomicBool>,
     max_queued: u64,
+    epoch: u64,
 }
 
 impl GroupLog {
@@ -267,6 +359,7 @@ impl GroupLog {
             std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
         }
         let db = Database::create(path).map_err(|e| open_err(e.to_string()))?;
+        let epoch;
         {
             // Make sure the tables exist so readers never race their creation.
             let w = db.begin_write().map_err(|e| open_err(e.to_string()))?;
@@ -275,6 +368,21 @@ impl GroupLog {
             w.open_table(JOINED).map_err(|e| open_err(e.to_string()))?;
             w.open_table(AGES).map_err(|e| open_err(e.to_string()))?;
             w.open_table(PRUNED).map_err(|e| open_err(e.to_string()))?;
+            w.open_table(HEADS).map_err(|e| open_err(e.to_string()))?;
+            let mut meta = w.open_table(META).map_err(|e| open_err(e.to_string()))?;
+            let made = meta
+                .get("epoch")
+                .map_err(|e| open_err(e.to_string()))?
+                .map(|v| v.value());
+            epoch = match made {
+                Some(epoch) => epoch,
+                None => {
+                    let now = crate::unix_now_ms().max(1);
+                    meta.insert("epoch", now).map_err(|e| open_err(e.to_string()))?;
+                    now
+                }
+            };
+            drop(meta);
             w.commit().map_err(|e| open_err(e.to_string()))?;
         }
         let db = Arc::new(RwLock::new(db));
@@ -310,7 +418,13 @@ impl GroupLog {
             stats,
             writer_done,
             max_queued,
+            epoch,
         })
+    }
+
+    /// The numbering this log's sequence numbers belong to (see `META`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Drops this handle; if it was the last one, waits (bounded) until the
@@ -333,10 +447,18 @@ impl GroupLog {
         &self.stats
     }
 
-    /// Queues messages for the next group commit; `committed` is raised to
-    /// the highest committed sequence of this room afterwards.
-    pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
-        if let Some(work) = append_work(&self.stats, tenant, room, messages, committed) {
+    /// Queues messages for the next group commit, with `head`, the highest
+    /// number the room handed out with them; `committed` is raised to it
+    /// once they are on disk.
+    pub fn append(
+        &self,
+        tenant: &Arc<str>,
+        room: &Arc<str>,
+        messages: Vec<Message>,
+        head: u64,
+        committed: &Arc<Commit>,
+    ) {
+        if let Some(work) = append_work(&self.stats, tenant, room, messages, head, committed) {
             let _ = self.tx.send(work);
         }
     }
@@ -436,7 +558,8 @@ impl GroupLog {
         let r = db.begin_read().map_err(read_err)?;
         let ticks = r.open_table(TICKS).map_err(read_err)?;
         let pruned = r.open_table(PRUNED).map_err(read_err)?;
-        last_seq_of(&ticks, &pruned, tenant, room)
+        let heads = r.open_table(HEADS).map_err(read_err)?;
+        last_seq_of(&ticks, &pruned, &heads, tenant, room)
     }
 
     /// The highest sequence retention removed from a room (0 if none):
@@ -508,10 +631,13 @@ fn count_members(
 fn last_seq_of(
     ticks: &impl ReadableTable<(&'static str, &'static str, u64), &'static [u8]>,
     pruned: &impl ReadableTable<(&'static str, &'static str), u64>,
+    heads: &impl ReadableTable<(&'static str, &'static str), u64>,
     tenant: &str,
     room: &str,
 ) -> Result<u64, LogError> {
     let pruned = pruned.get((tenant, room)).map_err(read_err)?.map_or(0, |v| v.value());
+    let head = heads.get((tenant, room)).map_err(read_err)?.map_or(0, |v| v.value());
+    let pruned = pruned.max(head);
     let mut range = ticks
         .range((tenant, room, 0)..=(tenant, room, u64::MAX))
         .map_err(read_err)?;
@@ -526,7 +652,8 @@ fn last_seq_of(
 fn last_seq_in(w: &WriteTransaction, tenant: &str, room: &str) -> Result<u64, LogError> {
     let ticks = w.open_table(TICKS).map_err(write_err)?;
     let pruned = w.open_table(PRUNED).map_err(write_err)?;
-    last_seq_of(&ticks, &pruned, tenant, room)
+    let heads = w.open_table(HEADS).map_err(write_err)?;
+    last_seq_of(&ticks, &pruned, &heads, tenant, room)
 }
 
 fn now_ms() -> u64 {
@@ -638,8 +765,8 @@ impl Writer {
             stats.total_window_us.fetch_add(window, Ordering::Relaxed);
             stats.appends.fetch_add(1, Ordering::Relaxed);
             stats.messages.fetch_add(a.messages.len() as u64, Ordering::Relaxed);
+            a.committed.raise(a.head);
             if let Some(last) = a.messages.last() {
-                a.committed.fetch_max(last.seq, Ordering::Release);
                 if self.retention.max_messages.is_some() {
                     let e = self.touched.entry((a.tenant, a.room)).or_insert(0);
                     *e = (*e).max(last.seq);
@@ -678,8 +805,14 @@ impl Writer {
         {
             let mut t = w.open_table(TICKS).map_err(|e| e.to_string())?;
             let mut ages = w.open_table(AGES).map_err(|e| e.to_string())?;
+            let mut heads = w.open_table(HEADS).map_err(|e| e.to_string())?;
             let now = now_ms();
             for a in batch {
+                let key = (&*a.tenant, &*a.room);
+                let head = heads.get(key).map_err(|e| e.to_string())?.map_or(0, |v| v.value());
+                if a.head > head {
+                    heads.insert(key, a.head).map_err(|e| e.to_string())?;
+                }
                 let Some(first) = a.messages.first() else { continue };
                 let bytes = postcard::to_allocvec(&a.messages).map_err(|e| e.to_string())?;
                 t.insert((&*a.tenant, &*a.room, first.seq), bytes.as_slice())
@@ -830,18 +963,18 @@ mod tests {
         let log = GroupLog::open(&path, Duration::from_millis(5), u64::MAX).unwrap();
         let (t, r): (Arc<str>, Arc<str>) = (Arc::from("acme"), Arc::from("g1"));
         let other: Arc<str> = Arc::from("g2");
-        let committed = Arc::new(AtomicU64::new(0));
-        let committed2 = Arc::new(AtomicU64::new(0));
+        let committed = Commit::new(0, 0);
+        let committed2 = Commit::new(0, 0);
         // Ticks of several messages, with a gap (3 was a like, say).
-        log.append(&t, &r, vec![msg(1), msg(2), msg(4)], &committed);
-        log.append(&t, &r, vec![msg(5)], &committed);
-        log.append(&t, &r, (6..=10).map(msg).collect(), &committed);
-        log.append(&t, &other, vec![msg(1)], &committed2);
+        log.append(&t, &r, vec![msg(1), msg(2), msg(4)], 4, &committed);
+        log.append(&t, &r, vec![msg(5)], 5, &committed);
+        log.append(&t, &r, (6..=10).map(msg).collect(), 10, &committed);
+        log.append(&t, &other, vec![msg(1)], 1, &committed2);
         let start = Instant::now();
-        while committed.load(Ordering::Acquire) < 10 && start.elapsed() < Duration::from_secs(5) {
+        while committed.stored() < 10 && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        assert_eq!(committed.load(Ordering::Acquire), 10);
+        assert_eq!(committed.stored(), 10);
         assert_eq!(log.last_seq("acme", "g1").unwrap(), 10);
         let start = Instant::now();
         while log.stats().queued.load(Ordering::Relaxed) != 0 && start.elapsed() < Duration::from_secs(5) {

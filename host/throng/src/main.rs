@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use throng_client::{Client, ClientError, ConnectOptions};
 use throng_edge::auth::{Claims, sign, unix_now};
 use throng_edge::{Config, Edge};
-use throng_wire::{Batch, Kind, Message, Role};
+use throng_wire::{Batch, Kind, Message, Resumed, Role};
 
 /// Where `throng serve` listens on its embedded dev config; a client aimed
 /// here may trust the dev certificate without being told where it is.
@@ -209,9 +209,19 @@ enum ClientAction {
         count: Option<u64>,
         /// One JSON object per line: `"type": "message"` for each message
         /// (`"recent": true` for those the join brought), `"type": "batch"`
-        /// for a batch's counters (likes, gifts) and missed batches.
+        /// for a batch's counters (likes, gifts) and missed batches,
+        /// `"type": "gap"` where messages may be lost uncounted (the room's
+        /// numbering changed, or the edge no longer held all after
+        /// `--resume-from`).
         #[arg(long)]
         json: bool,
+        /// Ask for what the edge still has after this sequence number.
+        #[arg(long)]
+        resume_from: Option<u64>,
+        /// The numbering `--resume-from` is of (the `epoch` the edge printed
+        /// with it); 0 takes it as the room's current one.
+        #[arg(long, default_value_t = 0, requires = "resume_from")]
+        epoch: u64,
     },
     /// Send messages to a room and print each ack or rejection.
     Send {
@@ -430,7 +440,13 @@ fn dev_cert() -> Result<PathBuf> {
 
 async fn client_action(client: &Client, action: ClientAction) -> Result<std::process::ExitCode> {
     let code = match action {
-        ClientAction::Listen { room, count, json } => listen(client, &room, count, json).await?,
+        ClientAction::Listen {
+            room,
+            count,
+            json,
+            resume_from,
+            epoch,
+        } => listen(client, &room, count, json, (resume_from, epoch)).await?,
         ClientAction::Send {
             room,
             text,
@@ -565,16 +581,44 @@ async fn next_signal() -> Result<Signal> {
     }
 }
 
-async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> Result<std::process::ExitCode> {
+async fn listen(
+    client: &Client,
+    room: &str,
+    count: Option<u64>,
+    json: bool,
+    (resume_from, epoch): (Option<u64>, u64),
+) -> Result<std::process::ExitCode> {
     let mut stream = client
-        .join(room)
+        .resume(room, resume_from, epoch)
         .await
         .with_context(|| format!("cannot join `{room}`"))?;
     eprintln!(
-        "joined {room}: {} online, {} recent",
+        "joined {room}: {} online, {} recent, epoch {}",
         stream.online,
-        stream.recent.len()
+        stream.recent.len(),
+        stream.epoch
     );
+    let mut epoch = stream.epoch;
+    // A gap is said before the messages after it, never left silent.
+    let gap = |kind: &str, from: u64, to: u64| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"type": "gap", "room": room, "kind": kind, "from_epoch": from, "epoch": to})
+            );
+        } else {
+            let why = match kind {
+                "new_epoch" => "the room's numbering changed (a restart or a takeover)",
+                _ => "the edge no longer held everything after that number",
+            };
+            println!("[{room}] gap: messages may be lost, uncounted: {why} (epoch {from} -> {to})");
+        }
+    };
+    match stream.resumed {
+        Resumed::NewEpoch { previous } => gap("new_epoch", previous, epoch),
+        Resumed::Truncated => gap("truncated", epoch, epoch),
+        Resumed::Fresh | Resumed::Continued => {}
+    }
     let mut seen = 0u64;
     let done = |seen: u64| count.is_some_and(|c| seen >= c);
     if done(seen) {
@@ -582,7 +626,7 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
     }
     for m in &stream.recent {
         if json {
-            println!("{}", message_json(room, None, m, false, stream.online));
+            println!("{}", message_json(room, (None, epoch), m, false, stream.online));
         } else {
             println!("{} (recent)", message_text(room, m));
         }
@@ -593,6 +637,10 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
     }
     while let Some(batch) = stream.next_batch().await {
         let batch = batch.with_context(|| format!("room `{room}` failed"))?;
+        if batch.epoch != epoch {
+            gap("new_epoch", epoch, batch.epoch);
+            epoch = batch.epoch;
+        }
         if !batch.counters.is_empty() || batch.missed > 0 {
             if json {
                 println!("{}", batch_json(&batch));
@@ -619,7 +667,7 @@ async fn listen(client: &Client, room: &str, count: Option<u64>, json: bool) -> 
         for m in &batch.messages {
             if json {
                 let pinned = batch.pinned.contains(&m.seq);
-                println!("{}", message_json(room, Some(&batch), m, pinned, batch.online));
+                println!("{}", message_json(room, (Some(&batch), epoch), m, pinned, batch.online));
             } else {
                 println!("{}", message_text(room, m));
             }
@@ -639,7 +687,13 @@ fn message_text(room: &str, m: &Message) -> String {
 
 /// A message as one JSON line; `batch` is `None` for the recent messages
 /// of the `Joined` frame, which belong to no tick.
-fn message_json(room: &str, batch: Option<&Batch>, m: &Message, pinned: bool, online: u64) -> serde_json::Value {
+fn message_json(
+    room: &str,
+    (batch, epoch): (Option<&Batch>, u64),
+    m: &Message,
+    pinned: bool,
+    online: u64,
+) -> serde_json::Value {
     serde_json::json!({
         "type": "message",
         "room": room,
@@ -651,6 +705,7 @@ fn message_json(room: &str, batch: Option<&Batch>, m: &Message, pinned: bool, on
         "body": String::from_utf8_lossy(&m.body),
         "pinned": pinned,
         "online": online,
+        "epoch": epoch,
     })
 }
 
@@ -672,6 +727,7 @@ fn batch_json(batch: &Batch) -> serde_json::Value {
         "messages": batch.messages.len(),
         "online": batch.online,
         "missed": batch.missed,
+        "epoch": batch.epoch,
     })
 }
 

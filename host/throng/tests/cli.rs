@@ -214,6 +214,10 @@ async fn listen_receives_what_send_sends_with_acks() {
     let lines = json_lines(&done.stdout);
     let messages: Vec<&serde_json::Value> = lines.iter().filter(|v| v["type"] == "message").collect();
     assert_eq!(messages.len(), 4, "{lines:?}");
+    // A livecast room numbers above anything an earlier life of it handed
+    // out (see docs/architecture.md, "Numbers and epochs"): consecutive
+    // from there.
+    let first = messages[0]["seq"].as_u64().expect("a seq");
     for (i, v) in messages.iter().take(3).enumerate() {
         assert_eq!(v["room"], "lobby");
         assert_eq!(v["sender"], "bob");
@@ -221,7 +225,8 @@ async fn listen_receives_what_send_sends_with_acks() {
         assert_eq!(v["body"], "hello from bob");
         assert_eq!(v["recent"], false);
         assert_eq!(v["online"], 2, "listener and sender");
-        assert_eq!(v["seq"], i as u64 + 1);
+        assert_eq!(v["seq"], first + i as u64);
+        assert!(v["epoch"].as_u64().is_some_and(|e| e > 0), "{v}");
     }
     assert_eq!(messages[3]["body"], "after the like");
     let likes: Vec<&serde_json::Value> = lines

@@ -281,6 +281,7 @@ mod tests {
                 pinned: Vec::new(),
                 online: 1,
                 missed: 0,
+                epoch: 1,
             });
             encode(&batch, 8192).expect("a run fits its frame");
         }

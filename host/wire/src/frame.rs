@@ -1,4 +1,4 @@
-//! The frames of protocol `throng/1`.
+//! The frames of protocol `throng/2`.
 //!
 //! Field order is the encoding (postcard is not self-describing): add new
 //! variants at the end of an enum, and never reorder fields.
@@ -93,8 +93,15 @@ pub enum ClientFrame {
     /// Authenticates the connection with a JWT.
     Hello { token: String },
     /// Joins a room. With `resume_from`, the edge replays what it still has
-    /// after that sequence number.
-    Join { room: String, resume_from: Option<u64> },
+    /// after that sequence number of numbering `epoch` (the `epoch` of the
+    /// `Joined` or `Batch` the number came from; 0 if the client does not
+    /// know it, and the number is then taken as one of the room's current
+    /// numbering). `Joined::resumed` says what became of the resume.
+    Join {
+        room: String,
+        resume_from: Option<u64>,
+        epoch: u64,
+    },
     /// Leaves a room; the edge finishes the room's stream.
     Leave { room: String },
     /// Sends a message to a joined room. `client_msg_id` comes back in the
@@ -194,6 +201,40 @@ pub struct Batch {
     pub online: u64,
     /// Batches this viewer did not receive because it fell behind.
     pub missed: u64,
+    /// The numbering `messages` belong to (see [`EdgeFrame::Joined`]). A
+    /// batch whose epoch differs from the one before it on the same stream
+    /// follows a change of the room's numbering writer: what was said
+    /// between the two is not known to have reached this viewer.
+    pub epoch: u64,
+}
+
+/// What became of a `Join`'s `resume_from`, said in `Joined`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resumed {
+    /// The join asked for no resume.
+    Fresh,
+    /// Same numbering: everything the room delivered after the client's
+    /// number follows (`recent`, then catch-up and live batches). A group
+    /// member back from before what retention keeps is told how many
+    /// numbers it lost in its first batch's `missed`.
+    Continued,
+    /// Same numbering, but the room no longer holds everything it
+    /// delivered after the client's number (a livecast room's recent
+    /// messages moved on): an unknown number of messages is lost.
+    Truncated,
+    /// The client's number is of another numbering (`previous`): the room
+    /// restarted, another edge took it over, or (a group room) its log was
+    /// made anew. What was said between is unknown to the edge. A room's
+    /// numbers still only go up across epochs, so `recent` and what
+    /// follows are what came after the client's number.
+    NewEpoch { previous: u64 },
+}
+
+impl Resumed {
+    /// Whether the client may have lost messages without a count of them.
+    pub fn is_unknown_gap(self) -> bool {
+        matches!(self, Resumed::Truncated | Resumed::NewEpoch { .. })
+    }
 }
 
 /// Edge → client.
@@ -208,11 +249,17 @@ pub enum EdgeFrame {
         expires_at: u64,
     },
     /// First frame of a room's stream: the room, who is online and what was
-    /// said recently.
+    /// said recently. `epoch` names the room's numbering: sequence numbers
+    /// are only comparable within one epoch. A livecast room's epoch is
+    /// its origin's incarnation (a restart or a failover starts another);
+    /// a group room's is its log's, so it changes only when the log was
+    /// lost. `resumed` says what became of the join's `resume_from`.
     Joined {
         room: String,
         online: u64,
         recent: Vec<Message>,
+        epoch: u64,
+        resumed: Resumed,
     },
     /// A room's delivery for one tick, on the room's stream.
     Batch(Batch),

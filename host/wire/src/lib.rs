@@ -29,11 +29,12 @@ pub mod fuzzing;
 pub use codec::{FrameBuffer, FrameDecoder, LENGTH_PREFIX, encode, split_to_fit};
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use frame::{
-    Batch, ClientFrame, Counters, EdgeFrame, GiftCount, Kind, Limits, Message, Role, Session, validate_room_name,
+    Batch, ClientFrame, Counters, EdgeFrame, GiftCount, Kind, Limits, Message, Resumed, Role, Session,
+    validate_room_name,
 };
 
 /// ALPN protocol id of this protocol version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"throng/1";
+pub const ALPN: &[u8] = b"throng/2";
 
 /// Default largest frame, length prefix excluded.
 pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024;

@@ -3,7 +3,8 @@
 use bytes::BytesMut;
 use proptest::prelude::*;
 use throng_wire::{
-    Batch, ClientFrame, Counters, EdgeFrame, FrameDecoder, GiftCount, Kind, Limits, Message, Role, Session, encode,
+    Batch, ClientFrame, Counters, EdgeFrame, FrameDecoder, GiftCount, Kind, Limits, Message, Resumed, Role, Session,
+    encode,
 };
 
 const MAX: u32 = 1 << 20;
@@ -31,10 +32,23 @@ fn message() -> impl Strategy<Value = Message> {
         })
 }
 
+fn resumed() -> impl Strategy<Value = Resumed> {
+    prop_oneof![
+        Just(Resumed::Fresh),
+        Just(Resumed::Continued),
+        Just(Resumed::Truncated),
+        any::<u64>().prop_map(|previous| Resumed::NewEpoch { previous }),
+    ]
+}
+
 fn client_frame() -> impl Strategy<Value = ClientFrame> {
     prop_oneof![
         ".{0,64}".prop_map(|token| ClientFrame::Hello { token }),
-        (".{0,32}", any::<Option<u64>>()).prop_map(|(room, resume_from)| ClientFrame::Join { room, resume_from }),
+        (".{0,32}", any::<Option<u64>>(), any::<u64>()).prop_map(|(room, resume_from, epoch)| ClientFrame::Join {
+            room,
+            resume_from,
+            epoch
+        }),
         ".{0,32}".prop_map(|room| ClientFrame::Leave { room }),
         (
             ".{0,32}",
@@ -73,11 +87,22 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
                 },
             }
         }),
-        (".{0,16}", any::<u64>(), prop::collection::vec(message(), 0..8))
-            .prop_map(|(room, online, recent)| EdgeFrame::Joined { room, online, recent }),
         (
             ".{0,16}",
-            any::<[u64; 4]>(),
+            any::<[u64; 2]>(),
+            prop::collection::vec(message(), 0..8),
+            resumed()
+        )
+            .prop_map(|(room, [online, epoch], recent, resumed)| EdgeFrame::Joined {
+                room,
+                online,
+                recent,
+                epoch,
+                resumed
+            }),
+        (
+            ".{0,16}",
+            any::<[u64; 5]>(),
             prop::collection::vec(message(), 0..8),
             prop::collection::vec((".{0,8}", any::<u64>()), 0..4),
             prop::collection::vec(any::<u64>(), 0..4),
@@ -97,6 +122,7 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
                     pinned,
                     online: n[2],
                     missed: n[3],
+                    epoch: n[4],
                 })
             }),
         any::<(u64, u64)>().prop_map(|(client_msg_id, seq)| EdgeFrame::Ack { client_msg_id, seq }),

@@ -1077,6 +1077,7 @@ mod tests {
                     edge_id: (*id).to_owned(),
                     region: "eu".into(),
                     quic: "127.0.0.1:1".into(),
+                    incarnation: 1,
                 })
                 .collect(),
         }

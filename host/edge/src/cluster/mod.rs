@@ -72,6 +72,9 @@ pub struct LiveEdge {
     pub edge_id: String,
     pub region: String,
     pub quic: String,
+    /// The edge's run (its start, Unix ms): the epoch of the livecast
+    /// rooms it originates.
+    pub incarnation: u64,
 }
 
 /// The live edges, by id; every edge that has heard the same announcements
@@ -90,6 +93,7 @@ impl LiveSet {
                     edge_id: m.edge_id.clone(),
                     region: m.region.clone(),
                     quic: m.quic.clone(),
+                    incarnation: m.incarnation,
                 })
                 .collect(),
         }
@@ -115,6 +119,11 @@ impl LiveSet {
                 .filter(|e| e.region == region)
                 .map(|e| e.edge_id.as_str()),
         )
+    }
+
+    /// The run of a live edge.
+    pub fn incarnation(&self, edge_id: &str) -> Option<u64> {
+        self.edges.iter().find(|e| e.edge_id == edge_id).map(|e| e.incarnation)
     }
 
     pub fn contains(&self, edge_id: &str) -> bool {

@@ -14,6 +14,18 @@
 //!   what the dead one may already have written) is read once.
 //!   A room has one entry in flight at a time, so its entries are in the
 //!   stream in order.
+//! - **One writer per room, fenced.** A room's origin claims its log
+//!   ([`StreamLog::claim`]): it reads the stream sequence of the room's
+//!   last entry, and publishes each entry with that as the expected last
+//!   subject sequence (JetStream's optimistic concurrency). An edge that
+//!   still takes itself for the origin after another took over (a
+//!   partition, a paused process) finds its append refused: its claim is
+//!   fenced, what it held is refused to its senders (never acked, never
+//!   delivered), and it claims again from the new end before it numbers
+//!   anything more. Two writers can never interleave entries, so readers
+//!   never meet numbers out of order. A retry is the same entry under the
+//!   same id (the id names this writer too), so a publish whose ack was
+//!   lost is recognised rather than taken for another writer's.
 //! - **Appends never wait**: rooms hand a tick to the writer task, which
 //!   publishes every room's entry together each `commit_interval` and
 //!   raises each room's `committed` mark once JetStream acked them, in
@@ -37,18 +49,19 @@
 //!   is not told how many numbers it lost (the embedded log does).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use throng_wire::Message;
 use tokio::sync::mpsc;
 
-use crate::log::{Admission, Append, LogError, LogStats, MemberKey, Retention, Work, append_work, cursor_work, raise};
+use crate::log::{
+    Admission, Append, Commit, LogError, LogStats, MemberKey, Retention, Work, append_work, cursor_work, raise,
+};
 
 /// The stream that holds every group room's log.
 pub const STREAM: &str = "THRONG_GROUPS";
@@ -88,12 +101,23 @@ fn count_key(tenant: &str, room: &str) -> String {
     format!("{}.n", super::bus::room_token(tenant, room))
 }
 
-/// One tick of one room, as stored.
+/// One or more ticks of one room, as stored.
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
     tenant: String,
     room: String,
     messages: Vec<Message>,
+    /// The highest number the room had handed out with these messages (a
+    /// like folded into a counter has one but is no message): numbering
+    /// after this entry goes on above it.
+    head: u64,
+}
+
+impl Entry {
+    /// The highest number this entry accounts for.
+    fn last(&self) -> u64 {
+        self.messages.last().map_or(0, |m| m.seq).max(self.head)
+    }
 }
 
 /// A member's record in the KV bucket.
@@ -139,6 +163,9 @@ async fn within<T, E: std::fmt::Display>(
 struct Parts {
     stream: stream::Stream,
     members: kv::Store,
+    /// When the stream was made (Unix ms): the numbering group rooms'
+    /// sequence numbers belong to, the same on every edge.
+    epoch: u64,
 }
 
 /// Makes sure the stream and the bucket exist.
@@ -170,7 +197,9 @@ async fn set_up(js: &jetstream::Context, retention: Retention) -> Result<Parts, 
     };
     within("create the members bucket", js.get_or_create_stream(bucket)).await?;
     let members = within("open the members bucket", js.get_key_value(MEMBERS_BUCKET)).await?;
-    Ok(Parts { stream, members })
+    let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000_000;
+    let epoch = u64::try_from(created).unwrap_or(0).max(1);
+    Ok(Parts { stream, members, epoch })
 }
 
 /// How long the edge's start waits for JetStream before it goes on
@@ -233,6 +262,8 @@ impl StreamLog {
             interval: commit_interval,
             queue: VecDeque::new(),
             cursors: HashMap::new(),
+            frozen: HashMap::new(),
+            nonce: crate::unix_now_ms() ^ u64::from(std::process::id()).rotate_left(40),
         };
         tokio::spawn(writer.run(rx));
         Self { inner }
@@ -249,10 +280,31 @@ impl StreamLog {
         &self.inner.stats
     }
 
+    /// The numbering group rooms' sequence numbers belong to: when the
+    /// stream was made (0 until JetStream answered).
+    pub fn epoch(&self) -> u64 {
+        self.inner.parts.get().map_or(0, |p| p.epoch)
+    }
+
+    /// Claims a room's log for this edge: where it ends (its highest
+    /// sequence number) and a [`Commit`] whose appends go after the room's
+    /// last entry only (see the module's doc).
+    pub async fn claim(&self, tenant: &str, room: &str) -> Result<(u64, Arc<Commit>), LogError> {
+        let (last, entry) = self.last_entry(tenant, room).await?;
+        Ok((last, Commit::new(last, entry)))
+    }
+
     /// Queues a tick's messages; `committed` is raised once JetStream has
     /// them (and every earlier tick of the room).
-    pub fn append(&self, tenant: &Arc<str>, room: &Arc<str>, messages: Vec<Message>, committed: &Arc<AtomicU64>) {
-        if let Some(work) = append_work(&self.inner.stats, tenant, room, messages, committed) {
+    pub fn append(
+        &self,
+        tenant: &Arc<str>,
+        room: &Arc<str>,
+        messages: Vec<Message>,
+        head: u64,
+        committed: &Arc<Commit>,
+    ) {
+        if let Some(work) = append_work(&self.inner.stats, tenant, room, messages, head, committed) {
             let _ = self.inner.tx.send(work);
         }
     }
@@ -374,6 +426,12 @@ impl StreamLog {
 
     /// The highest sequence number JetStream holds for a room (0 if none).
     pub async fn last_seq(&self, tenant: &str, room: &str) -> Result<u64, LogError> {
+        Ok(self.last_entry(tenant, room).await?.0)
+    }
+
+    /// The highest sequence number JetStream holds for a room and the
+    /// stream sequence of its last entry (0 and 0 if none).
+    async fn last_entry(&self, tenant: &str, room: &str) -> Result<(u64, u64), LogError> {
         let subject = group_subject(tenant, room);
         let got = tokio::time::timeout(
             REQUEST_TIMEOUT,
@@ -381,13 +439,8 @@ impl StreamLog {
         )
         .await;
         match got {
-            Ok(Ok(m)) => Ok(decode_entry(&m.payload, tenant, room)?
-                .messages
-                .iter()
-                .map(|m| m.seq)
-                .max()
-                .unwrap_or(0)),
-            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Ok(Ok(m)) => Ok((decode_entry(&m.payload, tenant, room)?.last(), m.sequence)),
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
             Ok(Err(e)) => Err(LogError::Read(format!("last entry of the room: {e}"))),
             Err(_) => Err(LogError::Read(format!(
                 "last entry of the room: no answer within {REQUEST_TIMEOUT:?}"
@@ -445,7 +498,7 @@ impl StreamLog {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             match self.next_entry(&subject, mid, tenant, room).await? {
-                Some((at, e)) if e.messages.last().is_some_and(|m| m.seq < from) => lo = at + 1,
+                Some((at, e)) if e.last() < from => lo = at + 1,
                 _ => hi = mid,
             }
         }
@@ -491,6 +544,22 @@ struct Writer {
     interval: Duration,
     queue: VecDeque<Append>,
     cursors: HashMap<MemberKey, u64>,
+    /// Rooms whose last publish was not answered: how many of their queued
+    /// ticks it held. The retry holds exactly those, under the same id, so
+    /// JetStream's duplicate check (and the fence) see the same entry.
+    frozen: HashMap<RoomId, usize>,
+    /// Names this writer in entry ids: a retry of its own entry is told
+    /// apart from another edge's entry of the same numbers.
+    nonce: u64,
+}
+
+/// What became of one entry's publish.
+enum Published {
+    Stored(u64),
+    /// Not answered (NATS away, a timeout): retried.
+    Unanswered,
+    /// Another writer appended to the room's log: this claim is fenced.
+    Fenced,
 }
 
 impl Writer {
@@ -532,6 +601,9 @@ impl Writer {
 
     fn take(&mut self, work: Work) {
         match work {
+            // A claim fenced while this tick was on its way: its room
+            // refuses it (it was never acked).
+            Work::Append(a) if a.committed.is_fenced() => self.forget(&a),
             Work::Append(a) => self.queue.push_back(a),
             Work::Cursor(key, seq) => raise(&mut self.cursors, key, seq),
         }
@@ -561,68 +633,104 @@ impl Writer {
             }
             let size: usize = a.messages.iter().map(|m| m.body.len() + m.sender.len() + 32).sum();
             let (ticks, bytes) = rounds.entry(room.clone()).or_default();
-            if !ticks.is_empty() && *bytes + size > MAX_ENTRY_BYTES {
+            let frozen = self.frozen.get(&room).copied();
+            let over = match frozen {
+                Some(n) => ticks.len() >= n,
+                None => !ticks.is_empty() && *bytes + size > MAX_ENTRY_BYTES,
+            };
+            if over {
                 full.insert(room);
                 continue;
             }
             ticks.push(i);
             *bytes += size;
         }
-        let mut acks = Vec::with_capacity(rounds.len());
-        for (ticks, _) in rounds.into_values() {
+        let mut sent = Vec::with_capacity(rounds.len());
+        for (room, (ticks, _)) in rounds {
             let messages: Vec<Message> = ticks
                 .iter()
                 .flat_map(|&i| self.queue[i].messages.iter().cloned())
                 .collect();
-            let (Some(first), Some(last)) = (messages.first(), messages.last()) else {
-                continue;
-            };
+            let head = ticks.iter().map(|&i| self.queue[i].head).max().unwrap_or(0);
+            let first = messages.first().map_or(head, |m| m.seq);
             let a = &self.queue[ticks[0]];
             let id = format!(
-                "{}.{}.{}",
+                "{}.{}.{}.{:x}",
                 super::bus::room_token(&a.tenant, &a.room),
-                first.seq,
-                last.seq
+                first,
+                head,
+                self.nonce
             );
-            let mut headers = HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
             let subject = group_subject(&a.tenant, &a.room);
             let entry = Entry {
                 tenant: a.tenant.to_string(),
                 room: a.room.to_string(),
                 messages,
+                head,
             };
-            let payload = Bytes::from(super::bus::encode(&entry));
-            let sent =
-                tokio::time::timeout(REQUEST_TIMEOUT, self.js.publish_with_headers(subject, headers, payload)).await;
-            acks.push((ticks, sent));
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(super::bus::encode(&entry)))
+                .message_id(id.as_str())
+                .expected_last_subject_sequence(a.committed.last_entry());
+            let ack = tokio::time::timeout(REQUEST_TIMEOUT, self.js.send_publish(subject.clone(), publish)).await;
+            sent.push((room, ticks, id, subject, ack));
         }
-        let mut stored = vec![false; self.queue.len()];
+        let mut outcome: Vec<Option<bool>> = vec![None; self.queue.len()];
         let mut failed = 0usize;
-        for (ticks, sent) in acks {
-            let ok = match sent {
-                Ok(Ok(ack)) => matches!(
-                    tokio::time::timeout(REQUEST_TIMEOUT, ack.into_future()).await,
-                    Ok(Ok(_))
-                ),
-                _ => false,
+        for (room, ticks, id, subject, ack) in sent {
+            let published = match ack {
+                Ok(Ok(ack)) => match tokio::time::timeout(REQUEST_TIMEOUT, ack.into_future()).await {
+                    Ok(Ok(ack)) => Published::Stored(ack.sequence),
+                    Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                        self.ours_after_all(&subject, &id).await
+                    }
+                    _ => Published::Unanswered,
+                },
+                _ => Published::Unanswered,
             };
-            if ok {
-                for i in ticks {
-                    stored[i] = true;
+            match published {
+                Published::Stored(at) => {
+                    self.frozen.remove(&room);
+                    self.queue[ticks[0]].committed.set_last_entry(at);
+                    for i in ticks {
+                        outcome[i] = Some(true);
+                    }
                 }
-            } else {
-                failed += ticks.len();
+                Published::Unanswered => {
+                    self.frozen.insert(room, ticks.len());
+                    failed += ticks.len();
+                }
+                Published::Fenced => {
+                    self.frozen.remove(&room);
+                    let commit = Arc::clone(&self.queue[ticks[0]].committed);
+                    tracing::warn!(room = %room.1, tenant = %room.0, "another edge appended to this group room's log: this edge's claim is fenced");
+                    metrics::counter!("throng_group_log_fenced_total").increment(1);
+                    commit.fence();
+                    for (i, a) in self.queue.iter().enumerate() {
+                        if Arc::ptr_eq(&a.committed, &commit) {
+                            outcome[i] = Some(false);
+                        }
+                    }
+                }
             }
         }
         let mut kept = VecDeque::new();
         let now = Instant::now();
         let (mut done_appends, mut done_messages) = (0u64, 0u64);
-        for (a, ok) in self.queue.drain(..).zip(stored) {
+        for (a, done) in self.queue.drain(..).zip(outcome) {
             // A room's stored ticks are the oldest of its queued ones.
-            if !ok {
-                kept.push_back(a);
-                continue;
+            match done {
+                None => {
+                    kept.push_back(a);
+                    continue;
+                }
+                Some(false) => {
+                    // Fenced: dropped unstored; its room refuses them.
+                    done_appends += 1;
+                    done_messages += a.messages.len() as u64;
+                    continue;
+                }
+                Some(true) => {}
             }
             let window = now.duration_since(a.queued_at).as_micros() as u64;
             self.stats.max_window_us.fetch_max(window, Ordering::Relaxed);
@@ -633,9 +741,7 @@ impl Writer {
                 .fetch_add(a.messages.len() as u64, Ordering::Relaxed);
             done_appends += 1;
             done_messages += a.messages.len() as u64;
-            if let Some(last) = a.messages.last() {
-                a.committed.fetch_max(last.seq, Ordering::Release);
-            }
+            a.committed.raise(a.head);
         }
         self.stats.queued.fetch_sub(done_appends, Ordering::Relaxed);
         self.stats.queued_messages.fetch_sub(done_messages, Ordering::Relaxed);
@@ -651,6 +757,41 @@ impl Writer {
             );
         }
         failed == 0
+    }
+
+    /// A publish refused for its expected last sequence: stored after all
+    /// when the room's last entry is this very one (the first attempt was
+    /// stored and its ack lost), fenced otherwise.
+    async fn ours_after_all(&self, subject: &str, id: &str) -> Published {
+        let Some(inner) = self.inner.upgrade() else {
+            return Published::Unanswered;
+        };
+        let Some(parts) = inner.parts.get() else {
+            return Published::Unanswered;
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, parts.stream.get_last_raw_message_by_subject(subject)).await {
+            Ok(Ok(m)) => {
+                let last_id = m
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str().to_owned());
+                if last_id.as_deref() == Some(id) {
+                    Published::Stored(m.sequence)
+                } else {
+                    Published::Fenced
+                }
+            }
+            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Published::Fenced,
+            _ => Published::Unanswered,
+        }
+    }
+
+    /// Drops an append that will never be stored, from the queue counts.
+    fn forget(&self, a: &Append) {
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        self.stats
+            .queued_messages
+            .fetch_sub(a.messages.len() as u64, Ordering::Relaxed);
     }
 
     /// Writes the cursors gathered, each only upward.

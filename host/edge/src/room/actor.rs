@@ -4,12 +4,13 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
-use throng_wire::{Batch, EdgeFrame, ErrorCode, Kind, Message};
+use throng_wire::{Batch, Counters, EdgeFrame, ErrorCode, Kind, Message, Resumed};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::clock::RoomClock;
 use super::fanout::Viewers;
+use super::group::{Ack, Held, Stored};
 use super::kind::RoomKind;
 use super::link::{Egress, Ingress};
 use super::registry::Rooms;
@@ -31,6 +32,8 @@ pub(super) enum Command {
         member: u64,
         slot: Arc<ViewerSlot>,
         resume_from: Option<u64>,
+        /// The numbering `resume_from` is of (0: unknown, taken as now's).
+        epoch: u64,
         reply: oneshot::Sender<Result<JoinInfo, RoomError>>,
     },
     Leave {
@@ -130,6 +133,8 @@ pub(super) struct Room {
     info: Arc<RoomInfo>,
     /// The current policy's failed ticks already counted in `info`.
     policy_failures_seen: u64,
+    /// Group rooms: when a fenced room last tried to claim its log again.
+    reclaim_at: Option<Instant>,
 }
 
 /// What woke a room's task.
@@ -140,6 +145,18 @@ enum Event {
     Tick,
     Command(Command),
     Heard(Heard),
+    /// A group room's log stored held ticks (or fenced the room).
+    Stored,
+}
+
+/// What one tick shows its viewers, once it may.
+struct Outgoing {
+    messages: Vec<Message>,
+    counters: Counters,
+    pinned: Vec<u64>,
+    tick: u64,
+    online: u64,
+    presence_due: bool,
 }
 
 impl Room {
@@ -178,28 +195,48 @@ impl Room {
         let link = match rooms.links() {
             Some(links) => {
                 let mut link = RoomLink::new(Arc::clone(links), &key, rooms.max_frame, config.presence_interval).await;
+                if matches!(kind, RoomKind::Group(_)) {
+                    link.set_log(rooms.log.clone());
+                }
                 let recent = link.recent_from_origin().await;
                 ring.record(&recent);
                 if let RoomKind::Group(g) = &mut kind {
-                    g.set_writer(&key, link.is_origin());
+                    // The room claimed its log as it opened: a relay only
+                    // gives the claim up (nothing to await or fail).
+                    if !link.is_origin() {
+                        let _ = g.set_writer(&key, false).await;
+                    }
                     g.relayed(&recent);
                 }
                 Some(link)
             }
             None => None,
         };
-        // An origin in a cluster numbers above anything an earlier origin
-        // of the room may have handed out (see `time_base`).
-        let first = match &link {
-            Some(_) => time_base().max(kind.last_seq()),
-            None => kind.last_seq(),
+        // A livecast room has no history to number on from, and an origin
+        // in a cluster may not know an earlier origin's last numbers: both
+        // number above anything handed out before (see `time_base`), so a
+        // client that resumes after a restart or a failover still gets
+        // what is new. Its epoch says the numbering is another one.
+        // A group room on one edge numbers on densely after its log; a new
+        // log (or one whose every entry aged out of JetStream) starts above
+        // anything an earlier log of the room handed out, too. So within a
+        // room numbers only ever go up, across restarts, failovers and
+        // lost logs, and a client never takes a new message for a repeat.
+        let first = match (&kind, &link) {
+            (RoomKind::Group(_), None) if kind.last_seq() > 0 => kind.last_seq(),
+            _ => time_base().max(kind.last_seq()),
+        };
+        let epoch = match &kind {
+            RoomKind::Group(g) => g.epoch(),
+            RoomKind::Livecast => rooms.incarnation,
         };
         Some(Self {
             link,
             info,
             policy_failures_seen: 0,
+            reclaim_at: None,
             label: Arc::from(key.to_string().as_str()),
-            sequencer: Sequencer::local(first),
+            sequencer: Sequencer::local(first, epoch),
             kind,
             key,
             id,
@@ -254,6 +291,10 @@ impl Room {
                 && self.kind.settled();
             let retire_at = self.empty_since.map(|t| t + self.linger);
             let inbox_open = self.ingress.has_room();
+            let commit = match &self.kind {
+                RoomKind::Group(g) if g.is_holding() => Some(Arc::clone(g.commit())),
+                _ => None,
+            };
             let link = &mut self.link;
             let event = tokio::select! {
                 biased;
@@ -261,6 +302,7 @@ impl Room {
                 _ = tokio::time::sleep_until(step_due.unwrap_or_else(Instant::now)), if step_due.is_some() => Event::Step,
                 _ = tokio::time::sleep_until(retire_at.unwrap_or_else(Instant::now)), if idle && retire_at.is_some() => Event::Linger,
                 _ = ticker.tick(), if !idle => Event::Tick,
+                _ = async { match &commit { Some(c) => c.changed().await, None => std::future::pending().await } } => Event::Stored,
                 heard = async { match link { Some(l) => l.next().await, None => std::future::pending().await } } => Event::Heard(heard),
                 Some(cmd) = rx.recv(), if inbox_open => Event::Command(cmd),
             };
@@ -299,6 +341,7 @@ impl Room {
                 }
                 Event::Heard(heard) => self.on_heard(heard).await,
                 Event::Command(cmd) => self.handle(cmd),
+                Event::Stored => self.release_stored().await,
             }
         }
         self.egress.finish();
@@ -323,8 +366,24 @@ impl Room {
                 member,
                 slot,
                 resume_from,
+                epoch,
                 reply,
             } => {
+                let now = self.epoch();
+                // A number of another numbering means nothing here: the
+                // joiner is told, and gets what this numbering holds.
+                let resumed = match resume_from {
+                    None => Resumed::Fresh,
+                    Some(_) if epoch != 0 && epoch != now => Resumed::NewEpoch { previous: epoch },
+                    Some(after) => match &self.kind {
+                        RoomKind::Livecast if !self.ring.holds_all_after(after) => Resumed::Truncated,
+                        _ => Resumed::Continued,
+                    },
+                };
+                // Numbers only go up across epochs (see `start`), so the ring
+                // after the client's number is still what it has not seen. A
+                // group member's number of another log was replaced by its
+                // cursor in this one where it joined (`connection`).
                 let (recent, catch_up, tail) = match (&self.kind, resume_from) {
                     // A group member coming back gets everything after its
                     // sequence: committed messages from the log, the rest
@@ -359,6 +418,8 @@ impl Room {
                     tail,
                     head: self.kind.head(),
                     stored: self.kind.stored(),
+                    epoch: now,
+                    resumed,
                 }));
             }
             Command::Leave { member } => {
@@ -399,6 +460,15 @@ impl Room {
         }
     }
 
+    /// The numbering of the room's sequence numbers now: this edge's, or
+    /// on a relay, its origin's.
+    fn epoch(&self) -> u64 {
+        match (&self.kind, &self.link) {
+            (RoomKind::Livecast, Some(l)) if !l.is_origin() => l.origin_epoch().unwrap_or(self.sequencer.epoch()),
+            _ => self.sequencer.epoch(),
+        }
+    }
+
     /// Viewers of the room on other edges, when this edge is its origin.
     fn peer_count(&mut self) -> u64 {
         match &mut self.link {
@@ -428,17 +498,36 @@ impl Room {
                 }
             }
             Heard::Live => {
-                if link.reconsider(&self.key, self.viewers.len() as u64).await {
+                let became_origin = link.reconsider(&self.key, self.viewers.len() as u64).await;
+                if became_origin {
                     // The room's origin moved here: number on after anything
-                    // the one before handed out, and pick a policy.
-                    self.sequencer = Sequencer::local(link.next_seq_floor());
+                    // the one before handed out, and pick a policy. A
+                    // livecast room's numbering is this edge's now.
+                    let epoch = match &self.kind {
+                        RoomKind::Group(g) => g.epoch(),
+                        RoomKind::Livecast => self.sequencer.epoch(),
+                    };
+                    self.sequencer = Sequencer::local(link.next_seq_floor(), epoch);
                     self.modules.mark_changed();
                     if link.interested() {
                         self.empty_since = None;
                     }
                 }
+                let origin = link.is_origin();
                 if let RoomKind::Group(g) = &mut self.kind {
-                    g.set_writer(&self.key, link.is_origin());
+                    match g.set_writer(&self.key, origin).await {
+                        Ok(Some(end)) => {
+                            let floor = self.sequencer.last().max(end);
+                            self.sequencer = Sequencer::local(floor, g.epoch());
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            // Numbering on without the log's end could reuse
+                            // numbers: the room refuses sends until a claim
+                            // succeeds (tried again each tick).
+                            tracing::error!(error = %e, "cannot claim the group room's log; refusing sends until it can");
+                        }
+                    }
                 }
             }
             Heard::Frames(deliveries) => {
@@ -707,10 +796,12 @@ impl Room {
 
         // Every accepted message gets a sequence number and an ack, delivered
         // or not; delivered ones carry the same number to viewers.
+        let mut acks = Vec::with_capacity(inbox.len());
         let mut accepted: Vec<Option<Message>> = Vec::with_capacity(inbox.len());
         for m in inbox {
             let seq = self.sequencer.next();
-            let _ = m.reply.send(EdgeFrame::Ack {
+            acks.push(Ack {
+                reply: m.reply,
                 client_msg_id: m.client_msg_id,
                 seq,
             });
@@ -736,12 +827,116 @@ impl Room {
         }
         RoomInfo::add(&self.info.delivered, messages.len());
         self.count_messages(accepted_n, messages.len(), before_filters - accepted_n);
-        if let RoomKind::Group(g) = &mut self.kind {
-            g.record(&self.key, &messages, self.sequencer.last());
+        if !messages.is_empty() || !plan.counters.is_empty() || presence_due {
+            // Told now, though a group room's tick shows only once stored:
+            // the ticks meanwhile must not each carry the count again.
+            self.online_sent = online;
+            self.presence_sent_at = Instant::now();
         }
+        let out = Outgoing {
+            messages,
+            counters: plan.counters,
+            pinned,
+            tick: self.tick,
+            online,
+            presence_due,
+        };
+        if let RoomKind::Group(g) = &mut self.kind {
+            // Acked and shown only once stored (see `room/group.rs`).
+            g.hold(
+                &self.key,
+                Held {
+                    last: self.sequencer.last(),
+                    acks,
+                    messages: out.messages,
+                    counters: out.counters,
+                    pinned: out.pinned,
+                    tick: out.tick,
+                    online: out.online,
+                    presence_due: out.presence_due,
+                },
+            );
+            self.release_stored().await;
+            return;
+        }
+        for ack in acks {
+            ack.send();
+        }
+        self.deliver(out).await;
+    }
+
+    /// Acks and delivers the held ticks a group room's log has stored; a
+    /// fenced room (another edge appended to its log) claims it again.
+    async fn release_stored(&mut self) {
+        let RoomKind::Group(g) = &mut self.kind else { return };
+        match g.take_stored() {
+            Stored::Ticks(ticks) if ticks.is_empty() => {}
+            Stored::Ticks(ticks) => {
+                // Ticks stored together (after a slow commit, or JetStream
+                // back from an outage) go out as one batch: hundreds of
+                // held ticks pushed apart would overflow viewers' slots.
+                let mut out = Outgoing {
+                    messages: Vec::new(),
+                    counters: Counters::default(),
+                    pinned: Vec::new(),
+                    tick: 0,
+                    online: 0,
+                    presence_due: false,
+                };
+                for t in ticks {
+                    for ack in t.acks {
+                        ack.send();
+                    }
+                    out.messages.extend(t.messages);
+                    out.counters.likes += t.counters.likes;
+                    for g in t.counters.gifts {
+                        match out.counters.gifts.iter_mut().find(|o| o.gift == g.gift) {
+                            Some(o) => o.count += g.count,
+                            None => out.counters.gifts.push(g),
+                        }
+                    }
+                    out.pinned.extend(t.pinned);
+                    out.tick = t.tick;
+                    out.online = t.online;
+                    out.presence_due |= t.presence_due;
+                }
+                self.deliver(out).await;
+            }
+            Stored::Fenced => {
+                // At most one claim a second: while JetStream is away, each
+                // tick's sends are refused rather than retried in a loop.
+                if self.reclaim_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    return;
+                }
+                self.reclaim_at = Some(Instant::now());
+                match g.reclaim(&self.key).await {
+                    Ok(end) => {
+                        let floor = match &self.link {
+                            Some(l) => l.next_seq_floor().max(end),
+                            None => end,
+                        };
+                        self.sequencer = Sequencer::local(floor.max(self.sequencer.last()), g.epoch());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot claim the group room's log yet"),
+                }
+            }
+        }
+    }
+
+    /// Records a tick's delivered messages and sends its batch to this
+    /// edge's viewers and, in a cluster, to the room's relays.
+    async fn deliver(&mut self, out: Outgoing) {
+        let Outgoing {
+            messages,
+            counters,
+            pinned,
+            tick,
+            online,
+            presence_due,
+        } = out;
         let prev_delivered = self.ring.last();
         self.ring.record(&messages);
-        if messages.is_empty() && plan.counters.is_empty() && !presence_due {
+        if messages.is_empty() && counters.is_empty() && !presence_due {
             // Nothing to show, but the numbers moved: relays must know, in
             // case the room's origin moves to one of them.
             let (last, committed) = (self.sequencer.last(), self.kind.committed());
@@ -751,16 +946,15 @@ impl Room {
             }
             return;
         }
-        self.online_sent = online;
-        self.presence_sent_at = Instant::now();
         let batch = Batch {
             room: self.key.name.to_string(),
-            tick: self.tick,
+            tick,
             messages,
-            counters: plan.counters,
+            counters,
             pinned,
             online,
             missed: 0,
+            epoch: self.sequencer.epoch(),
         };
         let deliveries = tick::encode_batch(batch, self.max_frame);
         metrics::counter!("throng_batches_total").increment(deliveries.len() as u64);

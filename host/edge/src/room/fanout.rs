@@ -244,6 +244,7 @@ mod tests {
             pinned: Vec::new(),
             online: 0,
             missed: 0,
+            epoch: 1,
         };
         let frame = encode(&EdgeFrame::Batch(batch.clone()), 1 << 16).expect("encodes");
         Arc::new(Delivery { frame, batch })

@@ -1,22 +1,84 @@
-//! A group room's log state: where its log ends, what it appended that is
-//! not on disk yet, and how a returning member's gap splits between the two.
+//! A group room's log state: where its log ends, the ticks it sequenced
+//! that are not stored yet, and how a returning member's gap splits
+//! between the log and memory.
 //!
-//! In a cluster the room's origin writes the log (JetStream) and tells its
-//! relays how far it is stored (`committed`, in each bus batch); a relay
-//! keeps what it delivered beyond that in memory, as the origin does, so a
-//! member resuming on it splits its gap the same way. A relay that becomes
-//! the origin writes what it holds beyond `committed` first: what the dead
-//! origin acked and delivered but had not stored yet survives (the log
-//! skips what it already has).
+//! **Acked means stored.** A group room's tick is numbered and appended to
+//! the log, then *held*: its senders get their acks, and anyone the tick's
+//! batch, only once the log's writer says it is stored ([`Commit`]). So a
+//! crash loses only what nobody was told of, and numbering on from the
+//! log's end after it reuses no number anyone saw.
+//!
+//! **One writer, fenced.** The room writes under a claim on its log. In a
+//! cluster another edge may take the room over while this one still
+//! believes it is the origin (a partition, a paused process): its next
+//! append is refused, the claim is fenced, and every held tick is refused
+//! to its senders (`ServerBusy`: try again) — none was acked or shown.
+//! The room then claims the log again and numbers on after its new end.
+//!
+//! In a cluster the room's origin writes the log (JetStream) and publishes
+//! its batches only once stored, so relays hold nothing unstored; a relay
+//! still keeps what it delivered above the origin's `committed` mark, for
+//! a member resuming on it in that instant.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use throng_wire::{EdgeFrame, ErrorCode, Message};
+use throng_wire::{Counters, EdgeFrame, ErrorCode, Message};
 
+use super::slot::ReplyTx;
 use super::{Inbound, RoomKey};
 use crate::group_store::GroupStore;
+use crate::log::Commit;
+
+/// A tick numbered and appended, waiting for the log to store it.
+#[derive(Debug)]
+pub(super) struct Held {
+    /// The highest number handed out in the tick.
+    pub(super) last: u64,
+    pub(super) acks: Vec<Ack>,
+    pub(super) messages: Vec<Message>,
+    pub(super) counters: Counters,
+    pub(super) pinned: Vec<u64>,
+    pub(super) tick: u64,
+    pub(super) online: u64,
+    pub(super) presence_due: bool,
+}
+
+/// A sender's answer, once the tick is stored.
+#[derive(Debug)]
+pub(super) struct Ack {
+    pub(super) reply: ReplyTx,
+    pub(super) client_msg_id: u64,
+    pub(super) seq: u64,
+}
+
+impl Ack {
+    pub(super) fn send(self) {
+        let _ = self.reply.send(EdgeFrame::Ack {
+            client_msg_id: self.client_msg_id,
+            seq: self.seq,
+        });
+    }
+
+    fn refuse(self, reason: &str) {
+        let _ = self.reply.send(EdgeFrame::Rejected {
+            client_msg_id: self.client_msg_id,
+            code: ErrorCode::ServerBusy.code(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
+/// What the room's log said since the room last looked.
+#[derive(Debug)]
+pub(super) enum Stored {
+    /// These held ticks are stored, oldest first: ack and deliver them.
+    Ticks(Vec<Held>),
+    /// Another edge appended to the log: everything held was refused, and
+    /// the room must claim the log again before it numbers more.
+    Fenced,
+}
 
 /// A group room's log state.
 #[derive(Debug)]
@@ -25,29 +87,46 @@ pub(super) struct GroupState {
     /// Whether this edge writes the room's log: always on a single edge,
     /// only its origin in a cluster.
     writer: bool,
-    /// Highest sequence number on disk (raised by the log writer).
-    committed: Arc<AtomicU64>,
-    /// Appended, not yet known to be committed, oldest first.
+    /// The claim this edge writes under (a relay's is never fenced: it
+    /// only mirrors the origin's mark).
+    commit: Arc<Commit>,
+    /// Highest sequence number stored, as connections see it (a catch-up
+    /// waits on it); the same across claims.
+    stored: Arc<AtomicU64>,
+    /// Relay: delivered by the origin above what it said is stored.
     pending: VecDeque<Message>,
-    /// The highest sequence handed out (what members may say they saw).
+    /// Origin: ticks numbered and appended, not yet stored, oldest first.
+    held: VecDeque<Held>,
+    /// The highest sequence acked or delivered (what members may say
+    /// they saw).
     head: Arc<AtomicU64>,
+    /// The log's numbering (see `GroupStore::epoch`).
+    epoch: u64,
 }
 
 impl GroupState {
-    /// Reads where the room's log ends. A room that cannot must not start:
-    /// numbering from 1 would overwrite the log.
+    /// Claims the room's log and reads where it ends. A room that cannot
+    /// must not start: numbering from 1 would overwrite the log.
     pub(super) async fn open(log: GroupStore, key: &RoomKey) -> Result<Self, String> {
-        let last = log.last_seq(&key.tenant, &key.name).await.map_err(|e| e.to_string())?;
+        let (last, commit) = log.claim(&key.tenant, &key.name).await.map_err(|e| e.to_string())?;
         Ok(Self {
+            epoch: log.epoch(),
             log,
             writer: true,
-            committed: Arc::new(AtomicU64::new(last)),
+            commit,
+            stored: Arc::new(AtomicU64::new(last)),
             pending: VecDeque::new(),
+            held: VecDeque::new(),
             head: Arc::new(AtomicU64::new(last)),
         })
     }
 
-    /// The highest sequence number the room has handed out.
+    /// The log's numbering.
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The highest sequence number the room has acked or delivered.
     pub(super) fn last_seq(&self) -> u64 {
         self.head.load(Ordering::Acquire)
     }
@@ -58,8 +137,18 @@ impl GroupState {
         Arc::clone(&self.head)
     }
 
-    /// While the disk is behind, refuses the tick's messages rather than
-    /// hold ever more acked, uncommitted ones in memory. Senders may retry.
+    /// The claim the room writes under, to wait on.
+    pub(super) fn commit(&self) -> &Arc<Commit> {
+        &self.commit
+    }
+
+    /// Whether ticks wait for the log.
+    pub(super) fn is_holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// While the log is behind, refuses the tick's messages rather than
+    /// hold ever more in memory. Senders may retry.
     pub(super) fn refuse_if_behind(&self, inbox: &mut Vec<Inbound>) {
         if inbox.is_empty() || !self.log.is_behind() {
             return;
@@ -74,17 +163,48 @@ impl GroupState {
         }
     }
 
-    /// Appends a tick's delivered messages to the log (written in the
-    /// background) and keeps them until they are committed; `head` is the
-    /// highest sequence handed out this tick.
-    pub(super) fn record(&mut self, key: &RoomKey, delivered: &[Message], head: u64) {
-        self.drop_committed();
-        if !delivered.is_empty() {
-            self.log
-                .append(&key.tenant, &key.name, delivered.to_vec(), &self.committed);
-            self.pending.extend(delivered.iter().cloned());
+    /// Appends a numbered tick to the log and holds it until it is stored.
+    pub(super) fn hold(&mut self, key: &RoomKey, tick: Held) {
+        self.log
+            .append(&key.tenant, &key.name, tick.messages.clone(), tick.last, &self.commit);
+        self.held.push_back(tick);
+    }
+
+    /// What the log stored (or refused) since the last look.
+    pub(super) fn take_stored(&mut self) -> Stored {
+        if self.commit.is_fenced() {
+            for tick in self.held.drain(..) {
+                for ack in tick.acks {
+                    ack.refuse("another edge took this group room over; send again");
+                }
+            }
+            metrics::counter!("throng_group_room_fenced_total").increment(1);
+            return Stored::Fenced;
         }
-        self.head.store(head, Ordering::Release);
+        let stored = self.commit.stored();
+        self.stored.fetch_max(stored, Ordering::AcqRel);
+        let mut ready = Vec::new();
+        while self.held.front().is_some_and(|t| t.last <= stored) {
+            ready.extend(self.held.pop_front());
+        }
+        if let Some(last) = ready.last() {
+            self.head.fetch_max(last.last, Ordering::AcqRel);
+        }
+        Stored::Ticks(ready)
+    }
+
+    /// Claims the log again after a fence: returns where it ends now.
+    pub(super) async fn reclaim(&mut self, key: &RoomKey) -> Result<u64, String> {
+        let (last, commit) = self
+            .log
+            .claim(&key.tenant, &key.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(last, "claimed the group room's log again");
+        self.commit = commit;
+        self.stored.fetch_max(last, Ordering::AcqRel);
+        self.head.fetch_max(last, Ordering::AcqRel);
+        Ok(last)
     }
 
     /// Relay: messages the origin delivered, kept until it says they are
@@ -100,35 +220,53 @@ impl GroupState {
 
     /// Relay: how far the origin says the log is stored.
     pub(super) fn origin_committed(&mut self, committed: u64) {
-        self.committed.fetch_max(committed, Ordering::AcqRel);
+        self.stored.fetch_max(committed, Ordering::AcqRel);
         self.drop_committed();
     }
 
     /// How far the log is stored, as this edge knows.
     pub(super) fn committed(&self) -> u64 {
-        self.committed.load(Ordering::Acquire)
+        self.stored.load(Ordering::Acquire)
     }
 
     /// The same, kept current.
     pub(super) fn stored(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.committed)
+        Arc::clone(&self.stored)
     }
 
     /// Sets whether this edge writes the room's log. Taking it over, it
-    /// first writes what it holds beyond what is stored.
-    pub(super) fn set_writer(&mut self, key: &RoomKey, writer: bool) {
-        if writer && !self.writer {
-            self.drop_committed();
-            let unstored: Vec<Message> = self.pending.iter().cloned().collect();
-            if !unstored.is_empty() {
-                tracing::info!(
-                    messages = unstored.len(),
-                    "taking the room's log over: storing what the last origin had not"
-                );
-                self.log.append(&key.tenant, &key.name, unstored, &self.committed);
-            }
+    /// claims the log (its end is the room's numbering from now on) and
+    /// first writes what it holds beyond what is stored. Returns the log's
+    /// end when it claimed it.
+    pub(super) async fn set_writer(&mut self, key: &RoomKey, writer: bool) -> Result<Option<u64>, String> {
+        if !writer || self.writer {
+            self.writer = writer;
+            return Ok(None);
         }
-        self.writer = writer;
+        self.writer = true;
+        let last = match self.reclaim(key).await {
+            Ok(last) => last,
+            Err(e) => {
+                // Unclaimed is as fenced: nothing is stored, sends are
+                // refused, and each tick tries to claim again.
+                let unclaimed = Commit::new(self.committed(), 0);
+                unclaimed.fence();
+                self.commit = unclaimed;
+                return Err(e);
+            }
+        };
+        self.drop_committed();
+        let unstored: Vec<Message> = self.pending.drain(..).filter(|m| m.seq > last).collect();
+        let mut end = last;
+        if let Some(top) = unstored.last().map(|m| m.seq) {
+            tracing::info!(
+                messages = unstored.len(),
+                "taking the room's log over: storing what the last origin had not"
+            );
+            end = end.max(top);
+            self.log.append(&key.tenant, &key.name, unstored, top, &self.commit);
+        }
+        Ok(Some(end))
     }
 
     /// What a member who saw up to `after` missed: the committed range to
@@ -139,11 +277,8 @@ impl GroupState {
         // memory (from before it started): the log has it, or will within
         // the origin's window (the catch-up waits for it a moment).
         let stored = match self.pending.front() {
-            Some(m) => self.committed.load(Ordering::Acquire).max(m.seq - 1),
-            None => self
-                .committed
-                .load(Ordering::Acquire)
-                .max(self.head.load(Ordering::Acquire)),
+            Some(m) => self.committed().max(m.seq - 1),
+            None => self.committed().max(self.head.load(Ordering::Acquire)),
         };
         let catch_up = (after < stored).then_some((after + 1, stored));
         let from = after.max(stored);
@@ -151,15 +286,15 @@ impl GroupState {
         (catch_up, tail)
     }
 
-    /// Whether everything appended is committed: a group room must not
+    /// Whether everything appended is stored: a group room must not
     /// retire before, or its successor would number from a stale end.
     pub(super) fn settled(&mut self) -> bool {
         self.drop_committed();
-        !self.writer || self.pending.is_empty()
+        !self.writer || self.held.is_empty()
     }
 
     fn drop_committed(&mut self) {
-        let committed = self.committed.load(Ordering::Acquire);
+        let committed = self.committed();
         while self.pending.front().is_some_and(|m| m.seq <= committed) {
             self.pending.pop_front();
         }

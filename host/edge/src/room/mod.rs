@@ -135,6 +135,10 @@ pub struct JoinInfo {
     /// Group rooms: how far the log is stored, kept current; a catch-up
     /// waits (briefly) for the log to reach its range's end.
     pub stored: Option<Arc<AtomicU64>>,
+    /// The numbering the room's sequence numbers belong to now.
+    pub epoch: u64,
+    /// What became of the join's resume.
+    pub resumed: throng_wire::Resumed,
 }
 
 /// Why a room operation failed.

@@ -46,6 +46,9 @@ pub struct Rooms {
     pub(super) pools: Pools,
     /// In a cluster: the links to other edges' rooms.
     links: std::sync::OnceLock<Arc<Links>>,
+    /// This edge's run (Unix ms at start): the epoch of the livecast rooms
+    /// it numbers.
+    pub(super) incarnation: u64,
 }
 
 /// The live rooms, and how many each tenant has.
@@ -111,6 +114,9 @@ pub struct RoomsSetup {
     /// New rooms per user: sustained per second, and burst.
     pub room_create_rate_per_sec: u32,
     pub room_create_burst: u32,
+    /// This edge's run (its start, Unix ms; the cluster's incarnation in a
+    /// cluster): the epoch of the livecast rooms it numbers.
+    pub incarnation: u64,
 }
 
 impl Rooms {
@@ -139,6 +145,7 @@ impl Rooms {
             tasks: tokio_util::task::TaskTracker::new(),
             pools: setup.pools,
             links: std::sync::OnceLock::new(),
+            incarnation: setup.incarnation,
         })
     }
 
@@ -269,6 +276,7 @@ impl Rooms {
         member: u64,
         slot: Arc<ViewerSlot>,
         resume_from: Option<u64>,
+        epoch: u64,
         creator: Creator<'_>,
     ) -> Result<(RoomHandle, JoinInfo, bool), RoomError> {
         // A room retiring between our lookup and our command drops the reply;
@@ -281,6 +289,7 @@ impl Rooms {
                 member,
                 slot: Arc::clone(&slot),
                 resume_from,
+                epoch,
                 reply,
             };
             if tx.send(cmd).await.is_err() {

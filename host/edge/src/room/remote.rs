@@ -30,6 +30,7 @@ use super::{Peer, RoomKey};
 use crate::cluster::bus::{self, RoomBatch};
 use crate::cluster::links::Links;
 use crate::cluster::{BusKind, LiveSet};
+use crate::group_store::GroupStore;
 
 /// Who runs the room.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,17 +39,17 @@ pub(super) enum Role {
     Relay { origin: String },
 }
 
-/// The first sequence number base of a room whose origin starts now:
-/// seconds since 2026 in the high bits, so an origin that takes a room
-/// over (after `dead_after`, seconds later) numbers above anything the one
-/// before it handed out, even if it never saw its last numbers, as long as
-/// a room numbers fewer than 4 million messages a second and edges' clocks
-/// agree within `dead_after`. Stays below 2^53 until 2034, so JavaScript
-/// clients read it exactly.
+/// The first sequence number base of a room whose numbering starts now:
+/// 2^22 (4,194,304) numbers for every second since 2026, counted by the
+/// millisecond, so a room restarted (even within the same second) or
+/// taken over by another origin numbers above anything its last life
+/// handed out, even unseen, as long as a room numbers fewer than 4 million
+/// messages a second and edges' clocks agree within `dead_after`. Stays
+/// below 2^53 until 2034, so JavaScript clients read it exactly.
 pub(super) fn time_base() -> u64 {
-    const SINCE: u64 = 1_767_225_600; // 2026-01-01T00:00:00Z
-    let now_s = crate::unix_now_ms() / 1000;
-    now_s.saturating_sub(SINCE) << 22
+    const SINCE_MS: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+    let ms = crate::unix_now_ms().saturating_sub(SINCE_MS);
+    (u128::from(ms) * (1 << 22) / 1000) as u64
 }
 
 /// A room's link to the rest of its cluster.
@@ -87,7 +88,16 @@ pub(super) struct RoomLink {
     max_frame: u32,
     decoder: FrameDecoder,
     peer_ttl: Duration,
+    /// Group rooms: the log, where a relay fills a gap on the bus (its
+    /// origin publishes only what is stored there).
+    log: Option<GroupStore>,
+    /// Relay: the numbering of the last frame written to its viewers.
+    frame_epoch: Option<u64>,
 }
+
+/// Most messages a relay reads from a group room's log to fill one gap on
+/// the bus; a longer gap falls back to the origin's ring (and `missed`).
+const GAP_FROM_LOG: usize = 10_000;
 
 /// Regions an origin keeps counts of per room; more than any real cluster
 /// has.
@@ -130,9 +140,16 @@ impl RoomLink {
             max_frame,
             decoder: FrameDecoder::new(max_frame),
             peer_ttl: presence * 3 + Duration::from_secs(1),
+            log: None,
+            frame_epoch: None,
         };
         link.become_(role, key, 0).await;
         link
+    }
+
+    /// A group room's log: gaps on the bus are filled from it.
+    pub(super) fn set_log(&mut self, log: GroupStore) {
+        self.log = Some(log);
     }
 
     /// A new relay's recent messages, from its origin's ring, so its first
@@ -230,6 +247,20 @@ impl RoomLink {
         !was_origin && self.is_origin()
     }
 
+    /// Relay: the numbering of the room's origin, from its last batch or,
+    /// before one came, from the live set.
+    pub(super) fn origin_epoch(&self) -> Option<u64> {
+        let Role::Relay { origin } = &self.role else {
+            return None;
+        };
+        if let Some((from, epoch, _)) = &self.last_batch
+            && from == origin
+        {
+            return Some(*epoch);
+        }
+        self.live.borrow().incarnation(origin)
+    }
+
     /// Where a room whose origin moved here numbers on from.
     pub(super) fn next_seq_floor(&self) -> u64 {
         self.seen_seq.max(time_base())
@@ -246,6 +277,16 @@ impl RoomLink {
         };
         if batch.origin == self.links.edge_id() {
             return Heard::Nothing; // our own, from when we were the origin
+        }
+        if self.is_origin() {
+            // Another edge's batch while this one takes itself for the
+            // origin (the live sets disagree for a moment): its numbers
+            // are kept out of reuse, but nothing counts as written to the
+            // viewers here, so the gap is filled once this edge relays again.
+            if batch.tenant == *self.key.tenant && batch.room == *self.key.name {
+                self.seen_seq = self.seen_seq.max(batch.last_seq);
+            }
+            return Heard::Nothing;
         }
         if let Role::Relay { origin } = &self.role
             && *origin != batch.origin
@@ -303,7 +344,9 @@ impl RoomLink {
             }
         }
         let mut deliveries = if lost > 0 {
-            self.fill_gap(&batch.origin, lost, &fresh).await
+            let epoch = self.frame_epoch.or(self.origin_epoch()).unwrap_or(batch.epoch);
+            self.fill_gap(&batch.origin, lost, &fresh, (epoch, batch.last_seq))
+                .await
         } else {
             Vec::new()
         };
@@ -331,6 +374,7 @@ impl RoomLink {
             }
         }
         for d in &deliveries {
+            self.frame_epoch = Some(d.batch.epoch);
             if let Some(m) = d.batch.messages.last() {
                 self.seen_seq = self.seen_seq.max(m.seq);
                 self.delivered_seq = self.delivered_seq.max(m.seq);
@@ -350,7 +394,13 @@ impl RoomLink {
     /// makes them one batch for this edge's viewers, before `fresh`. What
     /// the origin no longer holds, or cannot say in time, shows as
     /// `missed` in that batch: a viewer learns of a hole, never silently.
-    async fn fill_gap(&mut self, origin: &str, lost: u64, fresh: &[Arc<Delivery>]) -> Vec<Arc<Delivery>> {
+    async fn fill_gap(
+        &mut self,
+        origin: &str,
+        lost: u64,
+        fresh: &[Arc<Delivery>],
+        (batch_epoch, last_seq): (u64, u64),
+    ) -> Vec<Arc<Delivery>> {
         metrics::counter!("throng_bus_batches_lost_total").increment(lost);
         tracing::warn!(lost, origin = %crate::untrusted(origin, 64), room = %self.key, "the bus lost batches of this room; asking the origin");
         let before = fresh
@@ -359,15 +409,40 @@ impl RoomLink {
             .map(|m| m.seq)
             .min()
             .unwrap_or(u64::MAX);
-        let (messages, complete) = match self.links.resync(origin, &self.key, self.delivered_seq).await {
-            Some(r) => {
+        let from_log = match &self.log {
+            // What a group room's origin published is stored: the log has
+            // the whole gap, however long, where its ring may not.
+            Some(log) => {
+                let to = before.saturating_sub(1).min(last_seq);
+                log.read(
+                    &self.key.tenant,
+                    &self.key.name,
+                    self.delivered_seq + 1,
+                    to,
+                    GAP_FROM_LOG,
+                )
+                .await
+                .ok()
+                .filter(|m| m.len() < GAP_FROM_LOG)
+            }
+            None => None,
+        };
+        let resynced = match from_log {
+            Some(messages) => Some((messages, true)),
+            None => self
+                .links
+                .resync(origin, &self.key, self.delivered_seq)
+                .await
+                .map(|r| (r.messages, r.complete)),
+        };
+        let (messages, complete) = match resynced {
+            Some((messages, complete)) => {
                 let after = self.delivered_seq;
-                let messages: Vec<_> = r
-                    .messages
+                let messages: Vec<_> = messages
                     .into_iter()
                     .filter(|m| m.seq > after && m.seq < before)
                     .collect();
-                (messages, r.complete)
+                (messages, complete)
             }
             None => (Vec::new(), false),
         };
@@ -384,6 +459,7 @@ impl RoomLink {
             pinned: Vec::new(),
             online: fresh.first().map_or(self.last_online, |d| d.batch.online),
             missed: if complete { 0 } else { lost },
+            epoch: fresh.first().map_or(batch_epoch, |d| d.batch.epoch),
         };
         super::tick::encode_batch(batch, self.max_frame)
     }

@@ -17,9 +17,17 @@ pub(super) enum Sequencer {
 
 impl Sequencer {
     /// Numbers this room's messages on this edge, after `last`, the last
-    /// number its history holds.
-    pub(super) fn local(last: u64) -> Self {
-        Self::Local(LocalSequencer { last })
+    /// number its history holds, in numbering `epoch` (see
+    /// `throng_wire::EdgeFrame::Joined`).
+    pub(super) fn local(last: u64, epoch: u64) -> Self {
+        Self::Local(LocalSequencer { last, epoch })
+    }
+
+    /// The numbering these numbers belong to.
+    pub(super) fn epoch(&self) -> u64 {
+        match self {
+            Self::Local(s) => s.epoch,
+        }
     }
 
     /// The next message's number.
@@ -44,6 +52,7 @@ impl Sequencer {
 #[derive(Debug)]
 pub(super) struct LocalSequencer {
     last: u64,
+    epoch: u64,
 }
 
 #[cfg(test)]
@@ -52,10 +61,11 @@ mod tests {
 
     #[test]
     fn numbers_go_on_after_the_history() {
-        let mut s = Sequencer::local(41);
+        let mut s = Sequencer::local(41, 7);
         assert_eq!(s.last(), 41);
         assert_eq!((s.next(), s.next()), (42, 43));
         assert_eq!(s.last(), 43);
-        assert_eq!(Sequencer::local(0).next(), 1);
+        assert_eq!(s.epoch(), 7);
+        assert_eq!(Sequencer::local(0, 1).next(), 1);
     }
 }

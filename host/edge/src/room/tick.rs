@@ -122,6 +122,7 @@ pub(super) fn encode_batch(batch: Batch, max_frame: u32) -> Vec<Arc<Delivery>> {
         pinned,
         online,
         missed,
+        epoch,
     } = batch;
     // A tick's gift names can be many: count them against the first frame.
     let counted = counters.gifts.iter().map(|g| g.gift.len() + 16).sum();
@@ -140,6 +141,7 @@ pub(super) fn encode_batch(batch: Batch, max_frame: u32) -> Vec<Arc<Delivery>> {
             counters: counters.take().unwrap_or_default(),
             online,
             missed,
+            epoch,
         };
         let framed = EdgeFrame::Batch(batch);
         let encoded = encode(&framed, max_frame);
