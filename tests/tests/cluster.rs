@@ -788,7 +788,8 @@ async fn a_group_room_loses_no_acked_message_when_nats_restarts_under_traffic() 
         .await;
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 140, "only {} sends acked", acked.len());
+    // 60 before the outage and 60 after it; nothing while JetStream is away.
+    assert!(acked.len() >= 120, "only {} sends acked", acked.len());
     // A newcomer on every edge reads the whole log: every acked message,
     // exactly once, in order.
     for (i, e) in edges.iter().enumerate() {
