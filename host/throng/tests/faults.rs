@@ -8,7 +8,7 @@
 //! a 30 s NATS outage) is the same tests with `THRONG_FAULTS=long`:
 //!
 //! ```sh
-//! THRONG_FAULTS=long cargo test --release -p throng --test faults -- --nocapture
+//! THRONG_FAULTS=long cargo test --release -p throng --test faults -- --include-ignored --nocapture
 //! ```
 //!
 //! Each scenario prints one `faults:` line with its figures
@@ -274,30 +274,79 @@ async fn read_all(opts: ConnectOptions, room: &str, want: &[Acked]) -> Vec<Seen>
     seen
 }
 
-/// Stops the senders, waits (bounded) for their last acks and the
-/// readers' last batches, and returns the history.
-async fn settle(
-    run: &Arc<std::sync::atomic::AtomicBool>,
-    senders: Vec<tokio::task::JoinHandle<u64>>,
-    acked: &History,
-) -> Vec<Acked> {
-    let stop = Arc::clone(run);
-    stop.store(false, std::sync::atomic::Ordering::Relaxed);
-    for s in senders {
-        let _ = s.await;
-    }
-    // The last sends' acks come within a commit (or an outage's end).
-    let mut last = 0;
-    let deadline = Instant::now() + Duration::from_secs(25);
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = acked.lock().expect("history").len();
-        if now == last || Instant::now() > deadline {
-            break;
+/// One run's traffic: its senders' and readers' flags and what the
+/// senders were told.
+struct Traffic {
+    sending: Arc<std::sync::atomic::AtomicBool>,
+    reading: Arc<std::sync::atomic::AtomicBool>,
+    acked: History,
+}
+
+impl Traffic {
+    fn new() -> Self {
+        Self {
+            sending: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            reading: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            acked: Arc::default(),
         }
-        last = now;
     }
-    acked.lock().expect("history").clone()
+
+    fn sender(
+        &self,
+        opts: ConnectOptions,
+        room: &'static str,
+        kind: Kind,
+        tag: &str,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<u64> {
+        sender(
+            opts,
+            room,
+            kind,
+            tag.to_owned(),
+            every,
+            Arc::clone(&self.sending),
+            Arc::clone(&self.acked),
+        )
+    }
+
+    fn acked_so_far(&self) -> usize {
+        self.acked.lock().expect("history").len()
+    }
+
+    /// Stops the senders, waits (bounded) for their last acks, then stops
+    /// the readers; what was acked and what each reader saw.
+    async fn finish(
+        self,
+        senders: Vec<tokio::task::JoinHandle<u64>>,
+        readers: Vec<tokio::task::JoinHandle<Vec<Seen>>>,
+    ) -> (Vec<Acked>, Vec<Vec<Seen>>) {
+        self.sending.store(false, std::sync::atomic::Ordering::Relaxed);
+        for s in senders {
+            let _ = s.await;
+        }
+        // The last sends' acks come within a commit (or an outage's end).
+        let mut last = 0;
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.acked_so_far();
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        // What was acked last was delivered with its ack; a moment for it
+        // to cross the loopback, then the readers stop.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        self.reading.store(false, std::sync::atomic::Ordering::Relaxed);
+        let mut live = Vec::new();
+        for r in readers {
+            live.push(r.await.expect("reader"));
+        }
+        let acked = self.acked.lock().expect("history").clone();
+        (acked, live)
+    }
 }
 
 fn report(scenario: &str, seed: u64, c: &Counts) {
@@ -314,97 +363,81 @@ fn assert_kept(scenario: &str, seed: u64, c: &Counts) {
     );
 }
 
-/// kill -9 of a lone edge under 200 group messages a second, again and
-/// again: every acked message is in the log once, in order, and no number
-/// names two messages (on a090a11, 2-4 numbers were reused in 4 of 6
-/// kills: acked before stored).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_room_kill_9_loses_and_reuses_nothing() {
+/// What a lone-edge kill -9 run leaves: the edge (alive again), what was
+/// acked, and what its one live reader saw.
+struct KillRun {
+    seed: u64,
+    rounds: usize,
+    edge: Edge,
+    _dir: tempfile::TempDir,
+    acked: Vec<Acked>,
+    live: Vec<Seen>,
+}
+
+/// One lone edge, a reader and a sender of `kind` every `every` in `room`,
+/// and the edge killed (-9) and started again at random moments (3 times,
+/// 20 in the long form).
+async fn lone_edge_kill_9(room: &'static str, kind: Kind, every: Duration) -> KillRun {
     let seed = seed();
     let mut schedule = Schedule(seed | 1);
     let rounds = if long() { 20 } else { 3 };
     let dir = tempfile::tempdir().expect("tempdir");
     let mut edge = Edge::start(dir.path(), "solo", None).await;
-    let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let acked: History = Arc::default();
+    let traffic = Traffic::new();
     let live = reader(
         options(&[&edge], "member", "viewer"),
-        "group-faults",
-        Arc::clone(&reading),
+        room,
+        Arc::clone(&traffic.reading),
     )
     .await;
-    let senders = vec![sender(
-        options(&[&edge], "sender", "viewer"),
-        "group-faults",
-        Kind::Chat,
-        "g".into(),
-        Duration::from_millis(5),
-        Arc::clone(&run),
-        Arc::clone(&acked),
-    )];
+    let role = if kind == Kind::Host { "host" } else { "viewer" };
+    let senders = vec![traffic.sender(options(&[&edge], "sender", role), room, kind, "m", every)];
     for _ in 0..rounds {
         tokio::time::sleep(schedule.between(Duration::from_millis(300), Duration::from_millis(1200))).await;
         edge.kill_9().await;
         edge.restart().await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let acked = settle(&run, senders, &acked).await;
-    // What was acked last was delivered with its ack; a moment for it to
-    // cross the loopback, then the readers stop.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    let live = live.await.expect("reader");
-    let complete = read_all(options(&[&edge], "auditor", "viewer"), "group-faults", &acked).await;
-    let c = check(&acked, &[live], Some(&complete));
-    assert_kept(&format!("group kill -9 x{rounds}"), seed, &c);
+    let (acked, mut live) = traffic.finish(senders, vec![live]).await;
+    KillRun {
+        seed,
+        rounds,
+        edge,
+        _dir: dir,
+        acked,
+        live: live.pop().expect("one reader"),
+    }
+}
+
+/// kill -9 of a lone edge under 200 group messages a second, again and
+/// again: every acked message is in the log once, in order, and no number
+/// names two messages (on a090a11, 2-4 numbers were reused in 4 of 6
+/// kills: acked before stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_room_kill_9_loses_and_reuses_nothing() {
+    let r = lone_edge_kill_9("group-faults", Kind::Chat, Duration::from_millis(5)).await;
+    let complete = read_all(options(&[&r.edge], "auditor", "viewer"), "group-faults", &r.acked).await;
+    let c = check(&r.acked, std::slice::from_ref(&r.live), Some(&complete));
+    assert_kept(&format!("group kill -9 x{}", r.rounds), r.seed, &c);
 }
 
 /// kill -9 of a lone edge under host messages in a livecast room: each
 /// restart is a new epoch numbered above the last, so a resuming viewer
 /// drops nothing as a repeat, and what it could not get is marked as a
 /// gap (on a090a11 the room numbered from 1 again: silently dropped).
+/// Host messages: the policy never drops them, so the viewer must see
+/// every one or be told it may not have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn livecast_room_kill_9_marks_every_hole_and_reuses_no_number() {
-    let seed = seed();
-    let mut schedule = Schedule(seed | 1);
-    let rounds = if long() { 20 } else { 3 };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut edge = Edge::start(dir.path(), "solo", None).await;
-    let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let acked: History = Arc::default();
-    // Host messages: the policy never drops them, so a viewer must see
-    // every one or be told it may not have.
-    let live = reader(options(&[&edge], "viewer", "viewer"), "lobby", Arc::clone(&reading)).await;
-    let senders = vec![sender(
-        options(&[&edge], "host", "host"),
-        "lobby",
-        Kind::Host,
-        "h".into(),
-        Duration::from_millis(50),
-        Arc::clone(&run),
-        Arc::clone(&acked),
-    )];
-    for _ in 0..rounds {
-        tokio::time::sleep(schedule.between(Duration::from_millis(300), Duration::from_millis(1200))).await;
-        edge.kill_9().await;
-        edge.restart().await;
-    }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let acked = settle(&run, senders, &acked).await;
-    // What was acked last was delivered with its ack; a moment for it to
-    // cross the loopback, then the readers stop.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    let live = live.await.expect("reader");
-    let c = check(&acked, &[live], None);
-    report(&format!("livecast kill -9 x{rounds}"), seed, &c);
+    let r = lone_edge_kill_9("lobby", Kind::Host, Duration::from_millis(50)).await;
+    let c = check(&r.acked, std::slice::from_ref(&r.live), None);
+    report(&format!("livecast kill -9 x{}", r.rounds), r.seed, &c);
     assert!(c.acked > 0);
     assert_eq!(
         (c.duplicated, c.reordered, c.reused, c.silently_missed),
         (0, 0, 0, 0),
-        "seed {seed}: {c}"
+        "seed {}: {c}",
+        r.seed
     );
     assert!(c.gaps >= 1, "each restart is a new epoch, and the viewer is told: {c}");
 }
@@ -427,40 +460,37 @@ async fn nats_away(away: Duration) {
             .wait_live(&["a", "b"], Duration::from_secs(10))
             .await;
     }
-    let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let acked: History = Arc::default();
-    let readers = vec![
-        reader(
-            options(&[&a, &b], "member-a", "viewer"),
-            "group-outage",
-            Arc::clone(&reading),
-        )
-        .await,
-        reader(
-            options(&[&b, &a], "member-b", "viewer"),
-            "group-outage",
-            Arc::clone(&reading),
-        )
-        .await,
-    ];
-    let mut senders = Vec::new();
-    for (i, e) in [&a, &b].into_iter().enumerate() {
-        senders.push(sender(
-            options(&[e], &format!("sender-{i}"), "viewer"),
-            "group-outage",
-            Kind::Chat,
-            format!("s{i}"),
-            Duration::from_millis(10),
-            Arc::clone(&run),
-            Arc::clone(&acked),
-        ));
+    let traffic = Traffic::new();
+    let mut readers = Vec::new();
+    for (name, edges) in [("member-a", [&a, &b]), ("member-b", [&b, &a])] {
+        readers.push(
+            reader(
+                options(&edges, name, "viewer"),
+                "group-outage",
+                Arc::clone(&traffic.reading),
+            )
+            .await,
+        );
     }
+    let senders: Vec<_> = [&a, &b]
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let opts = options(&[e], &format!("sender-{i}"), "viewer");
+            traffic.sender(
+                opts,
+                "group-outage",
+                Kind::Chat,
+                &format!("s{i}"),
+                Duration::from_millis(10),
+            )
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = acked.lock().expect("history").len();
+    let before = traffic.acked_so_far();
     nats.kill();
     tokio::time::sleep(away).await;
-    let during = acked.lock().expect("history").len();
+    let during = traffic.acked_so_far();
     nats.restart();
     for e in [&a, &b] {
         e.serve
@@ -470,15 +500,7 @@ async fn nats_away(away: Duration) {
             .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let acked = settle(&run, senders, &acked).await;
-    // What was acked last was delivered with its ack; a moment for it to
-    // cross the loopback, then the readers stop.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    let mut live = Vec::new();
-    for r in readers {
-        live.push(r.await.expect("reader"));
-    }
+    let (acked, live) = traffic.finish(senders, readers).await;
     let scenario = format!("nats away {}s", away.as_secs());
     // A send in flight when NATS went may be stored (and acked) just
     // before; nothing else is acked while it is away.
@@ -539,11 +561,8 @@ async fn nats_away_5s_past_dead_after_loses_nothing_acked() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the long form: THRONG_FAULTS=long ... -- --include-ignored"]
 async fn nats_away_30s_loses_nothing_acked() {
-    if !long() {
-        eprintln!("the 30 s outage runs in the long form (THRONG_FAULTS=long)");
-        return;
-    }
     nats_away(Duration::from_secs(30)).await;
 }
 
@@ -571,29 +590,17 @@ async fn a_paused_origin_is_fenced_when_it_wakes_and_nothing_acked_is_lost() {
     }
     let edges = [&a, &b];
     let (origin, other) = (edges[o], edges[1 - o]);
-    let run = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let acked: History = Arc::default();
-    let live = reader(options(&[other], "member", "viewer"), ROOM, Arc::clone(&reading)).await;
+    let traffic = Traffic::new();
+    let live = reader(
+        options(&[other], "member", "viewer"),
+        ROOM,
+        Arc::clone(&traffic.reading),
+    )
+    .await;
+    let every = Duration::from_millis(10);
     let senders = vec![
-        sender(
-            options(&[origin], "on-origin", "viewer"),
-            ROOM,
-            Kind::Chat,
-            "o".into(),
-            Duration::from_millis(10),
-            Arc::clone(&run),
-            Arc::clone(&acked),
-        ),
-        sender(
-            options(&[other], "on-other", "viewer"),
-            ROOM,
-            Kind::Chat,
-            "x".into(),
-            Duration::from_millis(10),
-            Arc::clone(&run),
-            Arc::clone(&acked),
-        ),
+        traffic.sender(options(&[origin], "on-origin", "viewer"), ROOM, Kind::Chat, "o", every),
+        traffic.sender(options(&[other], "on-other", "viewer"), ROOM, Kind::Chat, "x", every),
     ];
     tokio::time::sleep(Duration::from_secs(1)).await;
     origin.signal("-STOP");
@@ -615,15 +622,10 @@ async fn a_paused_origin_is_fenced_when_it_wakes_and_nothing_acked_is_lost() {
             .await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let acked = settle(&run, senders, &acked).await;
-    // What was acked last was delivered with its ack; a moment for it to
-    // cross the loopback, then the readers stop.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    reading.store(false, std::sync::atomic::Ordering::Relaxed);
-    let live = live.await.expect("reader");
+    let (acked, live) = traffic.finish(senders, vec![live]).await;
     for (name, e) in [("origin", origin), ("other", other)] {
         let complete = read_all(options(&[e], &format!("auditor-{name}"), "viewer"), ROOM, &acked).await;
-        let c = check(&acked, std::slice::from_ref(&live), Some(&complete));
+        let c = check(&acked, &live, Some(&complete));
         assert_kept(&format!("origin paused past dead_after, read on {name}"), seed, &c);
     }
 }
