@@ -499,3 +499,45 @@ pub async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> boo
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+pub async fn cluster(nats: &nats::NatsServer, ids: &[&str]) -> Vec<TestEdge> {
+    cluster_with(nats, ids, |_| {}).await
+}
+
+/// [`cluster`], each edge's config passed through `edit` as well.
+pub async fn cluster_with(nats: &nats::NatsServer, ids: &[&str], edit: fn(&mut throng_edge::Config)) -> Vec<TestEdge> {
+    let mut edges = Vec::new();
+    for id in ids {
+        let url = nats.url();
+        // A secured server's edges sign in as themselves.
+        let seed = nats.seed_file(id);
+        let id = (*id).to_owned();
+        edges.push(
+            TestEdge::start(move |c| {
+                let mut cluster = throng_edge::config::ClusterConfig::with_nats(vec![url]);
+                cluster.credentials = seed.map(throng_edge::config::NatsCredentials::NkeySeedFile);
+                cluster.edge_id = Some(id);
+                cluster.heartbeat = Duration::from_millis(100);
+                cluster.dead_after = Duration::from_millis(600);
+                c.cluster = Some(cluster);
+                c.rooms.presence_interval = Duration::from_millis(100);
+                c.rooms.group_rooms = vec!["group-*".into()];
+                // A newcomer may read a group's log from its start.
+                c.rooms.group_history = throng_edge::config::GroupHistory::All;
+                // Several edges in one process: each sizes its Wasm pool to
+                // the whole of vm.max_map_count, as if it were alone.
+                c.wasm.max_instances = 256;
+                edit(c);
+            })
+            .await,
+        );
+    }
+    for e in &edges {
+        let c = e.edge.cluster().expect("clustered");
+        wait_for("every edge to see the others", Duration::from_secs(10), || {
+            c.live().edges.len() == ids.len()
+        })
+        .await;
+    }
+    edges
+}

@@ -14,6 +14,8 @@ pub struct NatsServer {
     store: PathBuf,
     /// A config file (gateways) passed with `-c`.
     conf: Option<PathBuf>,
+    /// With [`NatsServer::secured`]: each user's nkey seed file, by name.
+    seeds: std::collections::BTreeMap<String, PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -32,6 +34,50 @@ impl NatsServer {
         Self::launch(dir, Some(path))
     }
 
+    /// One server with JetStream that takes only the users `throng
+    /// nats-auth` makes: an nkey per edge id in `edges` (it may publish on
+    /// the bus only as itself) and per name in `apps` (it may not use the
+    /// bus at all). [`NatsServer::seed_file`] has each one's seed.
+    pub fn secured(edges: &[&str], apps: &[&str]) -> NatsServer {
+        let own = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        let users = throng_edge::cluster::nats_auth::users(&own(edges), &own(apps)).expect("nkeys");
+        let dir = tempfile::tempdir().expect("tempdir for nats-server");
+        let store = dir.path().join("jetstream");
+        let conf = format!(
+            "jetstream {{ store_dir: \"{}\" }}\n{}",
+            store.display(),
+            throng_edge::cluster::nats_auth::authorization(&users)
+        );
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, conf).expect("nats-server config");
+        let mut seeds = std::collections::BTreeMap::new();
+        for u in &users {
+            let seed = dir.path().join(format!("{}.nk", u.name));
+            std::fs::write(&seed, &u.seed).expect("seed file");
+            seeds.insert(u.name.clone(), seed);
+        }
+        let mut server = Self::launch(dir, Some(path));
+        server.seeds = seeds;
+        server
+    }
+
+    /// The nkey seed file of a user of a [`NatsServer::secured`] server.
+    pub fn seed_file(&self, name: &str) -> Option<PathBuf> {
+        self.seeds.get(name).cloned()
+    }
+
+    /// A client of this server as `name` (a user of a secured server), or
+    /// with no credentials.
+    pub async fn connect_as(&self, name: Option<&str>) -> async_nats::Client {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(name) = name {
+            let path = self.seed_file(name).expect("a user of this server");
+            let seed = std::fs::read_to_string(path).expect("seed");
+            options = options.nkey(seed.trim().to_owned());
+        }
+        options.connect(self.url()).await.expect("test client connects")
+    }
+
     /// Starts one in `dir` (its store, and `conf` if given) on a free port.
     fn launch(dir: tempfile::TempDir, conf: Option<PathBuf>) -> NatsServer {
         let mut server = NatsServer {
@@ -39,6 +85,7 @@ impl NatsServer {
             port: 0,
             store: dir.path().join("jetstream"),
             conf,
+            seeds: Default::default(),
             _dir: dir,
         };
         // The port is free when asked; another process could take it before

@@ -99,3 +99,37 @@ async fn a_refresh_for_another_user_or_a_bad_token_changes_nothing() {
     assert_eq!(client.expires_at(), before);
     client.ping().await.expect("the session goes on");
 }
+
+/// On a090a11 a `Refresh` whose token narrowed `rooms` left the session in
+/// rooms the new token no longer allowed, and its sends there were acked.
+/// Now the session leaves them, is told, and keeps the rooms still allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_narrows_rooms_leaves_the_rooms_no_longer_allowed() {
+    let edge = TestEdge::start(|_| {}).await;
+    let client = edge.client("acme", "narrowed", "host").await;
+    let mut kept = client.join("show-1").await.expect("join show-1");
+    let mut dropped = client.join("backstage").await.expect("join backstage");
+    client.send("backstage", Kind::Chat, "before").await.expect("ack");
+    let narrower = edge.token("acme", "narrowed", "host", "show-*");
+    client.refresh(narrower).await.expect("refreshed");
+    // The dropped room's stream ends; its sends are refused.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match dropped.next_batch().await {
+                Some(Ok(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the room the new token does not allow went on");
+    let refused = client.send("backstage", Kind::Chat, "after").await;
+    assert!(
+        refused.is_err(),
+        "a send to a room the token no longer allows was acked"
+    );
+    // The room still allowed goes on.
+    client.send("show-1", Kind::Chat, "still").await.expect("ack in show-1");
+    let (got, _) = throng_tests::collect(&mut kept, 1, Duration::from_secs(5)).await;
+    assert_eq!(got.first().map(|m| m.body.as_slice()), Some(&b"still"[..]));
+}

@@ -195,10 +195,17 @@ impl ResumableRoom {
     /// Reports everything handed out so far as processed (`Client::seen`):
     /// in a group room, a later join from anywhere resumes after it. Call it
     /// once the app has dealt with what `next_batch` gave it.
-    pub async fn seen(&self) -> Result<(), ClientError> {
-        match self.last_seq {
-            Some(seq) => self.client.seen(&self.room, seq).await,
-            None => Ok(()),
+    ///
+    /// The future holds no borrow of the room (which is not `Sync`: a
+    /// reconnect under way is kept in it), so it may be awaited inside
+    /// `tokio::spawn` while the room goes on.
+    pub fn seen(&self) -> impl std::future::Future<Output = Result<(), ClientError>> + Send + 'static {
+        let (client, room, seq) = (self.client.clone(), self.room.clone(), self.last_seq);
+        async move {
+            match seq {
+                Some(seq) => client.seen(&room, seq).await,
+                None => Ok(()),
+            }
         }
     }
 
@@ -343,5 +350,17 @@ pub(crate) fn recoverable(e: &ClientError) -> bool {
             None | Some(ErrorCode::ShuttingDown | ErrorCode::ServerBusy | ErrorCode::Internal | ErrorCode::TooSlow)
         ),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod send_tests {
+    use super::*;
+
+    /// Compiles only if `seen`'s future may go to `tokio::spawn`.
+    #[allow(dead_code)]
+    fn seen_is_send(room: &ResumableRoom) {
+        fn send<T: Send + 'static>(_: T) {}
+        send(room.seen());
     }
 }

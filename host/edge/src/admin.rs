@@ -63,6 +63,8 @@ pub(crate) struct AdminState {
     pub log: Arc<LogStats>,
     pub control: Arc<crate::control::ControlPlane>,
     pub started: Instant,
+    /// Open `/v1/events` streams, by caller (see `api::overview`).
+    pub event_streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 #[derive(Debug, Serialize)]

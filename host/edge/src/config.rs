@@ -247,6 +247,8 @@ pub enum NatsCredentials {
     },
     /// A `.creds` file (JWT and nkey seed), as `nsc` writes them.
     CredsFile(PathBuf),
+    /// A file holding one nkey seed, as `throng nats-auth` writes them.
+    NkeySeedFile(PathBuf),
 }
 
 impl std::fmt::Debug for NatsCredentials {
@@ -255,6 +257,7 @@ impl std::fmt::Debug for NatsCredentials {
         match self {
             Self::UserPassword { user, .. } => write!(f, "user {user:?} with a password"),
             Self::CredsFile(path) => write!(f, "creds file {}", path.display()),
+            Self::NkeySeedFile(path) => write!(f, "nkey seed file {}", path.display()),
         }
     }
 }
@@ -709,6 +712,7 @@ struct RawCluster {
     user: Option<String>,
     password: Option<String>,
     creds_file: Option<PathBuf>,
+    nkey_seed_file: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     heartbeat: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -1692,16 +1696,17 @@ impl Validator<'_> {
         }
         let region = c.region.unwrap_or_else(|| DEFAULT_REGION.to_owned());
         check_bus_token(&region).map_err(|why| self.err("cluster.region", why))?;
-        let credentials = match (c.user, c.password, c.creds_file) {
-            (None, None, None) => None,
-            (Some(user), Some(password), None) => Some(NatsCredentials::UserPassword { user, password }),
-            (None, None, Some(path)) => Some(NatsCredentials::CredsFile(self.path(path))),
-            (Some(_), None, None) => return Err(self.err("cluster.password", "`user` needs a `password`")),
-            (None, Some(_), None) => return Err(self.err("cluster.user", "`password` needs a `user`")),
+        let credentials = match (c.user, c.password, c.creds_file, c.nkey_seed_file) {
+            (None, None, None, None) => None,
+            (Some(user), Some(password), None, None) => Some(NatsCredentials::UserPassword { user, password }),
+            (None, None, Some(path), None) => Some(NatsCredentials::CredsFile(self.path(path))),
+            (None, None, None, Some(path)) => Some(NatsCredentials::NkeySeedFile(self.path(path))),
+            (Some(_), None, None, None) => return Err(self.err("cluster.password", "`user` needs a `password`")),
+            (None, Some(_), None, None) => return Err(self.err("cluster.user", "`password` needs a `user`")),
             _ => {
                 return Err(self.err(
                     "cluster.creds_file",
-                    "set either `user` and `password` or `creds_file`, not both",
+                    "set one of `user` and `password`, `creds_file` or `nkey_seed_file`",
                 ));
             }
         };

@@ -245,6 +245,9 @@ async fn run(id: u64, conn: Peer, shared: &Arc<Shared>, slot: Unauthenticated) {
     // Why the edge ends the connection, when it does: the close carries it
     // (fatal codes are closed by the writer already; this covers the rest).
     let mut last_words: Option<Fatal> = None;
+    // Whether the client ended the session (else the edge did, with an
+    // Error frame on the control stream).
+    let mut client_left = false;
     loop {
         let frame = tokio::select! {
             _ = shared.shutdown.cancelled() => {
@@ -287,7 +290,10 @@ async fn run(id: u64, conn: Peer, shared: &Arc<Shared>, slot: Unauthenticated) {
                     expiry.as_mut().reset(session.expiry); // refreshed
                 }
             }
-            Ok(None) | Err(ReadError::Stream) => break,
+            Ok(None) | Err(ReadError::Stream) => {
+                client_left = true;
+                break;
+            }
             Err(ReadError::Decode(fatal)) => {
                 tracing::info!(code = %fatal.0, reason = %fatal.1, "closing on bad frame");
                 metrics::counter!("throng_bad_frames_total").increment(1);
@@ -296,6 +302,15 @@ async fn run(id: u64, conn: Peer, shared: &Arc<Shared>, slot: Unauthenticated) {
             }
         }
     }
+    let mut writer = writer;
+    if !client_left {
+        // The Error frame first, then the rooms' streams end: a client
+        // that saw its room end before the error (a viewer whose token
+        // expired reading "the edge ended room") would not know why. The
+        // writer closes the connection itself after a fatal error, once the
+        // frame is acknowledged or LINGER_ON_ERROR passed.
+        let _ = tokio::time::timeout(LINGER_ON_ERROR * 2, &mut writer).await;
+    }
     session.leave_all().await;
     session.shared.kicks.unregister(&session.rate_key, id);
     shared.presence.disconnected(&session.tenant, &session.user);
@@ -303,7 +318,8 @@ async fn run(id: u64, conn: Peer, shared: &Arc<Shared>, slot: Unauthenticated) {
     drop(reply);
     // Rooms may still hold a reply sender for a tick; the writer also stops
     // when the connection closes.
-    if tokio::time::timeout(LINGER_ON_ERROR * 2, writer).await.is_err() {
+    // (A JoinHandle must not be polled again once it has answered.)
+    if !writer.is_finished() && tokio::time::timeout(LINGER_ON_ERROR * 2, writer).await.is_err() {
         tracing::debug!("control writer did not finish in time");
     }
     match last_words {
@@ -588,7 +604,7 @@ impl Session<'_> {
                 }
                 Some(None) => {} // livecast rooms keep no cursors
             },
-            ClientFrame::Refresh { token } => self.refresh(&token),
+            ClientFrame::Refresh { token } => self.refresh(&token).await,
             ClientFrame::Ping { nonce } => {
                 let _ = self.reply.send(EdgeFrame::Pong { nonce });
             }
@@ -657,8 +673,10 @@ impl Session<'_> {
     }
 
     /// Takes a later token for the same tenant and user: its rights and
-    /// expiry from now on. A refused one changes nothing.
-    fn refresh(&mut self, token: &str) {
+    /// expiry from now on, for the rooms already joined too (a room the new
+    /// token does not allow is left, and the client told). A refused one
+    /// changes nothing.
+    async fn refresh(&mut self, token: &str) {
         let answer = match self.shared.authenticator().verify(token) {
             Ok(g) if g.session.tenant != self.grant.session.tenant || g.session.user != self.grant.session.user => {
                 EdgeFrame::RefreshRefused {
@@ -671,7 +689,23 @@ impl Session<'_> {
                 self.expiry = expiry_deadline(expires_at);
                 *self.grant = g;
                 metrics::counter!("throng_token_refreshes_total").increment(1);
-                EdgeFrame::Refreshed { expires_at }
+                let _ = self.reply.send(EdgeFrame::Refreshed { expires_at });
+                let narrowed: Vec<String> = self
+                    .joined
+                    .keys()
+                    .filter(|room| !self.grant.may_join(room))
+                    .cloned()
+                    .collect();
+                for room in narrowed {
+                    if let Some(r) = self.joined.remove(&room) {
+                        r.handle.leave(self.id).await;
+                    }
+                    let _ = self.reply.send(EdgeFrame::Error {
+                        code: ErrorCode::Forbidden.code(),
+                        text: format!("the refreshed token does not allow room `{room}`; this session left it"),
+                    });
+                }
+                return;
             }
             Err(e) => EdgeFrame::RefreshRefused {
                 code: e.code().code(),
@@ -1075,13 +1109,14 @@ mod tests {
 
     /// A task holds its future's largest state for as long as it lives, and
     /// these live as long as a viewer stays: an idle viewer costs what they
-    /// weigh. (With this toolchain: 1,416, 376 and 376 bytes; `run` grew
+    /// weigh. (With this toolchain: 1,448, 376 and 376 bytes; `run` grew
     /// from 1,072 when sessions got their token's expiry timer, a control
-    /// frame limiter and an admission permit, and by 72 bytes when the admin
-    /// API could disconnect them.)
+    /// frame limiter and an admission permit, by 72 bytes when the admin
+    /// API could disconnect them, and by 32 when a fatal error waited to be
+    /// delivered before the session's rooms end.)
     #[test]
     fn long_lived_per_viewer_tasks_stay_small() {
-        assert!(size4(run) <= 1440, "run: {}", size4(run));
+        assert!(size4(run) <= 1472, "run: {}", size4(run));
         assert!(size3(write_live) <= 512, "write_live: {}", size3(write_live));
         assert!(size4(write_control) <= 512, "write_control: {}", size4(write_control));
     }

@@ -346,6 +346,7 @@ impl Edge {
                 presence_every: config.rooms.presence_interval,
                 send_limiter: Arc::clone(&limiter),
                 kicks: Arc::clone(&kicks),
+                tenants: config.tenants.keys().cloned().collect(),
             };
             let links = cluster::links::Links::start(
                 Arc::clone(c),
@@ -404,6 +405,7 @@ impl Edge {
                     log: Arc::clone(group_log.stats()),
                     control: Arc::clone(&control),
                     started: std::time::Instant::now(),
+                    event_streams: Arc::default(),
                 });
                 connections.spawn(admin::serve(listener, state, shutdown.clone()));
                 tracing::info!(admin = %format!("http://{bound}"), "admin endpoint ready (/stats, /metrics)");
@@ -461,6 +463,9 @@ impl Edge {
     pub async fn reload(&self, config: &Config) -> Result<Reload, EdgeError> {
         let _one_at_a_time = self.reload.lock().await;
         let auth = Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?;
+        if let Some(links) = self.shared.rooms.cluster_links() {
+            links.set_tenants(config.tenants.keys().cloned());
+        }
         // The new keys first: a tenant the config adds may then deploy.
         let before = std::mem::replace(
             &mut *self.shared.auth.write().unwrap_or_else(|e| e.into_inner()),

@@ -133,7 +133,7 @@ pub enum Admission {
 /// and marks the claim `fenced` when another edge appended meanwhile.
 #[derive(Debug)]
 pub struct Commit {
-    stored: Arc<AtomicU64>,
+    stored: AtomicU64,
     fenced: AtomicBool,
     changed: tokio::sync::Notify,
     /// JetStream: the stream sequence of the room's last entry as this
@@ -147,7 +147,7 @@ impl Commit {
     /// `last_entry` (JetStream's stream sequence; 0 for none or redb).
     pub fn new(stored: u64, last_entry: u64) -> Arc<Self> {
         Arc::new(Self {
-            stored: Arc::new(AtomicU64::new(stored)),
+            stored: AtomicU64::new(stored),
             fenced: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
             last_entry: AtomicU64::new(last_entry),
@@ -157,11 +157,6 @@ impl Commit {
     /// The highest sequence number stored.
     pub fn stored(&self) -> u64 {
         self.stored.load(Ordering::Acquire)
-    }
-
-    /// The same, kept current, for readers that only look.
-    pub fn stored_mark(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.stored)
     }
 
     /// Whether another writer appended to the room's log after this claim
@@ -766,11 +761,11 @@ impl Writer {
             stats.appends.fetch_add(1, Ordering::Relaxed);
             stats.messages.fetch_add(a.messages.len() as u64, Ordering::Relaxed);
             a.committed.raise(a.head);
-            if let Some(last) = a.messages.last() {
-                if self.retention.max_messages.is_some() {
-                    let e = self.touched.entry((a.tenant, a.room)).or_insert(0);
-                    *e = (*e).max(last.seq);
-                }
+            if let Some(last) = a.messages.last()
+                && self.retention.max_messages.is_some()
+            {
+                let e = self.touched.entry((a.tenant, a.room)).or_insert(0);
+                *e = (*e).max(last.seq);
             }
         }
         if !cursors.is_empty() {

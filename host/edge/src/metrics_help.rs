@@ -114,6 +114,10 @@ pub fn describe() {
             "Modules compiled (not found in the cache).",
         ),
         (
+            "throng_wasm_cache_removed_bytes_total",
+            "Bytes of compiled code removed from the disk cache (modules refused at upload).",
+        ),
+        (
             "throng_api_published_total",
             "Messages published through the server API, by tenant.",
         ),
@@ -149,7 +153,11 @@ pub fn describe() {
         ("throng_bus_bytes_total", "Bus bytes, by direction and kind."),
         (
             "throng_bus_malformed_total",
-            "Bus messages dropped as malformed or forged, by kind.",
+            "Bus messages dropped as malformed, by kind.",
+        ),
+        (
+            "throng_bus_refused_total",
+            "Bus messages read and not taken (from an edge not live, speaking for another, an unknown tenant, an impossible count), by kind.",
         ),
         (
             "throng_bus_slow_consumer_total",

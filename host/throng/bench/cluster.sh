@@ -62,7 +62,9 @@ start_edge() {
             line=$(grep '^throng ready' "$work/$name.out")
             local addr=${line#throng ready quic=}
             addr=${addr%% *}
-            local cert=${line##* cert=}
+            # The ready line goes on after cert= (webtransport=, demo=, ...).
+            local cert=${line#* cert=}
+            cert=${cert%% *}
             echo "$addr $cert $pid"
             return
         fi

@@ -141,6 +141,25 @@ enum Command {
         /// This edge's region (overrides `cluster.region`).
         #[arg(long, value_parser = parse_bus_token)]
         region: Option<String>,
+        /// A file with this edge's NATS nkey seed, as `throng nats-auth`
+        /// writes them (overrides the config's cluster credentials).
+        #[arg(long)]
+        nats_nkey: Option<PathBuf>,
+    },
+    /// Make NATS users for a cluster: an nkey seed file per edge (it may
+    /// publish on the bus only as itself) and per app user (it may not use
+    /// the bus at all), and print the `authorization` block for
+    /// nats-server's config.
+    NatsAuth {
+        /// Edge ids, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        edges: Vec<String>,
+        /// Users that are not edges (a tenant's backend), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        apps: Vec<String>,
+        /// Where the seed files go (`<name>.nk`, readable by the owner only).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Print a JWT signed with a tenant's key from the config.
     Token {
@@ -290,6 +309,7 @@ struct ClusterArgs {
     nats: Vec<String>,
     edge_id: Option<String>,
     region: Option<String>,
+    nkey: Option<PathBuf>,
 }
 
 impl ClusterArgs {
@@ -301,9 +321,9 @@ impl ClusterArgs {
             cluster.nats.clone_from(&self.nats);
         }
         let Some(cluster) = config.cluster.as_mut() else {
-            if self.edge_id.is_some() || self.region.is_some() {
+            if self.edge_id.is_some() || self.region.is_some() || self.nkey.is_some() {
                 anyhow::bail!(
-                    "--edge-id and --region need a cluster: add --cluster nats://HOST:PORT or [cluster] to the config"
+                    "--edge-id, --region and --nats-nkey need a cluster: add --cluster nats://HOST:PORT or [cluster] to the config"
                 );
             }
             return Ok(());
@@ -313,6 +333,9 @@ impl ClusterArgs {
         }
         if let Some(region) = &self.region {
             cluster.region.clone_from(region);
+        }
+        if let Some(path) = &self.nkey {
+            cluster.credentials = Some(throng_edge::config::NatsCredentials::NkeySeedFile(path.clone()));
         }
         Ok(())
     }
@@ -333,12 +356,39 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
     }
 }
 
+/// `throng nats-auth`: seed files in `out`, the server's block on stdout.
+fn nats_auth(edges: &[String], apps: &[String], out: &std::path::Path) -> Result<std::process::ExitCode> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let users = throng_edge::cluster::nats_auth::users(edges, apps)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot make {}", out.display()))?;
+    for u in &users {
+        let path = out.join(format!("{}.nk", u.name));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| {
+                format!(
+                    "cannot write {} (an existing seed is never overwritten)",
+                    path.display()
+                )
+            })?;
+        writeln!(file, "{}", u.seed).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    print!("{}", throng_edge::cluster::nats_auth::authorization(&users));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Load(args) => load::run(*args).await,
         Command::Module(args) => admin_cli::module(*args).await,
         Command::Admin(args) => admin_cli::admin(*args).await,
         Command::BareQuinn(args) => baseline::run(args).await,
+        Command::NatsAuth { edges, apps, out } => nats_auth(&edges, &apps, &out),
         Command::Serve {
             config,
             listen,
@@ -347,11 +397,13 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             cluster,
             edge_id,
             region,
+            nats_nkey,
         } => {
             let cluster = ClusterArgs {
                 nats: cluster,
                 edge_id,
                 region,
+                nkey: nats_nkey,
             };
             serve(config, listen, data_dir, admin, cluster).await
         }
@@ -676,6 +728,11 @@ async fn listen(
                 return Ok(std::process::ExitCode::SUCCESS);
             }
         }
+    }
+    // A room that ends with its session says why: the edge's Error frame
+    // (its code and reason) or the connection's close, once either is in.
+    if let Ok(why) = tokio::time::timeout(Duration::from_secs(2), client.closed()).await {
+        bail!("the edge ended room `{room}` after {seen} messages: {why}")
     }
     bail!("the edge ended room `{room}` after {seen} messages")
 }

@@ -377,3 +377,42 @@ async fn a_bad_config_is_refused_naming_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.lisen") && err.contains("unknown field"), "{err}");
 }
+
+/// A listener whose token runs out mid-session is told why, with the code
+/// and the reason, every time: on a090a11 it sometimes got only "the edge
+/// ended room `lobby` after 0 messages" (the room's end raced the error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_says_why_the_edge_ended_the_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf8 path");
+    let serve = Serve::start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--admin", "off", "--data-dir", data],
+    )
+    .await;
+    let out = output(&["token", "--tenant", "dev", "--user", "brief", "--ttl", "1s"]).await;
+    assert!(out.status.success(), "token: {}", String::from_utf8_lossy(&out.stderr));
+    let brief = String::from_utf8(out.stdout).expect("utf8").trim().to_owned();
+    // The token's 1 s and the edge's 5 s of leeway.
+    let listened = tokio::time::timeout(
+        Duration::from_secs(30),
+        output(&[
+            "client",
+            "--server",
+            &serve.addr,
+            "--cert",
+            &serve.cert,
+            "--token",
+            &brief,
+            "listen",
+            "lobby",
+        ]),
+    )
+    .await
+    .expect("the edge ends the session within its token's life and leeway");
+    let stderr = String::from_utf8_lossy(&listened.stderr);
+    assert!(!listened.status.success());
+    assert!(stderr.contains("TokenExpired") && stderr.contains("11"), "{stderr}");
+    assert!(stderr.contains("token expired"), "{stderr}");
+}

@@ -230,13 +230,6 @@ pub enum Resumed {
     NewEpoch { previous: u64 },
 }
 
-impl Resumed {
-    /// Whether the client may have lost messages without a count of them.
-    pub fn is_unknown_gap(self) -> bool {
-        matches!(self, Resumed::Truncated | Resumed::NewEpoch { .. })
-    }
-}
-
 /// Edge → client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EdgeFrame {

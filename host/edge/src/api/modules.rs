@@ -73,13 +73,22 @@ async fn upload(
     // The read stops one byte past the caller's own limit (a tenant's
     // quota), so an oversized upload costs that much memory at most.
     let limit = s.control.max_upload_bytes(&caller);
-    let _turn = s.control.upload_slot().await?;
-    let bytes = axum::body::to_bytes(body, limit + 1).await.map_err(|_| {
-        ApiError::from(ControlError::Refused {
-            step: "size",
-            reason: format!("module is over {limit} bytes, the most this caller may upload"),
-        })
-    })?;
+    let _turn = s.control.upload_turn(&caller).await?;
+    let deadline = crate::control::UPLOAD_BODY_DEADLINE;
+    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit + 1))
+        .await
+        .map_err(|_| {
+            ApiError::from(ControlError::invalid(
+                "body",
+                format!("the module's bytes did not arrive within {deadline:?}"),
+            ))
+        })?
+        .map_err(|_| {
+            ApiError::from(ControlError::Refused {
+                step: "size",
+                reason: format!("module is over {limit} bytes, the most this caller may upload"),
+            })
+        })?;
     let (module, created) = s
         .control
         .upload(

@@ -152,12 +152,65 @@ async fn overview(
     Ok(Json(picture(&s, &caller)?))
 }
 
+/// `/v1/events` streams one caller (a tenant, or one operator) may hold
+/// open on an edge; the dashboard needs one per tab.
+pub(crate) const MAX_STREAMS_PER_CALLER: usize = 2;
+/// All callers' streams at most: well under the admin listener's 32
+/// connections, so streams never take every one.
+pub(crate) const MAX_STREAMS: usize = 8;
+
+/// One open event stream, counted for its caller until dropped.
+struct StreamTurn {
+    streams: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    who: String,
+}
+
+impl Drop for StreamTurn {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = streams.get_mut(&self.who) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.who);
+            }
+        }
+    }
+}
+
+fn stream_turn(s: &AdminState, caller: &Caller) -> Result<StreamTurn, ApiError> {
+    let who = if caller.is_operator() {
+        caller.who()
+    } else {
+        caller.owner()
+    };
+    let mut streams = s.event_streams.lock().unwrap_or_else(|e| e.into_inner());
+    let mine = streams.get(&who).copied().unwrap_or(0);
+    let all: usize = streams.values().sum();
+    if mine >= MAX_STREAMS_PER_CALLER || all >= MAX_STREAMS {
+        // 429, not 403: the dashboard retries later rather than ask for a key.
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+            format!(
+                "{who} has {mine} event streams open on this edge (at most {MAX_STREAMS_PER_CALLER}; \
+                 {all} of {MAX_STREAMS} in all); close one or poll /v1/overview"
+            ),
+        ));
+    }
+    *streams.entry(who.clone()).or_insert(0) += 1;
+    Ok(StreamTurn {
+        streams: Arc::clone(&s.event_streams),
+        who,
+    })
+}
+
 async fn events(
     State(s): State<Arc<AdminState>>,
     Extension(caller): Extension<Caller>,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+) -> Result<Sse<impl futures::Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let turn = stream_turn(&s, &caller)?;
     let started = Instant::now();
-    let stream = futures::stream::unfold((s, caller, true), move |(s, caller, first)| async move {
+    let stream = futures::stream::unfold((s, caller, true, turn), move |(s, caller, first, turn)| async move {
         if !first {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -171,7 +224,7 @@ async fn events(
                 .unwrap_or_else(|_| Event::default().event("error").data("cannot encode")),
             Err(e) => Event::default().event("error").data(format!("{e:?}")),
         };
-        Some((Ok(event), (s, caller, false)))
+        Some((Ok(event), (s, caller, false, turn)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -1,10 +1,18 @@
 //! What edges say to each other on NATS: subjects and messages.
 //!
 //! Bus messages are postcard-encoded like the wire protocol, with a version
-//! byte first so a newer edge can tell an older one's messages apart. They
-//! come from other edges, which are trusted to be ours but not to be bug
-//! free or the same version: every message is size-checked before it is
-//! decoded, and one that does not decode is counted and dropped.
+//! byte first so a newer edge can tell an older one's messages apart.
+//!
+//! **Every subject ends with the edge that publishes on it**
+//! (`throng.<what>[.<to>].<from>`), so NATS permissions can let each edge
+//! speak only as itself ([`edge_permissions`]), and an edge takes a
+//! message's sender from its subject, never from its body alone: a body
+//! that names another sender is dropped. Nothing on the bus is trusted to be
+//! friendly: every message is size-checked before it is decoded, one that
+//! does not decode is counted and dropped, and what a decoded one may change
+//! is bounded by who sent it (a live edge), what it names (a tenant this
+//! edge knows, a room this edge is the origin of) and what is possible (a
+//! count no edge could have).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -12,16 +20,64 @@ use thiserror::Error;
 /// Every subject the edges use starts with this.
 pub const PREFIX: &str = "throng";
 
-/// Where edges announce themselves (every edge listens).
-pub fn edges_subject() -> String {
-    format!("{PREFIX}.edges")
+/// Where `edge` announces itself.
+pub fn edges_subject(edge: &str) -> String {
+    format!("{PREFIX}.edges.{edge}")
 }
+
+/// Every edge's announcements (every edge listens).
+pub fn all_edges_subject() -> String {
+    format!("{PREFIX}.edges.*")
+}
+
+/// The edge that published on `subject`: its last token. Subjects are made
+/// by the functions here, so every one a receiver subscribed to has one.
+pub fn sender_of(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or_default()
+}
+
+/// A subject addressed to edge `to` from edge `from`.
+fn addressed(what: &str, to: &str, from: &str) -> String {
+    format!("{PREFIX}.{what}.{to}.{from}")
+}
+
+/// What `me` subscribes to for messages addressed to it.
+fn addressed_to(what: &str, me: &str) -> String {
+    format!("{PREFIX}.{what}.{me}.*")
+}
+
+/// The subjects an edge's NATS user may publish on: only those that name
+/// it as the sender, the group logs (any edge may become a room's origin;
+/// the log's fencing keeps two from writing at once), and JetStream's API.
+/// Answers to requests (who is online, disconnects, resyncs) go to the
+/// asker's inbox, which NATS allows with `allow_responses`.
+pub fn edge_permissions(edge: &str) -> Vec<String> {
+    vec![
+        format!("{PREFIX}.*.{edge}"),
+        format!("{PREFIX}.*.*.{edge}"),
+        format!("{PREFIX}.group.>"),
+        "$JS.API.>".to_owned(),
+        "$JS.ACK.>".to_owned(),
+        "$JS.FC.>".to_owned(),
+        "$KV.>".to_owned(),
+    ]
+}
+
+/// The subjects a user that is not an edge must neither publish nor
+/// subscribe on: the bus, the group logs and their members, JetStream.
+pub fn reserved_subjects() -> Vec<String> {
+    vec![format!("{PREFIX}.>"), "$JS.>".to_owned(), "$KV.>".to_owned()]
+}
+
+/// Most viewers one edge can have of one room: far beyond any edge's
+/// connection limit, so a count above it is made up and dropped.
+pub const MAX_EDGE_VIEWERS: u64 = 10_000_000;
 
 /// Largest bus message an edge decodes; announcements are ~100 bytes.
 pub const MAX_ANNOUNCE_BYTES: usize = 4096;
 
 /// The bus format's version; a message of another version is dropped.
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// "This edge is alive" (or, with `leaving`, "is going away now").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +152,11 @@ mod tests {
     fn garbage_is_a_typed_error() {
         assert!(matches!(decode::<Announce>(&[], 10), Err(BusError::Empty)));
         assert!(matches!(decode::<Announce>(&[9, 1, 2], 10), Err(BusError::Version(9))));
-        assert!(matches!(decode::<Announce>(&[1, 200], 10), Err(BusError::Decode(_))));
+        assert!(matches!(
+            decode::<Announce>(&[VERSION, 200], 10),
+            Err(BusError::Decode(_))
+        ));
+        assert!(matches!(decode::<Announce>(&[1, 0], 10), Err(BusError::Version(1))));
         assert!(matches!(
             decode::<Announce>(&[1; 11], 10),
             Err(BusError::TooLarge(11, 10))
@@ -116,8 +176,14 @@ pub const FORWARD_SPLIT_BYTES: usize = 512 * 1024;
 /// A room's batches, from its origin to every edge with viewers of it. The
 /// subject names the room by a hash of its tenant-qualified name: room
 /// names may hold characters NATS subjects may not.
-pub fn room_subject(tenant: &str, room: &str) -> String {
-    format!("{PREFIX}.room.{}", room_token(tenant, room))
+pub fn room_subject(tenant: &str, room: &str, origin: &str) -> String {
+    format!("{PREFIX}.room.{}.{origin}", room_token(tenant, room))
+}
+
+/// A room's batches from whichever edge publishes them (relays check the
+/// sender is the origin).
+pub fn room_subject_any(tenant: &str, room: &str) -> String {
+    format!("{PREFIX}.room.{}.*", room_token(tenant, room))
 }
 
 /// A room in one subject token (or KV key part): the hash of its
@@ -129,19 +195,25 @@ pub fn room_token(tenant: &str, room: &str) -> String {
     hex::encode(&digest[..16])
 }
 
-/// Sends forwarded to the rooms `edge` is the origin of.
-pub fn ingress_subject(edge: &str) -> String {
-    format!("{PREFIX}.ingress.{edge}")
+/// Sends `from` forwards to the rooms `to` is the origin of.
+pub fn ingress_subject(to: &str, from: &str) -> String {
+    addressed("ingress", to, from)
 }
 
-/// Acks and rejections for sends `edge` forwarded.
-pub fn replies_subject(edge: &str) -> String {
-    format!("{PREFIX}.replies.{edge}")
+/// Acks and rejections from `from` for sends `to` forwarded.
+pub fn replies_subject(to: &str, from: &str) -> String {
+    addressed("replies", to, from)
 }
 
-/// Viewer counts of the rooms `edge` is the origin of.
-pub fn interest_subject(edge: &str) -> String {
-    format!("{PREFIX}.interest.{edge}")
+/// `from`'s viewers of the rooms `to` is the origin of.
+pub fn interest_subject(to: &str, from: &str) -> String {
+    addressed("interest", to, from)
+}
+
+/// What `me` hears of `what` ("ingress", "replies", "interest", "counts",
+/// "regional", "resync"): messages addressed to it, from any edge.
+pub fn inbox_of(what: &str, me: &str) -> String {
+    addressed_to(what, me)
 }
 
 /// One tick's batch of a room, as its origin encoded it.
@@ -234,29 +306,34 @@ pub struct RoomCount {
     pub viewers: u64,
 }
 
-/// Where an edge's region aggregator hears the region's edges' counts.
-pub fn counts_subject(aggregator: &str) -> String {
-    format!("{PREFIX}.counts.{aggregator}")
+/// `from`'s counts, to its region's aggregator `to`.
+pub fn counts_subject(to: &str, from: &str) -> String {
+    addressed("counts", to, from)
 }
 
-/// Where an origin hears each region's viewer totals of its rooms.
-pub fn regional_subject(origin: &str) -> String {
-    format!("{PREFIX}.regional.{origin}")
+/// A region's viewer totals from its aggregator `from`, to origin `to`.
+pub fn regional_subject(to: &str, from: &str) -> String {
+    addressed("regional", to, from)
 }
 
-/// Where every edge hears "which of these users are online here".
-pub fn who_subject() -> String {
-    format!("{PREFIX}.who")
+/// Where `from` asks every edge "which of these users are online here".
+pub fn who_subject(from: &str) -> String {
+    format!("{PREFIX}.who.{from}")
 }
 
-/// Where an edge tells the others to close a user's sessions.
-pub fn kick_subject() -> String {
-    format!("{PREFIX}.kick")
+/// Where `from` tells the others to close a user's sessions.
+pub fn kick_subject(from: &str) -> String {
+    format!("{PREFIX}.kick.{from}")
 }
 
-/// Where a relay asks a room's origin for what the bus lost.
-pub fn resync_subject(origin: &str) -> String {
-    format!("{PREFIX}.resync.{origin}")
+/// Every edge's question of `what` ("who", "kick").
+pub fn from_any(what: &str) -> String {
+    format!("{PREFIX}.{what}.*")
+}
+
+/// Where relay `from` asks room origin `to` for what the bus lost.
+pub fn resync_subject(to: &str, from: &str) -> String {
+    addressed("resync", to, from)
 }
 
 /// One edge's viewers of every room it relays, per presence interval, to

@@ -27,6 +27,12 @@
 //! - **Who is online.** A client's batched "which of these users are
 //!   online" asks every other edge at once (one bus message out, one
 //!   answer per edge) and merges what answers within [`WHO_DEADLINE`].
+//!
+//! Whatever arrives is taken from a live edge only (the sender is the
+//! subject's last token; see [`bus`]), for a tenant this edge knows, and
+//! within what is possible; anything else is refused and counted
+//! (`throng_bus_refused_total`), and the state kept per other edge lives
+//! only while that edge is live.
 use crate::SendLimiter;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -85,6 +91,9 @@ pub struct LinkSetup {
     pub send_limiter: Arc<SendLimiter>,
     /// The edge's sessions by user, for disconnects ordered elsewhere.
     pub kicks: Arc<crate::kick::Kicks>,
+    /// The tenants this edge knows (its config's): bus input naming
+    /// another makes nothing. [`Links::set_tenants`] changes it on reload.
+    pub tenants: Vec<String>,
 }
 
 /// An edge's links to the other edges' rooms.
@@ -95,6 +104,7 @@ pub struct Links {
     /// See [`LinkSetup::send_limiter`].
     send_limiter: Arc<SendLimiter>,
     kicks: Arc<crate::kick::Kicks>,
+    tenants: std::sync::RwLock<Arc<std::collections::HashSet<String>>>,
     state: Mutex<State>,
     who_in_flight: Arc<tokio::sync::Semaphore>,
     resyncs_in_flight: Arc<tokio::sync::Semaphore>,
@@ -130,6 +140,8 @@ struct Report {
 
 #[derive(Debug)]
 struct Pending {
+    /// The edge the send went to: only it may answer.
+    origin: String,
     reply: ReplyTx,
     client_msg_id: u64,
     since: Instant,
@@ -168,22 +180,24 @@ impl Links {
             presence_every,
             send_limiter,
             kicks,
+            tenants,
         } = setup;
         let me = cluster.edge_id().to_owned();
-        let ingress = cluster.subscribe(bus::ingress_subject(&me)).await?;
-        let replies = cluster.subscribe(bus::replies_subject(&me)).await?;
-        let interest = cluster.subscribe(bus::interest_subject(&me)).await?;
-        let counts = cluster.subscribe(bus::counts_subject(&me)).await?;
-        let regional = cluster.subscribe(bus::regional_subject(&me)).await?;
-        let who = cluster.subscribe(bus::who_subject()).await?;
-        let resync = cluster.subscribe(bus::resync_subject(&me)).await?;
-        let kick = cluster.subscribe(bus::kick_subject()).await?;
+        let ingress = cluster.subscribe(bus::inbox_of("ingress", &me)).await?;
+        let replies = cluster.subscribe(bus::inbox_of("replies", &me)).await?;
+        let interest = cluster.subscribe(bus::inbox_of("interest", &me)).await?;
+        let counts = cluster.subscribe(bus::inbox_of("counts", &me)).await?;
+        let regional = cluster.subscribe(bus::inbox_of("regional", &me)).await?;
+        let who = cluster.subscribe(bus::from_any("who")).await?;
+        let resync = cluster.subscribe(bus::inbox_of("resync", &me)).await?;
+        let kick = cluster.subscribe(bus::from_any("kick")).await?;
         let links = Arc::new(Links {
             cluster,
             rooms: Arc::downgrade(rooms),
             presence,
             send_limiter,
             kicks,
+            tenants: std::sync::RwLock::new(Arc::new(tenants.into_iter().collect())),
             state: Mutex::new(State::default()),
             who_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_WHO_IN_FLIGHT)),
             resyncs_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_RESYNCS_IN_FLIGHT)),
@@ -219,6 +233,31 @@ impl Links {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The tenants this edge knows, after a reload.
+    pub fn set_tenants(&self, tenants: impl IntoIterator<Item = String>) {
+        *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tenants.into_iter().collect());
+    }
+
+    fn knows(&self, tenant: &str) -> bool {
+        self.tenants.read().unwrap_or_else(|e| e.into_inner()).contains(tenant)
+    }
+
+    /// Whether bus input about `tenant`'s `room` may touch this edge's
+    /// rooms: a valid name of a known tenant's room.
+    fn check_room(&self, tenant: &str, room: &str) -> Result<(), String> {
+        check_room(tenant, room)?;
+        if self.knows(tenant) {
+            Ok(())
+        } else {
+            Err("a tenant this edge does not know".to_owned())
+        }
+    }
+
+    /// Whether this edge is the origin of `tenant`'s `room` in `live`.
+    fn originates(&self, live: &LiveSet, tenant: &str, room: &str) -> bool {
+        live.origin(tenant, room) == Some(self.edge_id())
+    }
+
     /// Queues a send for `origin`, to go out at the next flush.
     pub fn forward(&self, origin: &str, key: &RoomKey, m: Inbound, hops: u8) {
         if hops >= MAX_HOPS {
@@ -247,6 +286,7 @@ impl Links {
         state.pending.insert(
             fwd_id,
             Pending {
+                origin: origin.to_owned(),
                 reply: m.reply,
                 client_msg_id: m.client_msg_id,
                 since: Instant::now(),
@@ -297,7 +337,7 @@ impl Links {
                 }],
             };
             let links = self.cluster.clone();
-            let subject = bus::interest_subject(&origin);
+            let subject = bus::interest_subject(&origin, self.edge_id());
             self.tasks.spawn(async move {
                 let _ = links.publish(subject, BusKind::Interest, bus::encode(&interest)).await;
             });
@@ -331,8 +371,12 @@ impl Links {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
+            let live = self.cluster.live();
             let (outbox, expired) = {
                 let mut state = self.state();
+                // Answer queues of edges gone from the live set go too
+                // (their task ends once the rooms' clones are dropped).
+                state.repliers.retain(|edge, _| live.contains(edge));
                 let outbox = std::mem::take(&mut state.outbox);
                 let now = Instant::now();
                 let expired: Vec<Pending> = if state.pending.values().any(|p| now - p.since >= FORWARD_TIMEOUT) {
@@ -363,7 +407,7 @@ impl Links {
                         from: self.edge_id().to_owned(),
                         items,
                     };
-                    let subject = bus::ingress_subject(&origin);
+                    let subject = bus::ingress_subject(&origin, self.edge_id());
                     if let Err(e) = self
                         .cluster
                         .publish(subject, BusKind::Forward, bus::encode(&forward))
@@ -376,19 +420,10 @@ impl Links {
         }
     }
 
-    /// The next message on `sub`, decoded as `T`; one that does not
-    /// decode is counted and skipped. None once the edge stops or the
+    /// The next answer on an inbox `sub`, decoded as `T`; one that does
+    /// not decode is counted and skipped. None once the edge stops or the
     /// subscription ends.
     async fn next<T: serde::de::DeserializeOwned>(&self, sub: &mut async_nats::Subscriber, kind: BusKind) -> Option<T> {
-        self.next_message(sub, kind).await.map(|(t, _)| t)
-    }
-
-    /// As [`Links::next`], with the message's reply subject.
-    async fn next_message<T: serde::de::DeserializeOwned>(
-        &self,
-        sub: &mut async_nats::Subscriber,
-        kind: BusKind,
-    ) -> Option<(T, Option<String>)> {
         loop {
             let message = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
@@ -396,26 +431,75 @@ impl Links {
             };
             self.cluster.received(kind, message.payload.len());
             match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
-                Ok(t) => return Some((t, message.reply.map(|r| r.to_string()))),
+                Ok(t) => return Some(t),
                 Err(e) => self.cluster.malformed(kind, &e),
             }
         }
     }
 
+    /// The next message on `sub` from a live (or lately live) edge, decoded
+    /// as `T`, with its sender (the subject's last token) and reply subject.
+    /// One that does not decode, or comes from an edge this one does not
+    /// know, is counted and skipped.
+    async fn next_from_edge<T: serde::de::DeserializeOwned>(
+        &self,
+        sub: &mut async_nats::Subscriber,
+        kind: BusKind,
+    ) -> Option<Heard<T>> {
+        loop {
+            let message = tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                m = sub.next() => m?,
+            };
+            self.cluster.received(kind, message.payload.len());
+            // This edge is live too: an aggregator sends counts to itself.
+            // An edge lately live is known too: its first messages after a
+            // partition race its announcement back into the live set.
+            let from = bus::sender_of(&message.subject);
+            if !self.cluster.knows(from) {
+                self.cluster.refused(kind, "from an edge that is not live");
+                continue;
+            }
+            match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
+                Ok(body) => {
+                    return Some(Heard {
+                        body,
+                        from: from.to_owned(),
+                        reply: message.reply.map(|r| r.to_string()),
+                    });
+                }
+                Err(e) => self.cluster.malformed(kind, &e),
+            }
+        }
+    }
+
+    /// Whether a message's body names the edge that sent it; counted as
+    /// refused when it names another.
+    fn same_sender(&self, kind: BusKind, from: &str, named: &str) -> bool {
+        if from == named {
+            true
+        } else {
+            self.cluster.refused(kind, "a body naming another sender");
+            false
+        }
+    }
+
     /// Sends other edges forwarded to rooms this edge is the origin of.
     async fn hear_ingress(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(forward) = self.next::<Forward>(&mut sub, BusKind::Forward).await {
-            if crate::config::check_bus_token(&forward.from).is_err() {
-                self.cluster.malformed(BusKind::Forward, &"bad edge id");
+        while let Some(Heard {
+            body: forward, from, ..
+        }) = self.next_from_edge::<Forward>(&mut sub, BusKind::Forward).await
+        {
+            if !self.same_sender(BusKind::Forward, &from, &forward.from) {
                 continue;
             }
             let Some(rooms) = self.rooms.upgrade() else {
                 return;
             };
-            let reply = self.replier(&forward.from);
+            let reply = self.replier(&from);
             for item in forward.items {
-                if let Err(why) = check_room(&item.tenant, &item.room) {
-                    self.cluster.malformed(BusKind::Forward, &why);
+                if let Err(why) = self.check_room(&item.tenant, &item.room) {
+                    self.cluster.refused(BusKind::Forward, "a room this edge may not have");
                     refuse(&reply, item.fwd_id, ErrorCode::Malformed, &why);
                     continue;
                 }
@@ -472,7 +556,7 @@ impl Links {
         });
         state.repliers.insert(edge.to_owned(), tx.clone());
         let links = Arc::clone(&self.cluster);
-        let subject = bus::replies_subject(edge);
+        let subject = bus::replies_subject(edge, self.edge_id());
         let shutdown = self.shutdown.clone();
         self.tasks.spawn(send_replies(links, subject, rx, shutdown));
         tx
@@ -480,14 +564,22 @@ impl Links {
 
     /// Answers to sends this edge forwarded.
     async fn hear_replies(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(replies) = self.next::<Replies>(&mut sub, BusKind::Replies).await {
+        while let Some(Heard {
+            body: replies, from, ..
+        }) = self.next_from_edge::<Replies>(&mut sub, BusKind::Replies).await
+        {
             let answered: Vec<(Pending, Outcome)> = {
                 let mut state = self.state();
-                replies
-                    .items
-                    .into_iter()
-                    .filter_map(|r| state.pending.remove(&r.fwd_id).map(|p| (p, r.outcome)))
-                    .collect()
+                let mut answered = Vec::new();
+                for r in replies.items {
+                    // Only the edge a send went to answers it.
+                    if state.pending.get(&r.fwd_id).is_some_and(|p| p.origin == from)
+                        && let Some(p) = state.pending.remove(&r.fwd_id)
+                    {
+                        answered.push((p, r.outcome));
+                    }
+                }
+                answered
             };
             for (p, outcome) in answered {
                 let frame = match outcome {
@@ -509,24 +601,38 @@ impl Links {
     /// Other edges' first (or no more) viewers of rooms this edge is the
     /// origin of.
     async fn hear_interest(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(interest) = self.next::<Interest>(&mut sub, BusKind::Interest).await {
-            if crate::config::check_bus_token(&interest.from).is_err() {
-                self.cluster.malformed(BusKind::Interest, &"bad edge id");
+        while let Some(Heard {
+            body: interest, from, ..
+        }) = self.next_from_edge::<Interest>(&mut sub, BusKind::Interest).await
+        {
+            if !self.same_sender(BusKind::Interest, &from, &interest.from) {
                 continue;
             }
             let Some(rooms) = self.rooms.upgrade() else {
                 return;
             };
+            let live = self.cluster.live();
             for r in interest.rooms {
-                if let Err(why) = check_room(&r.tenant, &r.room) {
-                    self.cluster.malformed(BusKind::Interest, &why);
+                if let Err(why) = self.check_room(&r.tenant, &r.room) {
+                    self.cluster.refused(BusKind::Interest, &why);
+                    continue;
+                }
+                if !self.originates(&live, &r.tenant, &r.room) {
+                    // A room is made here only where this edge is its origin.
+                    self.cluster
+                        .refused(BusKind::Interest, "a room this edge is not the origin of");
+                    continue;
+                }
+                if r.viewers > bus::MAX_EDGE_VIEWERS {
+                    self.cluster
+                        .refused(BusKind::Interest, "more viewers than an edge can have");
                     continue;
                 }
                 let key = RoomKey {
                     tenant: Arc::from(r.tenant.as_str()),
                     name: Arc::from(r.room.as_str()),
                 };
-                rooms.peer_viewers(&key, Peer::Edge(interest.from.clone()), r.viewers);
+                rooms.peer_viewers(&key, Peer::Edge(from.clone()), r.viewers);
             }
         }
     }
@@ -558,7 +664,7 @@ impl Links {
                         at_ms,
                         rooms,
                     };
-                    let subject = bus::regional_subject(&origin);
+                    let subject = bus::regional_subject(&origin, self.edge_id());
                     let _ = self
                         .cluster
                         .publish(subject, BusKind::Regional, bus::encode(&counts))
@@ -594,7 +700,7 @@ impl Links {
                 }
             };
             for counts in split_counts(counts) {
-                let subject = bus::counts_subject(&aggregator);
+                let subject = bus::counts_subject(&aggregator, self.edge_id());
                 let _ = self
                     .cluster
                     .publish(subject, BusKind::Counts, bus::encode(&counts))
@@ -605,22 +711,30 @@ impl Links {
 
     /// Counts of this region's edges, kept while this edge aggregates.
     async fn hear_counts(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(counts) = self.next::<EdgeCounts>(&mut sub, BusKind::Counts).await {
-            if let Err(why) = crate::config::check_bus_token(&counts.from)
-                .and_then(|()| crate::config::check_bus_token(&counts.region))
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    counts
-                        .rooms
-                        .iter()
-                        .try_for_each(|r| check_room(&r.tenant, &r.room).and_then(|()| check_edge(&r.origin)))
-                })
-            {
-                self.cluster.malformed(BusKind::Counts, &why);
+        while let Some(Heard { body: counts, from, .. }) =
+            self.next_from_edge::<EdgeCounts>(&mut sub, BusKind::Counts).await
+        {
+            if !self.same_sender(BusKind::Counts, &from, &counts.from) {
                 continue;
             }
-            if counts.region != self.cluster.region() {
-                self.cluster.malformed(BusKind::Counts, &"counts from another region");
+            if let Err(why) = counts.rooms.iter().try_for_each(|r| {
+                self.check_room(&r.tenant, &r.room)
+                    .and_then(|()| check_edge(&r.origin))
+                    .and_then(|()| {
+                        if r.viewers > bus::MAX_EDGE_VIEWERS {
+                            Err("more viewers than an edge can have".to_owned())
+                        } else {
+                            Ok(())
+                        }
+                    })
+            }) {
+                self.cluster.refused(BusKind::Counts, &why);
+                continue;
+            }
+            let live = self.cluster.live();
+            let region = live.edges.iter().find(|e| e.edge_id == from).map(|e| e.region.as_str());
+            if counts.region != self.cluster.region() || region != Some(self.cluster.region()) {
+                self.cluster.refused(BusKind::Counts, "counts from another region");
                 continue;
             }
             let mut state = self.state();
@@ -641,11 +755,33 @@ impl Links {
 
     /// Regions' totals of rooms this edge is the origin of.
     async fn hear_regional(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some(counts) = self.next::<RegionCounts>(&mut sub, BusKind::Regional).await {
-            if let Err(why) = crate::config::check_bus_token(&counts.region)
-                .and_then(|()| crate::config::check_bus_token(&counts.from))
-            {
-                self.cluster.malformed(BusKind::Regional, &why);
+        while let Some(Heard { body: counts, from, .. }) =
+            self.next_from_edge::<RegionCounts>(&mut sub, BusKind::Regional).await
+        {
+            if !self.same_sender(BusKind::Regional, &from, &counts.from) {
+                continue;
+            }
+            // A region's totals come from its aggregator, which all agree
+            // on: so there are as many regions as regions with live edges,
+            // and no total above what their edges could hold.
+            let live = self.cluster.live();
+            if live.aggregator(&counts.region) != Some(from.as_str()) {
+                self.cluster
+                    .refused(BusKind::Regional, "counts from an edge that does not sum that region");
+                continue;
+            }
+            let edges_in_region = live.edges.iter().filter(|e| e.region == counts.region).count() as u64;
+            let most = bus::MAX_EDGE_VIEWERS.saturating_mul(edges_in_region);
+            if let Err(why) = counts.rooms.iter().try_for_each(|r| {
+                self.check_room(&r.tenant, &r.room).and_then(|()| {
+                    if r.viewers > most {
+                        Err("more viewers than the region's edges can have".to_owned())
+                    } else {
+                        Ok(())
+                    }
+                })
+            }) {
+                self.cluster.refused(BusKind::Regional, &why);
                 continue;
             }
             let lag = crate::unix_now_ms().saturating_sub(counts.at_ms);
@@ -658,8 +794,9 @@ impl Links {
                 return;
             };
             for r in counts.rooms {
-                if let Err(why) = check_room(&r.tenant, &r.room) {
-                    self.cluster.malformed(BusKind::Regional, &why);
+                if !self.originates(&live, &r.tenant, &r.room) {
+                    self.cluster
+                        .refused(BusKind::Regional, "a room this edge is not the origin of");
                     continue;
                 }
                 let key = RoomKey {
@@ -696,7 +833,12 @@ impl Links {
         };
         if let Err(e) = self
             .cluster
-            .request(bus::who_subject(), inbox, BusKind::Who, bus::encode(&query))
+            .request(
+                bus::who_subject(self.edge_id()),
+                inbox,
+                BusKind::Who,
+                bus::encode(&query),
+            )
             .await
         {
             tracing::debug!(error = %e, "presence query not sent; answering for this edge alone");
@@ -709,7 +851,9 @@ impl Links {
                 _ = tokio::time::sleep_until(deadline) => break,
                 a = self.next::<WhoAnswer>(&mut answers, BusKind::Who) => match a { Some(a) => a, None => break },
             };
-            if !heard.insert(answer.from) {
+            // An answer counts once per live edge: anyone may answer an
+            // inbox.
+            if !self.cluster.live().contains(&answer.from) || !heard.insert(answer.from) {
                 continue;
             }
             for (i, online) in here.iter_mut().enumerate() {
@@ -744,7 +888,12 @@ impl Links {
         };
         if let Err(e) = self
             .cluster
-            .request(bus::kick_subject(), inbox, BusKind::Kick, bus::encode(&order))
+            .request(
+                bus::kick_subject(self.edge_id()),
+                inbox,
+                BusKind::Kick,
+                bus::encode(&order),
+            )
             .await
         {
             tracing::warn!(error = %e, "disconnect not sent to the other edges");
@@ -758,7 +907,7 @@ impl Links {
                 _ = tokio::time::sleep_until(deadline) => break,
                 a = self.next::<KickAnswer>(&mut answers, BusKind::Kick) => match a { Some(a) => a, None => break },
             };
-            if heard.insert(answer.from) {
+            if self.cluster.live().contains(&answer.from) && heard.insert(answer.from) {
                 closed += answer.connections as usize;
             }
         }
@@ -767,8 +916,20 @@ impl Links {
 
     /// Other edges' disconnects: this edge's sessions of that user close.
     async fn hear_kick(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some((order, reply)) = self.next_message::<KickOrder>(&mut sub, BusKind::Kick).await {
-            if order.from == self.edge_id() {
+        while let Some(Heard {
+            body: order,
+            from,
+            reply,
+        }) = self.next_from_edge::<KickOrder>(&mut sub, BusKind::Kick).await
+        {
+            if from == self.edge_id() {
+                continue;
+            }
+            if !self.same_sender(BusKind::Kick, &from, &order.from) {
+                continue;
+            }
+            if !self.knows(&order.tenant) {
+                self.cluster.refused(BusKind::Kick, "a tenant this edge does not know");
                 continue;
             }
             let reason = crate::untrusted(&order.reason, 200);
@@ -796,7 +957,7 @@ impl Links {
             room: key.name.to_string(),
             after_seq: after,
         };
-        let subject = bus::resync_subject(origin);
+        let subject = bus::resync_subject(origin, self.edge_id());
         match self
             .cluster
             .ask(subject, BusKind::Resync, bus::encode(&ask), RESYNC_DEADLINE)
@@ -823,14 +984,15 @@ impl Links {
     /// Relays' requests for what the bus lost, answered from the room's
     /// ring, one task each (a room answers between its ticks).
     async fn hear_resync(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some((ask, reply)) = self.next_message::<Resync>(&mut sub, BusKind::Resync).await {
+        while let Some(Heard { body: ask, reply, .. }) = self.next_from_edge::<Resync>(&mut sub, BusKind::Resync).await
+        {
             let Some(reply) = reply else {
                 self.cluster
                     .malformed(BusKind::Resync, &"a request without a reply subject");
                 continue;
             };
-            if let Err(why) = check_room(&ask.tenant, &ask.room) {
-                self.cluster.malformed(BusKind::Resync, &why);
+            if let Err(why) = self.check_room(&ask.tenant, &ask.room) {
+                self.cluster.refused(BusKind::Resync, &why);
                 continue;
             }
             let Ok(permit) = Arc::clone(&self.resyncs_in_flight).try_acquire_owned() else {
@@ -873,8 +1035,20 @@ impl Links {
 
     /// Other edges' "who is online": answered from this edge's users.
     async fn hear_who(self: Arc<Self>, mut sub: async_nats::Subscriber) {
-        while let Some((query, reply)) = self.next_message::<WhoQuery>(&mut sub, BusKind::Who).await {
-            if query.from == self.edge_id() {
+        while let Some(Heard {
+            body: query,
+            from,
+            reply,
+        }) = self.next_from_edge::<WhoQuery>(&mut sub, BusKind::Who).await
+        {
+            if from == self.edge_id() {
+                continue;
+            }
+            if !self.same_sender(BusKind::Who, &from, &query.from) {
+                continue;
+            }
+            if !self.knows(&query.tenant) {
+                self.cluster.refused(BusKind::Who, "a tenant this edge does not know");
                 continue;
             }
             let Some(reply) = reply else {
@@ -893,6 +1067,14 @@ impl Links {
             let _ = self.cluster.publish(reply, BusKind::Who, bus::encode(&answer)).await;
         }
     }
+}
+
+/// A bus message from another edge.
+struct Heard<T> {
+    body: T,
+    /// The sending edge: the subject's last token.
+    from: String,
+    reply: Option<String>,
 }
 
 /// A region's viewers per (tenant, room).

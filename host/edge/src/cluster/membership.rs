@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use super::bus::Announce;
 
+/// Leaves remembered at most (one per edge id).
+const MAX_GONE: usize = 4096;
+
 /// What this edge knows of another (or of itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
@@ -37,10 +40,22 @@ pub struct Members {
     me: String,
     dead_after: Duration,
     live: BTreeMap<String, Member>,
-    /// The newest incarnation that said it was leaving, per edge: its late
-    /// heartbeats (already in flight) must not bring it back.
-    gone: BTreeMap<String, u64>,
+    /// The newest incarnation that said it was leaving, per edge, and when:
+    /// its late heartbeats (already in flight) must not bring it back. An
+    /// edge that goes on announcing for `dead_after` after its leave did
+    /// not leave (the leave was forged, or the bus reordered it): it is
+    /// live again.
+    gone: BTreeMap<String, (u64, Instant)>,
+    /// Edges that were live and are not now, and when they stopped being:
+    /// a message from one of them within [`LATELY`] is from an edge this one
+    /// knew, not made up (see [`Members::knows`]).
+    lately: BTreeMap<String, Instant>,
 }
+
+/// How long an edge that was live stays known after it is not: longer than
+/// any NATS outage the edges ride out, so messages that race its return
+/// (an interest sent the moment it is back) are taken.
+pub const LATELY: Duration = Duration::from_secs(300);
 
 impl Members {
     pub fn new(me: Member, dead_after: Duration) -> Self {
@@ -50,6 +65,7 @@ impl Members {
             dead_after,
             live: BTreeMap::from([(id, me)]),
             gone: BTreeMap::new(),
+            lately: BTreeMap::new(),
         }
     }
 
@@ -61,12 +77,26 @@ impl Members {
             }
             return None;
         }
-        if self.gone.get(&a.edge_id).is_some_and(|&inc| inc >= a.incarnation) {
-            return None;
+        if let Some(&(inc, left)) = self.gone.get(&a.edge_id) {
+            if inc > a.incarnation
+                || (inc == a.incarnation && (a.leaving || now.saturating_duration_since(left) < self.dead_after))
+            {
+                return None;
+            }
+            self.gone.remove(&a.edge_id);
         }
         if a.leaving {
-            self.gone.insert(a.edge_id.clone(), a.incarnation);
-            return self.live.remove(&a.edge_id).map(|_| Change::Left(a.edge_id.clone()));
+            // Bounded: one entry per edge id that ever left, and edge ids
+            // that are heard at all come from edges' own subjects.
+            if self.gone.len() >= MAX_GONE {
+                self.gone.pop_first();
+            }
+            self.gone.insert(a.edge_id.clone(), (a.incarnation, now));
+            let left = self.live.remove(&a.edge_id).map(|_| Change::Left(a.edge_id.clone()));
+            if left.is_some() {
+                self.was_live(&a.edge_id, now);
+            }
+            return left;
         }
         match self.live.get_mut(&a.edge_id) {
             Some(m) if m.incarnation > a.incarnation => None,
@@ -105,8 +135,27 @@ impl Members {
             .collect();
         for id in &dead {
             self.live.remove(id);
+            self.was_live(id, now);
         }
+        self.lately.retain(|_, at| now.saturating_duration_since(*at) < LATELY);
         dead.into_iter().map(Change::Dead).collect()
+    }
+
+    fn was_live(&mut self, id: &str, now: Instant) {
+        if self.lately.len() >= MAX_GONE {
+            self.lately.pop_first();
+        }
+        self.lately.insert(id.to_owned(), now);
+    }
+
+    /// Whether `id` is live, or was within [`LATELY`] of `now`: an edge
+    /// this one knows (messages from any other are refused).
+    pub fn knows(&self, id: &str, now: Instant) -> bool {
+        self.live.contains_key(id)
+            || self
+                .lately
+                .get(id)
+                .is_some_and(|at| now.saturating_duration_since(*at) < LATELY)
     }
 
     /// The live edges, by id.
@@ -183,9 +232,47 @@ mod tests {
         m.heard(&announce("b", 5, false), t0);
         assert_eq!(m.heard(&announce("b", 5, true), t0), Some(Change::Left("b".into())));
         assert_eq!(m.heard(&announce("b", 5, false), t0), None);
+        assert_eq!(m.heard(&announce("b", 5, false), t0 + DEAD / 2), None);
         assert_eq!(ids(&m), ["me"]);
         // Restarted under the same id: welcome back.
         assert_eq!(m.heard(&announce("b", 6, false), t0), Some(Change::Joined("b".into())));
+    }
+
+    #[test]
+    fn an_edge_that_goes_on_announcing_after_a_leave_did_not_leave() {
+        // A forged (or reordered) leave costs the edge at most dead_after.
+        let t0 = Instant::now();
+        let mut m = Members::new(member("me", t0), DEAD);
+        m.heard(&announce("b", 5, false), t0);
+        assert_eq!(m.heard(&announce("b", 5, true), t0), Some(Change::Left("b".into())));
+        assert_eq!(
+            m.heard(&announce("b", 5, false), t0 + DEAD - Duration::from_millis(1)),
+            None
+        );
+        assert_eq!(
+            m.heard(&announce("b", 5, false), t0 + DEAD),
+            Some(Change::Joined("b".into()))
+        );
+        assert_eq!(ids(&m), ["b", "me"]);
+        // Another leave, repeated later, is a leave again.
+        assert_eq!(
+            m.heard(&announce("b", 5, true), t0 + DEAD * 2),
+            Some(Change::Left("b".into()))
+        );
+    }
+
+    #[test]
+    fn an_edge_taken_for_dead_stays_known_for_a_while_and_a_made_up_one_never_is() {
+        let t0 = Instant::now();
+        let mut m = Members::new(member("me", t0), DEAD);
+        m.heard(&announce("b", 1, false), t0);
+        assert!(m.knows("b", t0));
+        m.expire(t0 + DEAD);
+        assert!(!m.live().any(|e| e.edge_id == "b"));
+        assert!(m.knows("b", t0 + DEAD + Duration::from_secs(10)));
+        assert!(!m.knows("b", t0 + DEAD + LATELY));
+        assert!(!m.knows("made-up", t0));
+        assert!(m.knows("me", t0));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Without `[cluster]` an edge has no [`Cluster`] and needs no NATS. With
 //! it, the edge connects to its region's NATS server at start, announces
-//! itself every `heartbeat` on [`bus::edges_subject`], and keeps the live
+//! itself every `heartbeat` on [`bus::edges_subject`] (its own subject),
+//! and keeps the live
 //! set ([`membership`]) from what every edge announces: each edge hears the
 //! same announcements, so all agree on the live set within `dead_after`,
 //! and so on each room's origin ([`rendezvous`]) without asking anyone.
@@ -12,6 +13,7 @@
 pub mod bus;
 pub mod links;
 pub mod membership;
+pub mod nats_auth;
 pub mod rendezvous;
 pub mod stream_log;
 
@@ -39,7 +41,7 @@ pub enum ClusterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cluster.creds_file: cannot read {path}: {source}")]
+    #[error("cluster credentials: cannot read {path}: {source}")]
     Creds {
         path: String,
         #[source]
@@ -195,6 +197,9 @@ pub struct BusStats {
     pub bytes_in: AtomicU64,
     /// Bus messages that did not decode (dropped).
     pub malformed: AtomicU64,
+    /// Bus messages that decoded and were not taken (see
+    /// [`Cluster::refused`]).
+    pub refused: AtomicU64,
     /// Messages out and in, by [`BusKind`] (in `ALL`'s order).
     by_kind: [[AtomicU64; 2]; BusKind::ALL.len()],
     /// Origin: the latest region count's age when it arrived (ms).
@@ -223,6 +228,9 @@ pub struct Cluster {
     stats: Arc<BusStats>,
     /// Rooms alive here whose origin this edge is.
     originated: AtomicU64,
+    /// Set by [`Cluster::leave`]: no heartbeat goes out after it (the others
+    /// would take an edge still announcing after its leave for alive).
+    left: std::sync::atomic::AtomicBool,
 }
 
 impl Cluster {
@@ -255,6 +263,20 @@ impl Cluster {
             Some(NatsCredentials::UserPassword { user, password }) => {
                 options = options.user_and_password(user.clone(), password.clone());
             }
+            Some(NatsCredentials::NkeySeedFile(path)) => {
+                let seed = std::fs::read_to_string(path).map_err(|source| ClusterError::Creds {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let seed = seed.trim().to_owned();
+                if nkeys::KeyPair::from_seed(&seed).is_err() {
+                    return Err(ClusterError::Creds {
+                        path: path.display().to_string(),
+                        source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an nkey seed (SU...)"),
+                    });
+                }
+                options = options.nkey(seed);
+            }
             Some(NatsCredentials::CredsFile(path)) => {
                 options = options
                     .credentials_file(path)
@@ -270,7 +292,13 @@ impl Cluster {
             .connect(addrs)
             .await
             .map_err(|source| ClusterError::Connect { urls, source })?;
-        let subject = bus::edges_subject();
+        if config.credentials.is_none() {
+            tracing::warn!(
+                "cluster.user / cluster.creds_file not set: anyone who can reach the NATS server can speak as an \
+                 edge (see `throng nats-auth` for per-edge users that may only speak as themselves)"
+            );
+        }
+        let subject = bus::all_edges_subject();
         let announcements = client
             .subscribe(subject.clone())
             .await
@@ -297,6 +325,7 @@ impl Cluster {
             live,
             stats: Arc::default(),
             originated: AtomicU64::new(0),
+            left: std::sync::atomic::AtomicBool::new(false),
         });
         cluster.announce(false).await?;
         // Flushed before the edge says it is ready, so the others hear of
@@ -370,6 +399,7 @@ impl Cluster {
     /// rather than after `dead_after`. Best effort, bounded: a shutdown
     /// never waits long for the bus.
     pub async fn leave(&self) {
+        self.left.store(true, Ordering::Release);
         let said = async {
             self.announce(true).await?;
             self.client
@@ -393,7 +423,8 @@ impl Cluster {
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
             leaving,
         });
-        self.publish(bus::edges_subject(), BusKind::Announce, bytes).await
+        self.publish(bus::edges_subject(&self.edge_id), BusKind::Announce, bytes)
+            .await
     }
 
     /// This run's incarnation (its start, Unix ms).
@@ -406,6 +437,20 @@ impl Cluster {
             .subscribe(subject.clone())
             .await
             .map_err(|source| ClusterError::Subscribe { subject, source })
+    }
+
+    /// Whether `edge` is live, or was lately (see [`membership::Members::knows`]).
+    pub(crate) fn knows(&self, edge: &str) -> bool {
+        self.members().knows(edge, Instant::now())
+    }
+
+    /// Counts and drops a bus message that was read and is not taken: from
+    /// an edge that is not live, speaking for another, naming a tenant this
+    /// edge does not know, counting what no edge could have.
+    pub(crate) fn refused(&self, kind: BusKind, why: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("throng_bus_refused_total", "kind" => kind.name()).increment(1);
+        tracing::debug!(kind = kind.name(), why, "refused a bus message");
     }
 
     /// Counts and drops a bus message that could not be read.
@@ -511,6 +556,7 @@ impl Cluster {
                 messages_in: load(&self.stats.messages_in),
                 bytes_in: load(&self.stats.bytes_in),
                 malformed: load(&self.stats.malformed),
+                refused: load(&self.stats.refused),
                 by_kind: BusKind::ALL
                     .iter()
                     .map(|k| {
@@ -553,6 +599,9 @@ pub struct BusSnapshot {
     pub messages_in: u64,
     pub bytes_in: u64,
     pub malformed: u64,
+    /// Decoded and not taken: from an edge not live, for another sender, a
+    /// tenant not known, a count beyond what is possible.
+    pub refused: u64,
     /// Messages out and in by what they are for (kinds not seen left out).
     pub by_kind: std::collections::BTreeMap<&'static str, KindSnapshot>,
     /// As origin: how old the latest region count was when it arrived.
@@ -610,6 +659,9 @@ async fn heartbeats(cluster: Arc<Cluster>, every: Duration, shutdown: Cancellati
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        if cluster.left.load(Ordering::Acquire) {
+            return;
+        }
         // Bounded: while NATS is away the client's queue may fill, and a
         // heartbeat that cannot go out now is worthless later.
         match tokio::time::timeout(every, cluster.announce(false)).await {
@@ -640,12 +692,22 @@ async fn hear(
                     return;
                 };
                 cluster.received(BusKind::Announce, message.payload.len());
+                let sender = bus::sender_of(&message.subject).to_owned();
                 let announce = bus::decode::<Announce>(&message.payload, bus::MAX_ANNOUNCE_BYTES)
                     .map_err(|e| e.to_string())
                     .and_then(|a| {
                         crate::config::check_bus_token(&a.edge_id)
                             .and_then(|()| crate::config::check_bus_token(&a.region))
                             .map(|()| a)
+                    })
+                    .and_then(|a| {
+                        // Speaking for another edge (its leave, its address)
+                        // is what a forger would do.
+                        if a.edge_id == sender {
+                            Ok(a)
+                        } else {
+                            Err(format!("an announcement for another edge on {sender}'s subject"))
+                        }
                     });
                 match announce {
                     Ok(a) => cluster.members().heard(&a, Instant::now()).into_iter().collect(),

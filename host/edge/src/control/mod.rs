@@ -336,16 +336,46 @@ pub struct ControlPlane {
     change: tokio::sync::Mutex<()>,
     /// In a cluster: where changes are shared.
     link: Option<Link>,
-    /// Uploads read and checked at once: each holds its body in memory.
+    /// Tenants' uploads read and checked at once: each holds its body in
+    /// memory.
     uploads: tokio::sync::Semaphore,
+    /// Operators' own turns, so no tenant's uploads make an operator wait.
+    operator_uploads: tokio::sync::Semaphore,
+    /// Who has an upload under way (a tenant, or one operator): one each.
+    uploading: std::sync::Mutex<BTreeSet<String>>,
 }
 
-/// Uploads an edge reads and checks at once; more wait (see
-/// [`ControlPlane::upload_slot`]), so a flood of uploads costs at most this
-/// many bodies of memory.
+/// Tenants' uploads an edge reads and checks at once; more wait (see
+/// [`ControlPlane::upload_turn`]), so a flood of uploads costs at most this
+/// many bodies of memory (and as many again for operators').
 const UPLOADS_AT_ONCE: usize = 2;
+/// Versions a tenant's scope may hold above its active one, never
+/// activated: each costs store space on every edge.
+const MAX_PENDING_VERSIONS: u64 = 10;
+/// An upload's body must have arrived within this, or it is refused: a
+/// body sent a byte at a time holds its turn no longer.
+pub const UPLOAD_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long an upload waits for its turn before it is refused.
 const UPLOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A caller's turn to upload (see [`ControlPlane::upload_turn`]); over
+/// when dropped.
+#[derive(Debug)]
+pub struct UploadTurn<'a> {
+    plane: &'a ControlPlane,
+    who: String,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Drop for UploadTurn<'_> {
+    fn drop(&mut self) {
+        self.plane
+            .uploading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.who);
+    }
+}
 
 /// An edge's part in a cluster's control plane.
 #[derive(Debug)]
@@ -427,6 +457,8 @@ impl ControlPlane {
                 config: std::sync::Mutex::new(None),
             }),
             uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
+            operator_uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
+            uploading: std::sync::Mutex::default(),
         });
         if let Some(c) = cluster {
             // Rooms start on this edge's own copy; the first sync brings
@@ -539,11 +571,41 @@ impl ControlPlane {
         }
     }
 
-    /// A turn to read and check an upload: at most [`UPLOADS_AT_ONCE`] at a
-    /// time; one that waits longer than [`UPLOAD_WAIT`] is refused (503).
-    pub async fn upload_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ControlError> {
-        match tokio::time::timeout(UPLOAD_WAIT, self.uploads.acquire()).await {
-            Ok(Ok(p)) => Ok(p),
+    /// A turn to read and check an upload: one per tenant (or operator) at
+    /// a time, refused at once beyond; at most [`UPLOADS_AT_ONCE`] tenants'
+    /// and as many operators' at a time, each from its own pool; one that
+    /// waits longer than [`UPLOAD_WAIT`] is refused (503).
+    pub async fn upload_turn(&self, caller: &Caller) -> Result<UploadTurn<'_>, ControlError> {
+        let who = if caller.is_operator() {
+            caller.who()
+        } else {
+            caller.owner()
+        };
+        let mine = {
+            let mut uploading = self.uploading.lock().unwrap_or_else(|e| e.into_inner());
+            uploading.insert(who.clone())
+        };
+        if !mine {
+            return Err(ControlError::Quota {
+                quota: "uploads_in_flight",
+                reason: format!("{who} has an upload under way on this edge; one at a time"),
+            });
+        }
+        let mut turn = UploadTurn {
+            plane: self,
+            who,
+            _permit: None,
+        };
+        let pool = if caller.is_operator() {
+            &self.operator_uploads
+        } else {
+            &self.uploads
+        };
+        match tokio::time::timeout(UPLOAD_WAIT, pool.acquire()).await {
+            Ok(Ok(p)) => {
+                turn._permit = Some(p);
+                Ok(turn)
+            }
             _ => Err(ControlError::Unavailable(format!(
                 "{UPLOADS_AT_ONCE} uploads are being checked on this edge and this one waited {UPLOAD_WAIT:?}; retry"
             ))),
@@ -636,7 +698,14 @@ impl ControlPlane {
         let params: Vec<(String, String)> = up.params.clone().into_iter().collect();
         let shared = self.shared()?;
         let _one = self.change.lock().await;
-        self.check_module(&bytes, up.world, params, limits, &mut checks).await?;
+        if let Err(e) = self.check_module(&bytes, up.world, params, limits, &mut checks).await {
+            // Its compiled code went to the disk cache; nobody may run a
+            // module that is not stored, so nothing of it stays behind.
+            if !self.store.modules()?.iter().any(|m| m.sha256 == sha256) {
+                self.runtime.forget_compiled(&bytes);
+            }
+            return Err(e);
+        }
         let record = ModuleRecord {
             sha256: sha256.clone(),
             owner,
@@ -853,6 +922,22 @@ impl ControlPlane {
         }
         let shared = self.shared()?;
         let _one = self.change.lock().await;
+        if !caller.is_operator() {
+            // A tenant's versions are kept for rollback; what piles up
+            // unused above the active one is what a flood makes.
+            let key = scope.key();
+            let active = self.store.active(&key)?.map_or(0, |a| a.version);
+            let pending = self.store.last_version(&key)?.saturating_sub(active);
+            if pending >= MAX_PENDING_VERSIONS {
+                return Err(ControlError::Quota {
+                    quota: "pending_versions",
+                    reason: format!(
+                        "{scope} has {pending} versions above its active one (v{active}) never activated; \
+                         activate or roll back before creating more (at most {MAX_PENDING_VERSIONS})"
+                    ),
+                });
+            }
+        }
         self.check_spec(caller, scope, &spec).await?;
         let d = self.store_version(shared, caller.who(), scope, spec, note).await?;
         let mut entry = AuditEntry::new(&caller.who(), "deployment.create", scope.key());

@@ -119,7 +119,7 @@ impl RoomLink {
         let live = links.live();
         let role = role_of(&live.borrow(), links.edge_id(), key);
         let mut link = Self {
-            subject: bus::room_subject(&key.tenant, &key.name),
+            subject: bus::room_subject_any(&key.tenant, &key.name),
             links,
             role: Role::Origin,
             counted: false,
@@ -230,7 +230,7 @@ impl RoomLink {
             Got::Live(true) => Heard::Live,
             // The cluster is gone (shutdown): nothing more to hear.
             Got::Live(false) => std::future::pending().await,
-            Got::Message(Some(m)) => self.on_batch(&m.payload).await,
+            Got::Message(Some(m)) => self.on_batch(bus::sender_of(&m.subject), &m.payload).await,
             Got::Message(None) => {
                 self.sub = None;
                 Heard::Nothing
@@ -266,8 +266,11 @@ impl RoomLink {
         self.seen_seq.max(time_base())
     }
 
-    async fn on_batch(&mut self, payload: &[u8]) -> Heard {
+    async fn on_batch(&mut self, sender: &str, payload: &[u8]) -> Heard {
         self.links.cluster().received(BusKind::Batch, payload.len());
+        if sender == self.links.edge_id() {
+            return Heard::Nothing; // our own, from when we were the origin
+        }
         let batch: RoomBatch = match bus::decode(payload, bus::MAX_ROOM_BUS_BYTES) {
             Ok(b) => b,
             Err(e) => {
@@ -275,8 +278,11 @@ impl RoomLink {
                 return Heard::Nothing;
             }
         };
-        if batch.origin == self.links.edge_id() {
-            return Heard::Nothing; // our own, from when we were the origin
+        if batch.origin != sender {
+            self.links
+                .cluster()
+                .refused(BusKind::Batch, "a batch naming another origin than its sender");
+            return Heard::Nothing;
         }
         if self.is_origin() {
             // Another edge's batch while this one takes itself for the
@@ -539,7 +545,8 @@ impl RoomLink {
             prev_delivered,
             frames: deliveries.iter().map(|d| d.frame.to_vec()).collect(),
         };
-        self.links.publish_batch(self.subject.clone(), &batch, within).await;
+        let subject = bus::room_subject(&self.key.tenant, &self.key.name, self.links.edge_id());
+        self.links.publish_batch(subject, &batch, within).await;
     }
 
     /// Relay: tells the origin this edge's viewer count.

@@ -412,6 +412,31 @@ impl WasmRuntime {
         &self.stats
     }
 
+    /// Where the compiled code of the module of `hash` is cached, if
+    /// anywhere.
+    fn cache_path(&self, hash: ModuleHash) -> Option<PathBuf> {
+        self.settings
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{}-{}.cwasm", hash.hex(), self.engine_key)))
+    }
+
+    /// Removes the module's compiled code from the disk cache (a module
+    /// refused at upload): returns the bytes freed.
+    pub fn forget_compiled(&self, bytes: &[u8]) -> u64 {
+        let Some(path) = self.cache_path(ModuleHash::of(bytes)) else {
+            return 0;
+        };
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                metrics::counter!("throng_wasm_cache_removed_bytes_total").increment(size);
+                size
+            }
+            Err(_) => 0,
+        }
+    }
+
     fn compile(&self, bytes: &[u8], hash: ModuleHash) -> Result<Component, WasmError> {
         if bytes.len() > self.settings.max_module_bytes {
             return Err(WasmError::TooLarge {
@@ -419,11 +444,7 @@ impl WasmRuntime {
                 max: self.settings.max_module_bytes,
             });
         }
-        let cached = self
-            .settings
-            .cache_dir
-            .as_ref()
-            .map(|dir| dir.join(format!("{}-{}.cwasm", hash.hex(), self.engine_key)));
+        let cached = self.cache_path(hash);
         if let Some(path) = &cached {
             let started = Instant::now();
             match self.read_cached(path) {
