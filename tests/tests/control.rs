@@ -63,6 +63,9 @@ async fn only_keys_and_tenant_admin_tokens_open_the_api_and_metrics_stay_open() 
 async fn uploads_are_checked_step_by_step_and_kept_by_hash() {
     let edge = TestEdge::start(|c| {
         with_admin(c);
+        // An operator's upload is tried under the edge's call budget: the
+        // default 5 ms, which the slow filter (50 ms a message) overruns.
+        c.wasm.budget = throng_edge::wasm::Budget::Epoch(Duration::from_millis(5));
         // globex's filters get too little memory to start.
         let mut q = c.control.quota.clone();
         q.filter_memory_bytes = 64 << 10;

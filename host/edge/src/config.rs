@@ -318,29 +318,60 @@ impl Config {
 
     /// Every setting that differs in `next` and that a running edge cannot
     /// take without a restart, as `key (old -> new)`. A reload applies
-    /// tenants (keys, filters) and `[[policy]]`; everything else is here.
+    /// tenants (keys, filters), `[[policy]]` and `[control]`; everything
+    /// else is here.
     pub fn restart_needed(&self, next: &Config) -> Vec<String> {
         let mut out = Vec::new();
+        // Every section is taken apart without `..`: a setting added to
+        // the config does not compile until it is named here (compared, or
+        // `apart` with its own comparison), so a reload never passes over
+        // a change in silence.
         macro_rules! diff {
-            ($prefix:literal, $a:expr, $b:expr, [$($field:ident),* $(,)?]) => {
+            ($prefix:literal, $ty:ident, $a:expr, $b:expr, [$($field:ident),* $(,)?] $(, apart [$($other:ident),* $(,)?])?) => {{
+                let $ty { $($field: _,)* $($($other: _,)*)? } = &$a;
                 $(
                     let (a, b) = (format!("{:?}", $a.$field), format!("{:?}", $b.$field));
                     if a != b {
                         out.push(format!(concat!($prefix, stringify!($field), " ({} -> {})"), a, b));
                     }
                 )*
-            };
+            }};
         }
-        diff!("server.", self, next, [listen, admin, data_dir]);
-        if self.cluster != next.cluster {
-            out.push(format!("cluster ({:?} -> {:?})", self.cluster, next.cluster));
-        }
-        let (a, b) = (self.tls.as_ref(), next.tls.as_ref());
-        if a.map(|t| (&t.cert, &t.key)) != b.map(|t| (&t.cert, &t.key)) {
-            out.push(format!("tls ({a:?} -> {b:?})"));
+        let Config {
+            listen,
+            admin,
+            data_dir,
+            tls,
+            cluster,
+            // Compared section by section below.
+            limits: _,
+            quic: _,
+            rooms: _,
+            storage: _,
+            wasm: _,
+            webtransport: _,
+            // Applied by a reload: keys, filter chains, rules, control.
+            tenants: _,
+            policies: _,
+            filters: _,
+            control: _,
+        } = self;
+        let whole: [(&str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 5] = [
+            ("server.listen", listen, &next.listen),
+            ("server.admin", admin, &next.admin),
+            ("server.data_dir", data_dir, &next.data_dir),
+            ("tls", tls, &next.tls),
+            ("cluster", cluster, &next.cluster),
+        ];
+        for (key, a, b) in whole {
+            let (a, b) = (format!("{a:?}"), format!("{b:?}"));
+            if a != b {
+                out.push(format!("{key} ({a} -> {b})"));
+            }
         }
         diff!(
             "limits.",
+            LimitsConfig,
             self.limits,
             next.limits,
             [
@@ -351,10 +382,22 @@ impl Config {
                 send_rate_per_sec,
                 send_burst,
                 hello_timeout,
+                max_unauthenticated,
+                max_unauthenticated_per_ip,
+                handshake_timeout,
+                retry_above,
+                reply_queue,
+                control_rate_per_sec,
+                control_burst,
+                max_rooms_per_tenant,
+                room_create_rate_per_sec,
+                room_create_burst,
+                max_room_creations_per_connection,
             ]
         );
         diff!(
             "quic.",
+            QuicConfig,
             self.quic,
             next.quic,
             [
@@ -370,6 +413,7 @@ impl Config {
         );
         diff!(
             "rooms.",
+            RoomsConfig,
             self.rooms,
             next.rooms,
             [
@@ -385,7 +429,10 @@ impl Config {
                 shard_members,
                 pace_chunk,
                 group_max_members,
-            ]
+                group_history,
+                group_retention,
+            ],
+            apart[classes]
         );
         if self.rooms.classes != next.rooms.classes {
             out.push(format!(
@@ -395,11 +442,48 @@ impl Config {
         }
         diff!(
             "storage.",
+            StorageConfig,
             self.storage,
             next.storage,
-            [group_log, commit_interval, max_queued]
+            [group_log, commit_interval, max_queued, compact_interval]
         );
+        match (&self.webtransport, &next.webtransport) {
+            (Some(a), Some(b)) => diff!(
+                "webtransport.",
+                WebTransportConfig,
+                a,
+                b,
+                [path, allowed_origins, demo, dev_cert_lifetime, dev_cert_renew_before]
+            ),
+            (None, None) => {}
+            (a, b) => out.push(format!(
+                "webtransport ({} -> {})",
+                if a.is_some() { "on" } else { "off" },
+                if b.is_some() { "on" } else { "off" }
+            )),
+        }
         let (a, b) = (&self.wasm, &next.wasm);
+        diff!(
+            "wasm.",
+            WasmSettings,
+            a,
+            b,
+            [
+                fuel_per_message,
+                instantiate_budget,
+                instantiate_fuel,
+                max_module_bytes,
+                policy_memory_bytes,
+                filter_memory_bytes,
+                max_instances,
+                quarantine_after,
+                quarantine_window,
+                quarantine_cooldown,
+                quarantine_cooldown_max,
+            ],
+            // Named by their keys in the file; the cache follows data_dir.
+            apart [budget, budget_per_message, cache_dir]
+        );
         let budget = |w: &WasmSettings| match w.budget {
             Budget::Epoch(d) => ("wasm.call_budget", format!("{d:?}")),
             Budget::Fuel(f) => ("wasm.fuel_per_call", f.to_string()),
@@ -412,59 +496,12 @@ impl Config {
                 format!("wasm.budget ({ka} = {va} -> {kb} = {vb})")
             });
         }
-        let key = |k: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug, out: &mut Vec<String>| {
-            let (a, b) = (format!("{a:?}"), format!("{b:?}"));
-            if a != b {
-                out.push(format!("wasm.{k} ({a} -> {b})"));
-            }
-        };
-        key(
-            "call_budget_per_message",
-            &a.budget_per_message,
-            &b.budget_per_message,
-            &mut out,
-        );
-        key("fuel_per_message", &a.fuel_per_message, &b.fuel_per_message, &mut out);
-        key(
-            "instantiate_budget",
-            &a.instantiate_budget,
-            &b.instantiate_budget,
-            &mut out,
-        );
-        key("instantiate_fuel", &a.instantiate_fuel, &b.instantiate_fuel, &mut out);
-        key("max_module_bytes", &a.max_module_bytes, &b.max_module_bytes, &mut out);
-        key(
-            "policy_memory_bytes",
-            &a.policy_memory_bytes,
-            &b.policy_memory_bytes,
-            &mut out,
-        );
-        key(
-            "filter_memory_bytes",
-            &a.filter_memory_bytes,
-            &b.filter_memory_bytes,
-            &mut out,
-        );
-        key("max_instances", &a.max_instances, &b.max_instances, &mut out);
-        key("quarantine_after", &a.quarantine_after, &b.quarantine_after, &mut out);
-        key(
-            "quarantine_window",
-            &a.quarantine_window,
-            &b.quarantine_window,
-            &mut out,
-        );
-        key(
-            "quarantine_cooldown",
-            &a.quarantine_cooldown,
-            &b.quarantine_cooldown,
-            &mut out,
-        );
-        key(
-            "quarantine_cooldown_max",
-            &a.quarantine_cooldown_max,
-            &b.quarantine_cooldown_max,
-            &mut out,
-        );
+        if a.budget_per_message != b.budget_per_message {
+            out.push(format!(
+                "wasm.call_budget_per_message ({:?} -> {:?})",
+                a.budget_per_message, b.budget_per_message
+            ));
+        }
         out
     }
 }
@@ -1832,6 +1869,72 @@ mod tests {
     }
 
     const TENANT: &str = "[tenants.acme]\nhs256_secret = \"0123456789abcdef\"\n";
+
+    #[test]
+    fn a_reload_names_every_changed_setting_it_does_not_apply() {
+        let base = parse(TENANT).unwrap();
+        // What a reload applies is named nowhere: a new tenant and a rule.
+        let applied = parse(&format!(
+            "{TENANT}[tenants.globex]\nhs256_secret = \"fedcba9876543210\"\n\
+             [[policy]]\nrooms = \"show-*\"\nmodule = \"native\"\nparams = {{ cap_per_sec = 5 }}\n"
+        ))
+        .unwrap();
+        assert_eq!(base.restart_needed(&applied), Vec::<String>::new());
+        let limits = [
+            "max_connections = 7",
+            "max_rooms_per_connection = 3",
+            "max_frame_bytes = 32768",
+            "max_body_bytes = 1000",
+            "send_rate_per_sec = 3",
+            "send_burst = 4",
+            "hello_timeout = \"9s\"",
+            "max_unauthenticated = 11",
+            "max_unauthenticated_per_ip = 12",
+            "handshake_timeout = \"8s\"",
+            "retry_above = 13",
+            "reply_queue = 32",
+            "control_rate_per_sec = 15",
+            "control_burst = 16",
+            "max_rooms_per_tenant = 17",
+            "room_create_rate_per_sec = 18",
+            "room_create_burst = 19",
+            "max_room_creations_per_connection = 20",
+        ];
+        let webtransport = [
+            "path = \"/other\"",
+            "allowed_origins = [\"https://example.com\"]",
+            "demo = true",
+            "dev_cert_lifetime = \"5days\"",
+            "dev_cert_renew_before = \"1day\"",
+        ];
+        let changed = parse(&format!(
+            "{TENANT}[limits]\n{}\n[webtransport]\n{}\n[storage]\ncompact_interval = \"1m\"\n\
+             [rooms]\ngroup_history = \"all\"\n",
+            limits.join("\n"),
+            webtransport.join("\n")
+        ))
+        .unwrap();
+        let named = base.restart_needed(&changed);
+        let expected: Vec<String> = limits
+            .iter()
+            .map(|l| format!("limits.{}", l.split(' ').next().unwrap()))
+            .chain(
+                webtransport
+                    .iter()
+                    .map(|l| format!("webtransport.{}", l.split(' ').next().unwrap())),
+            )
+            .chain(["storage.compact_interval".into(), "rooms.group_history".into()])
+            .collect();
+        for key in &expected {
+            assert!(
+                named.iter().any(|n| n.starts_with(&format!("{key} ("))),
+                "{key} not named in {named:#?}"
+            );
+        }
+        assert_eq!(named.len(), expected.len(), "{named:#?}");
+        let off = parse(&format!("{TENANT}[webtransport]\nenabled = false\n")).unwrap();
+        assert_eq!(base.restart_needed(&off), ["webtransport (on -> off)"]);
+    }
 
     #[test]
     fn dev_defaults_parse() {

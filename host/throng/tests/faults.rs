@@ -111,10 +111,6 @@ impl Edge {
         self.serve = Some(serve);
     }
 
-    async fn kill_9(&mut self) {
-        self.stop("-KILL").await;
-    }
-
     /// Sends `sig` and waits (bounded: a clean shutdown drains for at most
     /// its grace period) for the edge to exit.
     async fn stop(&mut self, sig: &str) {
@@ -254,6 +250,52 @@ async fn reader(
 
 /// A newcomer's read of a group room from its first message, through
 /// `edge`, until it has every body in `want` or 30 s passed.
+/// What the server API's history (`GET /v1/rooms/dev/<room>/history`)
+/// gives for `room` from its first number on, page by page, as a trace the
+/// checker reads like a complete reader's. History carries no epoch: a
+/// group room's log has one numbering, the one its acks came in.
+async fn history(edge: &Edge, room: &str, acked: &[Acked]) -> Vec<Seen> {
+    const PAGE: usize = 1000;
+    let epochs: std::collections::BTreeSet<u64> = acked.iter().map(|a| a.epoch).collect();
+    assert!(
+        epochs.len() <= 1,
+        "a group room's acks came in one numbering: {epochs:?}"
+    );
+    let epoch = epochs.first().copied().unwrap_or(0);
+    let admin = edge.serve.as_ref().expect("running").admin.clone();
+    let room = room.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let mut from = 0u64;
+        // Bounded: far more pages than any scenario writes.
+        for _ in 0..1000 {
+            let url = format!("http://{admin}/v1/rooms/dev/{room}/history?from={from}&limit={PAGE}");
+            let body = ureq::get(&url)
+                .header("Authorization", format!("Bearer {OPERATOR_KEY}"))
+                .call()
+                .expect("history answers")
+                .body_mut()
+                .read_to_string()
+                .expect("history body");
+            let page: Vec<serde_json::Value> = serde_json::from_str(&body).expect("history is JSON");
+            for m in &page {
+                seen.push(Seen::Message {
+                    epoch,
+                    seq: m["seq"].as_u64().expect("seq"),
+                    body: m["body"].as_str().expect("body").to_owned(),
+                });
+            }
+            match page.last().and_then(|m| m["seq"].as_u64()) {
+                Some(last) if page.len() == PAGE => from = last + 1,
+                _ => break,
+            }
+        }
+        seen
+    })
+    .await
+    .expect("the history reader")
+}
+
 async fn read_all(opts: ConnectOptions, room: &str, want: &[Acked]) -> Vec<Seen> {
     let client = throng_client::Client::connect(opts)
         .await
@@ -436,6 +478,12 @@ async fn group_room_kill_9_loses_and_reuses_nothing() {
     let complete = read_all(options(&[&r.edge], "auditor", "viewer"), "group-faults", &r.acked).await;
     let c = check(&r.acked, std::slice::from_ref(&r.live), Some(&complete));
     assert_kept(&format!("group kill -9 x{}", r.rounds), r.seed, &c);
+    let h = history(&r.edge, "group-faults", &r.acked).await;
+    assert_kept(
+        &format!("group kill -9 x{}, history API", r.rounds),
+        r.seed,
+        &check(&r.acked, &[], Some(&h)),
+    );
 }
 
 /// kill -9 of a lone edge under host messages in a livecast room: each
@@ -468,6 +516,12 @@ async fn group_room_sigterm_restarts_lose_and_reuse_nothing() {
     let complete = read_all(options(&[&r.edge], "auditor", "viewer"), "group-term", &r.acked).await;
     let c = check(&r.acked, std::slice::from_ref(&r.live), Some(&complete));
     assert_kept(&format!("group SIGTERM x{}", r.rounds), r.seed, &c);
+    let h = history(&r.edge, "group-term", &r.acked).await;
+    assert_kept(
+        &format!("group SIGTERM x{}, history API", r.rounds),
+        r.seed,
+        &check(&r.acked, &[], Some(&h)),
+    );
 }
 
 /// Two edges started at once on a fresh cluster (a new stream, a new
@@ -505,6 +559,12 @@ async fn two_edges_started_at_once_on_a_fresh_cluster_lose_nothing_acked() {
         let complete = read_all(options(&[e], &format!("auditor-{name}"), "viewer"), ROOM, &acked).await;
         let c = check(&acked, &live, Some(&complete));
         assert_kept(&format!("two edges started at once, read on {name}"), seed, &c);
+        let h = history(e, ROOM, &acked).await;
+        assert_kept(
+            &format!("two edges started at once, history API on {name}"),
+            seed,
+            &check(&acked, &[], Some(&h)),
+        );
     }
 }
 
@@ -517,8 +577,8 @@ async fn nats_away(away: Duration) {
     let seed = seed();
     let mut nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let a = Edge::start(dir.path(), "a", Some(&nats.url())).await;
-    let b = Edge::start(dir.path(), "b", Some(&nats.url())).await;
+    let mut a = Edge::start(dir.path(), "a", Some(&nats.url())).await;
+    let mut b = Edge::start(dir.path(), "b", Some(&nats.url())).await;
     for e in [&a, &b] {
         e.serve
             .as_ref()
@@ -604,6 +664,16 @@ async fn nats_away(away: Duration) {
             );
         }
     }
+    if std::env::var("THRONG_FAULTS_DEBUG").is_ok() {
+        for (name, e) in [("a", &mut a), ("b", &mut b)] {
+            let serve = e.serve.as_mut().expect("running");
+            while let Ok(line) = serve.lines.try_recv() {
+                if !line.contains(" INFO throng_edge::admin") {
+                    eprint!("{name}: {line}");
+                }
+            }
+        }
+    }
     for (name, e) in [("a", &a), ("b", &b)] {
         let complete = read_all(
             options(&[e], &format!("auditor-{name}"), "viewer"),
@@ -613,6 +683,12 @@ async fn nats_away(away: Duration) {
         .await;
         let c = check(&acked, &live, Some(&complete));
         assert_kept(&format!("{scenario}, read on {name}"), seed, &c);
+        let h = history(e, "group-outage", &acked).await;
+        assert_kept(
+            &format!("{scenario}, history API on {name}"),
+            seed,
+            &check(&acked, &[], Some(&h)),
+        );
     }
 }
 
@@ -693,5 +769,11 @@ async fn a_paused_origin_is_fenced_when_it_wakes_and_nothing_acked_is_lost() {
         let complete = read_all(options(&[e], &format!("auditor-{name}"), "viewer"), ROOM, &acked).await;
         let c = check(&acked, &live, Some(&complete));
         assert_kept(&format!("origin paused past dead_after, read on {name}"), seed, &c);
+        let h = history(e, ROOM, &acked).await;
+        assert_kept(
+            &format!("origin paused past dead_after, history API on {name}"),
+            seed,
+            &check(&acked, &[], Some(&h)),
+        );
     }
 }

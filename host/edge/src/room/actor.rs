@@ -157,6 +157,8 @@ struct Outgoing {
     tick: u64,
     online: u64,
     presence_due: bool,
+    /// Numbers before these messages the viewers will never get.
+    missed: u64,
 }
 
 impl Room {
@@ -498,7 +500,10 @@ impl Room {
                 }
             }
             Heard::Live => {
-                let became_origin = link.reconsider(&self.key, self.viewers.len() as u64).await;
+                // What this edge's viewers hold: the ring, and on a group
+                // room whatever a joiner's catch-up gave them from the log.
+                let delivered = self.ring.last().max(self.kind.committed());
+                let became_origin = link.reconsider(&self.key, self.viewers.len() as u64, delivered).await;
                 if became_origin {
                     // The room's origin moved here: number on after anything
                     // the one before handed out, and pick a policy. A
@@ -519,6 +524,7 @@ impl Room {
                         Ok(Some(end)) => {
                             let floor = self.sequencer.last().max(end);
                             self.sequencer = Sequencer::local(floor, g.epoch());
+                            self.deliver_stored_elsewhere(delivered, end).await;
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -840,6 +846,7 @@ impl Room {
             tick: self.tick,
             online,
             presence_due,
+            missed: 0,
         };
         if let RoomKind::Group(g) = &mut self.kind {
             // Acked and shown only once stored (see `room/group.rs`).
@@ -882,6 +889,7 @@ impl Room {
                     tick: 0,
                     online: 0,
                     presence_due: false,
+                    missed: 0,
                 };
                 for t in ticks {
                     for ack in t.acks {
@@ -909,6 +917,7 @@ impl Room {
                     return;
                 }
                 self.reclaim_at = Some(Instant::now());
+                let delivered = self.ring.last().max(g.committed());
                 match g.reclaim(&self.key).await {
                     Ok(end) => {
                         let floor = match &self.link {
@@ -916,11 +925,50 @@ impl Room {
                             None => end,
                         };
                         self.sequencer = Sequencer::local(floor.max(self.sequencer.last()), g.epoch());
+                        self.deliver_stored_elsewhere(delivered, end).await;
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot claim the group room's log yet"),
                 }
             }
         }
+    }
+
+    /// A group room claimed its log and found it ending at `end`, above
+    /// what this edge's viewers were given (`delivered`): another edge
+    /// wrote it meanwhile (a takeover whose last batches never came here,
+    /// a partition both sides took for their own, a fence). What it wrote
+    /// is stored, so it is the room's: the viewers here get it, in order,
+    /// before anything this edge numbers next, or are told how much they
+    /// missed when the log cannot give it all.
+    async fn deliver_stored_elsewhere(&mut self, delivered: u64, end: u64) {
+        let RoomKind::Group(g) = &self.kind else { return };
+        if end <= delivered {
+            return;
+        }
+        let read = g
+            .read_stored(&self.key, delivered + 1, end, super::remote::GAP_FROM_LOG)
+            .await;
+        let (messages, missed) = match read {
+            Some(m) => (m.into_iter().filter(|m| m.seq > delivered && m.seq <= end).collect(), 0),
+            // Numbers, not messages: at most this many.
+            None => (Vec::new(), end - delivered),
+        };
+        tracing::info!(
+            messages = messages.len(),
+            missed,
+            "another edge wrote the group room's log meanwhile: delivering what it stored"
+        );
+        metrics::counter!("throng_group_log_filled_total").increment(1);
+        self.deliver(Outgoing {
+            messages,
+            counters: Counters::default(),
+            pinned: Vec::new(),
+            tick: self.tick,
+            online: self.online_sent,
+            presence_due: false,
+            missed,
+        })
+        .await;
     }
 
     /// Records a tick's delivered messages and sends its batch to this
@@ -933,10 +981,11 @@ impl Room {
             tick,
             online,
             presence_due,
+            missed,
         } = out;
         let prev_delivered = self.ring.last();
         self.ring.record(&messages);
-        if messages.is_empty() && counters.is_empty() && !presence_due {
+        if messages.is_empty() && counters.is_empty() && !presence_due && missed == 0 {
             // Nothing to show, but the numbers moved: relays must know, in
             // case the room's origin moves to one of them.
             let (last, committed) = (self.sequencer.last(), self.kind.committed());
@@ -953,7 +1002,7 @@ impl Room {
             counters,
             pinned,
             online,
-            missed: 0,
+            missed,
             epoch: self.sequencer.epoch(),
         };
         let deliveries = tick::encode_batch(batch, self.max_frame);

@@ -207,6 +207,19 @@ impl GroupState {
         Ok(last)
     }
 
+    /// What the log stored in `from..=to`, oldest first; none when it
+    /// holds more than `limit` there or cannot be read now.
+    pub(super) async fn read_stored(&self, key: &RoomKey, from: u64, to: u64, limit: usize) -> Option<Vec<Message>> {
+        match self.log.read(&key.tenant, &key.name, from, to, limit).await {
+            Ok(messages) if messages.len() < limit => Some(messages),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, from, to, "cannot read what the group room's log stored meanwhile");
+                None
+            }
+        }
+    }
+
     /// Relay: messages the origin delivered, kept until it says they are
     /// stored.
     pub(super) fn relayed(&mut self, delivered: &[Message]) {

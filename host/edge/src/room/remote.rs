@@ -97,7 +97,7 @@ pub(super) struct RoomLink {
 
 /// Most messages a relay reads from a group room's log to fill one gap on
 /// the bus; a longer gap falls back to the origin's ring (and `missed`).
-const GAP_FROM_LOG: usize = 10_000;
+pub(super) const GAP_FROM_LOG: usize = 10_000;
 
 /// Regions an origin keeps counts of per room; more than any real cluster
 /// has.
@@ -240,10 +240,17 @@ impl RoomLink {
 
     /// Rereads the live set: true when this edge became the room's origin
     /// (the room then numbers on after `next_seq_floor`).
-    pub(super) async fn reconsider(&mut self, key: &RoomKey, viewers: u64) -> bool {
+    /// `delivered` is the highest number this edge's viewers were given.
+    pub(super) async fn reconsider(&mut self, key: &RoomKey, viewers: u64, delivered: u64) -> bool {
         let role = role_of(&self.live.borrow_and_update(), self.links.edge_id(), key);
         let was_origin = self.is_origin();
         self.become_(role, key, viewers).await;
+        if was_origin && !self.is_origin() {
+            // What this edge delivered as the origin is not a gap to fill
+            // from the new origin (the viewers would get it twice).
+            self.delivered_seq = self.delivered_seq.max(delivered);
+            self.seen_seq = self.seen_seq.max(delivered);
+        }
         !was_origin && self.is_origin()
     }
 
