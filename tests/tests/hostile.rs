@@ -258,7 +258,9 @@ async fn a_full_instance_pool_refuses_new_rooms_and_spares_live_ones() {
     let mut streams = Vec::new();
     let mut clients = Vec::new();
     for i in 0..3 {
-        let c = edge.client("acme", &format!("u{i}"), "host").await;
+        // Two tenants: one alone may take only three quarters of the pool.
+        let tenant = if i < 2 { "acme" } else { "globex" };
+        let c = edge.client(tenant, &format!("u{i}"), "host").await;
         streams.push(c.join(&format!("p{i}")).await.expect("room within the pool"));
         clients.push(c);
     }
@@ -400,4 +402,52 @@ async fn joins_refused_without_end_are_each_answered_until_the_edge_closes_the_f
         .await
         .expect("the lobby join is answered");
     lobby.expect("the same user joins a room that exists on a new connection");
+}
+
+/// One tenant cannot take every room place on an edge (the default
+/// `max_rooms_per_tenant`, 5,000, is above a small pool's places): with
+/// other tenants configured it gets three quarters of them, every one of
+/// those, and another tenant still makes its rooms in the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_takes_three_quarters_of_the_room_places_and_the_others_the_rest() {
+    let edge = TestEdge::start(|c| {
+        // 64 instances are kept for tenant filters: eight for rooms.
+        c.wasm.max_instances = 72;
+        c.limits.room_create_burst = 1_000;
+        c.limits.max_room_creations_per_connection = 1_000;
+    })
+    .await;
+    let mut held = Vec::new();
+    let mut made = 0;
+    let greedy = edge.client("acme", "greedy", "host").await;
+    let more = edge.client("acme", "greedy-too", "host").await;
+    for i in 0..8 {
+        let client = if i < 4 { &greedy } else { &more };
+        match client.join(&format!("mine-{i}")).await {
+            Ok(stream) => {
+                made += 1;
+                held.push(stream);
+            }
+            Err(e @ ClientError::JoinRefused { .. }) => {
+                assert_eq!(e.code(), Some(ErrorCode::RoomLimit), "{e}");
+                break;
+            }
+            Err(e) => panic!("join mine-{i}: {e}"),
+        }
+    }
+    assert_eq!(made, 6, "acme gets exactly its share of the 8 places");
+    let other = edge.client("globex", "fair", "host").await;
+    let mut theirs = Vec::new();
+    for i in 0..2 {
+        theirs.push(
+            other
+                .join(&format!("theirs-{i}"))
+                .await
+                .expect("globex's rooms fit in the rest"),
+        );
+    }
+    // And the edge is full now, for everyone.
+    let late = edge.client("globex", "late", "viewer").await;
+    assert_eq!(join_code(&late, "one-too-many").await, Some(ErrorCode::RoomLimit));
+    drop((held, theirs));
 }

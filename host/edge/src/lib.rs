@@ -256,6 +256,16 @@ impl Edge {
         // never an empty pool.
         let filter_instances: usize = 2 * config.filters.values().map(Vec::len).sum::<usize>() + FILTER_SPARE;
         let max_rooms = (wasm.max_instances as usize).saturating_sub(filter_instances).max(1);
+        let per_tenant = config.limits.max_rooms_per_tenant as usize;
+        let cap = room::tenant_cap(max_rooms, per_tenant, config.tenants.len());
+        if cap < per_tenant {
+            tracing::warn!(
+                max_rooms_per_tenant = per_tenant,
+                room_places = max_rooms,
+                each_tenant_here = cap,
+                "limits.max_rooms_per_tenant is more than three quarters of this edge's room places: with several tenants, each may take at most that share"
+            );
+        }
         let runtime = WasmRuntime::new(wasm)?;
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
@@ -321,6 +331,7 @@ impl Edge {
             pools: workers.handles(),
             max_rooms,
             max_rooms_per_tenant: config.limits.max_rooms_per_tenant as usize,
+            tenants: config.tenants.len(),
             room_create_rate_per_sec: config.limits.room_create_rate_per_sec,
             room_create_burst: config.limits.room_create_burst,
             incarnation: cluster.as_ref().map_or_else(unix_now_ms, |c| c.incarnation()),
@@ -478,6 +489,7 @@ impl Edge {
                 return Err(e.into());
             }
         };
+        self.shared.rooms.set_tenants(config.tenants.len());
         let filters = self.control.current().filter_count();
         // Old filters go as rooms swap; over-reserving meanwhile is harmless.
         self.runtime

@@ -250,6 +250,19 @@ async fn reader(
 
 /// A newcomer's read of a group room from its first message, through
 /// `edge`, until it has every body in `want` or 30 s passed.
+/// The checker's verdict on a group room after a scenario, read on `edge`
+/// two ways: by a new member joining from the first number (beside what
+/// the live readers saw), and through the server API's history. Each
+/// prints its figures as `faults: scenario=<scenario>[, history API]`.
+async fn audit_group(edge: &Edge, room: &str, acked: &[Acked], live: &[Vec<Seen>], scenario: &str, seed: u64) {
+    static AUDITORS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = AUDITORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let complete = read_all(options(&[edge], &format!("auditor-{n}"), "viewer"), room, acked).await;
+    assert_kept(scenario, seed, &check(acked, live, Some(&complete)));
+    let h = history(edge, room, acked).await;
+    assert_kept(&format!("{scenario}, history API"), seed, &check(acked, &[], Some(&h)));
+}
+
 /// What the server API's history (`GET /v1/rooms/dev/<room>/history`)
 /// gives for `room` from its first number on, page by page, as a trace the
 /// checker reads like a complete reader's. History carries no epoch: a
@@ -475,15 +488,9 @@ async fn lone_edge_restarts(room: &'static str, kind: Kind, every: Duration, sig
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_room_kill_9_loses_and_reuses_nothing() {
     let r = lone_edge_kill_9("group-faults", Kind::Chat, Duration::from_millis(5)).await;
-    let complete = read_all(options(&[&r.edge], "auditor", "viewer"), "group-faults", &r.acked).await;
-    let c = check(&r.acked, std::slice::from_ref(&r.live), Some(&complete));
-    assert_kept(&format!("group kill -9 x{}", r.rounds), r.seed, &c);
-    let h = history(&r.edge, "group-faults", &r.acked).await;
-    assert_kept(
-        &format!("group kill -9 x{}, history API", r.rounds),
-        r.seed,
-        &check(&r.acked, &[], Some(&h)),
-    );
+    let scenario = format!("group kill -9 x{}", r.rounds);
+    let live = std::slice::from_ref(&r.live);
+    audit_group(&r.edge, "group-faults", &r.acked, live, &scenario, r.seed).await;
 }
 
 /// kill -9 of a lone edge under host messages in a livecast room: each
@@ -513,15 +520,9 @@ async fn livecast_room_kill_9_marks_every_hole_and_reuses_no_number() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_room_sigterm_restarts_lose_and_reuse_nothing() {
     let r = lone_edge_restarts("group-term", Kind::Chat, Duration::from_millis(5), "-TERM").await;
-    let complete = read_all(options(&[&r.edge], "auditor", "viewer"), "group-term", &r.acked).await;
-    let c = check(&r.acked, std::slice::from_ref(&r.live), Some(&complete));
-    assert_kept(&format!("group SIGTERM x{}", r.rounds), r.seed, &c);
-    let h = history(&r.edge, "group-term", &r.acked).await;
-    assert_kept(
-        &format!("group SIGTERM x{}, history API", r.rounds),
-        r.seed,
-        &check(&r.acked, &[], Some(&h)),
-    );
+    let scenario = format!("group SIGTERM x{}", r.rounds);
+    let live = std::slice::from_ref(&r.live);
+    audit_group(&r.edge, "group-term", &r.acked, live, &scenario, r.seed).await;
 }
 
 /// Two edges started at once on a fresh cluster (a new stream, a new
@@ -556,15 +557,8 @@ async fn two_edges_started_at_once_on_a_fresh_cluster_lose_nothing_acked() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, vec![live]).await;
     for (name, e) in [("a", &a), ("b", &b)] {
-        let complete = read_all(options(&[e], &format!("auditor-{name}"), "viewer"), ROOM, &acked).await;
-        let c = check(&acked, &live, Some(&complete));
-        assert_kept(&format!("two edges started at once, read on {name}"), seed, &c);
-        let h = history(e, ROOM, &acked).await;
-        assert_kept(
-            &format!("two edges started at once, history API on {name}"),
-            seed,
-            &check(&acked, &[], Some(&h)),
-        );
+        let scenario = format!("two edges started at once, read on {name}");
+        audit_group(e, ROOM, &acked, &live, &scenario, seed).await;
     }
 }
 
@@ -675,20 +669,8 @@ async fn nats_away(away: Duration) {
         }
     }
     for (name, e) in [("a", &a), ("b", &b)] {
-        let complete = read_all(
-            options(&[e], &format!("auditor-{name}"), "viewer"),
-            "group-outage",
-            &acked,
-        )
-        .await;
-        let c = check(&acked, &live, Some(&complete));
-        assert_kept(&format!("{scenario}, read on {name}"), seed, &c);
-        let h = history(e, "group-outage", &acked).await;
-        assert_kept(
-            &format!("{scenario}, history API on {name}"),
-            seed,
-            &check(&acked, &[], Some(&h)),
-        );
+        let scenario = format!("{scenario}, read on {name}");
+        audit_group(e, "group-outage", &acked, &live, &scenario, seed).await;
     }
 }
 
@@ -766,14 +748,7 @@ async fn a_paused_origin_is_fenced_when_it_wakes_and_nothing_acked_is_lost() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, vec![live]).await;
     for (name, e) in [("origin", origin), ("other", other)] {
-        let complete = read_all(options(&[e], &format!("auditor-{name}"), "viewer"), ROOM, &acked).await;
-        let c = check(&acked, &live, Some(&complete));
-        assert_kept(&format!("origin paused past dead_after, read on {name}"), seed, &c);
-        let h = history(e, ROOM, &acked).await;
-        assert_kept(
-            &format!("origin paused past dead_after, history API on {name}"),
-            seed,
-            &check(&acked, &[], Some(&h)),
-        );
+        let scenario = format!("origin paused past dead_after, read on {name}");
+        audit_group(e, ROOM, &acked, &live, &scenario, seed).await;
     }
 }

@@ -59,7 +59,7 @@ use throng_wire::{Kind, Message};
 
 pub use actor::RoomHandle;
 pub use info::{RoomInfo, Running};
-pub use registry::{Creator, Rooms, RoomsSetup};
+pub use registry::{Creator, Rooms, RoomsSetup, TENANT_SHARE, tenant_cap};
 pub use slot::{Delivery, Next, ReplyTx, ViewerSlot};
 
 /// A room's identity on this edge.

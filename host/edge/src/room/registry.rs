@@ -6,7 +6,7 @@
 //! retires; a join that raced a retiring room tries again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use governor::DefaultKeyedRateLimiter;
@@ -33,6 +33,9 @@ pub struct Rooms {
     /// besides the tenants' filters.
     max_rooms: usize,
     max_rooms_per_tenant: usize,
+    /// Tenants the config names: with more than one, none may take more
+    /// than [`TENANT_SHARE`] of `max_rooms`.
+    tenants: AtomicUsize,
     next_id: AtomicU64,
     pub(super) config: RoomsConfig,
     pub(super) max_frame: u32,
@@ -111,12 +114,27 @@ pub struct RoomsSetup {
     /// Rooms alive at most (see [`Rooms`]).
     pub max_rooms: usize,
     pub max_rooms_per_tenant: usize,
+    /// Tenants the config names (see [`Rooms::set_tenants`]).
+    pub tenants: usize,
     /// New rooms per user: sustained per second, and burst.
     pub room_create_rate_per_sec: u32,
     pub room_create_burst: u32,
     /// This edge's run (its start, Unix ms; the cluster's incarnation in a
     /// cluster): the epoch of the livecast rooms it numbers.
     pub incarnation: u64,
+}
+
+/// The most of an edge's room places one of several tenants may hold:
+/// three quarters, so the others always have a quarter between them.
+pub const TENANT_SHARE: (usize, usize) = (3, 4);
+
+/// See [`Rooms::tenant_cap`].
+pub fn tenant_cap(max_rooms: usize, per_tenant: usize, tenants: usize) -> usize {
+    if tenants <= 1 {
+        return per_tenant.max(1);
+    }
+    let share = max_rooms * TENANT_SHARE.0 / TENANT_SHARE.1;
+    per_tenant.min(share).max(1)
 }
 
 impl Rooms {
@@ -128,6 +146,7 @@ impl Rooms {
             creations: governor::RateLimiter::keyed(quota),
             max_rooms: setup.max_rooms.max(1),
             max_rooms_per_tenant: setup.max_rooms_per_tenant.max(1),
+            tenants: AtomicUsize::new(setup.tenants),
             next_id: AtomicU64::new(1),
             config: setup.config.clone(),
             max_frame: setup.max_frame,
@@ -198,6 +217,23 @@ impl Rooms {
         self.len() == 0
     }
 
+    /// Rooms one tenant may have alive here: `limits.max_rooms_per_tenant`,
+    /// and, where the config names other tenants too, at most
+    /// [`TENANT_SHARE`] of the edge's room places, so that no one tenant
+    /// can take them all (the default 5,000 is more than a small pool).
+    pub fn tenant_cap(&self) -> usize {
+        tenant_cap(
+            self.max_rooms,
+            self.max_rooms_per_tenant,
+            self.tenants.load(Ordering::Relaxed),
+        )
+    }
+
+    /// A reload changed the config's tenants.
+    pub fn set_tenants(&self, tenants: usize) {
+        self.tenants.store(tenants, Ordering::Relaxed);
+    }
+
     /// The room's inbox, making the room if it is not alive and `creator`
     /// may make it. Room limits are checked here, under the map lock, so
     /// concurrent joins cannot pass them together.
@@ -215,7 +251,7 @@ impl Rooms {
         }
         let refusal = if map.rooms.len() >= self.max_rooms {
             Some(("the edge has no room for another room", "edge"))
-        } else if map.per_tenant.get(&key.tenant).copied().unwrap_or(0) >= self.max_rooms_per_tenant {
+        } else if map.per_tenant.get(&key.tenant).copied().unwrap_or(0) >= self.tenant_cap() {
             Some(("the tenant has as many rooms on this edge as it may", "tenant"))
         } else if creator.peer {
             None
@@ -387,5 +423,22 @@ impl Rooms {
         }
         map.remove(key, id);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tenant_cap;
+
+    #[test]
+    fn one_of_several_tenants_may_take_three_quarters_of_the_places_a_lone_one_all() {
+        // The default 5,000 against a pool of 4,000 places.
+        assert_eq!(tenant_cap(4_000, 5_000, 2), 3_000);
+        assert_eq!(tenant_cap(4_000, 5_000, 1), 5_000);
+        // A configured cap below the share stands.
+        assert_eq!(tenant_cap(4_000, 100, 3), 100);
+        // A pool too small to share still lets a tenant have a room.
+        assert_eq!(tenant_cap(1, 5_000, 2), 1);
+        assert_eq!(tenant_cap(8, 5_000, 2), 6);
     }
 }
