@@ -500,9 +500,15 @@ impl Room {
                 }
             }
             Heard::Live => {
-                // What this edge's viewers hold: the ring, and on a group
-                // room whatever a joiner's catch-up gave them from the log.
-                let delivered = self.ring.last().max(self.kind.committed());
+                // What this edge's viewers hold of a group room's one
+                // numbering: the ring, and whatever a joiner's catch-up gave
+                // them from the log. A livecast room's numbering is its
+                // origin's own: another origin's numbers may be lower (a
+                // new epoch), and none of them was delivered here.
+                let delivered = match &self.kind {
+                    RoomKind::Group(g) => self.ring.last().max(g.committed()),
+                    RoomKind::Livecast => 0,
+                };
                 let became_origin = link.reconsider(&self.key, self.viewers.len() as u64, delivered).await;
                 if became_origin {
                     // The room's origin moved here: number on after anything

@@ -240,7 +240,9 @@ impl RoomLink {
 
     /// Rereads the live set: true when this edge became the room's origin
     /// (the room then numbers on after `next_seq_floor`).
-    /// `delivered` is the highest number this edge's viewers were given.
+    /// `delivered`: the highest number of a group room's log this edge's
+    /// viewers were given (0 for a livecast room, whose origins number
+    /// apart).
     pub(super) async fn reconsider(&mut self, key: &RoomKey, viewers: u64, delivered: u64) -> bool {
         let role = role_of(&self.live.borrow_and_update(), self.links.edge_id(), key);
         let was_origin = self.is_origin();
