@@ -179,7 +179,7 @@ async fn set_up(js: &jetstream::Context, retention: Retention) -> Result<Parts, 
         max_age: retention.max_age.unwrap_or(Duration::ZERO),
         ..Default::default()
     };
-    let stream = within("create the stream", js.get_or_create_stream(config)).await?;
+    let mut stream = within("create the stream", js.get_or_create_stream(config)).await?;
     // The bucket's stream is made here, as a KV bucket's is: the client's
     // `create_key_value` first asks for account details in a form
     // nats-server 2.9 does not answer.
@@ -197,8 +197,19 @@ async fn set_up(js: &jetstream::Context, retention: Retention) -> Result<Parts, 
     };
     within("create the members bucket", js.get_or_create_stream(bucket)).await?;
     let members = within("open the members bucket", js.get_key_value(MEMBERS_BUCKET)).await?;
-    let created = stream.cached_info().created.unix_timestamp_nanos() / 1_000_000;
-    let epoch = u64::try_from(created).unwrap_or(0).max(1);
+    // The stream's creation time is the log's epoch, the same on every
+    // edge. A create that raced another edge's (two edges starting at once
+    // on a fresh cluster) came back without it, and that edge numbered
+    // under epoch 1 while the other used the real one: ask for the stream's
+    // info itself then, and never take a missing time for an epoch.
+    let mut created = stream.cached_info().created;
+    if created.unix_timestamp() <= 0 {
+        created = within("read the stream's info", stream.info()).await?.created;
+    }
+    let created_ms = created.unix_timestamp_nanos() / 1_000_000;
+    let Ok(epoch @ 1..) = u64::try_from(created_ms) else {
+        return Err(format!("the stream's info names no creation time ({created})"));
+    };
     Ok(Parts { stream, members, epoch })
 }
 

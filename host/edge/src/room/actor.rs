@@ -883,59 +883,73 @@ impl Room {
     async fn release_stored(&mut self) {
         let RoomKind::Group(g) = &mut self.kind else { return };
         match g.take_stored() {
-            Stored::Ticks(ticks) if ticks.is_empty() => {}
-            Stored::Ticks(ticks) => {
-                // Ticks stored together (after a slow commit, or JetStream
-                // back from an outage) go out as one batch: hundreds of
-                // held ticks pushed apart would overflow viewers' slots.
-                let mut out = Outgoing {
-                    messages: Vec::new(),
-                    counters: Counters::default(),
-                    pinned: Vec::new(),
-                    tick: 0,
-                    online: 0,
-                    presence_due: false,
-                    missed: 0,
+            Stored::Ticks(ticks) => self.release(ticks).await,
+            Stored::Fenced(stored) => {
+                // What was stored before the fence is in the log: acked and
+                // shown, so no sender is refused what readers find there.
+                self.release(stored).await;
+                self.reclaim().await;
+            }
+        }
+    }
+
+    /// Acks held ticks the log stored and delivers them as one batch:
+    /// ticks stored together (after a slow commit, or JetStream back from
+    /// an outage) pushed apart would overflow viewers' slots.
+    async fn release(&mut self, ticks: Vec<Held>) {
+        if ticks.is_empty() {
+            return;
+        }
+        let mut out = Outgoing {
+            messages: Vec::new(),
+            counters: Counters::default(),
+            pinned: Vec::new(),
+            tick: 0,
+            online: 0,
+            presence_due: false,
+            missed: 0,
+        };
+        for t in ticks {
+            for ack in t.acks {
+                ack.send();
+            }
+            out.messages.extend(t.messages);
+            out.counters.likes += t.counters.likes;
+            for g in t.counters.gifts {
+                match out.counters.gifts.iter_mut().find(|o| o.gift == g.gift) {
+                    Some(o) => o.count += g.count,
+                    None => out.counters.gifts.push(g),
+                }
+            }
+            out.pinned.extend(t.pinned);
+            out.tick = t.tick;
+            out.online = t.online;
+            out.presence_due |= t.presence_due;
+        }
+        self.deliver(out).await;
+    }
+
+    /// Claims a fenced group room's log again and numbers on after its new
+    /// end, delivering first what the other writer stored.
+    async fn reclaim(&mut self) {
+        // At most one claim a second: while JetStream is away, each tick's
+        // sends are refused rather than retried in a loop.
+        if self.reclaim_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        self.reclaim_at = Some(Instant::now());
+        let RoomKind::Group(g) = &mut self.kind else { return };
+        let delivered = self.ring.last().max(g.committed());
+        match g.reclaim(&self.key).await {
+            Ok(end) => {
+                let floor = match &self.link {
+                    Some(l) => l.next_seq_floor().max(end),
+                    None => end,
                 };
-                for t in ticks {
-                    for ack in t.acks {
-                        ack.send();
-                    }
-                    out.messages.extend(t.messages);
-                    out.counters.likes += t.counters.likes;
-                    for g in t.counters.gifts {
-                        match out.counters.gifts.iter_mut().find(|o| o.gift == g.gift) {
-                            Some(o) => o.count += g.count,
-                            None => out.counters.gifts.push(g),
-                        }
-                    }
-                    out.pinned.extend(t.pinned);
-                    out.tick = t.tick;
-                    out.online = t.online;
-                    out.presence_due |= t.presence_due;
-                }
-                self.deliver(out).await;
+                self.sequencer = Sequencer::local(floor.max(self.sequencer.last()), g.epoch());
+                self.deliver_stored_elsewhere(delivered, end).await;
             }
-            Stored::Fenced => {
-                // At most one claim a second: while JetStream is away, each
-                // tick's sends are refused rather than retried in a loop.
-                if self.reclaim_at.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                    return;
-                }
-                self.reclaim_at = Some(Instant::now());
-                let delivered = self.ring.last().max(g.committed());
-                match g.reclaim(&self.key).await {
-                    Ok(end) => {
-                        let floor = match &self.link {
-                            Some(l) => l.next_seq_floor().max(end),
-                            None => end,
-                        };
-                        self.sequencer = Sequencer::local(floor.max(self.sequencer.last()), g.epoch());
-                        self.deliver_stored_elsewhere(delivered, end).await;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot claim the group room's log yet"),
-                }
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot claim the group room's log yet"),
         }
     }
 

@@ -75,9 +75,11 @@ impl Ack {
 pub(super) enum Stored {
     /// These held ticks are stored, oldest first: ack and deliver them.
     Ticks(Vec<Held>),
-    /// Another edge appended to the log: everything held was refused, and
-    /// the room must claim the log again before it numbers more.
-    Fenced,
+    /// Another edge appended to the log: what was held and stored before
+    /// that is given back to be acked and delivered (it is in the log),
+    /// everything else held was refused, and the room must claim the log
+    /// again before it numbers more.
+    Fenced(Vec<Held>),
 }
 
 /// A group room's log state.
@@ -173,13 +175,24 @@ impl GroupState {
     /// What the log stored (or refused) since the last look.
     pub(super) fn take_stored(&mut self) -> Stored {
         if self.commit.is_fenced() {
+            // The writer raises the stored mark before it fences: read
+            // after the fence, the mark is final for this claim.
+            let stored = self.commit.stored();
+            self.stored.fetch_max(stored, Ordering::AcqRel);
+            let mut kept = Vec::new();
+            while self.held.front().is_some_and(|t| t.last <= stored) {
+                kept.extend(self.held.pop_front());
+            }
+            if let Some(last) = kept.last() {
+                self.head.fetch_max(last.last, Ordering::AcqRel);
+            }
             for tick in self.held.drain(..) {
                 for ack in tick.acks {
                     ack.refuse("another edge took this group room over; send again");
                 }
             }
             metrics::counter!("throng_group_room_fenced_total").increment(1);
-            return Stored::Fenced;
+            return Stored::Fenced(kept);
         }
         let stored = self.commit.stored();
         self.stored.fetch_max(stored, Ordering::AcqRel);
