@@ -174,26 +174,9 @@ impl GroupState {
 
     /// What the log stored (or refused) since the last look.
     pub(super) fn take_stored(&mut self) -> Stored {
-        if self.commit.is_fenced() {
-            // The writer raises the stored mark before it fences: read
-            // after the fence, the mark is final for this claim.
-            let stored = self.commit.stored();
-            self.stored.fetch_max(stored, Ordering::AcqRel);
-            let mut kept = Vec::new();
-            while self.held.front().is_some_and(|t| t.last <= stored) {
-                kept.extend(self.held.pop_front());
-            }
-            if let Some(last) = kept.last() {
-                self.head.fetch_max(last.last, Ordering::AcqRel);
-            }
-            for tick in self.held.drain(..) {
-                for ack in tick.acks {
-                    ack.refuse("another edge took this group room over; send again");
-                }
-            }
-            metrics::counter!("throng_group_room_fenced_total").increment(1);
-            return Stored::Fenced(kept);
-        }
+        // The fence first: the writer raises the stored mark before it
+        // fences, so a mark read after a fence is final for this claim.
+        let fenced = self.commit.is_fenced();
         let stored = self.commit.stored();
         self.stored.fetch_max(stored, Ordering::AcqRel);
         let mut ready = Vec::new();
@@ -203,7 +186,16 @@ impl GroupState {
         if let Some(last) = ready.last() {
             self.head.fetch_max(last.last, Ordering::AcqRel);
         }
-        Stored::Ticks(ready)
+        if !fenced {
+            return Stored::Ticks(ready);
+        }
+        for tick in self.held.drain(..) {
+            for ack in tick.acks {
+                ack.refuse("another edge took this group room over; send again");
+            }
+        }
+        metrics::counter!("throng_group_room_fenced_total").increment(1);
+        Stored::Fenced(ready)
     }
 
     /// Claims the log again after a fence: returns where it ends now.
