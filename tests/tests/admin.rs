@@ -91,3 +91,44 @@ async fn partial_requests_cannot_hold_the_admin_endpoint() {
         assert!(read.is_ok(), "a partial request was held open");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_partial_requests_than_places_cannot_keep_health_checks_or_operators_out() {
+    use tokio::io::AsyncWriteExt;
+    let edge = TestEdge::start(|c| c.admin = Some("127.0.0.1:0".parse().expect("addr"))).await;
+    let admin = edge.edge.admin_addr().expect("admin endpoint bound");
+    // More half-sent requests than the endpoint has places (256), opened
+    // faster than the header timeout (2 s) cuts them off: once, 32 of
+    // them held every place and a health check waited seconds.
+    let mut partial = Vec::new();
+    for _ in 0..400 {
+        let mut s = tokio::net::TcpStream::connect(admin).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .expect("write");
+        partial.push(s);
+    }
+    // While they are all still within their header timeout, a health
+    // check and an operator each get in at once.
+    let started = std::time::Instant::now();
+    let health = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let url = format!("http://{admin}/healthz");
+        tokio::task::spawn_blocking(move || ureq::get(&url).call().map(|r| r.status().as_u16()))
+            .await
+            .expect("task")
+    })
+    .await;
+    assert_eq!(
+        health
+            .expect("/healthz answers past 400 partial requests")
+            .expect("a response"),
+        200
+    );
+    let (status, _) = tokio::time::timeout(std::time::Duration::from_secs(5), get(admin, "/stats"))
+        .await
+        .expect("/stats answers past 400 partial requests");
+    assert_eq!(status, 200);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    drop(partial);
+    edge.edge.shutdown().await;
+}

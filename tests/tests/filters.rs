@@ -271,6 +271,45 @@ async fn quarantine_ends_after_a_cool_down_that_doubles_and_shows_in_stats() {
             "{metrics}"
         );
 
+        // A tenant's administrator sees its own quarantine, and another
+        // tenant's sees nothing of it, in /stats and in /metrics; without
+        // a key, /metrics carries no tenant's series at all.
+        if round == 1 {
+            let as_caller = |path: &'static str, bearer: Option<String>| {
+                tokio::task::spawn_blocking(move || {
+                    let mut req = ureq::get(&format!("http://{admin}{path}"));
+                    if let Some(b) = bearer {
+                        req = req.header("Authorization", format!("Bearer {b}"));
+                    }
+                    req.call()
+                        .expect("admin answers")
+                        .body_mut()
+                        .read_to_string()
+                        .expect("body")
+                })
+            };
+            let acme = edge.token("acme", "a", "tenant-admin", "*");
+            let globex = edge.token("globex", "g", "tenant-admin", "*");
+            let own: serde_json::Value =
+                serde_json::from_str(&as_caller("/stats", Some(acme.clone())).await.expect("task")).expect("JSON");
+            assert_eq!(own["quarantined"][0]["module"], hash.hex(), "{own:#}");
+            assert_eq!(own["tenant"], "acme", "{own:#}");
+            assert!(own.get("process").is_none() && own.get("cluster").is_none(), "{own:#}");
+            let other: serde_json::Value =
+                serde_json::from_str(&as_caller("/stats", Some(globex.clone())).await.expect("task")).expect("JSON");
+            assert_eq!(other["quarantined"], serde_json::json!([]), "{other:#}");
+            assert_eq!(other["rooms"], 0, "{other:#}");
+            let mine = as_caller("/metrics", Some(acme)).await.expect("task");
+            assert!(mine.contains(&format!("throng_wasm_quarantined{labels} 1")), "{mine}");
+            for text in [
+                as_caller("/metrics", Some(globex)).await.expect("task"),
+                as_caller("/metrics", None).await.expect("task"),
+            ] {
+                assert!(!text.contains("tenant=\"acme\""), "{text}");
+                assert!(text.contains("throng_connections_total"), "{text}");
+            }
+        }
+
         // The cool-down doubles: 0.8 s, then 1.6 s.
         let expected = cooldown * (1 << (round - 1));
         let back = accepted_again(&sender, expected + Duration::from_secs(10)).await;

@@ -28,7 +28,8 @@ async fn metrics_carry_help_labels_and_call_latency_histograms() {
     let _ = collect(&mut room, 1, Duration::from_secs(5)).await;
 
     let admin = edge.edge.admin_addr().expect("admin");
-    let metrics = Api::anonymous(admin).get("/metrics").await;
+    // Every tenant's series are for an operator's key.
+    let metrics = Api::new(admin, OPERATOR_KEY).get("/metrics").await;
     let text = metrics.body.as_str().expect("text").to_owned();
     let module = throng_edge::wasm::ModuleHash::of(throng_guest_artifacts::FILTER_KEYWORDS).short();
     let policy = throng_edge::wasm::ModuleHash::of(throng_guest_artifacts::POLICY_DEFAULT).short();
@@ -50,6 +51,14 @@ async fn metrics_carry_help_labels_and_call_latency_histograms() {
         let name = line.split_whitespace().nth(2).unwrap_or("");
         assert!(text.contains(&format!("# HELP {name} ")), "no HELP for {name}");
     }
+
+    // Without a key: the edge's series, none labelled with a tenant; a
+    // key that does not hold is refused rather than taken for none.
+    let open = Api::anonymous(admin).get("/metrics").await;
+    let open = open.body.as_str().expect("text");
+    assert!(open.contains("# HELP throng_room_messages_total") && open.contains("throng_connections_total"));
+    assert!(!open.contains("tenant="), "{open}");
+    assert_eq!(Api::new(admin, "not-a-key").get("/metrics").await.status, 401);
 
     // The tenant sees its filter's calls; another tenant sees none.
     let acme = Api::new(admin, edge.token("acme", "a", "tenant-admin", "*"));

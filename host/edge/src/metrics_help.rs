@@ -122,6 +122,10 @@ pub fn describe() {
             "Messages published through the server API, by tenant.",
         ),
         (
+            "throng_admin_evicted_total",
+            "Idle admin connections closed to make room for a new one (all places taken).",
+        ),
+        (
             "throng_admin_unauthenticated_total",
             "Admin API requests refused for want of a valid key or token.",
         ),

@@ -192,6 +192,16 @@ async fn authenticate(State(state): State<Arc<AdminState>>, mut req: Request, ne
     }
 }
 
+/// The caller a request names, if it names one (`/metrics`, open to
+/// scrapers, shows more to a key holder); a key that does not hold is an
+/// error all the same.
+pub(crate) fn optional_caller(state: &AdminState, headers: &HeaderMap) -> Result<Option<Caller>, ApiError> {
+    match bearer(headers) {
+        None => Ok(None),
+        Some(token) => identify(state, token).map(Some),
+    }
+}
+
 fn identify(state: &AdminState, token: &str) -> Result<Caller, ApiError> {
     // Compared as digests: equal length, and no early exit on the first
     // differing byte of the key itself.

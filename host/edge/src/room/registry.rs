@@ -207,6 +207,11 @@ impl Rooms {
         self.map().rooms.len()
     }
 
+    /// Rooms of `tenant` alive on this edge.
+    pub fn tenant_len(&self, tenant: &str) -> usize {
+        self.map().per_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
     /// Forgets rate-limit state of users whose bucket is full again.
     pub fn forget_quiet_creators(&self) {
         self.creations.retain_recent();
