@@ -243,3 +243,101 @@ async fn never_activated_versions_do_not_pile_up() {
     assert_eq!(again.status, 201, "{:#}", again.body);
     edge.edge.shutdown().await;
 }
+
+/// `bytes` made distinct by a custom section named `tag` at the end: the
+/// same module to run, another to compile (its hash is the cache's key).
+fn variant(bytes: &[u8], tag: &str) -> Vec<u8> {
+    let mut section = vec![u8::try_from(tag.len()).expect("short tag")];
+    section.extend_from_slice(tag.as_bytes());
+    let mut out = bytes.to_vec();
+    out.push(0); // a custom section
+    out.push(u8::try_from(section.len()).expect("short section"));
+    out.extend_from_slice(&section);
+    out
+}
+
+/// On a090a11, refused uploads could hold a core for as long as a tenant
+/// kept sending them (22 in 48 s). Now a tenant's uploads have a compile
+/// time per hour; past it, uploads are refused at once, before any
+/// compile, while other tenants and operators upload as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_compile_time_per_hour_is_capped_and_others_compile_on() {
+    let edge = TestEdge::start(|c| {
+        with_admin(c);
+        // Both tenants have the cap; globex has not used it.
+        for q in c.control.tenant_quotas.values_mut() {
+            q.compile_per_hour = Duration::from_millis(300);
+        }
+    })
+    .await;
+    let addr = admin(&edge);
+    let acme = Api::new(addr, tenant_token(&edge));
+    let filter = throng_guest_artifacts::FILTER_KEYWORDS;
+    let mut compiled = 0;
+    let mut refusal = None;
+    for i in 0..150 {
+        // Each compiles (a new hash), then is refused for its params.
+        let a = acme
+            .upload(
+                &variant(filter, &format!("v{i}")),
+                "kw",
+                "1",
+                "message-filter",
+                json!({}),
+            )
+            .await;
+        if a.status == 403 {
+            refusal = Some(a);
+            break;
+        }
+        refused(&a, 422, "module_refused");
+        compiled += 1;
+    }
+    let refusal = refusal.expect("150 compiles of the tenant's were never capped");
+    refused(&refusal, 403, "quota_exceeded");
+    assert_eq!(refusal.body["error"]["field"], "compile_per_hour", "{:#}", refusal.body);
+    assert!(compiled >= 1, "the first upload under the cap was refused");
+    let message = refusal.body["error"]["message"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        message.contains("compiling") && message.contains("next may start in"),
+        "{message}"
+    );
+    // Refused before compiling: nothing new in the cache either way.
+    let cache = cached(&edge);
+    let again = acme
+        .upload(
+            &variant(filter, "after"),
+            "kw",
+            "2",
+            "message-filter",
+            json!({"words": "x"}),
+        )
+        .await;
+    refused(&again, 403, "quota_exceeded");
+    assert_eq!(cached(&edge), cache);
+
+    // Another tenant, and an operator, compile on.
+    let globex = Api::new(addr, edge.token("globex", "g", "tenant-admin", "*"));
+    let theirs = globex
+        .upload(
+            &variant(filter, "globex"),
+            "kw",
+            "1",
+            "message-filter",
+            json!({"words": "x"}),
+        )
+        .await;
+    assert_eq!(theirs.status, 201, "{:#}", theirs.body);
+    let ops = Api::new(addr, OPERATOR_KEY);
+    let up = ops
+        .upload(
+            &variant(filter, "ops"),
+            "kw",
+            "1",
+            "message-filter",
+            json!({"words": "x"}),
+        )
+        .await;
+    assert_eq!(up.status, 201, "{:#}", up.body);
+    edge.edge.shutdown().await;
+}

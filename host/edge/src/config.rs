@@ -197,6 +197,10 @@ pub struct TenantQuota {
     /// CPU time of one filter call (the fixed part; `wasm.budget_per_message`
     /// is added per message of the batch).
     pub filter_budget: Duration,
+    /// CPU time the tenant's uploads may spend compiling in any hour (a
+    /// refused upload costs the same as a stored one); an upload past it
+    /// is refused until enough has come back.
+    pub compile_per_hour: Duration,
 }
 
 /// `[cluster]`: how this edge joins the others over NATS.
@@ -737,6 +741,8 @@ struct RawQuota {
     filter_memory_bytes: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     filter_budget: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    compile_per_hour: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1683,6 +1689,7 @@ impl Validator<'_> {
             max_instances: 8,
             filter_memory_bytes: wasm.filter_memory_bytes,
             filter_budget: budget,
+            compile_per_hour: Duration::from_secs(600),
         });
         Ok(TenantQuota {
             max_module_bytes: match q.max_module_bytes {
@@ -1713,6 +1720,15 @@ impl Validator<'_> {
                     v,
                     Duration::from_millis(1),
                     Duration::from_secs(10),
+                )?,
+            },
+            compile_per_hour: match q.compile_per_hour {
+                None => base.compile_per_hour,
+                Some(v) => self.duration(
+                    &format!("{key}.compile_per_hour"),
+                    v,
+                    Duration::from_secs(1),
+                    Duration::from_secs(3600),
                 )?,
             },
         })

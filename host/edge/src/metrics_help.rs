@@ -122,6 +122,10 @@ pub fn describe() {
             "Messages published through the server API, by tenant.",
         ),
         (
+            "throng_upload_compile_milliseconds_total",
+            "CPU time tenants' uploads spent compiling (refused ones too), per tenant.",
+        ),
+        (
             "throng_admin_evicted_total",
             "Idle admin connections closed to make room for a new one (all places taken).",
         ),

@@ -343,6 +343,34 @@ pub struct ControlPlane {
     operator_uploads: tokio::sync::Semaphore,
     /// Who has an upload under way (a tenant, or one operator): one each.
     uploading: std::sync::Mutex<BTreeSet<String>>,
+    /// What each tenant's uploads have left to compile this hour.
+    compiling: std::sync::Mutex<BTreeMap<String, CompileBucket>>,
+}
+
+/// A tenant's compile time: `compile_per_hour` when full, filling back at
+/// that rate; one upload may overdraw it (a compile cannot be cut short),
+/// and the next waits until it is above zero again.
+#[derive(Debug, Clone, Copy)]
+struct CompileBucket {
+    /// Seconds left; below zero after an overdraw.
+    left: f64,
+    at: Instant,
+}
+
+impl CompileBucket {
+    fn refilled(mut self, per_hour: std::time::Duration, now: Instant) -> Self {
+        let cap = per_hour.as_secs_f64();
+        let back = now.saturating_duration_since(self.at).as_secs_f64() * cap / 3600.0;
+        self.left = (self.left + back).min(cap);
+        self.at = now;
+        self
+    }
+}
+
+/// CPU time of the calling thread (zero where the clock is missing).
+fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec.max(0) as u64, t.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 /// Tenants' uploads an edge reads and checks at once; more wait (see
@@ -459,6 +487,7 @@ impl ControlPlane {
             uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
             operator_uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
             uploading: std::sync::Mutex::default(),
+            compiling: std::sync::Mutex::default(),
         });
         if let Some(c) = cluster {
             // Rooms start on this edge's own copy; the first sync brings
@@ -612,6 +641,44 @@ impl ControlPlane {
         }
     }
 
+    /// Refuses an upload of `owner` whose compile time for the hour is
+    /// spent.
+    fn compile_left(&self, owner: &str, per_hour: std::time::Duration) -> Result<(), ControlError> {
+        let now = Instant::now();
+        let mut all = self.compiling.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(bucket) = all.get_mut(owner) else {
+            return Ok(());
+        };
+        *bucket = bucket.refilled(per_hour, now);
+        if bucket.left > 0.0 {
+            return Ok(());
+        }
+        let rate = per_hour.as_secs_f64() / 3600.0;
+        let wait = (-bucket.left / rate).ceil() + 1.0;
+        Err(ControlError::Quota {
+            quota: "compile_per_hour",
+            reason: format!(
+                "{owner}'s uploads spent their {:?} of compiling for the hour (refused ones count too); the next may start in {wait:.0} s",
+                per_hour
+            ),
+        })
+    }
+
+    fn charge_compile(&self, owner: &str, per_hour: std::time::Duration, spent: std::time::Duration) {
+        let now = Instant::now();
+        let mut all = self.compiling.lock().unwrap_or_else(|e| e.into_inner());
+        let full = CompileBucket {
+            left: per_hour.as_secs_f64(),
+            at: now,
+        };
+        let bucket = all.entry(owner.to_owned()).or_insert(full);
+        *bucket = bucket.refilled(per_hour, now);
+        bucket.left -= spent.as_secs_f64();
+        let tenant = owner.trim_start_matches("tenant:").to_owned();
+        metrics::counter!("throng_upload_compile_milliseconds_total", "tenant" => tenant)
+            .increment(u64::try_from(spent.as_millis()).unwrap_or(u64::MAX));
+    }
+
     /// The module set rooms run now.
     pub fn current(&self) -> Arc<ModuleSet> {
         Arc::clone(&self.modules.borrow())
@@ -653,8 +720,8 @@ impl ControlPlane {
                 "tenant `{t}` may upload message-filter modules only; room policies are deployed by operators"
             )));
         }
-        let (max_bytes, max_modules, limits) = match caller.tenant() {
-            None => (self.max_module_bytes, u32::MAX, self.runtime.filter_limits()),
+        let (max_bytes, max_modules, limits, compile_per_hour) = match caller.tenant() {
+            None => (self.max_module_bytes, u32::MAX, self.runtime.filter_limits(), None),
             Some(t) => {
                 let s = self.settings.read().unwrap_or_else(|e| e.into_inner());
                 let q = s.quota_of(t);
@@ -665,6 +732,7 @@ impl ControlPlane {
                         memory_bytes: q.filter_memory_bytes,
                         call_budget: q.filter_budget,
                     },
+                    Some(q.compile_per_hour),
                 )
             }
         };
@@ -695,10 +763,20 @@ impl ControlPlane {
                 reason: format!("the tenant keeps {} modules; the quota is {max_modules}", mine.len()),
             });
         }
+        if let Some(per_hour) = compile_per_hour {
+            self.compile_left(&owner, per_hour)?;
+        }
         let params: Vec<(String, String)> = up.params.clone().into_iter().collect();
         let shared = self.shared()?;
         let _one = self.change.lock().await;
-        if let Err(e) = self.check_module(&bytes, up.world, params, limits, &mut checks).await {
+        let mut compile_cpu = std::time::Duration::ZERO;
+        let checked = self
+            .check_module(&bytes, up.world, params, limits, &mut checks, &mut compile_cpu)
+            .await;
+        if let Some(per_hour) = compile_per_hour {
+            self.charge_compile(&owner, per_hour, compile_cpu);
+        }
+        if let Err(e) = checked {
             // Its compiled code went to the disk cache; nobody may run a
             // module that is not stored, so nothing of it stays behind.
             if !self.store.modules()?.iter().any(|m| m.sha256 == sha256) {
@@ -761,6 +839,7 @@ impl ControlPlane {
         params: Vec<(String, String)>,
         limits: FilterLimits,
         checks: &mut Vec<CheckReport>,
+        compile_cpu: &mut std::time::Duration,
     ) -> Result<(), ControlError> {
         let started = Instant::now();
         // Compiling fills the disk cache too: a deployment or restart that
@@ -768,15 +847,23 @@ impl ControlPlane {
         let compiled = {
             let rt = Arc::clone(&self.runtime);
             let bytes = bytes.to_vec();
-            tokio::task::spawn_blocking(move || match world {
-                World::RoomPolicy => rt.load_policy(&bytes).map(Compiled::Policy),
-                World::MessageFilter => rt.load_filter(&bytes).map(Compiled::Filter),
+            let (compiled, cpu) = tokio::task::spawn_blocking(move || {
+                // One thread compiles (no parallel compilation): its CPU
+                // time is what the upload cost.
+                let before = thread_cpu();
+                let compiled = match world {
+                    World::RoomPolicy => rt.load_policy(&bytes).map(Compiled::Policy),
+                    World::MessageFilter => rt.load_filter(&bytes).map(Compiled::Filter),
+                };
+                (compiled, thread_cpu().saturating_sub(before))
             })
             .await
             .map_err(|e| ControlError::Refused {
                 step: "compile",
                 reason: e.to_string(),
-            })?
+            })?;
+            *compile_cpu = cpu;
+            compiled
         };
         let compiled = compiled.map_err(|e| match e {
             WasmError::TooLarge { .. } => ControlError::Refused {
