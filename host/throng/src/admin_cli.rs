@@ -69,13 +69,32 @@ enum ModuleAction {
     List,
     /// One module, by sha256.
     Show { sha256: String },
-    /// A new deployment of one module: a tenant's filter chain of one
-    /// filter (--tenant), or a policy rule (--policies). Activated on
+    /// A new deployment: one module as a policy rule (--policies) or in a
+    /// tenant's filter chain (--tenant). With --add it joins the active
+    /// set (replacing the rule for the same rooms, or the same filter)
+    /// and the rest stays; --remove takes one out; --replace makes it the
+    /// whole set. Without either, a deploy that would drop other rules or
+    /// filters is refused with both resulting sets shown. Activated on
     /// --percent of rooms (100: all); `--file` deploys a JSON document
-    /// (`{"policies": [...]}` or `{"filters": [...]}`) instead.
+    /// (`{"policies": [...]}` or `{"filters": [...]}`) instead; --dry-run
+    /// prints the resulting set and the rooms it changes, and deploys
+    /// nothing.
     Deploy {
         /// `sha256:<hex>` or `builtin:<name>` (policies also `native`).
         module: Option<String>,
+        /// Into the active set; the other rules (or filters) stay.
+        #[arg(long, conflicts_with_all = ["replace", "remove", "file"])]
+        add: bool,
+        /// Out of the active set: the rule for --rooms/--for-tenants/--class,
+        /// or the filter `module`.
+        #[arg(long, conflicts_with_all = ["replace", "file"])]
+        remove: bool,
+        /// As the whole set: every other rule (or filter) goes.
+        #[arg(long, conflicts_with = "file")]
+        replace: bool,
+        /// Print the resulting set and the rooms it changes; deploy nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Deploy as this tenant's filter chain.
         #[arg(long, conflicts_with = "policies")]
         tenant: Option<String>,
@@ -287,6 +306,58 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// A set of rules or filters, one per line, as a person reads it.
+fn listing(set: &Value) -> String {
+    let Some(items) = set.as_array() else {
+        return "    (none)\n".into();
+    };
+    if items.is_empty() {
+        return "    (none)\n".into();
+    }
+    items
+        .iter()
+        .map(|r| {
+            let params: Vec<String> = r["params"]
+                .as_object()
+                .map(|p| p.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+                .unwrap_or_default();
+            let at = if r.get("rooms").is_some() {
+                format!(
+                    "tenant {} rooms {}{}: ",
+                    s(&r["tenant"]),
+                    s(&r["rooms"]),
+                    r.get("class").map(|c| format!(" class {}", s(c))).unwrap_or_default()
+                )
+            } else {
+                String::new()
+            };
+            format!("    {at}{} {}\n", s(&r["module"]), params.join(" "))
+        })
+        .collect()
+}
+
+/// A set with every rule's defaults filled in, to compare what the CLI
+/// sends with what the edge shows.
+fn normalized(set: &Value) -> Vec<(String, String, String, String, String)> {
+    set.as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|r| {
+                    let or = |v: &Value, d: &str| if v.is_null() { d.to_owned() } else { s(v) };
+                    (
+                        or(&r["tenant"], "*"),
+                        or(&r["rooms"], "*"),
+                        s(&r["class"]),
+                        s(&r["module"]),
+                        r["params"].to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn s(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -365,6 +436,10 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
         }
         ModuleAction::Deploy {
             module,
+            add,
+            remove,
+            replace,
+            dry_run,
             tenant,
             policies,
             rooms,
@@ -381,41 +456,99 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
                 (None, true) => "policies".into(),
                 _ => bail!("say where: --tenant <id> (a filter chain) or --policies"),
             };
+            let params: BTreeMap<String, String> = params.into_iter().collect();
+            let on_failure = on_failure.map(|f| match f {
+                FailArg::Open => "open",
+                FailArg::Closed => "closed",
+            });
+            // One rule (or filter) as the command line gives it.
+            let entry = |m: &str| {
+                let mut entry = json!({"module": m, "params": params});
+                if let Some(f) = on_failure {
+                    entry["on_failure"] = json!(f);
+                }
+                if policies {
+                    entry["rooms"] = json!(rooms);
+                    entry["tenant"] = json!(for_tenants);
+                    if let Some(c) = &class {
+                        entry["class"] = json!(c);
+                    }
+                }
+                entry
+            };
+            let set_key = if policies { "policies" } else { "filters" };
+            let path = scope_path(&scope)?;
             let mut body: Value = match (file, module) {
                 (Some(f), _) => {
                     serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?)
                         .with_context(|| format!("{} is not JSON", f.display()))?
                 }
-                (None, Some(m)) => {
-                    let params: BTreeMap<String, String> = params.into_iter().collect();
-                    let on_failure = on_failure.map(|f| match f {
-                        FailArg::Open => "open",
-                        FailArg::Closed => "closed",
-                    });
-                    let mut entry = json!({"module": m, "params": params});
-                    if let Some(f) = on_failure {
-                        entry["on_failure"] = json!(f);
-                    }
+                (None, m) if remove => {
                     if policies {
-                        entry["rooms"] = json!(rooms);
-                        entry["tenant"] = json!(for_tenants);
-                        if let Some(c) = class {
-                            entry["class"] = json!(c);
+                        let mut at = json!({"rooms": rooms, "tenant": for_tenants});
+                        if let Some(c) = &class {
+                            at["class"] = json!(c);
                         }
-                        json!({ "policies": [entry] })
+                        json!({ "remove": at })
                     } else {
-                        json!({ "filters": [entry] })
+                        let Some(m) = m else {
+                            bail!("name the filter to remove: its module")
+                        };
+                        json!({ "remove": {"module": m} })
                     }
+                }
+                (None, Some(m)) if add => json!({ "add": entry(&m) }),
+                (None, Some(m)) if replace => json!({ set_key: [entry(&m)] }),
+                (None, Some(m)) => {
+                    // Alone or with the rest? Refuse to guess when the
+                    // active set has more than this one would replace.
+                    let kept = api.post(&path, json!({ "add": entry(&m), "dry_run": true })).await?;
+                    let alone = json!([entry(&m)]);
+                    let with_rest = &kept["set"][set_key];
+                    if normalized(with_rest) != normalized(&alone) {
+                        bail!(
+                            "{scope} v{} has other {what}; deploying this one alone would drop them.\n  \
+                             with --add (the rest kept):\n{}  with --replace (this one alone):\n{}",
+                            s(&kept["based_on"]),
+                            listing(with_rest),
+                            listing(&alone),
+                            what = if policies { "rules" } else { "filters" },
+                        );
+                    }
+                    json!({ set_key: alone })
                 }
                 (None, None) => bail!("name a module (sha256:<hex>, builtin:<name>) or --file"),
             };
+            if dry_run {
+                body["dry_run"] = json!(true);
+                let v = api.post(&path, body).await?;
+                api.show(&v, |v| {
+                    let set = &v["set"][set_key];
+                    let rooms: Vec<String> = v["rooms_changing"]
+                        .as_array()
+                        .map(|a| a.iter().map(s).collect())
+                        .unwrap_or_default();
+                    format!(
+                        "{scope} would be (from v{}):\n{}rooms changing on this edge: {}{}\n",
+                        s(&v["based_on"]),
+                        listing(set),
+                        s(&v["rooms_changing_total"]),
+                        if rooms.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", rooms.join(", "))
+                        }
+                    )
+                });
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
             if percent > 0 {
                 body["activate"] = json!(percent);
             }
             if let Some(n) = note {
                 body["note"] = json!(n);
             }
-            let v = api.post(&scope_path(&scope)?, body).await?;
+            let v = api.post(&path, body).await?;
             api.show(&v, |v| {
                 let d = &v["deployment"];
                 format!(

@@ -121,6 +121,8 @@ async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
             "words=scam",
             "--note",
             "first",
+            // The dev chain's keyword mask goes: said, not silent.
+            "--replace",
         ])
         .await;
     // (The dev config's own filter chain seeded v1.)
@@ -251,6 +253,146 @@ async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
         .await;
     assert!(
         !ok && err.contains("a scope is `policies` or `filters/<tenant>`"),
+        "{err}"
+    );
+    drop(edge);
+}
+
+/// On a090a11, `deploy --policies --rooms 'show-*'` replaced the whole rule
+/// set: every other room lost its `*` rule and ran `native`. Now such a
+/// deploy is refused with both resulting sets shown, `--add` changes one
+/// rule and keeps the rest, `--remove` takes one out, and `--dry-run`
+/// names the live rooms a change would move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_one_policy_rule_keeps_the_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ];
+    let edge = Serve::start(dir.path(), &args).await;
+    let ops = Cli {
+        admin: edge.admin.clone(),
+        key: OPERATOR_KEY.into(),
+    };
+    let rules = |status: &Value| -> Vec<(String, String)> {
+        let v = status["active"]["version"].as_u64().expect("active");
+        let d = status["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|d| d["version"] == v))
+            .expect("the active version");
+        d["policies"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .map(|r| {
+                (
+                    r["rooms"].as_str().unwrap_or("").to_owned(),
+                    r["params"]["cap_per_sec"].to_string(),
+                )
+            })
+            .collect()
+    };
+    // Two live rooms: one the new rule names, one it does not.
+    for room in ["show-1", "lobby"] {
+        let (ok, _, err) = ops
+            .run(&["admin", "publish", "dev", room, "hi", "--kind", "host"])
+            .await;
+        assert!(ok, "{err}");
+    }
+    let before = ops.json(&["module", "status", "policies"]).await;
+    assert_eq!(rules(&before), [("*".to_owned(), "\"20\"".to_owned())], "{before:#}");
+
+    let show = [
+        "module",
+        "deploy",
+        "builtin:policy-default",
+        "--policies",
+        "--rooms",
+        "show-*",
+        "--param",
+        "cap_per_sec=5",
+    ];
+    let (ok, _, err) = ops.run(&show).await;
+    assert!(!ok, "a deploy that drops the `*` rule went through");
+    assert!(
+        err.contains("would drop") && err.contains("--add") && err.contains("--replace") && err.contains("rooms *"),
+        "{err}"
+    );
+    assert_eq!(
+        rules(&ops.json(&["module", "status", "policies"]).await),
+        rules(&before)
+    );
+
+    let mut dry = show.to_vec();
+    dry.extend(["--add", "--dry-run"]);
+    let plan = ops.json(&dry).await;
+    assert_eq!(plan["rooms_changing"], serde_json::json!(["dev/show-1"]), "{plan:#}");
+    assert_eq!(plan["set"]["policies"].as_array().map(Vec::len), Some(2), "{plan:#}");
+    let (ok, out, _) = ops.run(&dry).await;
+    assert!(
+        ok && out.contains("rooms show-*") && out.contains("rooms *") && out.contains("dev/show-1"),
+        "{out}"
+    );
+    assert_eq!(
+        rules(&ops.json(&["module", "status", "policies"]).await),
+        rules(&before),
+        "a dry run deployed"
+    );
+
+    let mut add = show.to_vec();
+    add.push("--add");
+    let (ok, out, err) = ops.run(&add).await;
+    assert!(ok, "{out}{err}");
+    let after = ops.json(&["module", "status", "policies"]).await;
+    assert_eq!(
+        rules(&after),
+        [
+            ("show-*".to_owned(), "\"5\"".to_owned()),
+            ("*".to_owned(), "\"20\"".to_owned())
+        ],
+        "{after:#}"
+    );
+    // The same rooms again: that rule changes in place, nothing else.
+    let (ok, _, err) = ops
+        .run(&[
+            "module",
+            "deploy",
+            "builtin:policy-default",
+            "--policies",
+            "--rooms",
+            "show-*",
+            "--param",
+            "cap_per_sec=9",
+            "--add",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        rules(&ops.json(&["module", "status", "policies"]).await),
+        [
+            ("show-*".to_owned(), "\"9\"".to_owned()),
+            ("*".to_owned(), "\"20\"".to_owned())
+        ]
+    );
+    let (ok, _, err) = ops
+        .run(&["module", "deploy", "--policies", "--rooms", "show-*", "--remove"])
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        rules(&ops.json(&["module", "status", "policies"]).await),
+        rules(&before)
+    );
+    let (ok, _, err) = ops
+        .run(&["module", "deploy", "--policies", "--rooms", "nowhere-*", "--remove"])
+        .await;
+    assert!(
+        !ok && err.contains("no rule for tenant `*`, rooms `nowhere-*`"),
         "{err}"
     );
     drop(edge);

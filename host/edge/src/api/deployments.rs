@@ -9,6 +9,11 @@
 //! - `POST /v1/deployments/<scope>`: a new version
 //!   (`{"policies": [...]}` or `{"filters": [...]}`, and an optional
 //!   `note`); with `"activate": <percent>` it is activated at once;
+//!   Instead of a whole set, `{"add": <rule or filter>}` or `{"remove":
+//!   <selector>}` changes one entry of the active set and keeps the rest
+//!   (a policy rule is named by `tenant`, `rooms` and `class`; a filter by
+//!   `module`). `"dry_run": true` creates nothing and answers with the
+//!   resulting set and the live rooms on this edge it would change;
 //! - `GET  /v1/deployments/<scope>/<version>`;
 //! - `POST /v1/deployments/<scope>/activate`: `{"version": v, "percent": p}`
 //!   (p below 100 rolls out to that share of rooms, by a hash of the room;
@@ -30,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, json_body};
 use crate::admin::AdminState;
-use crate::control::spec::{Activation, Deployment, FilterUse, PolicyRule, Scope, Spec};
+use crate::control::spec::{Activation, Change, Deployment, FilterUse, PolicyRule, RuleSelector, Scope, Spec};
 use crate::control::{Caller, EdgesView, ScopeStatus};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
@@ -55,6 +60,14 @@ pub(super) fn routes() -> Router<Arc<AdminState>> {
 struct Create {
     policies: Option<Vec<PolicyRule>>,
     filters: Option<Vec<FilterUse>>,
+    /// One rule (or filter) into the active set, the rest kept.
+    add: Option<serde_json::Value>,
+    /// One rule (or filter) out of the active set, the rest kept.
+    remove: Option<serde_json::Value>,
+    /// Answer with the resulting set and the rooms it changes; create
+    /// nothing.
+    #[serde(default)]
+    dry_run: bool,
     note: Option<String>,
     /// Activate at once on this share of rooms (100: all).
     activate: Option<u8>,
@@ -83,6 +96,9 @@ struct Created {
     deployment: Deployment,
     #[serde(skip_serializing_if = "Option::is_none")]
     active: Option<Activation>,
+    /// The version a rule-level change was made from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    based_on: Option<u64>,
 }
 
 fn filters_scope(tenant: &str) -> Result<Scope, ApiError> {
@@ -127,9 +143,10 @@ async fn create(
     body: Body,
 ) -> Result<impl IntoResponse + use<>, ApiError> {
     let c: Create = json_body(body).await?;
-    let spec = match (c.policies, c.filters, scope) {
-        (Some(p), None, Scope::Policies) => Spec::Policies(p),
-        (None, Some(f), Scope::Filters(_)) => Spec::Filters(f),
+    let whole = match (c.policies, c.filters, scope) {
+        (None, None, _) => None,
+        (Some(p), None, Scope::Policies) => Some(Spec::Policies(p)),
+        (None, Some(f), Scope::Filters(_)) => Some(Spec::Filters(f)),
         (_, _, Scope::Policies) => {
             return Err(ApiError::invalid(
                 "policies",
@@ -138,12 +155,137 @@ async fn create(
         }
         (_, _, Scope::Filters(_)) => return Err(ApiError::invalid("filters", "a filters scope takes `filters` only")),
     };
+    let status = s.control.status(caller, scope)?;
+    let based_on = status.active.as_ref().map(|a| a.version);
+    let base = based_on
+        .and_then(|v| status.versions.iter().find(|d| d.version == v))
+        .map(|d| d.spec.clone())
+        .unwrap_or_else(|| match scope {
+            Scope::Policies => Spec::Policies(Vec::new()),
+            Scope::Filters(_) => Spec::Filters(Vec::new()),
+        });
+    let removing = c.remove.is_some();
+    let change = match (c.add, c.remove) {
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err(ApiError::invalid("remove", "one change at a time: `add` or `remove`")),
+        (Some(add), None) => Some(match scope {
+            Scope::Policies => Change::AddRule(entry("add", add)?),
+            Scope::Filters(_) => Change::AddFilter(entry("add", add)?),
+        }),
+        (None, Some(remove)) => Some(match scope {
+            Scope::Policies => Change::RemoveRule(entry::<RuleSelector>("remove", remove)?),
+            Scope::Filters(_) => Change::RemoveFilter(entry::<FilterName>("remove", remove)?.module),
+        }),
+    };
+    let spec = match (whole, change) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "add",
+                "either a whole set (`policies` or `filters`) or one change (`add` or `remove`)",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "(body)",
+                "give a whole set (`policies` or `filters`) or one change (`add` or `remove`)",
+            ));
+        }
+        (Some(spec), None) => spec,
+        (None, Some(change)) => base.changed(change).map_err(|e| {
+            let field = if removing { "remove" } else { "add" };
+            ApiError::invalid(field, e)
+        })?,
+    };
+    if c.dry_run {
+        let (rooms_changing, total) = rooms_changing(s, scope, &base, &spec);
+        let body = DryRun {
+            dry_run: true,
+            scope: scope.key(),
+            based_on,
+            set: spec,
+            rooms_changing,
+            rooms_changing_total: total,
+        };
+        return Ok((StatusCode::OK, Json(serde_json::to_value(body).unwrap_or_default())));
+    }
     let deployment = s.control.create(caller, scope, spec, c.note).await?;
     let active = match c.activate {
         None => None,
         Some(p) => Some(s.control.activate(caller, scope, deployment.version, p).await?),
     };
-    Ok((StatusCode::CREATED, Json(Created { deployment, active })))
+    let created = Created {
+        deployment,
+        active,
+        based_on,
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::to_value(created).unwrap_or_default()),
+    ))
+}
+
+/// `field`'s value as a `T`, or an error naming the field inside it.
+fn entry<T: serde::de::DeserializeOwned>(field: &str, v: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            field.to_owned()
+        } else {
+            format!("{field}.{path}")
+        };
+        ApiError::invalid(at, crate::untrusted(&e.inner().to_string(), 200))
+    })
+}
+
+/// Names a filter to remove from a chain.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterName {
+    module: String,
+}
+
+/// Rooms listed by a dry run, at most.
+const DRY_RUN_ROOMS: usize = 1000;
+
+/// Live rooms on this edge whose policy (or filter chain) `new` changes
+/// from `old`, as `tenant/room`: the first [`DRY_RUN_ROOMS`], and how many.
+fn rooms_changing(s: &AdminState, scope: &Scope, old: &Spec, new: &Spec) -> (Vec<String>, usize) {
+    let mut rooms: Vec<String> = s
+        .shared
+        .rooms
+        .infos(scope.tenant())
+        .iter()
+        .filter(|i| match (old, new) {
+            (Spec::Policies(a), Spec::Policies(b)) => {
+                // Group rooms deliver everything: policies are not theirs.
+                let class = i.running().class;
+                let pick = |rules: &[PolicyRule]| {
+                    rules
+                        .iter()
+                        .find(|r| r.matches(&i.key.tenant, &i.key.name, &class))
+                        .cloned()
+                };
+                !i.group && pick(a) != pick(b)
+            }
+            (a, b) => a != b,
+        })
+        .map(|i| format!("{}/{}", i.key.tenant, i.key.name))
+        .collect();
+    rooms.sort();
+    let total = rooms.len();
+    rooms.truncate(DRY_RUN_ROOMS);
+    (rooms, total)
+}
+
+#[derive(Serialize)]
+struct DryRun {
+    dry_run: bool,
+    scope: String,
+    /// The active version the set was made from (none: no active one).
+    based_on: Option<u64>,
+    set: Spec,
+    rooms_changing: Vec<String>,
+    rooms_changing_total: usize,
 }
 
 async fn version(s: &AdminState, caller: &Caller, scope: &Scope, version: u64) -> Result<Json<Deployment>, ApiError> {

@@ -162,6 +162,95 @@ impl Activation {
     }
 }
 
+/// Which policy rule a rule-level change names: the rooms it selects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSelector {
+    #[serde(default = "star")]
+    pub tenant: String,
+    #[serde(default = "star")]
+    pub rooms: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+}
+
+impl PolicyRule {
+    fn selects(&self, s: &RuleSelector) -> bool {
+        self.tenant == s.tenant && self.rooms == s.rooms && self.class == s.class
+    }
+
+    /// Whether this rule applies to `room` of `tenant` in class `class`.
+    pub fn matches(&self, tenant: &str, room: &str, class: &str) -> bool {
+        wildmatch::WildMatch::new(&self.tenant).matches(tenant)
+            && wildmatch::WildMatch::new(&self.rooms).matches(room)
+            && self.class.as_deref().is_none_or(|c| c == class)
+    }
+}
+
+/// One change to a scope's active set, instead of a whole new set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Replaces the rule for the same tenant, rooms and class where it
+    /// is, or else goes first: the first matching rule wins, and a rule
+    /// added for some rooms is meant to take them.
+    AddRule(PolicyRule),
+    RemoveRule(RuleSelector),
+    /// Replaces the filter of the same module where it is in the chain,
+    /// or else runs last.
+    AddFilter(FilterUse),
+    RemoveFilter(String),
+}
+
+impl Spec {
+    /// This set with `change` made; an error says why it cannot be.
+    pub fn changed(&self, change: Change) -> Result<Spec, String> {
+        match (self.clone(), change) {
+            (Spec::Policies(mut rules), Change::AddRule(rule)) => {
+                let at = RuleSelector {
+                    tenant: rule.tenant.clone(),
+                    rooms: rule.rooms.clone(),
+                    class: rule.class.clone(),
+                };
+                match rules.iter_mut().find(|r| r.selects(&at)) {
+                    Some(r) => *r = rule,
+                    None => rules.insert(0, rule),
+                }
+                Ok(Spec::Policies(rules))
+            }
+            (Spec::Policies(mut rules), Change::RemoveRule(at)) => {
+                let before = rules.len();
+                rules.retain(|r| !r.selects(&at));
+                if rules.len() == before {
+                    return Err(format!(
+                        "no rule for tenant `{}`, rooms `{}`{} in the active set",
+                        at.tenant,
+                        at.rooms,
+                        at.class.map(|c| format!(", class `{c}`")).unwrap_or_default()
+                    ));
+                }
+                Ok(Spec::Policies(rules))
+            }
+            (Spec::Filters(mut chain), Change::AddFilter(f)) => {
+                match chain.iter_mut().find(|c| c.module == f.module) {
+                    Some(c) => *c = f,
+                    None => chain.push(f),
+                }
+                Ok(Spec::Filters(chain))
+            }
+            (Spec::Filters(mut chain), Change::RemoveFilter(module)) => {
+                let before = chain.len();
+                chain.retain(|c| c.module != module);
+                if chain.len() == before {
+                    return Err(format!("no filter `{module}` in the active chain"));
+                }
+                Ok(Spec::Filters(chain))
+            }
+            (Spec::Policies(_), _) => Err("the policies scope changes rules, not filters".into()),
+            (Spec::Filters(_), _) => Err("a filters scope changes filters, not rules".into()),
+        }
+    }
+}
+
 /// Where a room falls in 0..10,000 (hundredths of a percent).
 pub fn share_point(tenant: &str, room: &str) -> u32 {
     let mut h = Sha256::new();
@@ -209,6 +298,61 @@ mod tests {
             }
             before = now;
         }
+    }
+
+    fn rule(rooms: &str, cap: &str) -> PolicyRule {
+        PolicyRule {
+            tenant: "*".into(),
+            rooms: rooms.into(),
+            class: None,
+            module: "native".into(),
+            params: [("cap_per_sec".to_owned(), cap.to_owned())].into(),
+            on_failure: OnFailure::Open,
+        }
+    }
+
+    #[test]
+    fn a_rule_level_change_keeps_every_other_rule() {
+        let set = Spec::Policies(vec![rule("vip-*", "50"), rule("*", "20")]);
+        // A new rule for some rooms goes first, where it takes them.
+        let added = set.changed(Change::AddRule(rule("show-*", "5"))).expect("add");
+        assert_eq!(
+            added,
+            Spec::Policies(vec![rule("show-*", "5"), rule("vip-*", "50"), rule("*", "20")])
+        );
+        // The same selector again replaces that rule where it stands.
+        let replaced = added.changed(Change::AddRule(rule("*", "7"))).expect("replace");
+        let Spec::Policies(rules) = &replaced else {
+            panic!("policies")
+        };
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[2], rule("*", "7"));
+        let star = RuleSelector {
+            tenant: "*".into(),
+            rooms: "*".into(),
+            class: None,
+        };
+        let removed = replaced.changed(Change::RemoveRule(star.clone())).expect("remove");
+        assert_eq!(removed, Spec::Policies(vec![rule("show-*", "5"), rule("vip-*", "50")]));
+        assert!(removed.changed(Change::RemoveRule(star)).is_err(), "nothing to remove");
+        assert!(removed.changed(Change::RemoveFilter("x".into())).is_err());
+
+        let f = |m: &str| FilterUse {
+            module: m.into(),
+            params: BTreeMap::new(),
+            on_failure: OnFailure::Closed,
+        };
+        let chain = Spec::Filters(vec![f("a"), f("b")]);
+        assert_eq!(
+            chain.changed(Change::AddFilter(f("c"))),
+            Ok(Spec::Filters(vec![f("a"), f("b"), f("c")]))
+        );
+        assert_eq!(
+            chain.changed(Change::RemoveFilter("a".into())),
+            Ok(Spec::Filters(vec![f("b")]))
+        );
+        assert!(rule("show-*", "5").matches("acme", "show-1", "small"));
+        assert!(!rule("show-*", "5").matches("acme", "lobby", "small"));
     }
 
     #[test]

@@ -602,7 +602,9 @@ impl Room {
         let set = Arc::clone(&self.modules.borrow_and_update());
         let (filters, filter_version) = set.filters_for(&self.key.tenant, &self.key.name);
         self.filters = filters.to_vec();
+        let class = self.class_name().to_owned();
         self.info.set_running(|r| {
+            r.class = class;
             r.filter_version = filter_version;
             r.filters = filters
                 .iter()

@@ -48,6 +48,8 @@ pub struct Running {
     /// The policy deployment's version this room follows (none: no
     /// deployment, the built-in default).
     pub policy_version: Option<u64>,
+    /// The room's size class (policy rules may name one).
+    pub class: String,
     /// The tenant's filters, `sha256:<hex>` each, in order.
     pub filters: Vec<String>,
     pub filter_version: Option<u64>,
