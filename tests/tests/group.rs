@@ -457,3 +457,71 @@ fn retention_and_compaction_bound_the_file() {
         stats.compactions.load(Ordering::Relaxed)
     );
 }
+
+/// On a090a11 group-room disk had no per-tenant bound: one tenant's
+/// members could fill the edge's disk. Now past
+/// `rooms.group_retention.max_tenant_bytes` the tenant's group rooms refuse
+/// new messages with `StorageFull` (counted again after a restart), every
+/// message acked before stays readable, and other tenants send on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_group_messages_cannot_fill_the_edges_disk() {
+    const CAP: u64 = 20_000;
+    let edge = TestEdge::start(|c| {
+        c.rooms.group_rooms = vec!["group-*".into()];
+        c.rooms.recent_messages = 0;
+        c.rooms.group_history = GroupHistory::All;
+        c.rooms.group_retention.max_tenant_bytes = CAP;
+    })
+    .await;
+    let lead = edge.client("acme", "lead", "viewer").await;
+    let _room = lead.join("group-fill").await.expect("join");
+    let body = "x".repeat(1000);
+    let mut acked = Vec::new();
+    let mut refusal = None;
+    for i in 0..100 {
+        match lead.send("group-fill", Kind::Chat, format!("m{i} {body}")).await {
+            Ok(_) => acked.push(format!("m{i}")),
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("100 KB of group messages were never refused");
+    assert_eq!(refusal.code(), Some(ErrorCode::StorageFull), "{refusal}");
+    let stored = edge.edge.group_log_tenant_bytes("acme").expect("an embedded log");
+    // Nothing over the bound but the one message that reached it, and
+    // nothing refused well under it.
+    assert!((CAP..CAP + 1_100).contains(&stored), "acme stores {stored} bytes");
+    assert!(acked.len() >= 15, "refused after {} messages", acked.len());
+
+    // Every acked message is readable.
+    let reader = edge.client("acme", "reader", "viewer").await;
+    let mut room = reader.join_from("group-fill", Some(0)).await.expect("join");
+    let (got, _) = collect(&mut room, acked.len(), Duration::from_secs(5)).await;
+    let got: Vec<String> = bodies(&got)
+        .iter()
+        .map(|b| b.split(' ').next().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(got, acked);
+
+    // Another tenant's group room takes messages as before.
+    let other = edge.client("globex", "g", "viewer").await;
+    let _g = other.join("group-other").await.expect("join");
+    other
+        .send("group-other", Kind::Chat, body.clone())
+        .await
+        .expect("globex is not acme");
+
+    // A restart counts what acme stores again: still refused.
+    drop((lead, reader, other, room));
+    let edge = edge.restart().await;
+    assert_eq!(edge.edge.group_log_tenant_bytes("acme"), Some(stored));
+    let lead = edge.client("acme", "lead", "viewer").await;
+    let _room = lead.join("group-fill").await.expect("join");
+    let e = lead
+        .send("group-fill", Kind::Chat, "again")
+        .await
+        .expect_err("still full");
+    assert!(e.to_string().contains("storage"), "{e}");
+}

@@ -28,6 +28,7 @@ export declare const ErrorCode: Readonly<{
   RoomLimit: 28;
   SeqOutOfRange: 29;
   RateLimited: 30;
+  StorageFull: 31;
   ServerBusy: 40;
   ShuttingDown: 41;
   Disconnected: 42;

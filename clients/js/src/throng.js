@@ -40,6 +40,7 @@ export const ErrorCode = Object.freeze({
   RoomLimit: 28,
   SeqOutOfRange: 29,
   RateLimited: 30,
+  StorageFull: 31,
   ServerBusy: 40,
   ShuttingDown: 41,
   Disconnected: 42,

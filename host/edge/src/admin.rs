@@ -96,6 +96,10 @@ struct TenantStats {
     rooms: usize,
     /// Rooms this tenant may have alive here.
     room_cap: usize,
+    /// Bytes of its group rooms' messages this edge stores (absent in a
+    /// cluster, where JetStream keeps them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group_log_bytes: Option<u64>,
     quarantined: Vec<Quarantined>,
 }
 
@@ -364,6 +368,7 @@ async fn stats(State(s): State<Arc<AdminState>>, caller: axum::Extension<crate::
             tenant: tenant.to_owned(),
             rooms: s.shared.rooms.tenant_len(tenant),
             room_cap: s.shared.rooms.tenant_cap(),
+            group_log_bytes: s.shared.rooms.log().tenant_bytes(tenant),
             quarantined: quarantined(&s.wasm, Some(tenant)),
         })
         .into_response(),

@@ -607,13 +607,32 @@ pub enum GroupHistory {
 }
 
 /// `[rooms.group_retention]`: unset keys keep everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupRetention {
     /// Messages older than this are removed.
     pub max_age: Option<Duration>,
     /// At most about this many messages per room (the newest).
     pub max_messages: Option<u64>,
+    /// Stored group messages of one tenant on this edge, in bytes: past
+    /// it the tenant's group rooms refuse new messages (`StorageFull`)
+    /// until retention has removed enough. Always set (default 1 GiB), so
+    /// one tenant cannot fill the disk; on one edge only (a cluster's
+    /// JetStream stream has its own limits).
+    pub max_tenant_bytes: u64,
 }
+
+impl Default for GroupRetention {
+    fn default() -> Self {
+        GroupRetention {
+            max_age: None,
+            max_messages: None,
+            max_tenant_bytes: DEFAULT_MAX_TENANT_BYTES,
+        }
+    }
+}
+
+/// `rooms.group_retention.max_tenant_bytes` unless set.
+pub const DEFAULT_MAX_TENANT_BYTES: u64 = 1 << 30;
 
 /// Rooms of at least `min_members` tick at `tick` (until the next class).
 /// A room moves up when it reaches the next class's `min_members` and back
@@ -999,6 +1018,7 @@ struct RawRetention {
     #[serde(default, with = "humantime_serde")]
     max_age: Option<Duration>,
     max_messages: Option<u64>,
+    max_tenant_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1319,6 +1339,10 @@ impl Validator<'_> {
                     .max_messages
                     .map(|n| self.range("rooms.group_retention.max_messages", n, 1, u64::MAX))
                     .transpose()?,
+                max_tenant_bytes: match r.group_retention.max_tenant_bytes {
+                    None => DEFAULT_MAX_TENANT_BYTES,
+                    Some(n) => self.range("rooms.group_retention.max_tenant_bytes", n, 1 << 16, u64::MAX)?,
+                },
             },
         };
         let mut rooms = rooms;

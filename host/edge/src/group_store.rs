@@ -89,6 +89,25 @@ impl GroupStore {
         }
     }
 
+    /// Bytes of `tenant`'s stored group messages in the embedded log
+    /// (None in a cluster: JetStream keeps them).
+    pub fn tenant_bytes(&self, tenant: &str) -> Option<u64> {
+        match self {
+            Self::Local(l) => Some(l.tenant_bytes(tenant)),
+            Self::Stream(_) => None,
+        }
+    }
+
+    /// Whether `tenant` stores all it may on this edge (the embedded log's
+    /// `max_tenant_bytes`; a cluster's JetStream stream has its own
+    /// limits).
+    pub fn tenant_full(&self, tenant: &str) -> bool {
+        match self {
+            Self::Local(l) => l.tenant_full(tenant),
+            Self::Stream(_) => false,
+        }
+    }
+
     /// Counts messages a room refused because the log was behind.
     pub fn refused(&self, n: u64) {
         match self {

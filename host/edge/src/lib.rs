@@ -300,6 +300,7 @@ impl Edge {
             max_age: config.rooms.group_retention.max_age,
             max_messages: config.rooms.group_retention.max_messages,
             compact_interval: config.storage.compact_interval,
+            max_tenant_bytes: Some(config.rooms.group_retention.max_tenant_bytes),
         };
         // In a cluster a group room's log is where every edge reads it.
         let group_log = match &cluster {
@@ -514,6 +515,12 @@ impl Edge {
     /// The control plane: modules, deployments, audit.
     pub fn control(&self) -> &Arc<ControlPlane> {
         &self.control
+    }
+
+    /// Bytes of `tenant`'s group messages this edge stores (None in a
+    /// cluster).
+    pub fn group_log_tenant_bytes(&self, tenant: &str) -> Option<u64> {
+        self.group_log.tenant_bytes(tenant)
     }
 
     /// Group log durability figures.

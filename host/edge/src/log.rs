@@ -99,6 +99,9 @@ pub struct Retention {
     pub max_messages: Option<u64>,
     /// Least time between two compactions of the file.
     pub compact_interval: Duration,
+    /// Stored bytes of one tenant's ticks past which
+    /// [`GroupLog::tenant_full`] says so (None: no bound).
+    pub max_tenant_bytes: Option<u64>,
 }
 
 impl Default for Retention {
@@ -107,6 +110,7 @@ impl Default for Retention {
             max_age: None,
             max_messages: None,
             compact_interval: Duration::from_secs(3600),
+            max_tenant_bytes: None,
         }
     }
 }
@@ -318,10 +322,20 @@ fn db_guard(db: &Db) -> RwLockReadGuard<'_, Database> {
     db.read().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Bytes of stored ticks, per tenant: counted at open, raised by each
+/// commit and lowered by retention.
+type Usage = Arc<std::sync::Mutex<HashMap<Arc<str>, u64>>>;
+
+fn usage_lock(u: &Usage) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u64>> {
+    u.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The group log: one database, one writer thread.
 #[derive(Debug, Clone)]
 pub struct GroupLog {
     db: Db,
+    usage: Usage,
+    max_tenant_bytes: Option<u64>,
     tx: mpsc::Sender<Work>,
     /// Cursors queued and not yet committed, newest value per member.
     cursors: Arc<std::sync::Mutex<std::collections::HashMap<MemberKey, u64>>>,
@@ -380,6 +394,11 @@ impl GroupLog {
             drop(meta);
             w.commit().map_err(|e| open_err(e.to_string()))?;
         }
+        let usage: Usage =
+            Arc::new(std::sync::Mutex::new(tenant_usage(&db).map_err(|e| {
+                open_err(format!("cannot count what each tenant stores: {e}"))
+            })?));
+        let max_tenant_bytes = retention.max_tenant_bytes;
         let db = Arc::new(RwLock::new(db));
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(LogStats::default());
@@ -389,12 +408,14 @@ impl GroupLog {
         let writer_cursors = Arc::clone(&cursors);
         let writer_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let done = Arc::clone(&writer_done);
+        let writer_usage = Arc::clone(&usage);
         std::thread::Builder::new()
             .name("throng-group-log".into())
             .spawn(move || {
                 let mut writer = Writer {
                     db: writer_db,
                     stats: writer_stats,
+                    usage: writer_usage,
                     overlay: writer_cursors,
                     retention,
                     touched: HashMap::new(),
@@ -408,6 +429,8 @@ impl GroupLog {
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
         Ok(Self {
             db,
+            usage,
+            max_tenant_bytes,
             tx,
             cursors,
             stats,
@@ -415,6 +438,18 @@ impl GroupLog {
             max_queued,
             epoch,
         })
+    }
+
+    /// Bytes of `tenant`'s stored ticks.
+    pub fn tenant_bytes(&self, tenant: &str) -> u64 {
+        usage_lock(&self.usage).get(tenant).copied().unwrap_or(0)
+    }
+
+    /// Whether `tenant` stores as much as `max_tenant_bytes` allows: its
+    /// rooms should refuse new messages until retention frees some.
+    pub fn tenant_full(&self, tenant: &str) -> bool {
+        self.max_tenant_bytes
+            .is_some_and(|max| self.tenant_bytes(tenant) >= max)
     }
 
     /// The numbering this log's sequence numbers belong to (see `META`).
@@ -599,6 +634,25 @@ impl GroupLog {
     }
 }
 
+/// Bytes of stored ticks per tenant, read once at open.
+fn tenant_usage(db: &Database) -> Result<HashMap<Arc<str>, u64>, String> {
+    let r = db.begin_read().map_err(|e| e.to_string())?;
+    let t = r.open_table(TICKS).map_err(|e| e.to_string())?;
+    let mut usage: HashMap<Arc<str>, u64> = HashMap::new();
+    for entry in t.iter().map_err(|e| e.to_string())? {
+        let (k, v) = entry.map_err(|e| e.to_string())?;
+        let tenant = k.value().0;
+        let n = v.value().len() as u64;
+        match usage.get_mut(tenant) {
+            Some(u) => *u += n,
+            None => {
+                usage.insert(Arc::from(tenant), n);
+            }
+        }
+    }
+    Ok(usage)
+}
+
 fn decode(bytes: &[u8]) -> Result<Vec<Message>, LogError> {
     postcard::from_bytes(bytes).map_err(|e| LogError::Read(format!("corrupt log entry: {e}")))
 }
@@ -661,6 +715,7 @@ fn now_ms() -> u64 {
 struct Writer {
     db: Db,
     stats: Arc<LogStats>,
+    usage: Usage,
     overlay: Overlay,
     retention: Retention,
     /// Rooms appended to since their last count-based pruning, with their
@@ -782,6 +837,7 @@ impl Writer {
     }
 
     fn commit(&self, batch: &[Append], cursors: &HashMap<MemberKey, u64>) -> Result<(), String> {
+        let mut added: HashMap<Arc<str>, u64> = HashMap::new();
         let db = db_guard(&self.db);
         let w = db.begin_write().map_err(|e| e.to_string())?;
         if !cursors.is_empty() {
@@ -812,13 +868,19 @@ impl Writer {
                 let bytes = postcard::to_allocvec(&a.messages).map_err(|e| e.to_string())?;
                 t.insert((&*a.tenant, &*a.room, first.seq), bytes.as_slice())
                     .map_err(|e| e.to_string())?;
+                *added.entry(Arc::clone(&a.tenant)).or_insert(0) += bytes.len() as u64;
                 if self.retention.max_age.is_some() {
                     ages.insert((now, &*a.tenant, &*a.room, first.seq), ())
                         .map_err(|e| e.to_string())?;
                 }
             }
         }
-        w.commit().map_err(|e| e.to_string())
+        w.commit().map_err(|e| e.to_string())?;
+        let mut usage = usage_lock(&self.usage);
+        for (tenant, n) in added {
+            *usage.entry(tenant).or_insert(0) += n;
+        }
+        Ok(())
     }
 
     /// One retention pass, at most [`PRUNE_BUDGET`] ticks; returns how many
@@ -828,6 +890,7 @@ impl Writer {
         let w = db.begin_write().map_err(write_err)?;
         let mut budget = PRUNE_BUDGET;
         let mut removed = 0u64;
+        let mut freed: HashMap<Arc<str>, u64> = HashMap::new();
         {
             let mut ticks = w.open_table(TICKS).map_err(write_err)?;
             let mut pruned = w.open_table(PRUNED).map_err(write_err)?;
@@ -851,7 +914,9 @@ impl Writer {
                     let whole = starts.len() == budget + 1;
                     if let Some((&next, gone)) = starts.split_last() {
                         for &first in gone {
-                            ticks.remove((&*tenant, &*room, first)).map_err(write_err)?;
+                            if let Some(v) = ticks.remove((&*tenant, &*room, first)).map_err(write_err)? {
+                                *freed.entry(Arc::clone(&tenant)).or_insert(0) += v.value().len() as u64;
+                            }
                         }
                         if !gone.is_empty() {
                             let mark = marks.entry((tenant.clone(), room.clone())).or_insert(0);
@@ -887,7 +952,10 @@ impl Writer {
                         .remove((tenant.as_str(), room.as_str(), first))
                         .map_err(write_err)?
                     {
-                        Some(v) => decode(v.value())?.last().map_or(first, |m| m.seq),
+                        Some(v) => {
+                            *freed.entry(Arc::from(tenant.as_str())).or_insert(0) += v.value().len() as u64;
+                            decode(v.value())?.last().map_or(first, |m| m.seq)
+                        }
                         None => continue, // removed by count already
                     };
                     let mark = marks.entry((Arc::from(tenant), Arc::from(room))).or_insert(0);
@@ -910,6 +978,13 @@ impl Writer {
             return Ok(0);
         }
         w.commit().map_err(write_err)?;
+        let mut usage = usage_lock(&self.usage);
+        for (tenant, n) in freed {
+            if let Some(u) = usage.get_mut(&tenant) {
+                *u = u.saturating_sub(n);
+            }
+        }
+        drop(usage);
         self.stats.pruned_ticks.fetch_add(removed, Ordering::Relaxed);
         metrics::counter!("throng_group_log_pruned_ticks_total").increment(removed);
         Ok(removed)

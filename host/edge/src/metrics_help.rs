@@ -126,6 +126,10 @@ pub fn describe() {
             "CPU time tenants' uploads spent compiling (refused ones too), per tenant.",
         ),
         (
+            "throng_group_storage_full_total",
+            "Group messages refused because their tenant stores all it may on this edge, per tenant.",
+        ),
+        (
             "throng_admin_evicted_total",
             "Idle admin connections closed to make room for a new one (all places taken).",
         ),

@@ -51,6 +51,10 @@ pub enum ErrorCode {
     SeqOutOfRange = 29,
     /// The user's send rate is exhausted.
     RateLimited = 30,
+    /// A group room's tenant stores as many messages on this edge as it
+    /// may; not fatal: sending again after retention has freed some may
+    /// succeed.
+    StorageFull = 31,
     /// The edge is overloaded: at its maximum number of connections (as an
     /// `Error`, fatal), or a group room's log is behind (as a `Rejected`).
     ServerBusy = 40,
@@ -72,7 +76,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for tests and documentation.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::Malformed,
         Self::FrameTooLarge,
         Self::UnexpectedFrame,
@@ -93,6 +97,7 @@ impl ErrorCode {
         Self::RoomLimit,
         Self::SeqOutOfRange,
         Self::RateLimited,
+        Self::StorageFull,
         Self::ServerBusy,
         Self::ShuttingDown,
         Self::Disconnected,

@@ -765,6 +765,7 @@ impl Room {
         RoomInfo::add(&self.info.msgs_in, inbox.len());
         if let RoomKind::Group(g) = &self.kind {
             g.refuse_if_behind(&mut inbox);
+            g.refuse_if_tenant_full(&self.key, &mut inbox);
         }
         let before_filters = inbox.len();
         let inbox = tick::filter(&self.filters, inbox, &self.runtime, &self.key.tenant, self.max_body).await;

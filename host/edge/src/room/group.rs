@@ -165,6 +165,24 @@ impl GroupState {
         }
     }
 
+    /// While the room's tenant stores all it may, refuses the tick's
+    /// messages before they are numbered (a tick already queued may pass
+    /// the bound by its own size, no more).
+    pub(super) fn refuse_if_tenant_full(&self, key: &RoomKey, inbox: &mut Vec<Inbound>) {
+        if inbox.is_empty() || !self.log.tenant_full(&key.tenant) {
+            return;
+        }
+        metrics::counter!("throng_group_storage_full_total", "tenant" => key.tenant.to_string())
+            .increment(inbox.len() as u64);
+        for m in inbox.drain(..) {
+            let _ = m.reply.send(EdgeFrame::Rejected {
+                client_msg_id: m.client_msg_id,
+                code: ErrorCode::StorageFull.code(),
+                reason: "the tenant's group messages fill its storage on this edge; retention frees it".into(),
+            });
+        }
+    }
+
     /// Appends a numbered tick to the log and holds it until it is stored.
     pub(super) fn hold(&mut self, key: &RoomKey, tick: Held) {
         self.log
