@@ -17,6 +17,8 @@ pub struct Api {
 pub struct Answer {
     pub status: u16,
     pub body: Value,
+    /// The cursor of a listing's next page (`x-next-after`), if more follow.
+    pub next: Option<String>,
 }
 
 impl Answer {
@@ -102,10 +104,16 @@ impl Api {
             }
             .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
             let status = response.status().as_u16();
+            let next = response
+                .headers()
+                .get("x-next-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let text = response.body_mut().read_to_string().unwrap_or_default();
             Answer {
                 status,
                 body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                next,
             }
         })
         .await

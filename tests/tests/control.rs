@@ -859,3 +859,83 @@ async fn in_a_cluster_modules_and_deployments_reach_every_edge_and_late_or_resta
     a.edge.shutdown().await;
     b.edge.shutdown().await;
 }
+
+/// Listings come in pages: `?limit=` entries, the next page `?after=` the
+/// `x-next-after` header, every entry once and in order across the pages,
+/// and no header on the last page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_and_modules_are_listed_in_pages() {
+    let edge = TestEdge::start(with_admin).await;
+    let ops = operator(&edge);
+    // A connection joins at most 4 rooms: two viewers make five.
+    let viewers = [
+        edge.client("acme", "v", "viewer").await,
+        edge.client("acme", "w", "viewer").await,
+    ];
+    let mut rooms = Vec::new();
+    for i in 0..5 {
+        let viewer = &viewers[i % 2];
+        rooms.push(viewer.join(&format!("page-{i}")).await.expect("join"));
+    }
+    let all = ops.get("/v1/rooms").await;
+    assert_eq!(all.body.as_array().map(Vec::len), Some(5), "{:#}", all.body);
+    assert_eq!(all.next, None, "one page holds five");
+    let mut seen = Vec::new();
+    let mut path = "/v1/rooms?limit=2".to_owned();
+    for _ in 0..10 {
+        let page = ops.get(&path).await;
+        assert_eq!(page.status, 200, "{:#}", page.body);
+        let entries = page.body.as_array().expect("an array").clone();
+        assert!(entries.len() <= 2, "{entries:?}");
+        seen.extend(entries.iter().map(|r| r["room"].as_str().unwrap_or("").to_owned()));
+        match page.next {
+            Some(next) => path = format!("/v1/rooms?limit=2&after={}", throng_tests::api::encode(&next)),
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..5).map(|i| format!("page-{i}")).collect();
+    assert_eq!(seen, want);
+    refused(&ops.get("/v1/rooms?after=nothing").await, 400, "invalid_request");
+
+    for i in 0..3 {
+        let up = ops
+            .upload(
+                &[throng_guest_artifacts::FILTER_KEYWORDS, &[0, 3, 2, b'v', b'0' + i]].concat(),
+                "kw",
+                &format!("{i}"),
+                "message-filter",
+                json!({"words": "x"}),
+            )
+            .await;
+        assert_eq!(up.status, 201, "{:#}", up.body);
+    }
+    let first = ops.get("/v1/modules?limit=2").await;
+    assert_eq!(first.body.as_array().map(Vec::len), Some(2));
+    let next = first.next.expect("a third module follows");
+    let rest = ops
+        .get(&format!(
+            "/v1/modules?limit=2&after={}",
+            throng_tests::api::encode(&next)
+        ))
+        .await;
+    assert_eq!(rest.body.as_array().map(Vec::len), Some(1), "{:#}", rest.body);
+    assert_eq!(rest.next, None);
+    let mut hashes: Vec<String> = first
+        .body
+        .as_array()
+        .into_iter()
+        .chain(rest.body.as_array())
+        .flatten()
+        .map(|m| m["sha256"].as_str().unwrap_or("").to_owned())
+        .collect();
+    let sorted = {
+        let mut h = hashes.clone();
+        h.sort();
+        h
+    };
+    assert_eq!(hashes, sorted);
+    hashes.dedup();
+    assert_eq!(hashes.len(), 3);
+    drop(rooms);
+    edge.edge.shutdown().await;
+}

@@ -46,6 +46,41 @@ use crate::control::{Caller, ControlError};
 /// Largest JSON request body.
 const MAX_JSON_BYTES: usize = 1 << 20;
 
+/// Entries of a listing page unless `limit` says otherwise, and at most.
+const PAGE_DEFAULT: usize = 1000;
+const PAGE_MAX: usize = 10_000;
+
+/// The header naming the cursor of the next page (`?after=` it), present
+/// only when more entries follow.
+pub(crate) const NEXT_PAGE: &str = "x-next-after";
+
+/// One page of `items`, which are sorted by `key`: those whose key is
+/// after `after`, at most `limit` (default [`PAGE_DEFAULT`], at most
+/// [`PAGE_MAX`]), as a JSON array, with [`NEXT_PAGE`] when more follow.
+pub(crate) fn page<T: Serialize, K: Ord>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> K,
+    cursor: impl Fn(&T) -> String,
+    after: Option<K>,
+    limit: Option<usize>,
+) -> Response {
+    let limit = limit.unwrap_or(PAGE_DEFAULT).clamp(1, PAGE_MAX);
+    let mut rest: Vec<T> = match &after {
+        None => items,
+        Some(a) => items.into_iter().filter(|i| key(i) > *a).collect(),
+    };
+    let more = rest.len() > limit;
+    rest.truncate(limit);
+    let next = if more { rest.last().map(&cursor) } else { None };
+    let mut response = axum::Json(rest).into_response();
+    if let Some(next) = next
+        && let Ok(v) = axum::http::HeaderValue::from_str(&next)
+    {
+        response.headers_mut().insert(NEXT_PAGE, v);
+    }
+    response
+}
+
 /// The routes that need a caller, with authentication in front.
 pub(crate) fn router(state: Arc<AdminState>) -> Router<Arc<AdminState>> {
     Router::new()

@@ -106,11 +106,37 @@ async fn upload(
     Ok((status, Json(Uploaded { created, module })))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// `<owner>/<sha256>`: the page starts after it.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// By owner and sha256, in pages (see `api::page`).
 async fn list(
     State(s): State<Arc<AdminState>>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Vec<ModuleRecord>>, ApiError> {
-    Ok(Json(s.control.modules(&caller)?))
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let mut modules = s.control.modules(&caller)?;
+    modules.sort_by(|a, b| (&a.owner, &a.sha256).cmp(&(&b.owner, &b.sha256)));
+    let after = match q.after {
+        None => None,
+        Some(a) => match a.rsplit_once('/') {
+            Some((o, h)) => Some((o.to_owned(), h.to_owned())),
+            None => return Err(ApiError::invalid("after", "expected `<owner>/<sha256>`")),
+        },
+    };
+    Ok(super::page(
+        modules,
+        |m| (m.owner.clone(), m.sha256.clone()),
+        |m| format!("{}/{}", m.owner, m.sha256),
+        after,
+        q.limit,
+    ))
 }
 
 async fn show(

@@ -1,5 +1,7 @@
 //! What runs where: `GET /v1/rooms` (every live room on this edge the
-//! caller may see; `?tenant=` narrows), `GET /v1/rooms/<tenant>/<room>`,
+//! caller may see, by tenant and room; `?tenant=` narrows; pages of
+//! `?limit=` (default 1,000, at most 10,000), the next one `?after=` the
+//! `x-next-after` header's `tenant/room`), `GET /v1/rooms/<tenant>/<room>`,
 //! and `GET /v1/tenants` (the same figures summed per tenant).
 
 use std::collections::BTreeMap;
@@ -70,6 +72,9 @@ impl RoomView {
 #[serde(deny_unknown_fields)]
 struct RoomsQuery {
     tenant: Option<String>,
+    /// `tenant/room`: the page starts after it.
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
 /// The tenant `caller` may list: its own, whatever it asked.
@@ -94,10 +99,23 @@ async fn list(
     State(s): State<Arc<AdminState>>,
     Extension(caller): Extension<Caller>,
     query: Result<Query<RoomsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<RoomView>>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let tenant = scope_tenant(&caller, q.tenant)?;
-    Ok(Json(room_views(&s, tenant.as_deref())))
+    let after = match q.after {
+        None => None,
+        Some(a) => match a.split_once('/') {
+            Some((t, r)) => Some((t.to_owned(), r.to_owned())),
+            None => return Err(ApiError::invalid("after", "expected `tenant/room`")),
+        },
+    };
+    Ok(super::page(
+        room_views(&s, tenant.as_deref()),
+        |r| (r.tenant.clone(), r.room.clone()),
+        |r| format!("{}/{}", r.tenant, r.room),
+        after,
+        q.limit,
+    ))
 }
 
 async fn show(
