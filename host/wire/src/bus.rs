@@ -1,4 +1,5 @@
-//! What edges say to each other on NATS: subjects and messages.
+//! What edges say to each other on NATS: subjects and messages, sans-IO
+//! like the client protocol (the edge's `cluster/` does the talking).
 //!
 //! Bus messages are postcard-encoded like the wire protocol, with a version
 //! byte first so a newer edge can tell an older one's messages apart.
@@ -16,6 +17,12 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+/// A room's name across edges: its tenant and name, unambiguous (the
+/// tenant's length first). Rendezvous hashing and subjects use it.
+pub fn room_key(tenant: &str, room: &str) -> String {
+    format!("{}:{tenant}/{room}", tenant.len())
+}
 
 /// Every subject the edges use starts with this.
 pub const PREFIX: &str = "throng";
@@ -191,7 +198,7 @@ pub fn room_subject_any(tenant: &str, room: &str) -> String {
 /// not.
 pub fn room_token(tenant: &str, room: &str) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(super::rendezvous::room_key(tenant, room).as_bytes());
+    let digest = Sha256::digest(room_key(tenant, room).as_bytes());
     hex::encode(&digest[..16])
 }
 
@@ -262,7 +269,7 @@ pub struct Forwarded {
     /// room's origin passes it on at most once more.
     pub hops: u8,
     pub sender: String,
-    pub kind: throng_wire::Kind,
+    pub kind: crate::Kind,
     pub body: Vec<u8>,
     pub received_ms: u64,
 }
@@ -415,7 +422,7 @@ pub struct Resync {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resynced {
     pub origin: String,
-    pub messages: Vec<throng_wire::Message>,
+    pub messages: Vec<crate::Message>,
     pub complete: bool,
 }
 

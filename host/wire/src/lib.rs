@@ -14,12 +14,15 @@
 //!   [`split_to_fit`] cuts a batch's messages into runs that each fit a frame.
 //! - [`error`]: typed decode/encode errors and the stable numeric
 //!   [`ErrorCode`]s that reach clients in `Error` and `Rejected` frames.
+//! - [`bus`]: what edges say to each other over NATS (subjects, messages,
+//!   their versioned, size-checked encoding).
 //! - `fuzzing` (hidden): the checks that `fuzz/` runs on arbitrary bytes and
 //!   that `tests/fuzz_corpus.rs` replays on the saved corpus.
 //!
 //! The protocol version is the ALPN string [`ALPN`]; an incompatible change
 //! gets a new ALPN rather than a version field inside frames.
 
+pub mod bus;
 pub mod codec;
 pub mod error;
 pub mod frame;

@@ -11,9 +11,7 @@ use sha2::{Digest, Sha256};
 /// The key a room is hashed by: its tenant and its name (two tenants'
 /// rooms of one name are two rooms). The tenant's length comes first so
 /// no tenant and room pair reads as another.
-pub fn room_key(tenant: &str, room: &str) -> String {
-    format!("{}:{tenant}/{room}", tenant.len())
-}
+pub use throng_wire::bus::room_key;
 
 /// An edge's weight for a room. A cryptographic hash so the weights do not
 /// depend on the Rust version or the machine: edges built apart must agree.
