@@ -44,10 +44,9 @@ impl Cli {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
+/// `throng serve` on free ports in `dir`, and an operator's CLI for it.
+async fn serve_with_operator(dir: &std::path::Path) -> (Serve, Cli) {
+    let data = dir.join("data");
     let args = [
         "--listen",
         "127.0.0.1:0",
@@ -56,11 +55,18 @@ async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
         "--data-dir",
         data.to_str().expect("utf-8"),
     ];
-    let edge = Serve::start(dir.path(), &args).await;
+    let edge = Serve::start(dir, &args).await;
     let ops = Cli {
         admin: edge.admin.clone(),
         key: OPERATOR_KEY.into(),
     };
+    (edge, ops)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (edge, ops) = serve_with_operator(dir.path()).await;
     // A module file to upload: the built-in keyword filter's bytes.
     let wasm = dir.path().join("kw.wasm");
     std::fs::write(&wasm, throng_guest_artifacts::FILTER_KEYWORDS).expect("write");
@@ -266,20 +272,7 @@ async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_one_policy_rule_keeps_the_others() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().expect("utf-8"),
-    ];
-    let edge = Serve::start(dir.path(), &args).await;
-    let ops = Cli {
-        admin: edge.admin.clone(),
-        key: OPERATOR_KEY.into(),
-    };
+    let (edge, ops) = serve_with_operator(dir.path()).await;
     let rules = |status: &Value| -> Vec<(String, String)> {
         let v = status["active"]["version"].as_u64().expect("active");
         let d = status["versions"]
