@@ -622,9 +622,9 @@ impl Session<'_> {
                 } else {
                     // A tenant sees only its own users.
                     let here = self.shared.presence.query(&self.tenant, &users);
-                    match self.shared.rooms.cluster_links() {
+                    match &self.shared.links {
                         Some(links) => {
-                            self.ask_cluster(links, query_id, users, here);
+                            self.ask_cluster(Arc::clone(links), query_id, users, here);
                             return Ok(());
                         }
                         None => EdgeFrame::Presence { query_id, online: here },

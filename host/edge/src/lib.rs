@@ -162,6 +162,8 @@ pub(crate) struct Shared {
     kicks: Arc<kick::Kicks>,
     /// This edge's cluster, with `[cluster]`.
     cluster: Option<Arc<cluster::Cluster>>,
+    /// Its links to the other edges' rooms, presence and connections.
+    links: Option<Arc<cluster::links::Links>>,
     /// Browser sessions, with `[webtransport]`.
     webtransport: Option<Arc<webtransport::WebTransport>>,
 }
@@ -342,7 +344,7 @@ impl Edge {
         let quota = Quota::per_second(nonzero(l.send_rate_per_sec)).allow_burst(nonzero(l.send_burst));
         let limiter = Arc::new(RateLimiter::keyed(quota));
         let kicks = Arc::new(kick::Kicks::default());
-        if let Some(c) = &cluster {
+        let links = if let Some(c) = &cluster {
             // Sends to other edges' rooms go out once per edge tick: the
             // fastest room tick there is.
             let flush = config
@@ -369,8 +371,11 @@ impl Edge {
                 &connections,
             )
             .await?;
-            rooms.set_links(links);
-        }
+            rooms.set_cluster(Arc::new(cluster::room_link::RoomPorts(Arc::clone(&links))));
+            Some(links)
+        } else {
+            None
+        };
         let l = &config.limits;
         let wire_limits = throng_wire::Limits {
             max_frame_bytes: l.max_frame_bytes,
@@ -394,6 +399,7 @@ impl Edge {
             admission: admission::Admission::new(&config.limits),
             kicks,
             cluster,
+            links,
             webtransport,
             config,
         });
@@ -475,7 +481,7 @@ impl Edge {
     pub async fn reload(&self, config: &Config) -> Result<Reload, EdgeError> {
         let _one_at_a_time = self.reload.lock().await;
         let auth = Authenticator::new(&config.tenants).map_err(EdgeError::TenantKey)?;
-        if let Some(links) = self.shared.rooms.cluster_links() {
+        if let Some(links) = &self.shared.links {
             links.set_tenants(config.tenants.keys().cloned());
         }
         // The new keys first: a tenant the config adds may then deploy.

@@ -191,7 +191,7 @@ async fn disconnect(
     let reason = crate::untrusted(d.reason.as_deref().unwrap_or("disconnected by the service"), 200);
     let mut n = s.shared.kicks.kick(&crate::rate_key(&tenant, &user), &reason);
     let mut unanswered = None;
-    if let Some(links) = s.shared.rooms.cluster_links() {
+    if let Some(links) = s.shared.links.clone() {
         let (elsewhere, missing) = links.disconnect(&tenant, &user, &reason).await.ok_or_else(|| {
             ApiError::from(ControlError::Unavailable(
                 "too many cluster-wide queries under way on this edge; retry".into(),
@@ -239,7 +239,7 @@ async fn presence(
         ));
     }
     let here = s.shared.presence.query(&tenant, &q.users);
-    let online = match s.shared.rooms.cluster_links() {
+    let online = match s.shared.links.clone() {
         None => here,
         Some(links) => links.who_is_online(&tenant, q.users, here).await.ok_or_else(|| {
             ApiError::new(

@@ -15,6 +15,7 @@ pub mod links;
 pub mod membership;
 pub mod nats_auth;
 pub mod rendezvous;
+pub mod room_link;
 pub mod stream_log;
 
 use std::sync::atomic::{AtomicU64, Ordering};

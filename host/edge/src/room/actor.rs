@@ -10,15 +10,16 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::clock::RoomClock;
 use super::fanout::Viewers;
-use super::group::{Ack, Held, Stored};
+use super::group::{Held, Stored};
 use super::kind::RoomKind;
 use super::link::{Egress, Ingress};
+use super::place::{Heard, Place, PortSetup, Publish};
 use super::registry::Rooms;
-use super::remote::{Heard, RoomLink, time_base};
 use super::ring::Ring;
 use super::sequencer::Sequencer;
-use super::slot::ViewerSlot;
-use super::{Inbound, JoinInfo, Peer, RoomError, RoomInfo, RoomKey, tick};
+use super::slot::{Delivery, ViewerSlot};
+use super::tick::Outgoing;
+use super::{GAP_FROM_LOG, Inbound, JoinInfo, Peer, RoomError, RoomInfo, RoomKey, filters, tick};
 use crate::config::RoomClass;
 use crate::filter::TenantFilter;
 use crate::modules::{ModuleSet, ResolvedPolicy};
@@ -127,8 +128,8 @@ pub(super) struct Room {
     default_cap: u32,
     max_frame: u32,
     max_body: u32,
-    /// In a cluster (livecast rooms): origin or relay, and the bus.
-    link: Option<RoomLink>,
+    /// Solo, or in a cluster its origin or a relay.
+    place: Place,
     /// Figures and what it runs, for the admin API.
     info: Arc<RoomInfo>,
     /// The current policy's failed ticks already counted in `info`.
@@ -147,18 +148,6 @@ enum Event {
     Heard(Heard),
     /// A group room's log stored held ticks (or fenced the room).
     Stored,
-}
-
-/// What one tick shows its viewers, once it may.
-struct Outgoing {
-    messages: Vec<Message>,
-    counters: Counters,
-    pinned: Vec<u64>,
-    tick: u64,
-    online: u64,
-    presence_due: bool,
-    /// Numbers before these messages the viewers will never get.
-    missed: u64,
 }
 
 impl Room {
@@ -194,26 +183,28 @@ impl Room {
         let tick = config.classes.first().map_or(config.tick, |c| c.tick);
         let mut ring = Ring::new(config.recent_messages);
         let mut kind = kind;
-        let link = match rooms.links() {
-            Some(links) => {
-                let mut link = RoomLink::new(Arc::clone(links), &key, rooms.max_frame, config.presence_interval).await;
-                if matches!(kind, RoomKind::Group(_)) {
-                    link.set_log(rooms.log.clone());
-                }
-                let recent = link.recent_from_origin().await;
-                ring.record(&recent);
-                if let RoomKind::Group(g) = &mut kind {
-                    // The room claimed its log as it opened: a relay only
-                    // gives the claim up (nothing to await or fail).
-                    if !link.is_origin() {
-                        let _ = g.set_writer(&key, false).await;
-                    }
-                    g.relayed(&recent);
-                }
-                Some(link)
+        let port = match rooms.cluster() {
+            Some(cluster) => {
+                let setup = PortSetup {
+                    max_frame: rooms.max_frame,
+                    presence_interval: config.presence_interval,
+                    log: matches!(kind, RoomKind::Group(_)).then(|| rooms.log.clone()),
+                };
+                Some(cluster.open(&key, setup).await)
             }
             None => None,
         };
+        let mut place = Place::new(port);
+        if place.is_relay() {
+            let recent = place.recent_from_origin().await;
+            ring.record(&recent);
+            if let RoomKind::Group(g) = &mut kind {
+                // The room claimed its log as it opened: a relay only
+                // gives the claim up (nothing to await or fail).
+                let _ = g.set_writer(&key, false).await;
+                g.relayed(&recent);
+            }
+        }
         // A livecast room has no history to number on from, and an origin
         // in a cluster may not know an earlier origin's last numbers: both
         // number above anything handed out before (see `time_base`), so a
@@ -224,21 +215,21 @@ impl Room {
         // anything an earlier log of the room handed out, too. So within a
         // room numbers only ever go up, across restarts, failovers and
         // lost logs, and a client never takes a new message for a repeat.
-        let first = match (&kind, &link) {
-            (RoomKind::Group(_), None) if kind.last_seq() > 0 => kind.last_seq(),
-            _ => time_base().max(kind.last_seq()),
-        };
         let epoch = match &kind {
             RoomKind::Group(g) => g.epoch(),
             RoomKind::Livecast => rooms.incarnation,
         };
+        let sequencer = match (&kind, &place) {
+            (RoomKind::Group(_), Place::Solo) if kind.last_seq() > 0 => Sequencer::after(kind.last_seq(), epoch),
+            _ => Sequencer::fresh(kind.last_seq(), epoch),
+        };
         Some(Self {
-            link,
+            place,
             info,
             policy_failures_seen: 0,
             reclaim_at: None,
             label: Arc::from(key.to_string().as_str()),
-            sequencer: Sequencer::local(first, epoch),
+            sequencer,
             kind,
             key,
             id,
@@ -297,7 +288,7 @@ impl Room {
                 RoomKind::Group(g) if g.is_holding() => Some(Arc::clone(g.commit())),
                 _ => None,
             };
-            let link = &mut self.link;
+            let place = &mut self.place;
             let event = tokio::select! {
                 biased;
                 _ = rooms.shutdown.cancelled() => Event::Shutdown,
@@ -305,7 +296,7 @@ impl Room {
                 _ = tokio::time::sleep_until(retire_at.unwrap_or_else(Instant::now)), if idle && retire_at.is_some() => Event::Linger,
                 _ = ticker.tick(), if !idle => Event::Tick,
                 _ = async { match &commit { Some(c) => c.changed().await, None => std::future::pending().await } } => Event::Stored,
-                heard = async { match link { Some(l) => l.next().await, None => std::future::pending().await } } => Event::Heard(heard),
+                heard = place.next() => Event::Heard(heard),
                 Some(cmd) = rx.recv(), if inbox_open => Event::Command(cmd),
             };
             match event {
@@ -354,9 +345,7 @@ impl Room {
         for slot in self.viewers.slots() {
             slot.close();
         }
-        if let Some(link) = &mut self.link {
-            link.retire(&self.key);
-        }
+        self.place.retire();
         metrics::gauge!("throng_rooms").decrement(1.0);
         tracing::debug!("room retired");
         None
@@ -400,13 +389,11 @@ impl Room {
                     old.close();
                 }
                 self.empty_since = None;
-                let last_seq = match &self.link {
-                    Some(l) if !l.is_origin() => l.seen_seq,
-                    _ => self.sequencer.last(),
+                let last_seq = match &self.place {
+                    Place::Relay(port) => port.seen_seq(),
+                    Place::Solo | Place::Origin(_) => self.sequencer.last(),
                 };
-                if let Some(l) = &self.link {
-                    l.viewers_changed(&self.key, self.viewers.len() as u64);
-                }
+                self.place.viewers_changed(self.viewers.len() as u64);
                 self.info
                     .viewers
                     .store(self.viewers.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -428,9 +415,7 @@ impl Room {
                 if let Some(slot) = self.viewers.remove(member) {
                     slot.close();
                 }
-                if let Some(l) = &self.link {
-                    l.viewers_changed(&self.key, self.viewers.len() as u64);
-                }
+                self.place.viewers_changed(self.viewers.len() as u64);
                 self.info
                     .viewers
                     .store(self.viewers.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -449,14 +434,8 @@ impl Room {
                 let _ = reply.send((self.ring.since(after), self.ring.holds_all_after(after)));
             }
             Command::PeerViewers { peer, viewers } => {
-                // Kept even by a relay: the edges of a cluster see an origin
-                // die a moment apart, and the new origin may hear of another
-                // edge's viewers before it knows the room is now its own.
-                if let Some(l) = self.link.as_mut() {
-                    l.peer_viewers(peer, viewers);
-                    if viewers > 0 && l.is_origin() {
-                        self.empty_since = None;
-                    }
+                if self.place.peer_viewers(peer, viewers) {
+                    self.empty_since = None;
                 }
             }
         }
@@ -465,38 +444,29 @@ impl Room {
     /// The numbering of the room's sequence numbers now: this edge's, or
     /// on a relay, its origin's.
     fn epoch(&self) -> u64 {
-        match (&self.kind, &self.link) {
-            (RoomKind::Livecast, Some(l)) if !l.is_origin() => l.origin_epoch().unwrap_or(self.sequencer.epoch()),
+        match (&self.kind, &self.place) {
+            (RoomKind::Livecast, Place::Relay(port)) => port.origin_epoch().unwrap_or(self.sequencer.epoch()),
             _ => self.sequencer.epoch(),
         }
     }
 
     /// Viewers of the room on other edges, when this edge is its origin.
     fn peer_count(&mut self) -> u64 {
-        match &mut self.link {
-            Some(l) if l.is_origin() => l.peer_count(),
-            _ => 0,
-        }
+        self.place.peer_count()
     }
 
     /// Whether other edges want the room's batches, when this edge is its
-    /// origin (an edge with new viewers does before its region counts them).
+    /// origin.
     fn peers_interested(&mut self) -> bool {
-        match &mut self.link {
-            Some(l) if l.is_origin() => l.interested(),
-            _ => false,
-        }
+        self.place.peers_interested()
     }
 
-    /// What the room's link to the cluster brought.
+    /// What the cluster brought the room.
     async fn on_heard(&mut self, heard: Heard) {
-        let Some(link) = self.link.as_mut() else { return };
         match heard {
             Heard::Nothing => {
-                if let RoomKind::Group(g) = &mut self.kind
-                    && !link.is_origin()
-                {
-                    g.origin_committed(link.origin_committed);
+                if let (RoomKind::Group(g), Place::Relay(port)) = (&mut self.kind, &self.place) {
+                    g.origin_committed(port.origin_committed());
                 }
             }
             Heard::Live => {
@@ -509,27 +479,27 @@ impl Room {
                     RoomKind::Group(g) => self.ring.last().max(g.committed()),
                     RoomKind::Livecast => 0,
                 };
-                let became_origin = link.reconsider(&self.key, self.viewers.len() as u64, delivered).await;
+                let became_origin = self.place.reconsider(self.viewers.len() as u64, delivered).await;
                 if became_origin {
                     // The room's origin moved here: number on after anything
                     // the one before handed out, and pick a policy. A
                     // livecast room's numbering is this edge's now.
+                    let seen = self.place.port().map_or(0, |p| p.seen_seq());
                     let epoch = match &self.kind {
                         RoomKind::Group(g) => g.epoch(),
                         RoomKind::Livecast => self.sequencer.epoch(),
                     };
-                    self.sequencer = Sequencer::local(link.next_seq_floor(), epoch);
+                    self.sequencer.take_over(seen, epoch);
                     self.modules.mark_changed();
-                    if link.interested() {
+                    if self.place.peers_interested() {
                         self.empty_since = None;
                     }
                 }
-                let origin = link.is_origin();
+                let writer = self.place.numbers();
                 if let RoomKind::Group(g) = &mut self.kind {
-                    match g.set_writer(&self.key, origin).await {
+                    match g.set_writer(&self.key, writer).await {
                         Ok(Some(end)) => {
-                            let floor = self.sequencer.last().max(end);
-                            self.sequencer = Sequencer::local(floor, g.epoch());
+                            self.sequencer.continue_after(end, g.epoch());
                             self.deliver_stored_elsewhere(delivered, end).await;
                         }
                         Ok(None) => {}
@@ -537,15 +507,14 @@ impl Room {
                             // Numbering on without the log's end could reuse
                             // numbers: the room refuses sends until a claim
                             // succeeds (tried again each tick).
+                            self.sequencer.fence();
                             tracing::error!(error = %e, "cannot claim the group room's log; refusing sends until it can");
                         }
                     }
                 }
             }
             Heard::Frames(deliveries) => {
-                if link.is_origin() {
-                    return;
-                }
+                let Place::Relay(port) = &self.place else { return };
                 for d in &deliveries {
                     self.ring.record(&d.batch.messages);
                 }
@@ -553,7 +522,7 @@ impl Room {
                     for d in &deliveries {
                         g.relayed(&d.batch.messages);
                     }
-                    g.origin_committed(link.origin_committed);
+                    g.origin_committed(port.origin_committed());
                 }
                 self.egress.finish();
                 let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
@@ -722,16 +691,11 @@ impl Room {
         self.info
             .viewers
             .store(self.viewers.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        if let Some(origin) = self.link.as_ref().and_then(|l| l.origin()) {
+        if let Place::Relay(port) = &self.place {
             // Relayed: the origin runs the room; its senders' messages go
             // there, and their answers come back from there.
-            let links = self.link.as_ref().map(|l| Arc::clone(&l.links));
-            if let Some(links) = links {
-                let origin = origin.to_owned();
-                for m in self.ingress.take() {
-                    let hops = m.hops;
-                    links.forward(&origin, &self.key, m, hops);
-                }
+            for m in self.ingress.take() {
+                port.forward(m);
             }
             return;
         }
@@ -752,23 +716,27 @@ impl Room {
         if self.ingress.is_empty() && !presence_due {
             // A group room's relays learn how far its log is stored even
             // when nothing is said: they keep messages until then.
-            let (last, committed, prev) = (self.sequencer.last(), self.kind.committed(), self.ring.last());
-            if let Some(link) = self.link.as_mut()
-                && committed > 0
-            {
-                link.publish(&self.key, &[], last, committed, prev, self.tick_interval)
-                    .await;
+            let committed = self.kind.committed();
+            if committed > 0 {
+                let tick = self.told(&[], self.ring.last());
+                self.place.publish(tick).await;
             }
             return;
         }
         let mut inbox = self.ingress.take();
         RoomInfo::add(&self.info.msgs_in, inbox.len());
+        if self.sequencer.is_fenced() {
+            // A claim that failed, or a fence: try to claim the log again
+            // before refusing the tick's messages.
+            self.reclaim().await;
+        }
+        tick::refuse_if_fenced(&self.sequencer, &mut inbox);
         if let RoomKind::Group(g) = &self.kind {
             g.refuse_if_behind(&mut inbox);
             g.refuse_if_tenant_full(&self.key, &mut inbox);
         }
         let before_filters = inbox.len();
-        let inbox = tick::filter(&self.filters, inbox, &self.runtime, &self.key.tenant, self.max_body).await;
+        let inbox = filters::run(&self.filters, inbox, &self.runtime, &self.key.tenant, self.max_body).await;
         let accepted_n = inbox.len();
         RoomInfo::add(&self.info.filtered, before_filters - accepted_n);
         let mut metas = InboundBatch::with_capacity(inbox.len());
@@ -811,47 +779,19 @@ impl Room {
 
         // Every accepted message gets a sequence number and an ack, delivered
         // or not; delivered ones carry the same number to viewers.
-        let mut acks = Vec::with_capacity(inbox.len());
-        let mut accepted: Vec<Option<Message>> = Vec::with_capacity(inbox.len());
-        for m in inbox {
-            let seq = self.sequencer.next();
-            acks.push(Ack {
-                reply: m.reply,
-                client_msg_id: m.client_msg_id,
-                seq,
-            });
-            accepted.push(Some(Message {
-                seq,
-                sender: m.sender.to_string(),
-                kind: m.kind,
-                body: m.body,
-            }));
-        }
-        let pinned: Vec<u64> = plan
-            .pinned
-            .iter()
-            .filter_map(|&i| accepted.get(i as usize).and_then(|s| s.as_ref()).map(|m| m.seq))
-            .collect();
-        let mut messages = Vec::with_capacity(plan.deliver.len());
-        for i in plan.deliver {
-            // Plans are validated (Wasm) or built correctly (native); an index
-            // out of range or repeated would still only be skipped here.
-            if let Some(m) = accepted.get_mut(i as usize).and_then(Option::take) {
-                messages.push(m);
-            }
-        }
-        RoomInfo::add(&self.info.delivered, messages.len());
-        self.count_messages(accepted_n, messages.len(), before_filters - accepted_n);
-        if !messages.is_empty() || !plan.counters.is_empty() || presence_due {
+        let numbered = tick::number(inbox, &plan.deliver, &plan.pinned, &mut self.sequencer);
+        RoomInfo::add(&self.info.delivered, numbered.messages.len());
+        self.count_messages(accepted_n, numbered.messages.len(), before_filters - accepted_n);
+        if !numbered.messages.is_empty() || !plan.counters.is_empty() || presence_due {
             // Told now, though a group room's tick shows only once stored:
             // the ticks meanwhile must not each carry the count again.
             self.online_sent = online;
             self.presence_sent_at = Instant::now();
         }
         let out = Outgoing {
-            messages,
+            messages: numbered.messages,
             counters: plan.counters,
-            pinned,
+            pinned: numbered.pinned,
             tick: self.tick,
             online,
             presence_due,
@@ -859,23 +799,19 @@ impl Room {
         };
         if let RoomKind::Group(g) = &mut self.kind {
             // Acked and shown only once stored (see `room/group.rs`).
+            let last = self.sequencer.last();
             g.hold(
                 &self.key,
                 Held {
-                    last: self.sequencer.last(),
-                    acks,
-                    messages: out.messages,
-                    counters: out.counters,
-                    pinned: out.pinned,
-                    tick: out.tick,
-                    online: out.online,
-                    presence_due: out.presence_due,
+                    last,
+                    acks: numbered.acks,
+                    out,
                 },
             );
             self.release_stored().await;
             return;
         }
-        for ack in acks {
+        for ack in numbered.acks {
             ack.send();
         }
         self.deliver(out).await;
@@ -890,6 +826,8 @@ impl Room {
             Stored::Fenced(stored) => {
                 // What was stored before the fence is in the log: acked and
                 // shown, so no sender is refused what readers find there.
+                // Nothing more is numbered until the log is claimed again.
+                self.sequencer.fence();
                 self.release(stored).await;
                 self.reclaim().await;
             }
@@ -903,31 +841,9 @@ impl Room {
         if ticks.is_empty() {
             return;
         }
-        let mut out = Outgoing {
-            messages: Vec::new(),
-            counters: Counters::default(),
-            pinned: Vec::new(),
-            tick: 0,
-            online: 0,
-            presence_due: false,
-            missed: 0,
-        };
-        for t in ticks {
-            for ack in t.acks {
-                ack.send();
-            }
-            out.messages.extend(t.messages);
-            out.counters.likes += t.counters.likes;
-            for g in t.counters.gifts {
-                match out.counters.gifts.iter_mut().find(|o| o.gift == g.gift) {
-                    Some(o) => o.count += g.count,
-                    None => out.counters.gifts.push(g),
-                }
-            }
-            out.pinned.extend(t.pinned);
-            out.tick = t.tick;
-            out.online = t.online;
-            out.presence_due |= t.presence_due;
+        let (acks, out) = tick::merge(ticks);
+        for ack in acks {
+            ack.send();
         }
         self.deliver(out).await;
     }
@@ -945,11 +861,13 @@ impl Room {
         let delivered = self.ring.last().max(g.committed());
         match g.reclaim(&self.key).await {
             Ok(end) => {
-                let floor = match &self.link {
-                    Some(l) => l.next_seq_floor().max(end),
-                    None => end,
-                };
-                self.sequencer = Sequencer::local(floor.max(self.sequencer.last()), g.epoch());
+                let epoch = g.epoch();
+                match self.place.port() {
+                    // Another origin may have numbered meanwhile, unseen
+                    // here: number as a new origin does.
+                    Some(port) => self.sequencer.take_over(port.seen_seq().max(end), epoch),
+                    None => self.sequencer.continue_after(end, epoch),
+                }
                 self.deliver_stored_elsewhere(delivered, end).await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot claim the group room's log yet"),
@@ -968,9 +886,7 @@ impl Room {
         if end <= delivered {
             return;
         }
-        let read = g
-            .read_stored(&self.key, delivered + 1, end, super::remote::GAP_FROM_LOG)
-            .await;
+        let read = g.read_stored(&self.key, delivered + 1, end, GAP_FROM_LOG).await;
         let (messages, missed) = match read {
             Some(m) => (m.into_iter().filter(|m| m.seq > delivered && m.seq <= end).collect(), 0),
             // Numbers, not messages: at most this many.
@@ -997,57 +913,46 @@ impl Room {
     /// Records a tick's delivered messages and sends its batch to this
     /// edge's viewers and, in a cluster, to the room's relays.
     async fn deliver(&mut self, out: Outgoing) {
-        let Outgoing {
-            messages,
-            counters,
-            pinned,
-            tick,
-            online,
-            presence_due,
-            missed,
-        } = out;
         let prev_delivered = self.ring.last();
-        self.ring.record(&messages);
-        if messages.is_empty() && counters.is_empty() && !presence_due && missed == 0 {
+        self.ring.record(&out.messages);
+        if out.is_empty() {
             // Nothing to show, but the numbers moved: relays must know, in
             // case the room's origin moves to one of them.
-            let (last, committed) = (self.sequencer.last(), self.kind.committed());
-            if let Some(link) = self.link.as_mut() {
-                link.publish(&self.key, &[], last, committed, prev_delivered, self.tick_interval)
-                    .await;
-            }
+            let tick = self.told(&[], prev_delivered);
+            self.place.publish(tick).await;
             return;
         }
         let batch = Batch {
             room: self.key.name.to_string(),
-            tick,
-            messages,
-            counters,
-            pinned,
-            online,
-            missed,
+            tick: out.tick,
+            messages: out.messages,
+            counters: out.counters,
+            pinned: out.pinned,
+            online: out.online,
+            missed: out.missed,
             epoch: self.sequencer.epoch(),
         };
         let deliveries = tick::encode_batch(batch, self.max_frame);
         metrics::counter!("throng_batches_total").increment(deliveries.len() as u64);
         metrics::counter!("throng_frames_queued_total").increment((deliveries.len() * self.viewers.len()) as u64);
         let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
-        if let Some(link) = self.link.as_mut() {
-            // Encoded once, here: relays write these very bytes.
-            let committed = self.kind.committed();
-            link.publish(
-                &self.key,
-                &deliveries,
-                self.sequencer.last(),
-                committed,
-                prev_delivered,
-                self.tick_interval,
-            )
-            .await;
-        }
+        // Encoded once, here: relays write these very bytes.
+        let tick = self.told(&deliveries, prev_delivered);
+        self.place.publish(tick).await;
         self.egress
             .send(&mut self.viewers, deliveries, spread, &self.pool)
             .await;
+    }
+
+    /// What the room's relays are told of a tick.
+    fn told<'a>(&self, deliveries: &'a [Arc<Delivery>], prev_delivered: u64) -> Publish<'a> {
+        Publish {
+            deliveries,
+            last_seq: self.sequencer.last(),
+            committed: self.kind.committed(),
+            prev_delivered,
+            within: self.tick_interval,
+        }
     }
 }
 

@@ -24,9 +24,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use throng_wire::{Counters, EdgeFrame, ErrorCode, Message};
+use throng_wire::{EdgeFrame, ErrorCode, Message};
 
-use super::slot::ReplyTx;
+use super::tick::{Ack, Outgoing};
 use super::{Inbound, RoomKey};
 use crate::group_store::GroupStore;
 use crate::log::Commit;
@@ -37,37 +37,7 @@ pub(super) struct Held {
     /// The highest number handed out in the tick.
     pub(super) last: u64,
     pub(super) acks: Vec<Ack>,
-    pub(super) messages: Vec<Message>,
-    pub(super) counters: Counters,
-    pub(super) pinned: Vec<u64>,
-    pub(super) tick: u64,
-    pub(super) online: u64,
-    pub(super) presence_due: bool,
-}
-
-/// A sender's answer, once the tick is stored.
-#[derive(Debug)]
-pub(super) struct Ack {
-    pub(super) reply: ReplyTx,
-    pub(super) client_msg_id: u64,
-    pub(super) seq: u64,
-}
-
-impl Ack {
-    pub(super) fn send(self) {
-        let _ = self.reply.send(EdgeFrame::Ack {
-            client_msg_id: self.client_msg_id,
-            seq: self.seq,
-        });
-    }
-
-    fn refuse(self, reason: &str) {
-        let _ = self.reply.send(EdgeFrame::Rejected {
-            client_msg_id: self.client_msg_id,
-            code: ErrorCode::ServerBusy.code(),
-            reason: reason.to_owned(),
-        });
-    }
+    pub(super) out: Outgoing,
 }
 
 /// What the room's log said since the room last looked.
@@ -185,8 +155,13 @@ impl GroupState {
 
     /// Appends a numbered tick to the log and holds it until it is stored.
     pub(super) fn hold(&mut self, key: &RoomKey, tick: Held) {
-        self.log
-            .append(&key.tenant, &key.name, tick.messages.clone(), tick.last, &self.commit);
+        self.log.append(
+            &key.tenant,
+            &key.name,
+            tick.out.messages.clone(),
+            tick.last,
+            &self.commit,
+        );
         self.held.push_back(tick);
     }
 

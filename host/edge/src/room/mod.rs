@@ -21,12 +21,14 @@
 //!   limits.
 //! - `actor`: a room's task: its mailbox ([`RoomHandle`]), its tick, its
 //!   size class.
-//! - `tick`: the tick's steps that need nothing else of the room: the
-//!   tenant's filters over the inbox, encoding the batch.
+//! - `tick`: the pure part of a tick: numbering and acks, merging stored
+//!   ticks, encoding the batch (unit-tested alone).
+//! - `filters`: the tenant's filters over a tick's inbox.
 //! - `kind`: livecast or group; `group`: a group room's log state (where
 //!   the log ends, what is not on disk yet, a returning member's catch-up).
 //! - `ring`: the recent messages a joiner gets.
-//! - `sequencer`: what numbers a room's messages.
+//! - `sequencer`: what numbers a room's messages: the numbering's epoch,
+//!   the fence, and numbers that never go back.
 //! - `link`: where a room's messages come from and where its batches go.
 //! - `fanout`: the room's viewers, and pushing a batch to all of them: at
 //!   once, paced over the class's `spread`, or in shards on the class's
@@ -34,19 +36,22 @@
 //! - `slot`: the bounded queues to a connection: a viewer's batches for one
 //!   room ([`ViewerSlot`], which evicts a viewer that stays behind) and
 //!   replies to a sender's control stream ([`ReplyTx`]).
-//! - `remote`: a room's part in a cluster: origin or relay.
+//! - `place`: a room's place in its cluster (solo, origin, relay) and the
+//!   [`ClusterPort`] it reaches the cluster by; `room/` imports nothing of
+//!   `cluster/`, which implements the port.
 //! - `clock`: room time in whole ticks.
 //! - `info`: a room's figures and what it runs, for the admin API.
 
 mod actor;
 mod clock;
 mod fanout;
+mod filters;
 mod group;
 mod info;
 mod kind;
 mod link;
+mod place;
 mod registry;
-mod remote;
 mod ring;
 mod sequencer;
 mod slot;
@@ -59,8 +64,15 @@ use throng_wire::{Kind, Message};
 
 pub use actor::RoomHandle;
 pub use info::{RoomInfo, Running};
+pub use place::{Cluster, ClusterPort, Heard, PortSetup, Publish};
 pub use registry::{Creator, Rooms, RoomsSetup, TENANT_SHARE, tenant_cap};
 pub use slot::{Delivery, Next, ReplyTx, ViewerSlot};
+pub(crate) use tick::encode_batch;
+
+/// Most messages read from a group room's log to fill one gap (a relay's
+/// on the bus, or what another writer stored meanwhile); a longer gap is
+/// told as `missed`.
+pub const GAP_FROM_LOG: usize = 10_000;
 
 /// A room's identity on this edge.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::actor::{Command, Room, RoomHandle};
 use super::slot::ViewerSlot;
-use super::{Inbound, JoinInfo, Peer, RoomError, RoomInfo, RoomKey};
-use crate::cluster::links::Links;
+use super::{Cluster, Inbound, JoinInfo, Peer, RoomError, RoomInfo, RoomKey};
 use crate::config::RoomsConfig;
 use crate::group_store::GroupStore;
 use crate::modules::ModuleSet;
@@ -47,8 +46,8 @@ pub struct Rooms {
     pub(super) shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
     pub(super) pools: Pools,
-    /// In a cluster: the links to other edges' rooms.
-    links: std::sync::OnceLock<Arc<Links>>,
+    /// In a cluster: where rooms get their ports to it.
+    cluster: std::sync::OnceLock<Arc<dyn Cluster>>,
     /// This edge's run (Unix ms at start): the epoch of the livecast rooms
     /// it numbers.
     pub(super) incarnation: u64,
@@ -163,7 +162,7 @@ impl Rooms {
             shutdown: setup.shutdown,
             tasks: tokio_util::task::TaskTracker::new(),
             pools: setup.pools,
-            links: std::sync::OnceLock::new(),
+            cluster: std::sync::OnceLock::new(),
             incarnation: setup.incarnation,
         })
     }
@@ -346,17 +345,13 @@ impl Rooms {
     }
 
     /// Joins this edge's rooms to its cluster; once, at start.
-    pub fn set_links(&self, links: Arc<Links>) {
-        let _ = self.links.set(links);
+    pub fn set_cluster(&self, cluster: Arc<dyn Cluster>) {
+        let _ = self.cluster.set(cluster);
     }
 
-    pub(super) fn links(&self) -> Option<&Arc<Links>> {
-        self.links.get()
-    }
-
-    /// This edge's links to the rest of its cluster, if it is in one.
-    pub fn cluster_links(&self) -> Option<Arc<Links>> {
-        self.links.get().cloned()
+    /// Where this edge's rooms get their ports to the cluster, if in one.
+    pub(super) fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.cluster.get()
     }
 
     /// A send another edge forwarded to a room this edge is the origin of

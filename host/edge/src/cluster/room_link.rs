@@ -1,12 +1,13 @@
-//! A room's part in a cluster: whether this edge is its origin or relays
-//! it from another edge, and what that means at each step.
+//! The cluster's side of a room's [`ClusterPort`]: whether this edge is
+//! the room's origin or relays it from another edge, and what that means on
+//! the bus at each step. The room sees only the port (`room/place.rs`).
 //!
 //! - **Origin**: the room runs as on a single edge (filters, policy,
 //!   sequencer, ring) and also takes what other edges forward
 //!   (`cluster::links`), counts their viewers online, and publishes each
 //!   tick's encoded frames once on the room's subject while any other edge
 //!   has viewers. A room whose origin moved here numbers on after the
-//!   highest number it has seen, and never below [`time_base`].
+//!   highest number it has seen (the room's sequencer takes it over).
 //! - **Relay**: the room subscribes to its subject while it lives (it
 //!   lives while it has viewers, and lingers as rooms do), writes the
 //!   origin's frames unchanged to its viewers, keeps its ring from them
@@ -25,39 +26,28 @@ use throng_wire::{Batch, Counters, EdgeFrame, FrameDecoder};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::slot::Delivery;
-use super::{Peer, RoomKey};
-use crate::cluster::bus::{self, RoomBatch};
-use crate::cluster::links::Links;
-use crate::cluster::{BusKind, LiveSet};
-use crate::group_store::GroupStore;
+use futures::future::BoxFuture;
+
+use super::bus::{self, RoomBatch};
+use super::links::Links;
+use super::{BusKind, LiveSet};
+use crate::room::{
+    Cluster, ClusterPort, Delivery, GAP_FROM_LOG, Heard, Inbound, Peer, PortSetup, Publish, RoomKey, encode_batch,
+};
 
 /// Who runs the room.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Role {
+enum Role {
     Origin,
     Relay { origin: String },
 }
 
-/// The first sequence number base of a room whose numbering starts now:
-/// 2^22 (4,194,304) numbers for every second since 2026, counted by the
-/// millisecond, so a room restarted (even within the same second) or
-/// taken over by another origin numbers above anything its last life
-/// handed out, even unseen, as long as a room numbers fewer than 4 million
-/// messages a second and edges' clocks agree within `dead_after`. Stays
-/// below 2^53 until 2034, so JavaScript clients read it exactly.
-pub(super) fn time_base() -> u64 {
-    const SINCE_MS: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
-    let ms = crate::unix_now_ms().saturating_sub(SINCE_MS);
-    (u128::from(ms) * (1 << 22) / 1000) as u64
-}
-
 /// A room's link to the rest of its cluster.
 #[derive(Debug)]
-pub(super) struct RoomLink {
-    pub(super) links: Arc<Links>,
+pub(crate) struct RoomLink {
+    links: Arc<Links>,
     subject: String,
-    pub(super) role: Role,
+    role: Role,
     /// Whether this link counts in the cluster's rooms originated here.
     counted: bool,
     live: watch::Receiver<Arc<LiveSet>>,
@@ -69,7 +59,7 @@ pub(super) struct RoomLink {
     /// Origin: how far the room's log is stored, as its relays were told.
     told_committed: u64,
     /// Relay (group rooms): how far the origin says the log is stored.
-    pub(super) origin_committed: u64,
+    origin_committed: u64,
     /// Origin: edges that told of their first viewers, and when: they get
     /// batches before their region's count includes them.
     hellos: HashMap<String, Instant>,
@@ -78,7 +68,7 @@ pub(super) struct RoomLink {
     /// Relay: the last bus batch seen (origin, epoch, batch number).
     last_batch: Option<(String, u64, u64)>,
     /// The highest sequence number seen from any origin of the room.
-    pub(super) seen_seq: u64,
+    seen_seq: u64,
     /// Relay: the highest number of a message written to its viewers.
     delivered_seq: u64,
     /// Relay: the last tick and online count the origin sent.
@@ -90,32 +80,36 @@ pub(super) struct RoomLink {
     peer_ttl: Duration,
     /// Group rooms: the log, where a relay fills a gap on the bus (its
     /// origin publishes only what is stored there).
-    log: Option<GroupStore>,
+    log: Option<crate::group_store::GroupStore>,
     /// Relay: the numbering of the last frame written to its viewers.
     frame_epoch: Option<u64>,
 }
 
-/// Most messages a relay reads from a group room's log to fill one gap on
-/// the bus; a longer gap falls back to the origin's ring (and `missed`).
-pub(super) const GAP_FROM_LOG: usize = 10_000;
+/// Where the edge's rooms get their ports: the cluster's links.
+#[derive(Debug)]
+pub struct RoomPorts(pub Arc<Links>);
+
+impl Cluster for RoomPorts {
+    fn open<'a>(&'a self, key: &'a RoomKey, setup: PortSetup) -> BoxFuture<'a, Box<dyn ClusterPort>> {
+        Box::pin(async move {
+            let link = RoomLink::new(Arc::clone(&self.0), key, setup).await;
+            Box::new(link) as Box<dyn ClusterPort>
+        })
+    }
+}
 
 /// Regions an origin keeps counts of per room; more than any real cluster
 /// has.
 const MAX_REGIONS: usize = 256;
 
-/// What the room's task hears from its link.
-#[derive(Debug)]
-pub(super) enum Heard {
-    /// A relay's frames to write to its viewers, as the origin encoded them.
-    Frames(Vec<Arc<Delivery>>),
-    /// The live set changed; the role may have.
-    Live,
-    /// Nothing for the room (a batch of another's, a malformed message).
-    Nothing,
-}
-
 impl RoomLink {
-    pub(super) async fn new(links: Arc<Links>, key: &RoomKey, max_frame: u32, presence: Duration) -> Self {
+    /// Room `key`'s link, in the place the live set gives it now.
+    pub(crate) async fn new(links: Arc<Links>, key: &RoomKey, setup: PortSetup) -> Self {
+        let PortSetup {
+            max_frame,
+            presence_interval: presence,
+            log,
+        } = setup;
         let live = links.live();
         let role = role_of(&live.borrow(), links.edge_id(), key);
         let mut link = Self {
@@ -140,23 +134,18 @@ impl RoomLink {
             max_frame,
             decoder: FrameDecoder::new(max_frame),
             peer_ttl: presence * 3 + Duration::from_secs(1),
-            log: None,
+            log,
             frame_epoch: None,
         };
         link.become_(role, key, 0).await;
         link
     }
 
-    /// A group room's log: gaps on the bus are filled from it.
-    pub(super) fn set_log(&mut self, log: GroupStore) {
-        self.log = Some(log);
-    }
-
     /// A new relay's recent messages, from its origin's ring, so its first
     /// joiners get what they would on the origin (and a viewer that moved
     /// here from a dead edge resumes by sequence). Asked after subscribing:
     /// what crosses both arrives once (see `on_batch`).
-    pub(super) async fn recent_from_origin(&mut self) -> Vec<throng_wire::Message> {
+    async fn recent_from_origin(&mut self) -> Vec<throng_wire::Message> {
         let Role::Relay { origin } = &self.role else {
             return Vec::new();
         };
@@ -170,17 +159,6 @@ impl RoomLink {
                 r.messages
             }
             None => Vec::new(),
-        }
-    }
-
-    pub(super) fn is_origin(&self) -> bool {
-        self.role == Role::Origin
-    }
-
-    pub(super) fn origin(&self) -> Option<&str> {
-        match &self.role {
-            Role::Origin => None,
-            Role::Relay { origin } => Some(origin),
         }
     }
 
@@ -212,7 +190,7 @@ impl RoomLink {
     }
 
     /// Waits for what the link has for the room.
-    pub(super) async fn next(&mut self) -> Heard {
+    async fn next(&mut self) -> Heard {
         let got = {
             let live = &mut self.live;
             let sub = self.sub.as_mut();
@@ -238,27 +216,23 @@ impl RoomLink {
         }
     }
 
-    /// Rereads the live set: true when this edge became the room's origin
-    /// (the room then numbers on after `next_seq_floor`).
-    /// `delivered`: the highest number of a group room's log this edge's
-    /// viewers were given (0 for a livecast room, whose origins number
-    /// apart).
-    pub(super) async fn reconsider(&mut self, key: &RoomKey, viewers: u64, delivered: u64) -> bool {
-        let role = role_of(&self.live.borrow_and_update(), self.links.edge_id(), key);
+    /// Rereads the live set (see [`ClusterPort::reconsider`]).
+    async fn reconsider(&mut self, viewers: u64, delivered: u64) {
+        let key = self.key.clone();
+        let role = role_of(&self.live.borrow_and_update(), self.links.edge_id(), &key);
         let was_origin = self.is_origin();
-        self.become_(role, key, viewers).await;
+        self.become_(role, &key, viewers).await;
         if was_origin && !self.is_origin() {
             // What this edge delivered as the origin is not a gap to fill
             // from the new origin (the viewers would get it twice).
             self.delivered_seq = self.delivered_seq.max(delivered);
             self.seen_seq = self.seen_seq.max(delivered);
         }
-        !was_origin && self.is_origin()
     }
 
     /// Relay: the numbering of the room's origin, from its last batch or,
     /// before one came, from the live set.
-    pub(super) fn origin_epoch(&self) -> Option<u64> {
+    fn relay_epoch(&self) -> Option<u64> {
         let Role::Relay { origin } = &self.role else {
             return None;
         };
@@ -268,11 +242,6 @@ impl RoomLink {
             return Some(*epoch);
         }
         self.live.borrow().incarnation(origin)
-    }
-
-    /// Where a room whose origin moved here numbers on from.
-    pub(super) fn next_seq_floor(&self) -> u64 {
-        self.seen_seq.max(time_base())
     }
 
     async fn on_batch(&mut self, sender: &str, payload: &[u8]) -> Heard {
@@ -359,7 +328,7 @@ impl RoomLink {
             }
         }
         let mut deliveries = if lost > 0 {
-            let epoch = self.frame_epoch.or(self.origin_epoch()).unwrap_or(batch.epoch);
+            let epoch = self.frame_epoch.or(self.relay_epoch()).unwrap_or(batch.epoch);
             self.fill_gap(&batch.origin, lost, &fresh, (epoch, batch.last_seq))
                 .await
         } else {
@@ -382,7 +351,7 @@ impl RoomLink {
                     let mut batch = d.batch.clone();
                     batch.messages.retain(|m| m.seq > after);
                     if !batch.messages.is_empty() {
-                        deliveries.extend(super::tick::encode_batch(batch, self.max_frame));
+                        deliveries.extend(encode_batch(batch, self.max_frame));
                     }
                 }
                 _ => deliveries.push(d),
@@ -476,12 +445,12 @@ impl RoomLink {
             missed: if complete { 0 } else { lost },
             epoch: fresh.first().map_or(batch_epoch, |d| d.batch.epoch),
         };
-        super::tick::encode_batch(batch, self.max_frame)
+        encode_batch(batch, self.max_frame)
     }
 
     /// An edge's first (or no more) viewers, or a region's total (counted
     /// while this edge is the room's origin).
-    pub(super) fn peer_viewers(&mut self, peer: Peer, viewers: u64) {
+    fn count_peer(&mut self, peer: Peer, viewers: u64) {
         match peer {
             Peer::Edge(edge) if viewers == 0 => {
                 self.hellos.remove(&edge);
@@ -512,40 +481,37 @@ impl RoomLink {
     }
 
     /// Origin: viewers on other edges now, as their regions count them.
-    pub(super) fn peer_count(&mut self) -> u64 {
+    fn peers(&mut self) -> u64 {
         self.expire_peers();
         // Saturating: a bogus count must not wrap the total.
         self.regions.values().fold(0, |sum, (n, _)| sum.saturating_add(*n))
     }
 
     /// Origin: whether any other edge wants the room's batches.
-    pub(super) fn interested(&mut self) -> bool {
+    fn wanted(&mut self) -> bool {
         self.expire_peers();
         !self.regions.is_empty() || !self.hellos.is_empty()
     }
 
     /// Origin: publishes the tick's frames for the relays, if any edge has
     /// viewers, or only the new last number if that is all that changed.
-    pub(super) async fn publish(
-        &mut self,
-        key: &RoomKey,
-        deliveries: &[Arc<Delivery>],
-        last_seq: u64,
-        committed: u64,
-        prev_delivered: u64,
-        within: Duration,
-    ) {
-        if !self.interested()
-            || (deliveries.is_empty() && last_seq == self.told_seq && committed == self.told_committed)
-        {
+    async fn tell_relays(&mut self, tick: Publish<'_>) {
+        let Publish {
+            deliveries,
+            last_seq,
+            committed,
+            prev_delivered,
+            within,
+        } = tick;
+        if !self.wanted() || (deliveries.is_empty() && last_seq == self.told_seq && committed == self.told_committed) {
             return;
         }
         self.batch_no += 1;
         self.told_seq = last_seq;
         self.told_committed = committed;
         let batch = RoomBatch {
-            tenant: key.tenant.to_string(),
-            room: key.name.to_string(),
+            tenant: self.key.tenant.to_string(),
+            room: self.key.name.to_string(),
             origin: self.links.edge_id().to_owned(),
             epoch: self.links.cluster().incarnation(),
             batch_no: self.batch_no,
@@ -558,17 +524,8 @@ impl RoomLink {
         self.links.publish_batch(subject, &batch, within).await;
     }
 
-    /// Relay: tells the origin this edge's viewer count.
-    pub(super) fn viewers_changed(&self, key: &RoomKey, viewers: u64) {
-        if let Role::Relay { origin } = &self.role {
-            self.links.relayed(key, origin, viewers);
-        }
-    }
-
-    /// The room retires: its origin hears it has no viewers here.
-    pub(super) fn retire(&mut self, key: &RoomKey) {
-        self.links.relayed(key, "", 0);
-        self.count_origin(false);
+    fn is_origin(&self) -> bool {
+        self.role == Role::Origin
     }
 
     fn count_origin(&mut self, origin: bool) {
@@ -576,6 +533,73 @@ impl RoomLink {
             self.counted = origin;
             self.links.cluster().originates(origin);
         }
+    }
+}
+
+impl ClusterPort for RoomLink {
+    fn is_origin(&self) -> bool {
+        RoomLink::is_origin(self)
+    }
+
+    fn next(&mut self) -> BoxFuture<'_, Heard> {
+        Box::pin(RoomLink::next(self))
+    }
+
+    fn reconsider(&mut self, viewers: u64, delivered: u64) -> BoxFuture<'_, ()> {
+        Box::pin(RoomLink::reconsider(self, viewers, delivered))
+    }
+
+    fn recent_from_origin(&mut self) -> BoxFuture<'_, Vec<throng_wire::Message>> {
+        Box::pin(RoomLink::recent_from_origin(self))
+    }
+
+    fn origin_epoch(&self) -> Option<u64> {
+        self.relay_epoch()
+    }
+
+    fn seen_seq(&self) -> u64 {
+        self.seen_seq
+    }
+
+    fn origin_committed(&self) -> u64 {
+        self.origin_committed
+    }
+
+    fn peer_viewers(&mut self, peer: Peer, viewers: u64) {
+        self.count_peer(peer, viewers);
+    }
+
+    fn peer_count(&mut self) -> u64 {
+        self.peers()
+    }
+
+    fn interested(&mut self) -> bool {
+        self.wanted()
+    }
+
+    fn publish<'a>(&'a mut self, tick: Publish<'a>) -> BoxFuture<'a, ()> {
+        Box::pin(self.tell_relays(tick))
+    }
+
+    fn forward(&self, message: Inbound) {
+        // Relayed: the origin runs the room; its senders' messages go
+        // there, and their answers come back from there.
+        if let Role::Relay { origin } = &self.role {
+            let hops = message.hops;
+            self.links.forward(origin, &self.key, message, hops);
+        }
+    }
+
+    fn viewers_changed(&self, viewers: u64) {
+        if let Role::Relay { origin } = &self.role {
+            self.links.relayed(&self.key, origin, viewers);
+        }
+    }
+
+    /// Its origin hears it has no viewers here.
+    fn retire(&mut self) {
+        self.links.relayed(&self.key, "", 0);
+        self.count_origin(false);
     }
 }
 
