@@ -126,17 +126,18 @@ struct Wasm {
     quarantined: Vec<Quarantined>,
 }
 
+/// A module in quarantine, as `/stats` and `/v1/overview` show it.
 #[derive(Debug, Serialize)]
-struct Quarantined {
+pub(crate) struct Quarantined {
     /// `filter` or `policy`.
-    kind: &'static str,
-    tenant: String,
+    pub kind: &'static str,
+    pub tenant: String,
     /// The tenant (filters) or `tenant/room` (policies).
-    label: String,
-    module: String,
-    remaining_s: f64,
+    pub label: String,
+    pub module: String,
+    pub remaining_s: f64,
     /// Quarantines in a row (the cool-down doubles with each).
-    level: u32,
+    pub level: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -376,7 +377,8 @@ async fn stats(State(s): State<Arc<AdminState>>, caller: axum::Extension<crate::
 }
 
 /// Quarantines in force, `tenant`'s only if given.
-fn quarantined(wasm: &WasmStats, tenant: Option<&str>) -> Vec<Quarantined> {
+/// The modules in quarantine now: every one, or `tenant`'s.
+pub(crate) fn quarantined(wasm: &WasmStats, tenant: Option<&str>) -> Vec<Quarantined> {
     wasm.quarantined()
         .into_iter()
         .filter(|q| tenant.is_none_or(|t| q.tenant == t))

@@ -40,7 +40,7 @@ pub(crate) struct Overview {
     pub rooms_total: usize,
     pub modules: Vec<ModuleUse>,
     pub deployments: Vec<ScopeStatus>,
-    pub quarantined: Vec<QuarantineView>,
+    pub quarantined: Vec<crate::admin::Quarantined>,
     /// What each tenant filter did.
     pub filters: Vec<super::filters::FilterView>,
     /// Every live edge of the cluster and what it runs; absent on a single edge.
@@ -72,16 +72,6 @@ pub(crate) struct ModuleUse {
     pub viewers: u64,
 }
 
-#[derive(Debug, Serialize)]
-pub(crate) struct QuarantineView {
-    pub kind: &'static str,
-    pub tenant: String,
-    pub label: String,
-    pub module: String,
-    pub remaining_s: f64,
-    pub level: u32,
-}
-
 pub(crate) fn picture(s: &AdminState, caller: &Caller) -> Result<Overview, ApiError> {
     let only = caller.tenant();
     let mut rooms = room_views(s, only);
@@ -106,21 +96,7 @@ pub(crate) fn picture(s: &AdminState, caller: &Caller) -> Result<Overview, ApiEr
         .collect();
     rooms.sort_by(|a, b| b.viewers.cmp(&a.viewers).then(b.in_per_s.total_cmp(&a.in_per_s)));
     rooms.truncate(MAX_ROOMS);
-    let now = Instant::now();
-    let quarantined = s
-        .wasm
-        .quarantined()
-        .into_iter()
-        .filter(|q| only.is_none_or(|t| q.tenant == t))
-        .map(|q| QuarantineView {
-            kind: q.kind,
-            tenant: q.tenant,
-            label: q.label,
-            module: q.module.hex(),
-            remaining_s: q.until.saturating_duration_since(now).as_secs_f64(),
-            level: q.level,
-        })
-        .collect();
+    let quarantined = crate::admin::quarantined(&s.wasm, only);
     let cluster = s.shared.cluster.as_ref().map(|c| c.snapshot());
     Ok(Overview {
         edge: EdgeView {

@@ -13,42 +13,29 @@ impl Links {
             return Some((0, 0));
         }
         let _permit = Arc::clone(&self.who_in_flight).try_acquire_owned().ok()?;
-        let inbox = self.cluster.inbox();
-        let Ok(mut answers) = self.cluster.subscribe(inbox.clone()).await else {
-            return Some((0, others));
-        };
         let order = KickOrder {
             from: self.edge_id().to_owned(),
             tenant: tenant.to_owned(),
             user: user.to_owned(),
             reason: reason.to_owned(),
         };
-        if let Err(e) = self
-            .cluster
-            .request(
-                bus::kick_subject(self.edge_id()),
-                inbox,
-                BusKind::Kick,
-                bus::encode(&order),
-            )
-            .await
-        {
-            tracing::warn!(error = %e, "disconnect not sent to the other edges");
-            return Some((0, others));
-        }
-        let deadline = tokio::time::Instant::now() + WHO_DEADLINE;
-        let mut heard = std::collections::HashSet::new();
         let mut closed = 0usize;
-        while heard.len() < others {
-            let answer = tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
-                a = self.next::<KickAnswer>(&mut answers, BusKind::Kick) => match a { Some(a) => a, None => break },
-            };
-            if self.cluster.live().contains(&answer.from) && heard.insert(answer.from) {
-                closed += answer.connections as usize;
+        let asked = self
+            .ask_every_edge(
+                (bus::kick_subject(self.edge_id()), BusKind::Kick),
+                bus::encode(&order),
+                others,
+                |a: &KickAnswer| a.from.as_str(),
+                |a: KickAnswer| closed += a.connections as usize,
+            )
+            .await;
+        match asked {
+            Ok(answered) => Some((closed, others - answered)),
+            Err(e) => {
+                tracing::warn!(error = %e, "disconnect not sent to the other edges");
+                Some((0, others))
             }
         }
-        Some((closed, others - heard.len()))
     }
 
     /// Other edges' disconnects: this edge's sessions of that user close.

@@ -304,6 +304,38 @@ impl Links {
         }
     }
 
+    /// Asks every other live edge one question on `subject` and hands
+    /// each live edge's first answer to `take`, until `others` answered or
+    /// [`WHO_DEADLINE`] passed. Anyone may answer an inbox: an answer
+    /// counts once per live edge, by `from`. Returns how many edges
+    /// answered; an error when the question could not be asked.
+    async fn ask_every_edge<A: serde::de::DeserializeOwned>(
+        &self,
+        (subject, kind): (String, BusKind),
+        question: Vec<u8>,
+        others: usize,
+        from: impl Fn(&A) -> &str,
+        mut take: impl FnMut(A),
+    ) -> Result<usize, ClusterError> {
+        let inbox = self.cluster.inbox();
+        let mut answers = self.cluster.subscribe(inbox.clone()).await?;
+        self.cluster.request(subject, inbox, kind, question).await?;
+        let deadline = tokio::time::Instant::now() + WHO_DEADLINE;
+        let mut heard = std::collections::HashSet::new();
+        while heard.len() < others {
+            let answer = tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                a = self.next::<A>(&mut answers, kind) => match a { Some(a) => a, None => break },
+            };
+            let edge = from(&answer);
+            if self.cluster.live().contains(edge) && !heard.contains(edge) {
+                heard.insert(edge.to_owned());
+                take(answer);
+            }
+        }
+        Ok(heard.len())
+    }
+
     /// The next message on `sub` from a live (or lately live) edge, decoded
     /// as `T`, with its sender (the subject's last token) and reply subject.
     /// One that does not decode, or comes from an edge this one does not

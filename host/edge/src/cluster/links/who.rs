@@ -14,50 +14,32 @@ impl Links {
             return Some(here);
         }
         let _permit = Arc::clone(&self.who_in_flight).try_acquire_owned().ok()?;
-        let inbox = self.cluster.inbox();
-        let mut answers = match self.cluster.subscribe(inbox.clone()).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::debug!(error = %e, "presence query: cannot hear answers; answering for this edge alone");
-                return Some(here);
-            }
-        };
         let query = WhoQuery {
             from: self.edge_id().to_owned(),
             tenant: tenant.to_owned(),
             users,
         };
-        if let Err(e) = self
-            .cluster
-            .request(
-                bus::who_subject(self.edge_id()),
-                inbox,
-                BusKind::Who,
+        let asked = self
+            .ask_every_edge(
+                (bus::who_subject(self.edge_id()), BusKind::Who),
                 bus::encode(&query),
+                others,
+                |a: &WhoAnswer| a.from.as_str(),
+                |a: WhoAnswer| {
+                    for (i, online) in here.iter_mut().enumerate() {
+                        *online |= bus::bit(&a.online, i);
+                    }
+                },
             )
-            .await
-        {
-            tracing::debug!(error = %e, "presence query not sent; answering for this edge alone");
-            return Some(here);
-        }
-        let deadline = tokio::time::Instant::now() + WHO_DEADLINE;
-        let mut heard = std::collections::HashSet::new();
-        while heard.len() < others {
-            let answer = tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
-                a = self.next::<WhoAnswer>(&mut answers, BusKind::Who) => match a { Some(a) => a, None => break },
-            };
-            // An answer counts once per live edge: anyone may answer an
-            // inbox.
-            if !self.cluster.live().contains(&answer.from) || !heard.insert(answer.from) {
-                continue;
+            .await;
+        match asked {
+            Ok(answered) if answered < others => {
+                metrics::counter!("throng_presence_query_partial_total").increment(1);
             }
-            for (i, online) in here.iter_mut().enumerate() {
-                *online |= bus::bit(&answer.online, i);
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "presence query: cannot ask the other edges; answering for this edge alone")
             }
-        }
-        if heard.len() < others {
-            metrics::counter!("throng_presence_query_partial_total").increment(1);
         }
         Some(here)
     }
