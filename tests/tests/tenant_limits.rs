@@ -341,3 +341,79 @@ async fn a_tenants_compile_time_per_hour_is_capped_and_others_compile_on() {
     assert_eq!(up.status, 201, "{:#}", up.body);
     edge.edge.shutdown().await;
 }
+
+/// What a tenant's stored modules take on an edge, their compiled code
+/// included, is bounded (`max_stored_bytes`): on a090a11 compiled code was
+/// outside every quota. Under the bound uploads are stored; the one that
+/// would pass it is refused, its compiled code removed, and nothing stored
+/// before is lost; another tenant uploads on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_stored_and_compiled_modules_are_bounded_and_nothing_under_the_bound_is_lost() {
+    let edge = TestEdge::start(with_admin).await;
+    let addr = admin(&edge);
+    let acme = Api::new(addr, tenant_token(&edge));
+    let filter = throng_guest_artifacts::FILTER_KEYWORDS;
+    let upload = |tag: &'static str| {
+        let acme = &acme;
+        async move {
+            acme.upload(
+                &variant(filter, tag),
+                "kw",
+                tag,
+                "message-filter",
+                json!({"words": "x"}),
+            )
+            .await
+        }
+    };
+    let first = upload("a").await;
+    assert_eq!(first.status, 201, "{:#}", first.body);
+    let size = first.body["module"]["size"].as_u64().expect("size");
+    let compiled = first.body["module"]["compiled_size"].as_u64().expect("compiled_size");
+    assert!(compiled > 0, "the record counts its compiled code: {:#}", first.body);
+    assert!(cached(&edge).len() == 1, "compiled into the cache: {:?}", cached(&edge));
+
+    // Room for two such modules, not three.
+    let each = size + compiled;
+    let mut config = edge.config.clone();
+    let mut quota = config.control.quota_of("acme").clone();
+    quota.max_stored_bytes = 2 * each + each / 2;
+    config.control.tenant_quotas.insert("acme".into(), quota);
+    edge.edge.reload(&config).await.expect("the reload");
+
+    let second = upload("b").await;
+    assert_eq!(second.status, 201, "under the bound: {:#}", second.body);
+    let before = cached(&edge);
+    let third = upload("c").await;
+    refused(&third, 403, "quota_exceeded");
+    assert_eq!(third.body["error"]["field"], "max_stored_bytes", "{:#}", third.body);
+    let message = third.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("stored and compiled"), "{message}");
+    assert_eq!(cached(&edge), before, "the refused module's compiled code is gone");
+
+    // Nothing under the bound was lost.
+    let listed = acme.get("/v1/modules").await;
+    let versions: Vec<&str> = listed
+        .body
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["version"].as_str())
+        .collect();
+    assert_eq!(versions.len(), 2, "{:#}", listed.body);
+    assert!(versions.contains(&"a") && versions.contains(&"b"), "{versions:?}");
+
+    // Another tenant's bound is its own.
+    let globex = Api::new(addr, edge.token("globex", "g", "tenant-admin", "*"));
+    let theirs = globex
+        .upload(
+            &variant(filter, "g"),
+            "kw",
+            "1",
+            "message-filter",
+            json!({"words": "x"}),
+        )
+        .await;
+    assert_eq!(theirs.status, 201, "{:#}", theirs.body);
+    edge.edge.shutdown().await;
+}

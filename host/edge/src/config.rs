@@ -201,7 +201,14 @@ pub struct TenantQuota {
     /// refused upload costs the same as a stored one); an upload past it
     /// is refused until enough has come back.
     pub compile_per_hour: Duration,
+    /// Bytes the tenant's stored modules may take on an edge: each module's
+    /// bytes and its compiled code in the edge's cache.
+    pub max_stored_bytes: u64,
 }
+
+/// What a tenant's stored modules may take on an edge unless its quota
+/// says otherwise: 2 GiB, source and compiled code.
+pub const DEFAULT_MAX_STORED_BYTES: u64 = 2 << 30;
 
 /// `[cluster]`: how this edge joins the others over NATS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -762,6 +769,7 @@ struct RawQuota {
     filter_budget: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     compile_per_hour: Option<Duration>,
+    max_stored_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1714,6 +1722,7 @@ impl Validator<'_> {
             filter_memory_bytes: wasm.filter_memory_bytes,
             filter_budget: budget,
             compile_per_hour: Duration::from_secs(600),
+            max_stored_bytes: DEFAULT_MAX_STORED_BYTES,
         });
         Ok(TenantQuota {
             max_module_bytes: match q.max_module_bytes {
@@ -1754,6 +1763,10 @@ impl Validator<'_> {
                     Duration::from_secs(1),
                     Duration::from_secs(3600),
                 )?,
+            },
+            max_stored_bytes: match q.max_stored_bytes {
+                None => base.max_stored_bytes,
+                Some(v) => self.range(&format!("{key}.max_stored_bytes"), v, 1 << 20, 1 << 40)?,
             },
         })
     }

@@ -137,6 +137,10 @@ pub struct ModuleRecord {
     /// The params `configure` was checked with.
     pub params: BTreeMap<String, String>,
     pub checks: Vec<CheckReport>,
+    /// Bytes of its compiled code in the cache of the edge that stored it
+    /// (counted, with `size`, against the owner's `max_stored_bytes`).
+    #[serde(default)]
+    pub compiled_size: u64,
 }
 
 impl ModuleRecord {
@@ -720,8 +724,14 @@ impl ControlPlane {
                 "tenant `{t}` may upload message-filter modules only; room policies are deployed by operators"
             )));
         }
-        let (max_bytes, max_modules, limits, compile_per_hour) = match caller.tenant() {
-            None => (self.max_module_bytes, u32::MAX, self.runtime.filter_limits(), None),
+        let (max_bytes, max_modules, limits, compile_per_hour, max_stored) = match caller.tenant() {
+            None => (
+                self.max_module_bytes,
+                u32::MAX,
+                self.runtime.filter_limits(),
+                None,
+                u64::MAX,
+            ),
             Some(t) => {
                 let s = self.settings.read().unwrap_or_else(|e| e.into_inner());
                 let q = s.quota_of(t);
@@ -733,6 +743,7 @@ impl ControlPlane {
                         call_budget: q.filter_budget,
                     },
                     Some(q.compile_per_hour),
+                    q.max_stored_bytes,
                 )
             }
         };
@@ -763,6 +774,11 @@ impl ControlPlane {
                 reason: format!("the tenant keeps {} modules; the quota is {max_modules}", mine.len()),
             });
         }
+        let stored: u64 = mine.iter().map(|m| m.size.saturating_add(m.compiled_size)).sum();
+        let over = |more: u64| stored.saturating_add(more) > max_stored;
+        if over(bytes.len() as u64) {
+            return Err(stored_quota(stored, bytes.len() as u64, None, max_stored));
+        }
         if let Some(per_hour) = compile_per_hour {
             self.compile_left(&owner, per_hour)?;
         }
@@ -776,6 +792,18 @@ impl ControlPlane {
         if let Some(per_hour) = compile_per_hour {
             self.charge_compile(&owner, per_hour, compile_cpu);
         }
+        let compiled_size = self.runtime.compiled_size(&bytes);
+        let checked = checked.and_then(|()| {
+            if over(bytes.len() as u64 + compiled_size) {
+                return Err(stored_quota(
+                    stored,
+                    bytes.len() as u64,
+                    Some(compiled_size),
+                    max_stored,
+                ));
+            }
+            Ok(())
+        });
         if let Err(e) = checked {
             // Its compiled code went to the disk cache; nobody may run a
             // module that is not stored, so nothing of it stays behind.
@@ -795,6 +823,7 @@ impl ControlPlane {
             uploaded_at_ms: crate::unix_now_ms(),
             params: up.params,
             checks,
+            compiled_size,
         };
         if let Some(sh) = shared {
             if let Some(other) = sh
@@ -1560,6 +1589,7 @@ impl ControlPlane {
                 uploaded_at_ms: crate::unix_now_ms(),
                 params: params.iter().cloned().collect(),
                 checks: Vec::new(),
+                compiled_size: self.runtime.compiled_size(&bytes),
             };
             self.store.put_module(&record).map_err(store_err)?;
         }
@@ -1720,6 +1750,21 @@ fn describe(a: &Activation) -> String {
     match a.base {
         Some(b) => format!("v{} on {}% of rooms (v{b} on the rest)", a.version, a.percent),
         None => format!("v{}", a.version),
+    }
+}
+
+/// An upload past its owner's `max_stored_bytes`: `source` more bytes,
+/// and `compiled` more in the cache once compiled (none: refused before).
+fn stored_quota(stored: u64, source: u64, compiled: Option<u64>, max: u64) -> ControlError {
+    let adds = match compiled {
+        None => format!("this one's {source} bytes"),
+        Some(c) => format!("this one {}: {source} bytes and {c} compiled", source + c),
+    };
+    ControlError::Quota {
+        quota: "max_stored_bytes",
+        reason: format!(
+            "the tenant's modules take {stored} bytes stored and compiled on this edge; {adds} would pass the quota of {max}"
+        ),
     }
 }
 

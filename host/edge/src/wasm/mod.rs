@@ -421,6 +421,13 @@ impl WasmRuntime {
             .map(|dir| dir.join(format!("{}-{}.cwasm", hash.hex(), self.engine_key)))
     }
 
+    /// Bytes of the module's compiled code in the disk cache (0 for none).
+    pub fn compiled_size(&self, bytes: &[u8]) -> u64 {
+        self.cache_path(ModuleHash::of(bytes))
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |m| m.len())
+    }
+
     /// Removes the module's compiled code from the disk cache (a module
     /// refused at upload): returns the bytes freed.
     pub fn forget_compiled(&self, bytes: &[u8]) -> u64 {
