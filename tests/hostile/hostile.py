@@ -2,7 +2,7 @@
 """Hostile raw-QUIC clients against a Throng edge, with the edge watched.
 
 Each attack is a client a hostile user could write with any QUIC library
-(here aioquic, `pip install aioquic`): it speaks `throng/2` by hand, so it can
+(here aioquic, `pip install aioquic`): it speaks `throng/3` by hand, so it can
 do what the Rust client library never does. The script starts a release
 `throng serve` on its embedded defaults (or attaches to a running one with
 --pid/--server), runs one attack for --seconds, and meanwhile samples the
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ATTACKER = "127.0.0.1"
 PROBE_SOURCE = "127.0.0.2"
 
-# --- throng/2 frames: a 4-byte big-endian length, then postcard ------------
+# --- throng/3 frames: a 4-byte big-endian length, then postcard ------------
 
 
 def varint(n: int) -> bytes:
@@ -246,7 +246,7 @@ def freeze_credit(quic: QuicConnection) -> None:
 async def open_raw(
     server: tuple[str, int], source: str, *, credit: int | None = None, wait: bool = True
 ) -> Raw:
-    config = QuicConfiguration(is_client=True, alpn_protocols=["throng/2"], server_name="localhost")
+    config = QuicConfiguration(is_client=True, alpn_protocols=["throng/3"], server_name="localhost")
     config.verify_mode = ssl.CERT_NONE
     config.idle_timeout = 30.0
     if credit is not None:
@@ -389,7 +389,7 @@ async def unjoined_send(server, token, until, tally: Tally) -> None:
 
 
 def initial_datagram() -> bytes:
-    config = QuicConfiguration(is_client=True, alpn_protocols=["throng/2"], server_name="localhost")
+    config = QuicConfiguration(is_client=True, alpn_protocols=["throng/3"], server_name="localhost")
     quic = QuicConnection(configuration=config)
     quic.connect(("127.0.0.1", 4433), now=time.monotonic())
     return quic.datagrams_to_send(now=time.monotonic())[0][0]

@@ -179,7 +179,7 @@ impl TestEdge {
     }
 }
 
-/// A raw QUIC connection speaking ALPN throng/2, to send what no client
+/// A raw QUIC connection speaking ALPN throng/3, to send what no client
 /// library would: (connection, control send stream, control recv stream).
 pub async fn raw(edge: &TestEdge) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let conn = raw_connection(edge).await;

@@ -55,7 +55,11 @@ fn edge_json(f: &EdgeFrame) -> Value {
             "counters": {"likes": b.counters.likes,
                 "gifts": b.counters.gifts.iter().map(|g| json!({"gift": g.gift, "count": g.count})).collect::<Vec<_>>()},
             "pinned": b.pinned, "online": b.online, "missed": b.missed, "epoch": b.epoch}),
-        EdgeFrame::Ack { client_msg_id, seq } => json!({"type": "Ack", "clientMsgId": client_msg_id, "seq": seq}),
+        EdgeFrame::Ack {
+            client_msg_id,
+            seq,
+            epoch,
+        } => json!({"type": "Ack", "clientMsgId": client_msg_id, "seq": seq, "epoch": epoch}),
         EdgeFrame::Rejected {
             client_msg_id,
             code,
@@ -229,6 +233,7 @@ fn edge_frames() -> Vec<(&'static str, EdgeFrame)> {
             EdgeFrame::Ack {
                 client_msg_id: 7,
                 seq: 300,
+                epoch: 1_767_225_600_000,
             },
         ),
         (

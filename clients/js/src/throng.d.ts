@@ -1,4 +1,4 @@
-// Types for throng.js: the `throng/2` wire protocol and a WebTransport session.
+// Types for throng.js: the `throng/3` wire protocol and a WebTransport session.
 // u64 fields are JS numbers; a decoded u64 above Number.MAX_SAFE_INTEGER is
 // refused as Malformed.
 
@@ -172,6 +172,8 @@ export interface Ack {
   type: 'Ack';
   clientMsgId: number;
   seq: number;
+  /** The numbering `seq` is of (the room's `epoch` when it acked). */
+  epoch: number;
 }
 
 export interface Rejected {
@@ -410,7 +412,7 @@ export declare class ThrongClient extends EventTarget {
   /** Resolves when the room's stream delivered Joined; rejects with a ThrongError on JoinRefused. */
   join(room: string, options?: JoinOptions): Promise<Room>;
   /** A string body is sent as UTF-8. Rejects with a ThrongError (clientMsgId set) on Rejected. */
-  send(room: string, kind: Kind, body: string | Uint8Array | ArrayBuffer | ArrayBufferView): Promise<{ clientMsgId: number; seq: number }>;
+  send(room: string, kind: Kind, body: string | Uint8Array | ArrayBuffer | ArrayBufferView): Promise<{ clientMsgId: number; seq: number; epoch: number }>;
   /** online[i] is whether users[i] is online on the edge. */
   presence(users: string[]): Promise<boolean[]>;
   /** Round-trip time in milliseconds. */
@@ -491,7 +493,7 @@ export declare class ResumingRoom extends EventTarget {
   readonly client: ThrongClient | null;
   start(): void;
   /** Sends through the current connection; rejects with a ThrongError when there is none. */
-  send(kind: Kind, body: string | Uint8Array | ArrayBuffer | ArrayBufferView): Promise<{ clientMsgId: number; seq: number }>;
+  send(kind: Kind, body: string | Uint8Array | ArrayBuffer | ArrayBufferView): Promise<{ clientMsgId: number; seq: number; epoch: number }>;
   stop(): void;
   addEventListener<K extends keyof ResumingRoomEventMap>(
     type: K,

@@ -1,5 +1,5 @@
 // Throng client for browsers (and anything else with WebTransport): the wire
-// protocol `throng/2` and a session over one WebTransport connection.
+// protocol `throng/3` and a session over one WebTransport connection.
 //
 // One self-contained module, served to pages as-is: no imports, and nothing
 // at the top level that a browser lacks.
@@ -404,7 +404,7 @@ const EDGE_FRAME = union('EdgeFrame', [
     ['counters', struct([['likes', U64], ['gifts', vec(struct([['gift', STR], ['count', U64]]))]])],
     ['pinned', vec(U64)], ['online', U64], ['missed', U64], ['epoch', U64],
   ]],
-  ['Ack', [['clientMsgId', U64], ['seq', U64]]],
+  ['Ack', [['clientMsgId', U64], ['seq', U64], ['epoch', U64]]],
   ['Rejected', [['clientMsgId', U64], ['code', U16], ['reason', STR]]],
   ['Error', [['code', U16], ['text', STR]]],
   ['Pong', [['nonce', U64]]],
@@ -999,7 +999,7 @@ export class ThrongClient extends EventTarget {
   #onControl(frame) {
     switch (frame.type) {
       case 'Ack':
-        this.#take(this.#acks, frame.clientMsgId)?.resolve({ clientMsgId: frame.clientMsgId, seq: frame.seq });
+        this.#take(this.#acks, frame.clientMsgId)?.resolve({ clientMsgId: frame.clientMsgId, seq: frame.seq, epoch: frame.epoch });
         return;
       case 'Rejected':
         this.#take(this.#acks, frame.clientMsgId)?.reject(

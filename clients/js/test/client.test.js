@@ -201,7 +201,7 @@ function edge({ on = {} } = {}) {
         session.rooms.get(frame.room)?.end();
         break;
       case 'Send':
-        session.send({ type: 'Ack', clientMsgId: frame.clientMsgId, seq: ++seq });
+        session.send({ type: 'Ack', clientMsgId: frame.clientMsgId, seq: ++seq, epoch: 1 });
         break;
       case 'Ping':
         session.send({ type: 'Pong', nonce: frame.nonce });
@@ -386,15 +386,15 @@ test('send resolves with the Ack, rejects on Rejected; ids count from 1', async 
       on: {
         Send(s, f) {
           if (f.kind === 'host') s.send({ type: 'Rejected', clientMsgId: f.clientMsgId, code: ErrorCode.Forbidden, reason: 'viewers cannot' });
-          else s.send({ type: 'Ack', clientMsgId: f.clientMsgId, seq: 40 + f.clientMsgId });
+          else s.send({ type: 'Ack', clientMsgId: f.clientMsgId, seq: 40 + f.clientMsgId, epoch: 3 });
         },
       },
     }),
   );
-  assert.deepEqual(await client.send('lobby', 'chat', 'héllo'), { clientMsgId: 1, seq: 41 });
+  assert.deepEqual(await client.send('lobby', 'chat', 'héllo'), { clientMsgId: 1, seq: 41, epoch: 3 });
   assert.deepEqual(session.received[1], { type: 'Send', room: 'lobby', kind: 'chat', body: utf8('héllo'), clientMsgId: 1 });
   const [two, three] = await Promise.all([client.send('lobby', 'like', new Uint8Array([1])), client.send('lobby', 'gift', new ArrayBuffer(2))]);
-  assert.deepEqual([two, three], [{ clientMsgId: 2, seq: 42 }, { clientMsgId: 3, seq: 43 }]);
+  assert.deepEqual([two, three], [{ clientMsgId: 2, seq: 42, epoch: 3 }, { clientMsgId: 3, seq: 43, epoch: 3 }]);
   await assert.rejects(client.send('lobby', 'host', 'hi'), (e) => {
     throngError(ErrorCode.Forbidden, 'send')(e);
     assert.equal(e.clientMsgId, 4);
@@ -570,7 +570,7 @@ test('ResumingRoom reconnects after a drop, resumes after the last seq and never
   const first = fake.sessions[0];
   first.rooms.get('lobby').batch(batch('lobby', 7, [5, 6])); // 5 again: not handed out twice
   await until(() => resuming.lastSeq === 6, 'seq 6');
-  assert.deepEqual(await resuming.send('chat', 'hi'), { clientMsgId: 1, seq: 101 });
+  assert.deepEqual(await resuming.send('chat', 'hi'), { clientMsgId: 1, seq: 101, epoch: 1 });
 
   head = 9; // what was said while the connection was down
   first.drop();

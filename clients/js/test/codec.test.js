@@ -76,7 +76,7 @@ const EDGE_FRAMES = [
     pinned: [4], online: 1000, missed: 2, epoch: 1_796_000_000_123,
   },
   { type: 'Batch', room: 'lobby', tick: 0, messages: [], counters: { likes: 0, gifts: [] }, pinned: [], online: 0, missed: 0, epoch: 0 },
-  { type: 'Ack', clientMsgId: 1, seq: 2 ** 50 },
+  { type: 'Ack', clientMsgId: 1, seq: 2 ** 50, epoch: 2 ** 40 },
   { type: 'Rejected', clientMsgId: 2, code: ErrorCode.RateLimited, reason: 'slow down' },
   { type: 'Error', code: ErrorCode.TokenExpired, text: 'token expired' },
   { type: 'Error', code: 65535, text: '' },

@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! - [`Client::connect`] resolves the edge, does the QUIC + TLS handshake
-//!   (ALPN `throng/2`), opens the control stream, says `Hello` with the JWT
+//!   (ALPN `throng/3`), opens the control stream, says `Hello` with the JWT
 //!   and waits for `Welcome`.
 //! - A reader task takes edge frames off the control stream and completes
 //!   what waits for them: acks and rejections by client message id, pongs
@@ -279,6 +279,10 @@ impl ConnectOptions {
 pub struct Ack {
     pub client_msg_id: u64,
     pub seq: u64,
+    /// The numbering `seq` is of: the `epoch` of the room's `Joined` and
+    /// batches, unless the room's numbering changed since (a failover, or
+    /// a partition in which this edge numbered on its own).
+    pub epoch: u64,
 }
 
 type AckTx = oneshot::Sender<Result<Ack, ClientError>>;
@@ -830,9 +834,17 @@ async fn read_control(mut recv: RecvStream, mut buf: FrameBuffer<EdgeFrame>, inn
             }
         };
         match frame {
-            EdgeFrame::Ack { client_msg_id, seq } => {
+            EdgeFrame::Ack {
+                client_msg_id,
+                seq,
+                epoch,
+            } => {
                 if let Some(tx) = inner.pending().acks.remove(&client_msg_id) {
-                    let _ = tx.send(Ok(Ack { client_msg_id, seq }));
+                    let _ = tx.send(Ok(Ack {
+                        client_msg_id,
+                        seq,
+                        epoch,
+                    }));
                 }
             }
             EdgeFrame::Rejected {

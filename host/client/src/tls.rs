@@ -1,5 +1,5 @@
 //! Client TLS: trust the given certificates (or, over WebTransport, the
-//! certificate hashes a page would pin), speak ALPN `throng/2` (or `h3`),
+//! certificate hashes a page would pin), speak ALPN `throng/3` (or `h3`),
 //! TLS 1.3 on ring.
 
 use std::path::Path;

@@ -1,4 +1,4 @@
-//! A client's transport: a native QUIC connection (`throng/2`) or a
+//! A client's transport: a native QUIC connection (`throng/3`) or a
 //! browser's WebTransport session (`h3`). Both carry the same protocol —
 //! one bidirectional control stream, one unidirectional stream per joined
 //! room — so the connection code is written once against these.

@@ -117,7 +117,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
     std::fs::write(path, bytes).map_err(io("write", path))
 }
 
-/// A QUIC server crypto config speaking ALPN `throng/2` (and `h3` for
+/// A QUIC server crypto config speaking ALPN `throng/3` (and `h3` for
 /// WebTransport when `web` is given), rustls on ring.
 pub fn server_crypto(
     identity: &Identity,
@@ -342,7 +342,7 @@ fn make_dev_web(data_dir: &Path, lifetime: Duration) -> Result<WebCertState, Tls
     web_state(vec![cert.der().clone()], &key, until)
 }
 
-/// Native clients (`throng/2`) get the edge's certificate; browsers
+/// Native clients (`throng/3`) get the edge's certificate; browsers
 /// (`h3`) get the WebTransport one.
 #[derive(Debug)]
 struct ByAlpn {

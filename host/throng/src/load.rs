@@ -66,7 +66,7 @@ pub enum Mode {
 /// How the viewers reach the edge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
-    /// Native QUIC, ALPN `throng/2`.
+    /// Native QUIC, ALPN `throng/3`.
     Quic,
     /// WebTransport (HTTP/3), as browsers do, the certificate pinned by hash.
     Webtransport,

@@ -812,7 +812,7 @@ async fn send(
     let mut rejected = 0u64;
     for p in pending {
         match p.ack().await {
-            Ok(ack) => println!("ack id={} seq={}", ack.client_msg_id, ack.seq),
+            Ok(ack) => println!("ack id={} seq={} epoch={}", ack.client_msg_id, ack.seq, ack.epoch),
             Err(ClientError::Rejected {
                 client_msg_id,
                 raw,

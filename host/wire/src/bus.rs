@@ -295,7 +295,7 @@ pub struct Reply {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Ack { seq: u64 },
+    Ack { seq: u64, epoch: u64 },
     Rejected { code: u16, reason: String },
 }
 

@@ -1,4 +1,4 @@
-//! The frames of protocol `throng/2`.
+//! The frames of protocol `throng/3`.
 //!
 //! Field order is the encoding (postcard is not self-describing): add new
 //! variants at the end of an enum, and never reorder fields.
@@ -256,8 +256,10 @@ pub enum EdgeFrame {
     },
     /// A room's delivery for one tick, on the room's stream.
     Batch(Batch),
-    /// The message was accepted and got sequence number `seq`.
-    Ack { client_msg_id: u64, seq: u64 },
+    /// The message was accepted and got sequence number `seq` of numbering
+    /// `epoch` (the `epoch` of `Joined` and `Batch`: in a livecast room
+    /// split by a partition, each side acks in its own).
+    Ack { client_msg_id: u64, seq: u64, epoch: u64 },
     /// The message was refused; `code` is an [`crate::ErrorCode`].
     Rejected {
         client_msg_id: u64,

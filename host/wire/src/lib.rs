@@ -37,7 +37,7 @@ pub use frame::{
 };
 
 /// ALPN protocol id of this protocol version, negotiated in the TLS handshake.
-pub const ALPN: &[u8] = b"throng/2";
+pub const ALPN: &[u8] = b"throng/3";
 
 /// Default largest frame, length prefix excluded.
 pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024;

@@ -75,7 +75,7 @@ fn bus_messages_corpus_cuts_and_flips() {
                 items: vec![
                     Reply {
                         fwd_id: 7,
-                        outcome: Outcome::Ack { seq: 41 },
+                        outcome: Outcome::Ack { seq: 41, epoch: 7 },
                     },
                     Reply {
                         fwd_id: 8,

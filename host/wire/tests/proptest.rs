@@ -125,7 +125,11 @@ fn edge_frame() -> impl Strategy<Value = EdgeFrame> {
                     epoch: n[4],
                 })
             }),
-        any::<(u64, u64)>().prop_map(|(client_msg_id, seq)| EdgeFrame::Ack { client_msg_id, seq }),
+        any::<(u64, u64, u64)>().prop_map(|(client_msg_id, seq, epoch)| EdgeFrame::Ack {
+            client_msg_id,
+            seq,
+            epoch
+        }),
         (any::<u64>(), any::<u16>(), ".{0,32}").prop_map(|(client_msg_id, code, reason)| {
             EdgeFrame::Rejected {
                 client_msg_id,

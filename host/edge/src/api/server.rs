@@ -83,6 +83,8 @@ struct Publish {
 #[derive(Debug, Serialize)]
 struct Published {
     seq: u64,
+    /// The numbering `seq` is of (as in `Joined` and `Batch`).
+    epoch: u64,
 }
 
 async fn publish(
@@ -136,7 +138,7 @@ async fn publish(
     metrics::counter!("throng_api_published_total", "tenant" => tenant.clone()).increment(1);
     match tokio::time::timeout(PUBLISH_WAIT, answers.recv()).await {
         Ok(Some(frame)) => match *frame {
-            EdgeFrame::Ack { seq, .. } => Ok(Json(Published { seq })),
+            EdgeFrame::Ack { seq, epoch, .. } => Ok(Json(Published { seq, epoch })),
             EdgeFrame::Rejected { code, reason, .. } => Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "rejected",

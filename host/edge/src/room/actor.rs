@@ -209,7 +209,11 @@ impl Room {
         // in a cluster may not know an earlier origin's last numbers: both
         // number above anything handed out before (see `time_base`), so a
         // client that resumes after a restart or a failover still gets
-        // what is new. Its epoch says the numbering is another one.
+        // what is new. Its epoch says the numbering is another one. A
+        // livecast origin also moves its numbering to now whenever the
+        // cluster changes (see `on_heard`), so after a partition that had
+        // two origins, the one that goes on numbers above what both handed
+        // out.
         // A group room on one edge numbers on densely after its log; a new
         // log (or one whose every entry aged out of JetStream) starts above
         // anything an earlier log of the room handed out, too. So within a
@@ -494,6 +498,14 @@ impl Room {
                     if self.place.peers_interested() {
                         self.empty_since = None;
                     }
+                } else if let (RoomKind::Livecast, Place::Origin(port)) = (&self.kind, &self.place) {
+                    // The cluster changed under a livecast origin: another
+                    // edge may have numbered this room meanwhile (a
+                    // partition), from its takeover on. Numbering on from
+                    // now puts this origin above it, so that edge's viewers
+                    // do not take what follows for repeats.
+                    let seen = port.seen_seq();
+                    self.sequencer.take_over(seen, self.sequencer.epoch());
                 }
                 let writer = self.place.numbers();
                 if let RoomKind::Group(g) = &mut self.kind {

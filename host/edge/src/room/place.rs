@@ -477,10 +477,16 @@ mod tests {
             .await
             .expect("an answer in time")
             .expect("an answer");
-        let EdgeFrame::Ack { client_msg_id: 2, seq } = *ack else {
+        let EdgeFrame::Ack {
+            client_msg_id: 2,
+            seq,
+            epoch,
+        } = *ack
+        else {
             panic!("not the ack of message 2: {ack:?}");
         };
         assert!(seq > base.max(500), "seq {seq} is above the time base {base}");
+        assert_eq!(epoch, 5, "acked in this edge's numbering, no longer the origin's 77");
         until(&told, &changed, |t| {
             t.published.iter().any(|(_, seqs)| seqs.contains(&seq))
         })

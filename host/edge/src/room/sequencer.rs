@@ -19,6 +19,14 @@
 //!   room whose origin moved, a log that lost every entry) starts above
 //!   [`time_base`], so it numbers above anything an earlier life handed
 //!   out, seen here or not.
+//! - **A livecast origin moves to now when its cluster changes.** Each
+//!   time the live set changes, a livecast room's origin numbers on from
+//!   [`time_base`] ([`Sequencer::take_over`] of its own room). When a
+//!   partition let both sides originate the room, the loser numbered from
+//!   its takeover densely; the winner, seeing the cluster whole again,
+//!   numbers above that, so the loser's viewers, who saw the loser's
+//!   numbers, take the winner's next messages for new ones (told of the
+//!   gap by the epoch), not for repeats. Numbers stay dense otherwise.
 
 /// What numbers a room's messages.
 #[derive(Debug)]
@@ -141,6 +149,31 @@ mod tests {
         assert!(taken >= base, "a new origin numbers above the time base");
         assert_eq!(s.epoch(), 3);
         assert_eq!(s.next(), Some(taken + 1));
+    }
+
+    #[test]
+    fn after_a_partition_the_origin_that_goes_on_numbers_above_the_one_that_lost() {
+        // The winner numbers densely from its start; the loser took the
+        // room over later, in the partition, and numbered 1,000 more.
+        let mut winner = Sequencer::fresh(0, 1);
+        for _ in 0..10 {
+            winner.next();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut loser = Sequencer::fresh(winner.last(), 1);
+        loser.take_over(winner.last(), 2);
+        let loser_last = (0..1_000).filter_map(|_| loser.next()).last().expect("numbers");
+        assert!(
+            loser_last > winner.last() + 1_000,
+            "the loser numbered above the winner"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // The cluster is whole again: the winner moves to now, in its own
+        // numbering, and goes on densely from there.
+        winner.take_over(winner.last(), 1);
+        let next = winner.next().expect("a number");
+        assert!(next > loser_last, "{next} after the loser's {loser_last}");
+        assert_eq!((winner.next(), winner.epoch()), (Some(next + 1), 1));
     }
 
     #[test]

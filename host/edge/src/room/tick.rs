@@ -20,6 +20,7 @@ pub(super) struct Ack {
     pub(super) reply: ReplyTx,
     pub(super) client_msg_id: u64,
     pub(super) seq: u64,
+    pub(super) epoch: u64,
 }
 
 impl Ack {
@@ -27,6 +28,7 @@ impl Ack {
         let _ = self.reply.send(EdgeFrame::Ack {
             client_msg_id: self.client_msg_id,
             seq: self.seq,
+            epoch: self.epoch,
         });
     }
 
@@ -112,6 +114,7 @@ pub(super) fn number(inbox: Vec<Inbound>, deliver: &[u32], pinned: &[u32], seque
             reply: m.reply,
             client_msg_id: m.client_msg_id,
             seq,
+            epoch: sequencer.epoch(),
         });
         accepted.push(Some(Message {
             seq,
@@ -254,7 +257,11 @@ mod tests {
         let acked: Vec<_> = replies(&mut rx)
             .into_iter()
             .map(|f| match f {
-                EdgeFrame::Ack { client_msg_id, seq } => (client_msg_id, seq),
+                EdgeFrame::Ack {
+                    client_msg_id,
+                    seq,
+                    epoch: 1,
+                } => (client_msg_id, seq),
                 other => panic!("{other:?}"),
             })
             .collect();

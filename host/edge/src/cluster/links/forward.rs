@@ -209,9 +209,10 @@ impl Links {
             };
             for (p, outcome) in answered {
                 let frame = match outcome {
-                    Outcome::Ack { seq } => EdgeFrame::Ack {
+                    Outcome::Ack { seq, epoch } => EdgeFrame::Ack {
                         client_msg_id: p.client_msg_id,
                         seq,
+                        epoch,
                     },
                     Outcome::Rejected { code, reason } => EdgeFrame::Rejected {
                         client_msg_id: p.client_msg_id,
@@ -245,9 +246,13 @@ pub(super) async fn send_replies(
         let mut next = Some(first);
         while let Some(frame) = next {
             let item = match *frame {
-                EdgeFrame::Ack { client_msg_id, seq } => Some(Reply {
+                EdgeFrame::Ack {
+                    client_msg_id,
+                    seq,
+                    epoch,
+                } => Some(Reply {
                     fwd_id: client_msg_id,
-                    outcome: Outcome::Ack { seq },
+                    outcome: Outcome::Ack { seq, epoch },
                 }),
                 EdgeFrame::Rejected {
                     client_msg_id,
