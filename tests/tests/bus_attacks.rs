@@ -9,7 +9,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use throng_edge::cluster::bus::{self, Announce, Forward, Forwarded, Interest, KickOrder, RegionCounts, RoomCount};
+use throng_edge::cluster::bus::{
+    self, Announce, Forward, Forwarded, Interest, KickOrder, RegionCounts, RoomCount, RoomInterest,
+};
 use throng_tests::nats::NatsServer;
 use throng_tests::{TestEdge, cluster, wait_for};
 use throng_wire::Kind;
@@ -250,10 +252,11 @@ async fn one_edges_credentials_speak_for_no_other_edge() {
             bus::interest_subject("b", "mallory"),
             bus::encode(&Interest {
                 from: "mallory".into(),
-                rooms: vec![RoomCount {
+                rooms: vec![RoomInterest {
                     tenant: "acme".into(),
                     room: room.clone(),
                     viewers: 2_000_000_000_001,
+                    numbered_to: 0,
                 }],
             }),
         ),
@@ -419,7 +422,15 @@ async fn counts_for_unknown_tenants_or_beyond_the_possible_make_nothing() {
             .expect("published");
         let interest = Interest {
             from: spoofed.into(),
-            rooms,
+            rooms: rooms
+                .into_iter()
+                .map(|r| RoomInterest {
+                    tenant: r.tenant,
+                    room: r.room,
+                    viewers: r.viewers,
+                    numbered_to: 0,
+                })
+                .collect(),
         };
         anyone
             .publish(bus::interest_subject(target_id, spoofed), bus::encode(&interest).into())
@@ -428,10 +439,11 @@ async fn counts_for_unknown_tenants_or_beyond_the_possible_make_nothing() {
     }
     let inflated = Interest {
         from: spoofed.into(),
-        rooms: vec![RoomCount {
+        rooms: vec![RoomInterest {
             tenant: "acme".into(),
             room: room.clone(),
             viewers: 2_000_000_000_001,
+            numbered_to: 0,
         }],
     };
     anyone
@@ -458,4 +470,74 @@ async fn counts_for_unknown_tenants_or_beyond_the_possible_make_nothing() {
         .expect("open")
         .expect("batch");
     assert!(b.online < 1_000, "online {}", b.online);
+}
+
+/// A livecast room's origin numbers above what another edge numbered the
+/// room itself (it took the room for its own in a partition only it saw,
+/// and its viewers saw those numbers), so those viewers do not take the
+/// origin's next messages for repeats; a claim beyond any edge's clock is
+/// refused and moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_numbers_above_a_relays_own_numbers_but_not_beyond_any_clock() {
+    let nats = NatsServer::start();
+    let edges = cluster(&nats, &["a", "b"]).await;
+    let room = room_of(&edges, "a");
+    let host = edges[0].client("acme", "host", "host").await;
+    let mut own = host.join(&room).await.expect("the host joins");
+    tokio::spawn(async move { while own.next_batch().await.is_some() {} });
+    let first = host.send(&room, Kind::Chat, "first").await.expect("acked").seq;
+
+    let speaks_as_b = nats.connect_as(None).await;
+    let tell = |numbered_to: u64| {
+        bus::encode(&Interest {
+            from: "b".into(),
+            rooms: vec![RoomInterest {
+                tenant: "acme".into(),
+                room: room.clone(),
+                viewers: 1,
+                numbered_to,
+            }],
+        })
+    };
+    // An hour past now: no edge's clock gives that.
+    let hour = 3600u64 << 22;
+    let refused_before = dropped(&edges[0]);
+    speaks_as_b
+        .publish(
+            bus::interest_subject("a", "b"),
+            tell(throng_edge::room::time_base() + hour).into(),
+        )
+        .await
+        .expect("published");
+    speaks_as_b.flush().await.expect("flushed");
+    wait_for("the origin to refuse the claim", Duration::from_secs(10), || {
+        dropped(&edges[0]) > refused_before
+    })
+    .await;
+    let second = host.send(&room, Kind::Chat, "second").await.expect("acked").seq;
+    assert!(
+        second > first && second < throng_edge::room::time_base() + hour,
+        "a refused claim moved the numbering: {first} then {second}"
+    );
+
+    // What b numbered the room up to while it took it for its own: a
+    // little ahead of the origin's clock, as a peer's may be.
+    let numbered_to = throng_edge::room::time_base() + (5 << 22);
+    speaks_as_b
+        .publish(bus::interest_subject("a", "b"), tell(numbered_to).into())
+        .await
+        .expect("published");
+    speaks_as_b.flush().await.expect("flushed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = second;
+    while last <= numbered_to {
+        assert!(
+            Instant::now() < deadline,
+            "the origin numbers on below b's numbers: {last} <= {numbered_to}"
+        );
+        last = host.send(&room, Kind::Chat, "after").await.expect("acked").seq;
+    }
+    // Then densely on: nothing else moved.
+    let next = host.send(&room, Kind::Chat, "dense").await.expect("acked").seq;
+    assert_eq!(next, last + 1);
 }

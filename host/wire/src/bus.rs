@@ -299,11 +299,26 @@ pub enum Outcome {
     Rejected { code: u16, reason: String },
 }
 
-/// One edge's viewers of the rooms of one origin, every presence interval.
+/// One edge's viewers of the rooms of one origin: their first viewers here,
+/// their last leaving, or the room moving to another origin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interest {
     pub from: String,
-    pub rooms: Vec<RoomCount>,
+    pub rooms: Vec<RoomInterest>,
+}
+
+/// One room in an [`Interest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInterest {
+    pub tenant: String,
+    pub room: String,
+    pub viewers: u64,
+    /// The highest sequence number this edge handed out itself, in a
+    /// livecast room it originated until now (0 for none): the origin
+    /// numbers above it, or this edge's viewers, who saw those numbers,
+    /// would take its next messages for repeats. A partition that only
+    /// this edge noticed leaves the origin no other way to know.
+    pub numbered_to: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -71,6 +71,9 @@ pub(crate) struct RoomLink {
     seen_seq: u64,
     /// Relay: the highest number of a message written to its viewers.
     delivered_seq: u64,
+    /// The highest number this edge handed out as the livecast room's
+    /// origin, told to each new origin (see `RoomInterest::numbered_to`).
+    numbered_here: u64,
     /// Relay: the last tick and online count the origin sent.
     last_tick: u64,
     last_online: u64,
@@ -128,6 +131,7 @@ impl RoomLink {
             last_batch: None,
             seen_seq: 0,
             delivered_seq: 0,
+            numbered_here: 0,
             last_tick: 0,
             last_online: 0,
             key: key.clone(),
@@ -168,7 +172,7 @@ impl RoomLink {
         match &role {
             Role::Origin => {
                 self.sub = None;
-                self.links.relayed(key, "", 0);
+                self.links.relayed(key, "", 0, 0);
             }
             Role::Relay { origin } => {
                 if self.sub.is_none() {
@@ -179,7 +183,7 @@ impl RoomLink {
                         }
                     }
                 }
-                self.links.relayed(key, origin, viewers);
+                self.links.relayed(key, origin, viewers, self.numbered_here);
             }
         }
         if role != self.role {
@@ -217,7 +221,8 @@ impl RoomLink {
     }
 
     /// Rereads the live set (see [`ClusterPort::reconsider`]).
-    async fn reconsider(&mut self, viewers: u64, delivered: u64) {
+    async fn reconsider(&mut self, viewers: u64, delivered: u64, numbered_here: u64) {
+        self.numbered_here = self.numbered_here.max(numbered_here);
         let key = self.key.clone();
         let role = role_of(&self.live.borrow_and_update(), self.links.edge_id(), &key);
         let was_origin = self.is_origin();
@@ -545,8 +550,8 @@ impl ClusterPort for RoomLink {
         Box::pin(RoomLink::next(self))
     }
 
-    fn reconsider(&mut self, viewers: u64, delivered: u64) -> BoxFuture<'_, ()> {
-        Box::pin(RoomLink::reconsider(self, viewers, delivered))
+    fn reconsider(&mut self, viewers: u64, delivered: u64, numbered_here: u64) -> BoxFuture<'_, ()> {
+        Box::pin(RoomLink::reconsider(self, viewers, delivered, numbered_here))
     }
 
     fn recent_from_origin(&mut self) -> BoxFuture<'_, Vec<throng_wire::Message>> {
@@ -592,13 +597,13 @@ impl ClusterPort for RoomLink {
 
     fn viewers_changed(&self, viewers: u64) {
         if let Role::Relay { origin } = &self.role {
-            self.links.relayed(&self.key, origin, viewers);
+            self.links.relayed(&self.key, origin, viewers, self.numbered_here);
         }
     }
 
     /// Its origin hears it has no viewers here.
     fn retire(&mut self) {
-        self.links.relayed(&self.key, "", 0);
+        self.links.relayed(&self.key, "", 0, 0);
         self.count_origin(false);
     }
 }

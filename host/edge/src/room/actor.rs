@@ -47,6 +47,11 @@ pub(super) enum Command {
         peer: Peer,
         viewers: u64,
     },
+    /// Another edge numbered this livecast room up to `seq` itself, while
+    /// it took the room for its own.
+    NumberedElsewhere {
+        seq: u64,
+    },
     /// A relay that missed batches asks for the delivered messages after
     /// `after`, and whether the ring still holds all of them.
     Resync {
@@ -62,6 +67,7 @@ impl std::fmt::Debug for Command {
             Command::Leave { member } => write!(f, "Leave({member})"),
             Command::Send(m) => write!(f, "Send({})", m.client_msg_id),
             Command::PeerViewers { peer, viewers } => write!(f, "PeerViewers({peer:?}: {viewers})"),
+            Command::NumberedElsewhere { seq } => write!(f, "NumberedElsewhere({seq})"),
             Command::Resync { after, .. } => write!(f, "Resync(after {after})"),
         }
     }
@@ -442,6 +448,13 @@ impl Room {
                     self.empty_since = None;
                 }
             }
+            Command::NumberedElsewhere { seq } => {
+                // That edge's viewers saw its numbers: this origin's next
+                // ones must be above them, or they are taken for repeats.
+                if let (RoomKind::Livecast, Place::Origin(_)) = (&self.kind, &self.place) {
+                    self.sequencer.take_over(seq, self.sequencer.epoch());
+                }
+            }
         }
     }
 
@@ -483,7 +496,14 @@ impl Room {
                     RoomKind::Group(g) => self.ring.last().max(g.committed()),
                     RoomKind::Livecast => 0,
                 };
-                let became_origin = self.place.reconsider(self.viewers.len() as u64, delivered).await;
+                let numbered_here = match (&self.kind, &self.place) {
+                    (RoomKind::Livecast, Place::Origin(_)) => self.sequencer.last(),
+                    _ => 0,
+                };
+                let became_origin = self
+                    .place
+                    .reconsider(self.viewers.len() as u64, delivered, numbered_here)
+                    .await;
                 if became_origin {
                     // The room's origin moved here: number on after anything
                     // the one before handed out, and pick a policy. A
@@ -989,7 +1009,10 @@ fn refuse_queued(rx: &mut mpsc::Receiver<Command>) {
                     reason: RoomError::Unavailable.to_string(),
                 });
             }
-            Command::Leave { .. } | Command::PeerViewers { .. } | Command::Resync { .. } => {}
+            Command::Leave { .. }
+            | Command::PeerViewers { .. }
+            | Command::NumberedElsewhere { .. }
+            | Command::Resync { .. } => {}
         }
     }
 }

@@ -66,6 +66,7 @@ pub use actor::RoomHandle;
 pub use info::{RoomInfo, Running};
 pub use place::{Cluster, ClusterPort, Heard, PortSetup, Publish};
 pub use registry::{Creator, Rooms, RoomsSetup, TENANT_SHARE, tenant_cap};
+pub use sequencer::time_base;
 pub use slot::{Delivery, Next, ReplyTx, ViewerSlot};
 pub(crate) use tick::encode_batch;
 

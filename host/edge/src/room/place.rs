@@ -55,10 +55,13 @@ pub trait ClusterPort: Send + Sync + std::fmt::Debug {
     fn is_origin(&self) -> bool;
     /// Waits for what the cluster has for the room.
     fn next(&mut self) -> BoxFuture<'_, Heard>;
-    /// Rereads who runs the room, with this edge's `viewers` and the
+    /// Rereads who runs the room, with this edge's `viewers`, the
     /// highest number of a group room's log its viewers were given
-    /// (`delivered`; 0 for a livecast room, whose origins number apart).
-    fn reconsider(&mut self, viewers: u64, delivered: u64) -> BoxFuture<'_, ()>;
+    /// (`delivered`; 0 for a livecast room, whose origins number apart),
+    /// and the highest number this edge handed out itself as a livecast
+    /// room's origin (`numbered_here`; 0 otherwise), which a new origin
+    /// must number above.
+    fn reconsider(&mut self, viewers: u64, delivered: u64, numbered_here: u64) -> BoxFuture<'_, ()>;
     /// A relay's recent messages, from its origin's ring (empty on an
     /// origin).
     fn recent_from_origin(&mut self) -> BoxFuture<'_, Vec<Message>>;
@@ -160,9 +163,9 @@ impl Place {
 
     /// Rereads who runs the room and takes the place the cluster gives:
     /// true when the room's origin moved here.
-    pub(super) async fn reconsider(&mut self, viewers: u64, delivered: u64) -> bool {
+    pub(super) async fn reconsider(&mut self, viewers: u64, delivered: u64, numbered_here: u64) -> bool {
         let Some(port) = self.port_mut() else { return false };
-        port.reconsider(viewers, delivered).await;
+        port.reconsider(viewers, delivered, numbered_here).await;
         let was_relay = self.is_relay();
         let place = std::mem::replace(self, Self::Solo);
         *self = match place {
@@ -249,6 +252,8 @@ mod tests {
         /// Each publish's last number and delivered sequence numbers.
         published: Vec<(u64, Vec<u64>)>,
         relay_viewers: Vec<u64>,
+        /// What each reconsider said this edge numbered itself.
+        numbered_here: Vec<u64>,
     }
 
     #[derive(Debug)]
@@ -300,8 +305,9 @@ mod tests {
                 }
             })
         }
-        fn reconsider(&mut self, _viewers: u64, _delivered: u64) -> BoxFuture<'_, ()> {
+        fn reconsider(&mut self, _viewers: u64, _delivered: u64, numbered_here: u64) -> BoxFuture<'_, ()> {
             self.origin = self.told.lock().unwrap().origin;
+            self.tell(|t| t.numbered_here.push(numbered_here));
             Box::pin(async {})
         }
         fn recent_from_origin(&mut self) -> BoxFuture<'_, Vec<Message>> {
@@ -375,7 +381,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_relay_forwards_and_numbers_nothing_then_as_origin_numbers_above_what_it_saw() {
+    async fn a_relay_forwards_and_numbers_nothing_as_origin_numbers_above_what_it_saw_then_tells_how_far() {
         let config = crate::Config::dev().expect("the embedded config");
         let dir = tempfile::tempdir().expect("a temp dir");
         let log = crate::log::GroupLog::open(&dir.path().join("group.redb"), Duration::from_millis(5), 1_000)
@@ -492,6 +498,17 @@ mod tests {
         })
         .await;
         assert_eq!(told.lock().unwrap().forwarded.len(), 1, "the origin forwards nothing");
+
+        // The origin moves away again: the cluster hears how far this edge
+        // numbered the room itself, for the next origin to number above.
+        told.lock().unwrap().origin = false;
+        heard_tx.send(Heard::Live).await.expect("the room listens");
+        until(&told, &changed, |t| t.numbered_here.last() == Some(&seq)).await;
+        assert_eq!(
+            told.lock().unwrap().numbered_here.first(),
+            Some(&0),
+            "as a relay it numbered nothing"
+        );
         shutdown.cancel();
     }
 }

@@ -384,6 +384,15 @@ impl Rooms {
         let _ = tx.try_send(Command::PeerViewers { peer, viewers });
     }
 
+    /// Another edge numbered livecast room `key` up to `seq` itself (it
+    /// took the room for its own while it could not hear this one): the
+    /// room, if alive here, numbers above that from now on.
+    pub fn numbered_elsewhere(&self, key: &RoomKey, seq: u64) {
+        if let Some((_, tx, _)) = self.map().rooms.get(key) {
+            let _ = tx.try_send(Command::NumberedElsewhere { seq });
+        }
+    }
+
     /// The delivered messages after `after` that a room here still holds,
     /// and whether that is all of them (nothing, all of it, for a room not
     /// alive here); None if the room does not answer within `within`.

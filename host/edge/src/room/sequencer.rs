@@ -26,7 +26,11 @@
 //!   its takeover densely; the winner, seeing the cluster whole again,
 //!   numbers above that, so the loser's viewers, who saw the loser's
 //!   numbers, take the winner's next messages for new ones (told of the
-//!   gap by the epoch), not for repeats. Numbers stay dense otherwise.
+//!   gap by the epoch), not for repeats. When only the loser saw the
+//!   partition, the winner's live set never changed: the loser, stepping
+//!   down, tells the winner how far it numbered (`RoomInterest::numbered_to`
+//!   on the bus), and the winner takes that over the same way. Numbers stay
+//!   dense otherwise.
 
 /// What numbers a room's messages.
 #[derive(Debug)]
@@ -105,7 +109,7 @@ impl Sequencer {
 /// handed out, even unseen, as long as a room numbers fewer than 4 million
 /// messages a second and edges' clocks agree within `dead_after`. Stays
 /// below 2^53 until 2034, so JavaScript clients read it exactly.
-pub(super) fn time_base() -> u64 {
+pub fn time_base() -> u64 {
     const SINCE_MS: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
     let ms = crate::unix_now_ms().saturating_sub(SINCE_MS);
     (u128::from(ms) * (1 << 22) / 1000) as u64

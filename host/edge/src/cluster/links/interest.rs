@@ -3,12 +3,19 @@
 
 use super::*;
 
+/// How far past this edge's own [`time_base`](crate::room::time_base) a
+/// peer's numbers may be: a minute of clock difference, more than edges
+/// that agree within `dead_after` ever show.
+const MAX_NUMBERED_AHEAD: u64 = 60 << 22;
+
 impl Links {
     /// This edge has `viewers` viewers of `key`, a room `origin` runs; 0
     /// forgets the room. The origin hears at once of a room's first
     /// viewers here and of its last leaving (or of the room moving to
-    /// another origin); counts in between go the presence way.
-    pub fn relayed(&self, key: &RoomKey, origin: &str, viewers: u64) {
+    /// another origin); counts in between go the presence way. A new
+    /// origin also hears `numbered_to`, the highest number this edge's
+    /// viewers got from this edge itself (see [`RoomInterest`]).
+    pub fn relayed(&self, key: &RoomKey, origin: &str, viewers: u64, numbered_to: u64) {
         let tell: Vec<(String, u64)> = {
             let mut state = self.state();
             let before = if viewers == 0 {
@@ -30,10 +37,11 @@ impl Links {
             }
             let interest = Interest {
                 from: self.edge_id().to_owned(),
-                rooms: vec![RoomCount {
+                rooms: vec![RoomInterest {
                     tenant: key.tenant.to_string(),
                     room: key.name.to_string(),
                     viewers,
+                    numbered_to: if viewers > 0 { numbered_to } else { 0 },
                 }],
             };
             let links = self.cluster.clone();
@@ -78,7 +86,17 @@ impl Links {
                     tenant: Arc::from(r.tenant.as_str()),
                     name: Arc::from(r.room.as_str()),
                 };
+                if r.numbered_to > crate::room::time_base().saturating_add(MAX_NUMBERED_AHEAD) {
+                    // Beyond any number an edge's clock gives: a forged
+                    // count that would use the room's numbers up.
+                    self.cluster
+                        .refused(BusKind::Interest, "numbers no edge could have handed out yet");
+                    continue;
+                }
                 rooms.peer_viewers(&key, Peer::Edge(from.clone()), r.viewers);
+                if r.numbered_to > 0 {
+                    rooms.numbered_elsewhere(&key, r.numbered_to);
+                }
             }
         }
     }

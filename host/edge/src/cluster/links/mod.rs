@@ -51,7 +51,7 @@ use tokio_util::task::TaskTracker;
 
 use super::bus::{
     self, EdgeCounts, Forward, Forwarded, Interest, KickAnswer, KickOrder, OriginCount, Outcome, RegionCounts, Replies,
-    Reply, Resync, Resynced, RoomCount, WhoAnswer, WhoQuery,
+    Reply, Resync, Resynced, RoomCount, RoomInterest, WhoAnswer, WhoQuery,
 };
 use super::{BusKind, Cluster, ClusterError, LiveSet};
 use crate::presence::Presence;
