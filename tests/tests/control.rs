@@ -864,7 +864,7 @@ async fn in_a_cluster_modules_and_deployments_reach_every_edge_and_late_or_resta
 /// `x-next-after` header, every entry once and in order across the pages,
 /// and no header on the last page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rooms_and_modules_are_listed_in_pages() {
+async fn rooms_modules_deployments_and_the_audit_are_listed_in_pages() {
     let edge = TestEdge::start(with_admin).await;
     let ops = operator(&edge);
     // A connection joins at most 4 rooms: two viewers make five.
@@ -936,6 +936,76 @@ async fn rooms_and_modules_are_listed_in_pages() {
     assert_eq!(hashes, sorted);
     hashes.dedup();
     assert_eq!(hashes.len(), 3);
+
+    // Deployments by scope: three active scopes in pages of two.
+    let mask = json!({"filters": [{"module": "builtin:filter-keywords", "params": {"words": "x"}}], "activate": 100});
+    for scope in ["filters/acme", "filters/globex"] {
+        let made = ops.post(&format!("/v1/deployments/{scope}"), mask.clone()).await;
+        assert_eq!(made.status, 201, "{:#}", made.body);
+    }
+    let native = json!({"policies": [{"module": "native", "params": {}}], "activate": 100});
+    assert_eq!(ops.post("/v1/deployments/policies", native).await.status, 201);
+    let first = ops.get("/v1/deployments?limit=2").await;
+    let scopes = |a: &Answer| -> Vec<String> {
+        a.body
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| d["scope"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    assert_eq!(scopes(&first), ["filters/acme", "filters/globex"], "{:#}", first.body);
+    assert_eq!(
+        first.body[0]["versions"].as_array().map(Vec::len),
+        Some(1),
+        "{:#}",
+        first.body
+    );
+    let next = first.next.clone().expect("a third scope follows");
+    let rest = ops
+        .get(&format!(
+            "/v1/deployments?limit=2&after={}",
+            throng_tests::api::encode(&next)
+        ))
+        .await;
+    assert_eq!(scopes(&rest), ["policies"], "{:#}", rest.body);
+    assert_eq!(rest.next, None);
+    // A tenant's pages hold its own scope only.
+    let acme = tenant_admin(&edge, "acme").get("/v1/deployments?limit=1").await;
+    assert_eq!(scopes(&acme), ["filters/acme"]);
+    assert_eq!(acme.next, None, "nothing else is acme's");
+
+    // The audit log by seq: every entry once and in order, the last page
+    // without a cursor.
+    let whole = ops.get("/v1/audit").await;
+    let seqs = |a: &Answer| -> Vec<u64> {
+        a.body
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["seq"].as_u64())
+            .collect()
+    };
+    let want = seqs(&whole);
+    assert!(
+        want.len() >= 6,
+        "3 uploads and 3 deployments at least: {:#}",
+        whole.body
+    );
+    assert_eq!(whole.next, None);
+    let mut seen = Vec::new();
+    let mut path = "/v1/audit?limit=4".to_owned();
+    for _ in 0..want.len() {
+        let page = ops.get(&path).await;
+        assert_eq!(page.status, 200, "{:#}", page.body);
+        assert!(seqs(&page).len() <= 4);
+        seen.extend(seqs(&page));
+        match page.next {
+            Some(next) => path = format!("/v1/audit?limit=4&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, want);
     drop(rooms);
     edge.edge.shutdown().await;
 }

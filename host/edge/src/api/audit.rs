@@ -1,11 +1,13 @@
 //! `GET /v1/audit?after=<seq>&limit=<n>`: the audit log, oldest first:
-//! everything for operators, a tenant's own entries for a tenant.
+//! everything for operators, a tenant's own entries for a tenant; pages
+//! as `api::page` makes them (the `x-next-after` header is the last
+//! entry's `seq`).
 
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Extension, Router};
 use serde::Deserialize;
 
 use super::ApiError;
@@ -28,8 +30,16 @@ async fn audit(
     State(s): State<Arc<AdminState>>,
     Extension(caller): Extension<Caller>,
     query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let limit = q.limit.unwrap_or(1000).min(10_000);
-    Ok(Json(s.control.audit_log(&caller, q.after, limit)?))
+    let limit = super::page_limit(q.limit);
+    // One past the page tells whether another follows.
+    let entries: Vec<AuditEntry> = s.control.audit_log(&caller, q.after, limit + 1)?;
+    Ok(super::page(
+        entries,
+        |e| e.seq,
+        |e| e.seq.to_string(),
+        None,
+        Some(limit),
+    ))
 }

@@ -4,7 +4,7 @@
 //! an operator):
 //!
 //! - `GET  /v1/deployments`: every scope the caller may see, with what is
-//!   active;
+//!   active, by scope in pages (`?limit=`, `?after=<scope>`);
 //! - `GET  /v1/deployments/<scope>`: one scope, every version;
 //! - `POST /v1/deployments/<scope>`: a new version
 //!   (`{"policies": [...]}` or `{"filters": [...]}`, and an optional
@@ -105,11 +105,33 @@ fn filters_scope(tenant: &str) -> Result<Scope, ApiError> {
     Scope::parse(&format!("filters/{tenant}")).ok_or_else(|| ApiError::invalid("tenant", "not a tenant id"))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// A scope (`policies`, `filters/<tenant>`): the page starts after it.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// By scope, in pages (see `api::page`): an operator's edge may hold
+/// every tenant's scope, each with its kept versions.
 async fn all(
     State(s): State<Arc<AdminState>>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Vec<ScopeStatus>>, ApiError> {
-    Ok(Json(s.control.scopes(&caller)?))
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let mut scopes = s
+        .control
+        .scopes(&caller, q.after.as_deref(), super::page_limit(q.limit) + 1)?;
+    scopes.sort_by(|a, b| a.scope.cmp(&b.scope));
+    Ok(super::page(
+        scopes,
+        |st| st.scope.clone(),
+        |st| st.scope.clone(),
+        None,
+        q.limit,
+    ))
 }
 
 async fn edges(

@@ -64,7 +64,7 @@ pub(crate) fn page<T: Serialize, K: Ord>(
     after: Option<K>,
     limit: Option<usize>,
 ) -> Response {
-    let limit = limit.unwrap_or(PAGE_DEFAULT).clamp(1, PAGE_MAX);
+    let limit = page_limit(limit);
     let mut rest: Vec<T> = match &after {
         None => items,
         Some(a) => items.into_iter().filter(|i| key(i) > *a).collect(),
@@ -79,6 +79,24 @@ pub(crate) fn page<T: Serialize, K: Ord>(
         response.headers_mut().insert(NEXT_PAGE, v);
     }
     response
+}
+
+/// A two-part `?after=` cursor, `<a>/<b>` (`tenant/room`,
+/// `owner/sha256`: the second part never holds a `/`), or a typed error
+/// naming the form `expected`.
+pub(crate) fn pair_cursor(after: Option<String>, expected: &str) -> Result<Option<(String, String)>, ApiError> {
+    match after {
+        None => Ok(None),
+        Some(a) => match a.rsplit_once('/') {
+            Some((x, y)) => Ok(Some((x.to_owned(), y.to_owned()))),
+            None => Err(ApiError::invalid("after", format!("expected `{expected}`"))),
+        },
+    }
+}
+
+/// How many entries a page asked for with `?limit=` holds.
+pub(crate) fn page_limit(asked: Option<usize>) -> usize {
+    asked.unwrap_or(PAGE_DEFAULT).clamp(1, PAGE_MAX)
 }
 
 /// The routes that need a caller, with authentication in front.

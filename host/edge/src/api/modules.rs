@@ -123,13 +123,7 @@ async fn list(
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let mut modules = s.control.modules(&caller)?;
     modules.sort_by(|a, b| (&a.owner, &a.sha256).cmp(&(&b.owner, &b.sha256)));
-    let after = match q.after {
-        None => None,
-        Some(a) => match a.rsplit_once('/') {
-            Some((o, h)) => Some((o.to_owned(), h.to_owned())),
-            None => return Err(ApiError::invalid("after", "expected `<owner>/<sha256>`")),
-        },
-    };
+    let after = super::pair_cursor(q.after, "<owner>/<sha256>")?;
     Ok(super::page(
         modules,
         |m| (m.owner.clone(), m.sha256.clone()),

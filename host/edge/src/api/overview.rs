@@ -17,7 +17,7 @@ use serde::Serialize;
 use super::ApiError;
 use super::rooms::{RoomView, TenantView, room_views, tenant_views};
 use crate::admin::AdminState;
-use crate::control::{Caller, ModuleRecord, ScopeStatus};
+use crate::control::{Caller, ModuleRecord, ScopeSummary};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
     Router::new()
@@ -39,7 +39,7 @@ pub(crate) struct Overview {
     pub rooms: Vec<RoomView>,
     pub rooms_total: usize,
     pub modules: Vec<ModuleUse>,
-    pub deployments: Vec<ScopeStatus>,
+    pub deployments: Vec<ScopeSummary>,
     pub quarantined: Vec<crate::admin::Quarantined>,
     /// What each tenant filter did.
     pub filters: Vec<super::filters::FilterView>,
@@ -112,7 +112,7 @@ pub(crate) fn picture(s: &AdminState, caller: &Caller) -> Result<Overview, ApiEr
         rooms,
         rooms_total,
         modules,
-        deployments: s.control.scopes(caller)?,
+        deployments: s.control.scope_summaries(caller)?,
         quarantined,
         filters: super::filters::filter_views(s, caller),
         // Which edges exist is the operators' business.

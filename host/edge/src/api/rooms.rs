@@ -102,13 +102,7 @@ async fn list(
 ) -> Result<axum::response::Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let tenant = scope_tenant(&caller, q.tenant)?;
-    let after = match q.after {
-        None => None,
-        Some(a) => match a.split_once('/') {
-            Some((t, r)) => Some((t.to_owned(), r.to_owned())),
-            None => return Err(ApiError::invalid("after", "expected `tenant/room`")),
-        },
-    };
+    let after = super::pair_cursor(q.after, "tenant/room")?;
     Ok(super::page(
         room_views(&s, tenant.as_deref()),
         |r| (r.tenant.clone(), r.room.clone()),

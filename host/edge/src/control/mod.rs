@@ -325,6 +325,16 @@ pub struct ScopeStatus {
     pub versions: Vec<Deployment>,
 }
 
+/// A scope as the overview shows it: what is active and how many
+/// versions are kept, without their specs (the overview is pushed every
+/// second to each `/v1/events` stream).
+#[derive(Debug, Clone, Serialize)]
+pub struct ScopeSummary {
+    pub scope: String,
+    pub active: Option<Activation>,
+    pub versions: usize,
+}
+
 /// The control plane of one edge.
 pub struct ControlPlane {
     store: ControlStore,
@@ -987,21 +997,48 @@ impl ControlPlane {
         })
     }
 
-    /// Every scope with an active deployment that `caller` may see.
-    pub fn scopes(&self, caller: &Caller) -> Result<Vec<ScopeStatus>, ControlError> {
+    /// Scopes with an active deployment that `caller` may see, in the
+    /// order of their keys, the first `limit` after `after`: only those
+    /// are read with their versions.
+    pub fn scopes(&self, caller: &Caller, after: Option<&str>, limit: usize) -> Result<Vec<ScopeStatus>, ControlError> {
+        let mut keys: Vec<String> = self.store.actives()?.into_iter().map(|(key, _)| key).collect();
+        keys.sort();
         let mut out = Vec::new();
-        for (key, _) in self.store.actives()? {
+        for key in keys.into_iter().filter(|k| after.is_none_or(|a| k.as_str() > a)) {
+            if out.len() >= limit {
+                break;
+            }
             let Some(scope) = Scope::parse(&key) else { continue };
-            let visible = match (&scope, caller.tenant()) {
-                (_, None) => true,
-                (Scope::Policies, Some(_)) => false,
-                (Scope::Filters(t), Some(me)) => t == me,
-            };
-            if visible {
+            if self.visible(caller, &scope) {
                 out.push(self.status(caller, &scope)?);
             }
         }
         Ok(out)
+    }
+
+    /// Every scope with an active deployment that `caller` may see, in
+    /// short.
+    pub fn scope_summaries(&self, caller: &Caller) -> Result<Vec<ScopeSummary>, ControlError> {
+        let mut out = Vec::new();
+        for (key, active) in self.store.actives()? {
+            let Some(scope) = Scope::parse(&key) else { continue };
+            if self.visible(caller, &scope) {
+                out.push(ScopeSummary {
+                    versions: self.store.deployment_count(&key)?,
+                    active: Some(active),
+                    scope: key,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn visible(&self, caller: &Caller, scope: &Scope) -> bool {
+        match (scope, caller.tenant()) {
+            (_, None) => true,
+            (Scope::Policies, Some(_)) => false,
+            (Scope::Filters(t), Some(me)) => t == me,
+        }
     }
 
     pub fn deployment(&self, caller: &Caller, scope: &Scope, version: u64) -> Result<Deployment, ControlError> {

@@ -180,6 +180,19 @@ impl ControlStore {
         .map(parse_all)
     }
 
+    /// How many versions of a scope are kept (none parsed).
+    pub fn deployment_count(&self, scope: &str) -> Result<usize, StoreError> {
+        self.read(|r| {
+            let t = r.open_table(DEPLOYMENTS)?;
+            let mut n = 0;
+            for row in t.range((scope, 0)..=(scope, u64::MAX))? {
+                row?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
     /// The newest version of a scope (0: none yet).
     pub fn last_version(&self, scope: &str) -> Result<u64, StoreError> {
         self.read(|r| {
@@ -255,27 +268,31 @@ impl ControlStore {
     }
 
     /// Audit entries after `after`, oldest first, at most `limit`, that
-    /// `keep` lets through.
+    /// `keep` lets through. Rows are read and parsed one at a time up to
+    /// the page's end, so a page costs what it holds (plus the entries
+    /// `keep` skips), not the whole log.
     pub fn audit_log(
         &self,
         after: u64,
         limit: usize,
         keep: impl Fn(&AuditEntry) -> bool,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = self.read(|r| {
+        self.read(|r| {
             let t = r.open_table(AUDIT)?;
             let mut out = Vec::new();
             for row in t.range(after.saturating_add(1)..)? {
+                if out.len() >= limit {
+                    break;
+                }
                 let (_, v) = row?;
-                out.push(v.value().to_vec());
+                if let Ok(e) = serde_json::from_slice::<AuditEntry>(v.value())
+                    && keep(&e)
+                {
+                    out.push(e);
+                }
             }
             Ok(out)
-        })?;
-        Ok(parse_all::<AuditEntry>(rows)
-            .into_iter()
-            .filter(|e| keep(e))
-            .take(limit)
-            .collect())
+        })
     }
 
     fn read<T>(&self, f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>) -> Result<T, StoreError> {
