@@ -116,9 +116,6 @@ impl Links {
             body: forward, from, ..
         }) = self.next_from_edge::<Forward>(&mut sub, BusKind::Forward).await
         {
-            if !self.same_sender(BusKind::Forward, &from, &forward.from) {
-                continue;
-            }
             let Some(rooms) = self.rooms.upgrade() else {
                 return;
             };

@@ -59,9 +59,6 @@ impl Links {
             body: interest, from, ..
         }) = self.next_from_edge::<Interest>(&mut sub, BusKind::Interest).await
         {
-            if !self.same_sender(BusKind::Interest, &from, &interest.from) {
-                continue;
-            }
             let Some(rooms) = self.rooms.upgrade() else {
                 return;
             };

@@ -338,13 +338,11 @@ impl Links {
 
     /// The next message on `sub` from a live (or lately live) edge, decoded
     /// as `T`, with its sender (the subject's last token) and reply subject.
-    /// One that does not decode, or comes from an edge this one does not
-    /// know, is counted and skipped.
-    async fn next_from_edge<T: serde::de::DeserializeOwned>(
-        &self,
-        sub: &mut async_nats::Subscriber,
-        kind: BusKind,
-    ) -> Option<Heard<T>> {
+    /// What every conversation refuses is counted and skipped here: a body
+    /// that does not decode, a sender this edge does not know, a body
+    /// naming another sender than its subject, a tenant this edge does not
+    /// know; and this edge's own messages where `T` is only for others.
+    async fn next_from_edge<T: FromAPeer>(&self, sub: &mut async_nats::Subscriber, kind: BusKind) -> Option<Heard<T>> {
         loop {
             let message = tokio::select! {
                 _ = self.shutdown.cancelled() => return None,
@@ -359,28 +357,87 @@ impl Links {
                 self.cluster.refused(kind, "from an edge that is not live");
                 continue;
             }
-            match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
-                Ok(body) => {
-                    return Some(Heard {
-                        body,
-                        from: from.to_owned(),
-                        reply: message.reply.map(|r| r.to_string()),
-                    });
-                }
-                Err(e) => self.cluster.malformed(kind, &e),
+            if !T::FROM_ITSELF && from == self.edge_id() {
+                continue;
             }
+            let body: T = match bus::decode(&message.payload, bus::MAX_ROOM_BUS_BYTES) {
+                Ok(body) => body,
+                Err(e) => {
+                    self.cluster.malformed(kind, &e);
+                    continue;
+                }
+            };
+            if body.sender().is_some_and(|named| named != from) {
+                self.cluster.refused(kind, "a body naming another sender");
+                continue;
+            }
+            if body.tenant().is_some_and(|t| !self.knows(t)) {
+                self.cluster.refused(kind, "a tenant this edge does not know");
+                continue;
+            }
+            return Some(Heard {
+                body,
+                from: from.to_owned(),
+                reply: message.reply.map(|r| r.to_string()),
+            });
         }
     }
+}
 
-    /// Whether a message's body names the edge that sent it; counted as
-    /// refused when it names another.
-    fn same_sender(&self, kind: BusKind, from: &str, named: &str) -> bool {
-        if from == named {
-            true
-        } else {
-            self.cluster.refused(kind, "a body naming another sender");
-            false
-        }
+/// A bus message one edge sends others, as [`Links::next_from_edge`]
+/// checks it.
+trait FromAPeer: serde::de::DeserializeOwned {
+    /// Whether this edge takes its own (an aggregator counts itself; a
+    /// disconnect it sent was already carried out here).
+    const FROM_ITSELF: bool = true;
+    /// The sender the body names, which must be the subject's.
+    fn sender(&self) -> Option<&str> {
+        None
+    }
+    /// The one tenant the whole body is about, which this edge must know.
+    fn tenant(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl FromAPeer for Forward {
+    fn sender(&self) -> Option<&str> {
+        Some(&self.from)
+    }
+}
+impl FromAPeer for Replies {}
+impl FromAPeer for Interest {
+    fn sender(&self) -> Option<&str> {
+        Some(&self.from)
+    }
+}
+impl FromAPeer for EdgeCounts {
+    fn sender(&self) -> Option<&str> {
+        Some(&self.from)
+    }
+}
+impl FromAPeer for RegionCounts {
+    fn sender(&self) -> Option<&str> {
+        Some(&self.from)
+    }
+}
+impl FromAPeer for Resync {}
+impl FromAPeer for KickOrder {
+    const FROM_ITSELF: bool = false;
+    fn sender(&self) -> Option<&str> {
+        Some(&self.from)
+    }
+    fn tenant(&self) -> Option<&str> {
+        Some(&self.tenant)
+    }
+}
+impl FromAPeer for WhoQuery {
+    const FROM_ITSELF: bool = false;
+    fn sender(&self) -> Option<&str> {
+        Some(&self.from)
+    }
+    fn tenant(&self) -> Option<&str> {
+        Some(&self.tenant)
     }
 }
 

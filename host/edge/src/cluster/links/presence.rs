@@ -81,9 +81,6 @@ impl Links {
         while let Some(Heard { body: counts, from, .. }) =
             self.next_from_edge::<EdgeCounts>(&mut sub, BusKind::Counts).await
         {
-            if !self.same_sender(BusKind::Counts, &from, &counts.from) {
-                continue;
-            }
             if let Err(why) = counts.rooms.iter().try_for_each(|r| {
                 self.check_room(&r.tenant, &r.room)
                     .and_then(|()| check_edge(&r.origin))
@@ -125,9 +122,6 @@ impl Links {
         while let Some(Heard { body: counts, from, .. }) =
             self.next_from_edge::<RegionCounts>(&mut sub, BusKind::Regional).await
         {
-            if !self.same_sender(BusKind::Regional, &from, &counts.from) {
-                continue;
-            }
             // A region's totals come from its aggregator, which all agree
             // on: so there are as many regions as regions with live edges,
             // and no total above what their edges could hold.
