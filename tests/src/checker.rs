@@ -4,7 +4,7 @@
 //! was lost, duplicated, reordered, or numbered twice.
 //!
 //! It knows nothing of how the history was made: the fault-injection
-//! suite (`host/throng/tests/faults.rs`) drives real processes through
+//! suite (`host/throng/tests/processes/faults.rs`) drives real processes through
 //! kills, pauses and outages and records what happened here.
 
 use std::collections::{HashMap, HashSet};

@@ -16,7 +16,7 @@ import {
 } from '../src/throng.js';
 
 const path = new URL('./vectors.json', import.meta.url);
-const GENERATE = 'THRONG_BLESS=1 cargo test --release -p throng-tests --test js_client';
+const GENERATE = 'THRONG_BLESS=1 cargo test --release -p throng-tests --test e2e js_client::';
 
 const fromHex = (hex) => Uint8Array.from(Buffer.from(hex, 'hex'));
 const toHex = (bytes) => Buffer.from(bytes).toString('hex');

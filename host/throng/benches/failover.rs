@@ -22,7 +22,7 @@
 //! ```
 #![cfg(unix)]
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/processes/common.rs"]
 mod common;
 
 use std::sync::Arc;

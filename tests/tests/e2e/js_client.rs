@@ -451,7 +451,7 @@ fn the_javascript_client_decodes_and_encodes_what_the_rust_codec_does() {
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == fresh,
-        "{} is not what the Rust codec makes now: run `THRONG_BLESS=1 cargo test --release -p throng-tests --test js_client` and commit it",
+        "{} is not what the Rust codec makes now: run `THRONG_BLESS=1 cargo test --release -p throng-tests --test e2e js_client::` and commit it",
         path.display()
     );
     let out = Command::new("node")

@@ -3,7 +3,6 @@
 //! a changed limit is named as needing a restart), and that a bad config
 //! (a module refusing its params, a misspelt key) changes nothing and says
 //! why.
-#![cfg(unix)]
 
 use std::path::Path;
 use std::process::Stdio;

@@ -2,13 +2,10 @@
 //! operator runs them: they find each other, agree on the live set, see a
 //! killed edge go within `dead_after` and a stopped one at once, and an edge
 //! that cannot reach NATS says so and does not start.
-#![cfg(unix)]
-
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use throng_tests::nats::NatsServer;
 use tokio::process::Command;
 

@@ -1,7 +1,7 @@
 //! A number means one message: epochs across restarts, and group messages
 //! acked and shown only once they are stored, on one edge.
 //! (Crashes, NATS outages and fencing run against real processes in
-//! `host/throng/tests/faults.rs`.)
+//! `host/throng/tests/processes/faults.rs`.)
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

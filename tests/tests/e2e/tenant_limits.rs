@@ -246,6 +246,18 @@ async fn never_activated_versions_do_not_pile_up() {
 
 /// `bytes` made distinct by a custom section named `tag` at the end: the
 /// same module to run, another to compile (its hash is the cache's key).
+/// `api` uploads the keywords filter made new by `tag` (words `x`).
+async fn upload_keywords(api: &Api, tag: &str, version: &str) -> Answer {
+    api.upload(
+        &variant(throng_guest_artifacts::FILTER_KEYWORDS, tag),
+        "kw",
+        version,
+        "message-filter",
+        json!({"words": "x"}),
+    )
+    .await
+}
+
 fn variant(bytes: &[u8], tag: &str) -> Vec<u8> {
     let mut section = vec![u8::try_from(tag.len()).expect("short tag")];
     section.extend_from_slice(tag.as_bytes());
@@ -304,40 +316,16 @@ async fn a_tenants_compile_time_per_hour_is_capped_and_others_compile_on() {
     );
     // Refused before compiling: nothing new in the cache either way.
     let cache = cached(&edge);
-    let again = acme
-        .upload(
-            &variant(filter, "after"),
-            "kw",
-            "2",
-            "message-filter",
-            json!({"words": "x"}),
-        )
-        .await;
+    let again = upload_keywords(&acme, "after", "2").await;
     refused(&again, 403, "quota_exceeded");
     assert_eq!(cached(&edge), cache);
 
     // Another tenant, and an operator, compile on.
     let globex = Api::new(addr, edge.token("globex", "g", "tenant-admin", "*"));
-    let theirs = globex
-        .upload(
-            &variant(filter, "globex"),
-            "kw",
-            "1",
-            "message-filter",
-            json!({"words": "x"}),
-        )
-        .await;
+    let theirs = upload_keywords(&globex, "globex", "1").await;
     assert_eq!(theirs.status, 201, "{:#}", theirs.body);
     let ops = Api::new(addr, OPERATOR_KEY);
-    let up = ops
-        .upload(
-            &variant(filter, "ops"),
-            "kw",
-            "1",
-            "message-filter",
-            json!({"words": "x"}),
-        )
-        .await;
+    let up = upload_keywords(&ops, "ops", "1").await;
     assert_eq!(up.status, 201, "{:#}", up.body);
     edge.edge.shutdown().await;
 }
@@ -352,20 +340,7 @@ async fn a_tenants_stored_and_compiled_modules_are_bounded_and_nothing_under_the
     let edge = TestEdge::start(with_admin).await;
     let addr = admin(&edge);
     let acme = Api::new(addr, tenant_token(&edge));
-    let filter = throng_guest_artifacts::FILTER_KEYWORDS;
-    let upload = |tag: &'static str| {
-        let acme = &acme;
-        async move {
-            acme.upload(
-                &variant(filter, tag),
-                "kw",
-                tag,
-                "message-filter",
-                json!({"words": "x"}),
-            )
-            .await
-        }
-    };
+    let upload = |tag: &'static str| upload_keywords(&acme, tag, tag);
     let first = upload("a").await;
     assert_eq!(first.status, 201, "{:#}", first.body);
     let size = first.body["module"]["size"].as_u64().expect("size");
@@ -405,15 +380,7 @@ async fn a_tenants_stored_and_compiled_modules_are_bounded_and_nothing_under_the
 
     // Another tenant's bound is its own.
     let globex = Api::new(addr, edge.token("globex", "g", "tenant-admin", "*"));
-    let theirs = globex
-        .upload(
-            &variant(filter, "g"),
-            "kw",
-            "1",
-            "message-filter",
-            json!({"words": "x"}),
-        )
-        .await;
+    let theirs = upload_keywords(&globex, "g", "1").await;
     assert_eq!(theirs.status, 201, "{:#}", theirs.body);
     edge.edge.shutdown().await;
 }

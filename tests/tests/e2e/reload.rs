@@ -1,7 +1,7 @@
 //! Reloads tell the truth: a module that refuses its params fails the whole
 //! reload and nothing changes; tenants, keys and filters are reloaded; the
 //! settings that need a restart are named. (The same through SIGHUP to a
-//! real `throng serve`: host/throng/tests/reload.rs.)
+//! real `throng serve`: host/throng/tests/processes/reload.rs.)
 
 use std::time::Duration;
 

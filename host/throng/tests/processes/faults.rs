@@ -8,20 +8,18 @@
 //! a 30 s NATS outage) is the same tests with `THRONG_FAULTS=long`:
 //!
 //! ```sh
-//! THRONG_FAULTS=long cargo test --release -p throng --test faults -- --include-ignored --nocapture
+//! THRONG_FAULTS=long cargo test --release -p throng --test processes faults:: -- --include-ignored --nocapture
 //! ```
 //!
 //! Each scenario prints one `faults:` line with its figures
 //! (BENCHMARKS.md has them). `THRONG_FAULTS_SEED` picks the schedule
 //! (when in each round the fault strikes); a failure prints the seed.
 
-mod common;
-
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{OPERATOR_KEY, Serve, quic_of, token};
+use crate::common::{self, OPERATOR_KEY, Serve, quic_of, token};
 use throng_client::{ConnectOptions, ResumableRoom, ResumePolicy, RoomEvent};
 use throng_tests::checker::{Acked, Counts, Seen, check};
 use throng_tests::nats::{NatsServer, free_port};
@@ -567,18 +565,16 @@ async fn two_edges_started_at_once_on_a_fresh_cluster_lose_nothing_acked() {
 /// past `dead_after` split the room and left 44% of acked messages
 /// unreadable).
 async fn nats_away(away: Duration) {
+    group_apart(Apart::nats_away().await, away).await;
+}
+
+/// Two edges kept apart for `away` (see [`Apart`]) under group traffic
+/// on both: nothing is acked that was not stored, and every acked message
+/// is read once, in order, from either edge afterwards.
+async fn group_apart(mut apart: Apart, away: Duration) {
     let seed = seed();
-    let mut nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut a = Edge::start(dir.path(), "a", Some(&nats.url())).await;
-    let mut b = Edge::start(dir.path(), "b", Some(&nats.url())).await;
-    for e in [&a, &b] {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&["a", "b"], Duration::from_secs(10))
-            .await;
-    }
+    let (mut a, mut b) = apart.two_live_edges(dir.path()).await;
     let traffic = Traffic::new();
     let mut readers = Vec::new();
     for (name, edges) in [("member-a", [&a, &b]), ("member-b", [&b, &a])] {
@@ -607,10 +603,10 @@ async fn nats_away(away: Duration) {
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = traffic.acked_so_far();
-    nats.kill();
+    apart.begin();
     tokio::time::sleep(away).await;
     let during = traffic.acked_so_far();
-    nats.restart();
+    apart.end();
     for e in [&a, &b] {
         e.serve
             .as_ref()
@@ -620,18 +616,16 @@ async fn nats_away(away: Duration) {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, readers).await;
-    let scenario = if away.is_zero() {
-        "nats restarted at once on its store".to_owned()
-    } else {
-        format!("nats away {}s", away.as_secs())
-    };
+    let scenario = apart.name(away);
     // A send in flight when NATS went may be stored (and acked) just
     // before; nothing else is acked while it is away.
-    assert!(
-        during <= before + 4,
-        "{scenario}: {} acked while JetStream was away",
-        during - before
-    );
+    if apart.stores_nothing() {
+        assert!(
+            during <= before + 4,
+            "{scenario}: {} acked while JetStream was away",
+            during - before
+        );
+    }
     if std::env::var("THRONG_FAULTS_DEBUG").is_ok() {
         for (i, t) in live.iter().enumerate() {
             let got: std::collections::HashSet<&str> = t
@@ -693,6 +687,145 @@ async fn nats_away_30s_loses_nothing_acked() {
     nats_away(Duration::from_secs(30)).await;
 }
 
+/// A TCP relay between one edge and nats-server that can stall: while
+/// stalled it moves no byte either way and holds what it has read, so the
+/// edge's connection stays open but says and hears nothing (a partition
+/// of that edge alone: the others keep NATS), and when the stall ends
+/// everything held goes through late, stale writes included.
+struct StallableLink {
+    url: String,
+    stalled: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallableLink {
+    async fn to(nats: &NatsServer) -> StallableLink {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("nats://{}", listener.local_addr().expect("addr"));
+        let upstream = format!("127.0.0.1:{}", nats.port());
+        let (stalled, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut pipes = tokio::task::JoinSet::new();
+            while let Ok((edge, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (edge_r, edge_w) = edge.into_split();
+                let (server_r, server_w) = server.into_split();
+                pipes.spawn(Self::pipe(edge_r, server_w, watch.clone()));
+                pipes.spawn(Self::pipe(server_r, edge_w, watch.clone()));
+            }
+        });
+        StallableLink { url, stalled, task }
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut stalled: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if stalled.wait_for(|s| !s).await.is_err() {
+                return;
+            }
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if stalled.wait_for(|s| !s).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn stall(&self, on: bool) {
+        let _ = self.stalled.send(on);
+    }
+}
+
+impl Drop for StallableLink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How a scenario keeps edges `a` and `b` apart for a while.
+enum Apart {
+    /// nats-server killed, then restarted on its store.
+    NatsAway(NatsServer),
+    /// Only `b`'s connection to NATS stalled; `a` keeps it.
+    OneEdgeStalled(NatsServer, StallableLink),
+}
+
+impl Apart {
+    async fn nats_away() -> Apart {
+        Apart::NatsAway(NatsServer::start())
+    }
+
+    async fn one_edge_stalled() -> Apart {
+        let nats = NatsServer::start();
+        let link = StallableLink::to(&nats).await;
+        Apart::OneEdgeStalled(nats, link)
+    }
+
+    /// Edges `a` and `b`, each started and seeing both live.
+    async fn two_live_edges(&self, dir: &Path) -> (Edge, Edge) {
+        let (nats, b_url) = match self {
+            Apart::NatsAway(nats) => (nats, nats.url()),
+            Apart::OneEdgeStalled(nats, link) => (nats, link.url.clone()),
+        };
+        let a = Edge::start(dir, "a", Some(&nats.url())).await;
+        let b = Edge::start(dir, "b", Some(&b_url)).await;
+        for e in [&a, &b] {
+            e.serve
+                .as_ref()
+                .expect("running")
+                .wait_live(&["a", "b"], Duration::from_secs(10))
+                .await;
+        }
+        (a, b)
+    }
+
+    fn begin(&mut self) {
+        match self {
+            Apart::NatsAway(nats) => nats.kill(),
+            Apart::OneEdgeStalled(_, link) => link.stall(true),
+        }
+    }
+
+    fn end(&mut self) {
+        match self {
+            Apart::NatsAway(nats) => nats.restart(),
+            Apart::OneEdgeStalled(_, link) => link.stall(false),
+        }
+    }
+
+    /// Whether no edge can store while apart.
+    fn stores_nothing(&self) -> bool {
+        matches!(self, Apart::NatsAway(_))
+    }
+
+    fn name(&self, away: Duration) -> String {
+        match self {
+            Apart::NatsAway(_) if away.is_zero() => "nats restarted at once on its store".to_owned(),
+            Apart::NatsAway(_) => format!("nats away {}s", away.as_secs()),
+            Apart::OneEdgeStalled(..) => format!("edge b's NATS link stalled {}s", away.as_secs()),
+        }
+    }
+}
+
+/// One edge of two cut off from NATS (its connection stalled, not
+/// closed) past `dead_after`, under group traffic on both: the other
+/// keeps NATS and takes the rooms over; the cut-off one cannot store, so
+/// it acks nothing, and what it wrote before the stall reaches NATS late,
+/// when the stall ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_edge_cut_off_from_nats_5s_loses_nothing_acked() {
+    group_apart(Apart::one_edge_stalled().await, Duration::from_secs(5)).await;
+}
+
 /// The stale origin: a group room's origin paused (SIGSTOP) past
 /// `dead_after` while its senders' messages wait in it; the other edge
 /// takes the room over and writes on. Resumed, the stale origin's appends
@@ -701,20 +834,12 @@ async fn nats_away_30s_loses_nothing_acked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_origin_is_fenced_when_it_wakes_and_nothing_acked_is_lost() {
     let seed = seed();
-    let nats = NatsServer::start();
+    let nats = Apart::nats_away().await;
     let dir = tempfile::tempdir().expect("tempdir");
     const ROOM: &str = "group-stale";
     let ids = ["a", "b"];
     let o = common::origin_index(&ids, ROOM);
-    let a = Edge::start(dir.path(), "a", Some(&nats.url())).await;
-    let b = Edge::start(dir.path(), "b", Some(&nats.url())).await;
-    for e in [&a, &b] {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&ids, Duration::from_secs(10))
-            .await;
-    }
+    let (a, b) = nats.two_live_edges(dir.path()).await;
     let edges = [&a, &b];
     let (origin, other) = (edges[o], edges[1 - o]);
     let traffic = Traffic::new();
@@ -773,19 +898,22 @@ async fn nats_restarted_at_once_on_its_store_loses_nothing_acked() {
 /// senders kept getting acks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_livecast_room_across_a_nats_outage_marks_every_hole_and_goes_on() {
+    livecast_apart(Apart::nats_away().await).await;
+}
+
+/// The same with only one edge cut off from NATS (stalled): the one that
+/// keeps NATS goes on as origin, the other numbers on its own while cut
+/// off, and its viewers are told of the holes when the cluster heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_livecast_room_with_one_edge_cut_off_from_nats_marks_every_hole_and_goes_on() {
+    livecast_apart(Apart::one_edge_stalled().await).await;
+}
+
+async fn livecast_apart(mut apart: Apart) {
     let seed = seed();
-    let mut nats = NatsServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     const ROOM: &str = "lobby-outage";
-    let a = Edge::start(dir.path(), "a", Some(&nats.url())).await;
-    let b = Edge::start(dir.path(), "b", Some(&nats.url())).await;
-    for e in [&a, &b] {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&["a", "b"], Duration::from_secs(10))
-            .await;
-    }
+    let (a, b) = apart.two_live_edges(dir.path()).await;
     let traffic = Traffic::new();
     let mut readers = Vec::new();
     for (name, e) in [("viewer-a", &a), ("viewer-b", &b)] {
@@ -802,9 +930,10 @@ async fn a_livecast_room_across_a_nats_outage_marks_every_hole_and_goes_on() {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    nats.kill();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    nats.restart();
+    let away = Duration::from_secs(5);
+    apart.begin();
+    tokio::time::sleep(away).await;
+    apart.end();
     for e in [&a, &b] {
         e.serve
             .as_ref()
@@ -818,9 +947,9 @@ async fn a_livecast_room_across_a_nats_outage_marks_every_hole_and_goes_on() {
     let healed = traffic.acked_so_far();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (acked, live) = traffic.finish(senders, readers).await;
-    let scenario = "livecast room, 2 edges, nats away 5s";
+    let scenario = format!("livecast room, 2 edges, {}", apart.name(away));
     let c = check(&acked, &live, None);
-    report(scenario, seed, &c);
+    report(&scenario, seed, &c);
     assert!(c.acked > 0, "{scenario}: nothing was acked");
     assert_eq!(
         (c.duplicated, c.reordered, c.reused, c.silently_missed),

@@ -2,11 +2,9 @@
 //! an operator's and a tenant's commands, each answer checked, and errors
 //! that say what went wrong with a non-zero exit.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{BIN, OPERATOR_KEY, Serve};
+use crate::common::{BIN, OPERATOR_KEY, Serve};
 use serde_json::Value;
 use tokio::process::Command;
 
