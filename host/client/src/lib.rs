@@ -158,11 +158,12 @@ pub struct ConnectOptions {
     pub token: String,
     /// TLS server name; defaults to the host part of `server`.
     pub server_name: Option<String>,
-    /// How often to ping an otherwise quiet connection (default 5 s).
+    /// How often to ping an otherwise quiet connection (default 3 s; at
+    /// most a third of `idle_timeout`, which a longer one is cut to).
     pub keep_alive: Duration,
     /// How long a silent edge is given before the connection counts as
-    /// lost (default 10 s): a killed edge says nothing, so this is how
-    /// long its viewers wait before `ResumableRoom` moves them on.
+    /// lost (default 10 s): a killed edge says nothing, so this is at most
+    /// how long its viewers wait before `ResumableRoom` moves them on.
     pub idle_timeout: Duration,
     pub handshake_timeout: Duration,
     /// Where to get a later token before the current one expires. With it,
@@ -225,7 +226,7 @@ impl ConnectOptions {
             roots,
             token: token.into(),
             server_name: None,
-            keep_alive: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             refresh: None,

@@ -58,16 +58,28 @@ pub fn client_config(
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
+    let (keep_alive, quiet) = silence_allowed(keep_alive, idle_timeout);
     // The edge opens one stream per joined room; we never open more than the control stream.
     transport
         .max_concurrent_uni_streams(64u32.into())
         .max_concurrent_bidi_streams(0u32.into())
         .keep_alive_interval(Some(keep_alive))
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(idle_timeout).map_err(|e| ClientError::Tls(e.to_string()))?,
+            quinn::IdleTimeout::try_from(quiet).map_err(|e| ClientError::Tls(e.to_string()))?,
         ));
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// The keep-alive interval and QUIC's idle timeout that notice a silent
+/// edge within `idle_timeout` of the last packet it sent. QUIC restarts
+/// its idle timer when the first ping after that packet goes out, up to
+/// a keep-alive later, so the timer gets `idle_timeout` less one
+/// keep-alive (which stays below the half that leaves the pings' answers
+/// time to come back).
+fn silence_allowed(keep_alive: Duration, idle_timeout: Duration) -> (Duration, Duration) {
+    let keep_alive = keep_alive.min(idle_timeout / 3);
+    (keep_alive, idle_timeout.saturating_sub(keep_alive))
 }
 
 /// Accepts a server certificate by its SHA-256 hash, as browsers do with
@@ -119,5 +131,26 @@ impl rustls::client::danger::ServerCertVerifier for PinnedHashes {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_edge_is_given_the_idle_timeout_from_its_last_packet_and_no_more() {
+        for (keep_alive, idle) in [(3_000, 10_000), (5_000, 10_000), (300, 2_000), (100, 100), (0, 1_000)] {
+            let (keep_alive, idle) = (Duration::from_millis(keep_alive), Duration::from_millis(idle));
+            let (k, quiet) = silence_allowed(keep_alive, idle);
+            // The worst case: the timer restarts at the ping a keep-alive
+            // after the edge's last packet.
+            assert!(k + quiet <= idle, "{keep_alive:?} {idle:?}: {k:?} + {quiet:?}");
+            assert!(k <= keep_alive, "pings never less often than asked");
+            // A live edge's answer to a ping always has time to arrive.
+            assert!(quiet >= 2 * k, "{keep_alive:?} {idle:?}: {k:?} {quiet:?}");
+        }
+        let (k, quiet) = silence_allowed(Duration::from_secs(3), Duration::from_secs(10));
+        assert_eq!((k, quiet), (Duration::from_secs(3), Duration::from_secs(7)));
     }
 }

@@ -21,6 +21,7 @@ mod resilience;
 mod rooms;
 mod server_api;
 mod session;
+mod silence;
 mod tenant_limits;
 mod wasm;
 mod webtransport;
