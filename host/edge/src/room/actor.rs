@@ -9,10 +9,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use super::clock::RoomClock;
-use super::fanout::Viewers;
+use super::fanout::{Fanout, Viewers};
 use super::group::{Held, Stored};
+use super::inbox::Inbox;
 use super::kind::RoomKind;
-use super::link::{Egress, Ingress};
 use super::place::{Heard, Place, PortSetup, Publish};
 use super::registry::Rooms;
 use super::ring::Ring;
@@ -106,8 +106,8 @@ pub(super) struct Room {
     id: u64,
     kind: RoomKind,
     viewers: Viewers,
-    ingress: Ingress,
-    egress: Egress,
+    inbox: Inbox,
+    fanout: Fanout,
     sequencer: Sequencer,
     /// Recent messages for joiners.
     ring: Ring,
@@ -244,8 +244,8 @@ impl Room {
             key,
             id,
             viewers: Viewers::default(),
-            ingress: Ingress::local(config.inbox_capacity),
-            egress: Egress::local(config.shard_members, config.pace_chunk),
+            inbox: Inbox::new(config.inbox_capacity),
+            fanout: Fanout::new(config.shard_members, config.pace_chunk),
             ring,
             policy: RoomPolicy::Native(NativePolicy::new(config.viewer_cap_per_sec)),
             filters: Vec::new(),
@@ -284,16 +284,16 @@ impl Room {
     ) -> Option<(Self, mpsc::Receiver<Command>)> {
         let mut ticker = tick_timer(self.tick_interval);
         loop {
-            let step_due = self.egress.step_due();
+            let step_due = self.fanout.step_due();
             // An empty room with nothing left to do stops ticking: it only
             // waits for a joiner or the end of its linger.
             let idle = self.viewers.is_empty()
                 && !self.peers_interested()
-                && self.ingress.is_empty()
+                && self.inbox.is_empty()
                 && step_due.is_none()
                 && self.kind.settled();
             let retire_at = self.empty_since.map(|t| t + self.linger);
-            let inbox_open = self.ingress.has_room();
+            let inbox_open = self.inbox.has_room();
             let commit = match &self.kind {
                 RoomKind::Group(g) if g.is_holding() => Some(Arc::clone(g.commit())),
                 _ => None,
@@ -311,7 +311,7 @@ impl Room {
             };
             match event {
                 Event::Shutdown => break,
-                Event::Step => self.egress.step(),
+                Event::Step => self.fanout.step(),
                 Event::Linger => {
                     if rooms.retire(&self.key, self.id, &rx) {
                         break;
@@ -319,12 +319,12 @@ impl Room {
                 }
                 Event::Tick => {
                     // A tick's batches go out before the next tick's.
-                    self.egress.finish();
+                    self.fanout.finish();
                     self.run_tick().await;
                     if self.reclassify() {
                         let pool = rooms.pools.get(self.class);
                         if pool.id() != self.pool.id() {
-                            self.egress.finish();
+                            self.fanout.finish();
                             for slot in self.viewers.slots() {
                                 slot.rehome(pool.clone());
                             }
@@ -335,7 +335,7 @@ impl Room {
                         ticker.reset();
                     }
                     if self.empty_since.is_some_and(|t| t.elapsed() >= self.linger)
-                        && self.ingress.is_empty()
+                        && self.inbox.is_empty()
                         && self.kind.settled()
                         && rooms.retire(&self.key, self.id, &rx)
                     {
@@ -347,7 +347,7 @@ impl Room {
                 Event::Stored => self.release_stored().await,
             }
         }
-        self.egress.finish();
+        self.fanout.finish();
         rx.close();
         // Whatever slipped in before close: joiners retry elsewhere (their
         // reply is dropped), leaves are moot.
@@ -439,7 +439,7 @@ impl Room {
                     }
                 }
             }
-            Command::Send(inbound) => self.ingress.push(inbound),
+            Command::Send(inbound) => self.inbox.push(inbound),
             Command::Resync { after, reply } => {
                 let _ = reply.send((self.ring.since(after), self.ring.holds_all_after(after)));
             }
@@ -556,12 +556,12 @@ impl Room {
                     }
                     g.origin_committed(port.origin_committed());
                 }
-                self.egress.finish();
+                self.fanout.finish();
                 let spread = self.classes.get(self.class).map_or(Duration::ZERO, |c| c.spread);
                 metrics::counter!("throng_frames_queued_total")
                     .increment((deliveries.len() * self.viewers.len()) as u64);
-                self.egress
-                    .send(&mut self.viewers, deliveries, spread, &self.pool)
+                self.fanout
+                    .push(&mut self.viewers, deliveries, spread, &self.pool)
                     .await;
             }
         }
@@ -726,7 +726,7 @@ impl Room {
         if let Place::Relay(port) = &self.place {
             // Relayed: the origin runs the room; its senders' messages go
             // there, and their answers come back from there.
-            for m in self.ingress.take() {
+            for m in self.inbox.take() {
                 port.forward(m);
             }
             return;
@@ -745,7 +745,7 @@ impl Room {
         self.info.online.store(online, std::sync::atomic::Ordering::Relaxed);
         self.info.sample();
         let presence_due = online != self.online_sent && self.presence_sent_at.elapsed() >= self.presence_interval;
-        if self.ingress.is_empty() && !presence_due {
+        if self.inbox.is_empty() && !presence_due {
             // A group room's relays learn how far its log is stored even
             // when nothing is said: they keep messages until then.
             let committed = self.kind.committed();
@@ -755,7 +755,7 @@ impl Room {
             }
             return;
         }
-        let mut inbox = self.ingress.take();
+        let mut inbox = self.inbox.take();
         RoomInfo::add(&self.info.msgs_in, inbox.len());
         if self.sequencer.is_fenced() {
             // A claim that failed, or a fence: try to claim the log again
@@ -971,8 +971,8 @@ impl Room {
         // Encoded once, here: relays write these very bytes.
         let tick = self.told(&deliveries, prev_delivered);
         self.place.publish(tick).await;
-        self.egress
-            .send(&mut self.viewers, deliveries, spread, &self.pool)
+        self.fanout
+            .push(&mut self.viewers, deliveries, spread, &self.pool)
             .await;
     }
 

@@ -29,7 +29,8 @@
 //! - `ring`: the recent messages a joiner gets.
 //! - `sequencer`: what numbers a room's messages: the numbering's epoch,
 //!   the fence, and numbers that never go back.
-//! - `link`: where a room's messages come from and where its batches go.
+//! - `inbox`: the messages waiting for the room's next tick, from this edge
+//!   and, at an origin, from other edges.
 //! - `fanout`: the room's viewers, and pushing a batch to all of them: at
 //!   once, paced over the class's `spread`, or in shards on the class's
 //!   pool.
@@ -47,9 +48,9 @@ mod clock;
 mod fanout;
 mod filters;
 mod group;
+mod inbox;
 mod info;
 mod kind;
-mod link;
 mod place;
 mod registry;
 mod ring;

@@ -2,7 +2,7 @@
 //! encoding the batch. Nothing here waits, calls a module or touches the
 //! network, so each step is tested alone below; the room's task
 //! (`actor.rs`) runs them in order, between its filters, its policy and its
-//! egress.
+//! fanout.
 
 use std::sync::Arc;
 
