@@ -617,6 +617,7 @@ async fn group_apart(mut apart: Apart, away: Duration) {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, readers).await;
     let scenario = apart.name(away);
+    eprintln!("faults: scenario={scenario} acked_while_apart={}", during - before);
     // A send in flight when NATS went may be stored (and acked) just
     // before; nothing else is acked while it is away.
     if apart.stores_nothing() {
@@ -824,6 +825,17 @@ impl Apart {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_edge_cut_off_from_nats_5s_loses_nothing_acked() {
     group_apart(Apart::one_edge_stalled().await, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_edge_cut_off_from_nats_1s_loses_nothing_acked() {
+    group_apart(Apart::one_edge_stalled().await, Duration::from_secs(1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the long form: THRONG_FAULTS=long ... -- --include-ignored"]
+async fn one_edge_cut_off_from_nats_30s_loses_nothing_acked() {
+    group_apart(Apart::one_edge_stalled().await, Duration::from_secs(30)).await;
 }
 
 /// The stale origin: a group room's origin paused (SIGSTOP) past
