@@ -10,7 +10,7 @@ edge's RSS and CPU from /proc once a second and checks, every two seconds,
 that a legitimate viewer from another source address (127.0.0.2) still gets
 in: Hello -> Welcome, Join -> Joined, Ping -> Pong.
 
-    python3 tests/hostile/hostile.py ATTACK [--seconds 60] [--json]
+    python3 tests/hostile/hostile.py ATTACK [--seconds 60]   # prints a JSON report
 
 Attacks (what each was observed to do to an unbounded edge, see BENCHMARKS.md):
   churn          one viewer token cycles Join/Leave over new room names
