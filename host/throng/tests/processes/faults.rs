@@ -544,13 +544,7 @@ async fn two_edges_started_at_once_on_a_fresh_cluster_lose_nothing_acked() {
         traffic.sender(options(&[&b], "on-b", "viewer"), ROOM, Kind::Chat, "b", every),
     ];
     let live = reader(options(&[&b], "member", "viewer"), ROOM, Arc::clone(&traffic.reading)).await;
-    for e in [&a, &b] {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&["a", "b"], Duration::from_secs(10))
-            .await;
-    }
+    both_live(&a, &b, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, vec![live]).await;
     for (name, e) in [("a", &a), ("b", &b)] {
@@ -607,13 +601,7 @@ async fn group_apart(mut apart: Apart, away: Duration) {
     tokio::time::sleep(away).await;
     let during = traffic.acked_so_far();
     apart.end();
-    for e in [&a, &b] {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&["a", "b"], Duration::from_secs(30))
-            .await;
-    }
+    both_live(&a, &b, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, readers).await;
     let scenario = apart.name(away);
@@ -752,6 +740,13 @@ impl Drop for StallableLink {
     }
 }
 
+/// Waits (at most `within` each) until edges `a` and `b` both see both live.
+async fn both_live(a: &Edge, b: &Edge, within: Duration) {
+    for e in [a, b] {
+        e.serve.as_ref().expect("running").wait_live(&["a", "b"], within).await;
+    }
+}
+
 /// How a scenario keeps edges `a` and `b` apart for a while.
 enum Apart {
     /// nats-server killed, then restarted on its store.
@@ -779,13 +774,7 @@ impl Apart {
         };
         let a = Edge::start(dir, "a", Some(&nats.url())).await;
         let b = Edge::start(dir, "b", Some(&b_url)).await;
-        for e in [&a, &b] {
-            e.serve
-                .as_ref()
-                .expect("running")
-                .wait_live(&["a", "b"], Duration::from_secs(10))
-                .await;
-        }
+        both_live(&a, &b, Duration::from_secs(10)).await;
         (a, b)
     }
 
@@ -878,13 +867,7 @@ async fn a_paused_origin_is_fenced_when_it_wakes_and_nothing_acked_is_lost() {
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     origin.signal("-CONT");
-    for e in edges {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&ids, Duration::from_secs(15))
-            .await;
-    }
+    both_live(&a, &b, Duration::from_secs(15)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (acked, live) = traffic.finish(senders, vec![live]).await;
     for (name, e) in [("origin", origin), ("other", other)] {
@@ -946,13 +929,7 @@ async fn livecast_apart(mut apart: Apart) {
     apart.begin();
     tokio::time::sleep(away).await;
     apart.end();
-    for e in [&a, &b] {
-        e.serve
-            .as_ref()
-            .expect("running")
-            .wait_live(&["a", "b"], Duration::from_secs(30))
-            .await;
-    }
+    both_live(&a, &b, Duration::from_secs(30)).await;
     // The relays find their origin again within a presence interval or
     // two; what is acked after that reaches every viewer.
     tokio::time::sleep(Duration::from_secs(3)).await;
