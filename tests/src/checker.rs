@@ -34,6 +34,13 @@ pub enum Seen {
         to_epoch: u64,
         after_seq: Option<u64>,
     },
+    /// A batch said (its `missed`) that batches of `epoch` did not reach
+    /// the reader before it: what came after `after_seq` and before the
+    /// next message of `epoch` the reader saw.
+    Missed {
+        epoch: u64,
+        after_seq: Option<u64>,
+    },
 }
 
 /// The figures of one run (BENCHMARKS.md reports these per scenario).
@@ -115,7 +122,7 @@ pub fn check(acked: &[Acked], live: &[Vec<Seen>], complete: Option<&[Seen]>) -> 
 fn bodies(trace: &[Seen]) -> impl Iterator<Item = &str> {
     trace.iter().filter_map(|s| match s {
         Seen::Message { body, .. } => Some(body.as_str()),
-        Seen::Gap { .. } => None,
+        Seen::Gap { .. } | Seen::Missed { .. } => None,
     })
 }
 
@@ -138,7 +145,7 @@ fn order(trace: &[Seen]) -> (usize, usize, usize) {
                 }
                 last = Some((*epoch, *seq));
             }
-            Seen::Gap { .. } => gaps += 1,
+            Seen::Gap { .. } | Seen::Missed { .. } => gaps += 1,
         }
     }
     (dup, reordered, gaps)
@@ -163,11 +170,10 @@ fn silently_missed(acked: &[Acked], trace: &[Seen]) -> usize {
                 after_seq,
             } => {
                 excused.push((*from_epoch, after_seq.unwrap_or(0), u64::MAX));
-                let next = trace[i + 1..].iter().find_map(|s| match s {
-                    Seen::Message { epoch, seq, .. } if epoch == to_epoch => Some(*seq),
-                    _ => None,
-                });
-                excused.push((*to_epoch, 0, next.unwrap_or(u64::MAX)));
+                excused.push((*to_epoch, 0, next_of(*to_epoch, &trace[i + 1..])));
+            }
+            Seen::Missed { epoch, after_seq } => {
+                excused.push((*epoch, after_seq.unwrap_or(0), next_of(*epoch, &trace[i + 1..])));
             }
         }
     }
@@ -180,6 +186,16 @@ fn silently_missed(acked: &[Acked], trace: &[Seen]) -> usize {
                 .any(|&(e, after, before)| e == a.epoch && a.seq > after && a.seq < before)
         })
         .count()
+}
+
+/// The number of the first message of `epoch` in `rest` (none: no bound).
+fn next_of(epoch: u64, rest: &[Seen]) -> u64 {
+    rest.iter()
+        .find_map(|s| match s {
+            Seen::Message { epoch: e, seq, .. } if *e == epoch => Some(*seq),
+            _ => None,
+        })
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -263,5 +279,28 @@ mod tests {
         assert_eq!(c.silently_missed, 1, "only p");
         assert_eq!(c.gaps, 1);
         assert_eq!(c.lost, 0, "no complete read: a livecast room");
+    }
+
+    #[test]
+    fn a_batch_saying_it_missed_some_excuses_the_hole_before_it_and_nothing_after() {
+        // 3..5 of epoch 1 never arrived, and the batch after the hole says
+        // so; 8 went missing later with nothing said.
+        let acked: Vec<Acked> = (1..=8).map(|n| ack(&format!("m{n}"), 1, n)).collect();
+        let live = vec![
+            msg("m1", 1, 1),
+            msg("m2", 1, 2),
+            Seen::Missed {
+                epoch: 1,
+                after_seq: Some(2),
+            },
+            msg("m6", 1, 6),
+            msg("m7", 1, 7),
+        ];
+        let c = check(&acked, std::slice::from_ref(&live), None);
+        assert_eq!(c.silently_missed, 1, "only m8: {c}");
+        assert_eq!(c.gaps, 1);
+        // Without the word of it, the hole is silent.
+        let unsaid: Vec<Seen> = live.into_iter().filter(|s| !matches!(s, Seen::Missed { .. })).collect();
+        assert_eq!(check(&acked, &[unsaid], None).silently_missed, 4);
     }
 }
