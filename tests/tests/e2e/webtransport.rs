@@ -3,7 +3,7 @@
 //! they see the same rooms, the same sequence, the same limits and the
 //! same typed errors. Driven here by the Rust client in its WebTransport
 //! mode (as a page does: the certificate pinned by hash); the Chromium
-//! test in `host/throng/tests/processes/webtransport.rs` drives a real browser.
+//! test in `host/throng/tests/webtransport.rs` drives a real browser.
 
 use std::time::Duration;
 

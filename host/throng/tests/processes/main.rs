@@ -12,4 +12,3 @@ mod durability;
 mod faults;
 mod load;
 mod reload;
-mod webtransport;
