@@ -411,6 +411,14 @@ async fn write_control(mut send: Out, mut replies: mpsc::Receiver<Box<EdgeFrame>
         if let Some((code, text)) = fatal {
             send.finish();
             let _ = tokio::time::timeout(LINGER_ON_ERROR, send.stopped()).await;
+            if conn.is_web() {
+                // Acknowledged is not read: a browser drops what its page
+                // has not read yet when the session ends, and the session's
+                // close ends the connection 100 ms after its capsule. The
+                // page gets a moment to read the error (or to close the
+                // session itself, having read it).
+                let _ = tokio::time::timeout(LINGER_ON_ERROR, conn.closed()).await;
+            }
             close(&conn, code, &text);
             return;
         }

@@ -80,6 +80,11 @@ impl Peer {
         }
     }
 
+    /// Whether this is a browser's WebTransport session.
+    pub(crate) fn is_web(&self) -> bool {
+        matches!(self, Self::Web(_))
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
         match self {
             Self::Quic(c) => c.close_reason().is_some(),
