@@ -783,6 +783,24 @@ impl Drop for StallableLink {
     }
 }
 
+/// A host (whose messages the policy never drops) sending into `room`
+/// every `every` from each of `edges`, as `host-<i>` with bodies `h<i>-...`.
+fn host_senders(
+    traffic: &Traffic,
+    edges: [&Edge; 2],
+    room: &'static str,
+    every: Duration,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    edges
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let opts = options(&[e], &format!("host-{i}"), "host");
+            traffic.sender(opts, room, Kind::Host, &format!("h{i}"), every)
+        })
+        .collect()
+}
+
 /// Waits (at most `within` each) until edges `a` and `b` both see both live.
 async fn both_live(a: &Edge, b: &Edge, within: Duration) {
     for e in [a, b] {
@@ -959,14 +977,7 @@ async fn livecast_apart(mut apart: Apart) {
     }
     // Host messages: the policy never drops them, so a viewer must see
     // every one or be told it may not have.
-    let senders: Vec<_> = [&a, &b]
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let opts = options(&[e], &format!("host-{i}"), "host");
-            traffic.sender(opts, ROOM, Kind::Host, &format!("h{i}"), Duration::from_millis(50))
-        })
-        .collect();
+    let senders = host_senders(&traffic, [&a, &b], ROOM, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let away = Duration::from_secs(5);
     apart.begin();
@@ -1055,14 +1066,7 @@ async fn the_origin_killed_during_a_relays_gap_fill_leaves_no_silent_hole() {
     }
     // Host messages from both edges: the one on a stops when a dies, the
     // one on b goes on through the takeover.
-    let senders: Vec<_> = [&a, &b]
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let opts = options(&[e], &format!("host-{i}"), "host");
-            traffic.sender(opts, room, Kind::Host, &format!("h{i}"), Duration::from_millis(20))
-        })
-        .collect();
+    let senders = host_senders(&traffic, [&a, &b], room, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lines = &mut b.serve.as_mut().expect("running").lines;
     while lines.try_recv().is_ok() {}
