@@ -623,8 +623,8 @@ pub struct GroupRetention {
     /// Stored group messages of one tenant on this edge, in bytes: past
     /// it the tenant's group rooms refuse new messages (`StorageFull`)
     /// until retention has removed enough. Always set (default 1 GiB), so
-    /// one tenant cannot fill the disk; on one edge only (a cluster's
-    /// JetStream stream has its own limits).
+    /// one tenant cannot fill the disk; in a cluster it is the tenant's
+    /// JetStream stream's `max_bytes`, kept across edges.
     pub max_tenant_bytes: u64,
 }
 

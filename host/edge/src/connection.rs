@@ -767,8 +767,20 @@ impl Session<'_> {
         // from before they joined, whatever they ask for.
         // A number of another log (one made anew) is not one of this log's:
         // the member resumes after its cursor here, and is told.
-        let foreign =
-            admission.is_some() && resume_from.is_some() && epoch != 0 && epoch != self.shared.rooms.log().epoch();
+        let foreign = match (&admission, resume_from) {
+            (Some(_), Some(_)) if epoch != 0 => match self.shared.rooms.log().epoch(&self.tenant).await {
+                Ok(ours) => epoch != ours,
+                Err(e) => {
+                    let _ = self.reply.send(EdgeFrame::JoinRefused {
+                        room,
+                        code: ErrorCode::ServerBusy.code(),
+                        text: format!("the group log cannot be read now; try again ({e})"),
+                    });
+                    return;
+                }
+            },
+            _ => false,
+        };
         let resume_from = if foreign { None } else { resume_from };
         let requested = resume_from;
         let since_join = self.shared.config.rooms.group_history == GroupHistory::SinceJoin;

@@ -33,12 +33,13 @@ impl GroupStore {
         }
     }
 
-    /// The numbering the rooms' sequence numbers belong to: the log's own
-    /// (a log made anew is another epoch).
-    pub fn epoch(&self) -> u64 {
+    /// The numbering `tenant`'s rooms' sequence numbers belong to: the
+    /// log's own (a log made anew is another epoch): the embedded log's,
+    /// or the tenant's stream's in a cluster.
+    pub async fn epoch(&self, tenant: &str) -> Result<u64, LogError> {
         match self {
-            Self::Local(l) => l.epoch(),
-            Self::Stream(s) => s.epoch(),
+            Self::Local(l) => Ok(l.epoch()),
+            Self::Stream(s) => s.epoch(tenant).await,
         }
     }
 
@@ -98,13 +99,13 @@ impl GroupStore {
         }
     }
 
-    /// Whether `tenant` stores all it may on this edge (the embedded log's
-    /// `max_tenant_bytes`; a cluster's JetStream stream has its own
-    /// limits).
+    /// Whether `tenant` stores all `max_tenant_bytes` allows: counted by
+    /// the embedded log, or its stream refused an append for it lately
+    /// (JetStream keeps the bound across edges).
     pub fn tenant_full(&self, tenant: &str) -> bool {
         match self {
             Self::Local(l) => l.tenant_full(tenant),
-            Self::Stream(_) => false,
+            Self::Stream(s) => s.tenant_full(tenant),
         }
     }
 

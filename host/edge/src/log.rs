@@ -139,6 +139,8 @@ pub enum Admission {
 pub struct Commit {
     stored: AtomicU64,
     fenced: AtomicBool,
+    /// Fenced because the tenant's storage is full, not by another writer.
+    full: AtomicBool,
     changed: tokio::sync::Notify,
     /// JetStream: the stream sequence of the room's last entry as this
     /// edge knows it (0 for none), the expected last subject sequence of
@@ -153,6 +155,7 @@ impl Commit {
         Arc::new(Self {
             stored: AtomicU64::new(stored),
             fenced: AtomicBool::new(false),
+            full: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
             last_entry: AtomicU64::new(last_entry),
         })
@@ -185,6 +188,21 @@ impl Commit {
     pub(crate) fn fence(&self) {
         self.fenced.store(true, Ordering::Release);
         self.changed.notify_one();
+    }
+
+    /// Whether the claim was fenced because the log refused an append for
+    /// the tenant's storage bound (JetStream's `max_bytes`): its held ticks
+    /// are refused with `StorageFull`, not "another edge took over".
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// Fences the claim for the tenant's storage bound: nothing after the
+    /// refused append may be stored under it (the room claims the log
+    /// again, so its numbering goes on after what is stored).
+    pub(crate) fn fence_full(&self) {
+        self.full.store(true, Ordering::Release);
+        self.fence();
     }
 
     pub(crate) fn last_entry(&self) -> u64 {

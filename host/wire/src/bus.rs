@@ -53,6 +53,10 @@ fn addressed_to(what: &str, me: &str) -> String {
     format!("{PREFIX}.{what}.{me}.*")
 }
 
+/// The group logs' subjects: `throng.grouplog.<tenant hash>.<room hash>`,
+/// in one JetStream stream per tenant.
+pub const GROUP_LOG: &str = "grouplog";
+
 /// The subjects an edge's NATS user may publish on: only those that name
 /// it as the sender, the group logs (any edge may become a room's origin;
 /// the log's fencing keeps two from writing at once), and JetStream's API.
@@ -62,7 +66,7 @@ pub fn edge_permissions(edge: &str) -> Vec<String> {
     vec![
         format!("{PREFIX}.*.{edge}"),
         format!("{PREFIX}.*.*.{edge}"),
-        format!("{PREFIX}.group.>"),
+        format!("{PREFIX}.{GROUP_LOG}.>"),
         "$JS.API.>".to_owned(),
         "$JS.ACK.>".to_owned(),
         "$JS.FC.>".to_owned(),

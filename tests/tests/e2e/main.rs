@@ -10,6 +10,7 @@ mod dashboard;
 mod errors;
 mod fanout;
 mod group;
+mod group_storage;
 mod hostile;
 mod js_client;
 mod modules;

@@ -3,15 +3,29 @@
 //! The same promises as the embedded log (`crate::log`), kept where every
 //! edge can reach them, so a member resumes from any edge:
 //!
-//! - **One stream** ([`STREAM`]) with a subject per room
-//!   (`throng.group.<hash of the tenant-qualified name>`). Each entry holds
+//! - **One stream per tenant** ([`tenant_stream`], made on the tenant's
+//!   first group room) with a subject per room
+//!   (`throng.grouplog.<tenant hash>.<room hash>`). Each entry holds
 //!   the room's ticks queued since its last entry (one, unless JetStream
 //!   was slow or away), published with the message id
-//!   `<room hash>.<first seq>.<last seq>`: JetStream drops a second copy
+//!   `<room hash>.<first seq>.<last seq>.<writer>`: JetStream drops a second copy
 //!   within [`DEDUP_WINDOW`], so a publish retried after a lost ack is not
 //!   stored twice. Readers skip any number they already gave, so what is
 //!   stored twice anyway (a retry holding more ticks, a new origin writing
 //!   what the dead one may already have written) is read once.
+//! - **A tenant's bound** (`rooms.group_retention.max_tenant_bytes`) is its
+//!   stream's `max_bytes`, with new entries refused at it (discard new):
+//!   JetStream keeps the bound across every edge that writes the tenant's
+//!   rooms. An append refused for it fences the room's claim as another
+//!   writer would ([`Commit::fence_full`]): its held ticks are refused
+//!   with `StorageFull` (never acked, never shown), and for
+//!   [`RECHECK_FULL`] the tenant's rooms refuse new messages before they
+//!   are numbered; then an append tries again, so what retention frees is
+//!   used. Each stream reserves its `max_bytes` of the server's
+//!   `max_file_store`, so the tenants' bounds must fit in it.
+//! - **The epoch** of a tenant's rooms is when its stream was made, the
+//!   same on every edge (or the one-stream layout's, for streams made by
+//!   moving its entries: see [`LEGACY_STREAM`]).
 //!   A room has one entry in flight at a time, so its entries are in the
 //!   stream in order.
 //! - **One writer per room, fenced.** A room's origin claims its log
@@ -63,8 +77,17 @@ use crate::log::{
     Admission, Append, Commit, LogError, LogStats, MemberKey, Retention, Work, append_work, cursor_work, raise,
 };
 
-/// The stream that holds every group room's log.
-pub const STREAM: &str = "THRONG_GROUPS";
+/// Where every group room's log was before the logs were split per tenant.
+/// An edge that finds it moves its entries to the tenants' streams, in
+/// order and each once, keeping its epoch (two edges may do it at once:
+/// each copy is fenced like an append), then deletes it; until then its
+/// group rooms wait.
+pub const LEGACY_STREAM: &str = "THRONG_GROUPS";
+/// Tenant streams are named this and the tenant's hash.
+pub const STREAM_PREFIX: &str = "THRONG_GROUP_";
+/// How long a tenant whose stream refused an append for its bound is taken
+/// to be full before an append tries again.
+pub const RECHECK_FULL: Duration = Duration::from_secs(1);
 /// The KV bucket of group members and their cursors.
 pub const MEMBERS_BUCKET: &str = "throng_group_members";
 /// How long JetStream remembers a message id: a publish retried after
@@ -82,9 +105,27 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Compare-and-set attempts before a membership change gives up.
 const CAS_ATTEMPTS: usize = 32;
 
-/// A room's subject in the stream.
+/// A tenant's name in subjects and stream names (any tenant name is
+/// allowed in neither).
+fn tenant_token(tenant: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(tenant.as_bytes())[..16])
+}
+
+/// The stream of `tenant`'s group logs.
+pub fn tenant_stream(tenant: &str) -> String {
+    format!("{STREAM_PREFIX}{}", tenant_token(tenant))
+}
+
+/// A room's subject in its tenant's stream.
 pub fn group_subject(tenant: &str, room: &str) -> String {
-    format!("{}.group.{}", super::bus::PREFIX, super::bus::room_token(tenant, room))
+    format!(
+        "{}.{}.{}.{}",
+        super::bus::PREFIX,
+        super::bus::GROUP_LOG,
+        tenant_token(tenant),
+        super::bus::room_token(tenant, room)
+    )
 }
 
 fn member_key(tenant: &str, room: &str, user: &str) -> String {
@@ -127,7 +168,8 @@ struct MemberRecord {
     joined_at: u64,
 }
 
-/// Group logs in JetStream: one stream, one KV bucket, one writer task.
+/// Group logs in JetStream: a stream per tenant, one KV bucket, one writer
+/// task.
 #[derive(Debug, Clone)]
 pub struct StreamLog {
     inner: Arc<Inner>,
@@ -136,11 +178,27 @@ pub struct StreamLog {
 #[derive(Debug)]
 struct Inner {
     parts: tokio::sync::OnceCell<Parts>,
+    js: jetstream::Context,
+    retention: Retention,
+    /// The tenants' streams this edge has opened. Tenants are the edge's
+    /// configured ones (a token names one), so this stays small.
+    tenants: Mutex<HashMap<Arc<str>, Arc<TenantLog>>>,
     tx: mpsc::UnboundedSender<Work>,
     /// Cursors handed to the writer and not yet stored.
     cursors: Mutex<HashMap<MemberKey, u64>>,
     stats: Arc<LogStats>,
     max_queued: u64,
+}
+
+/// One tenant's stream.
+#[derive(Debug)]
+struct TenantLog {
+    stream: stream::Stream,
+    /// The numbering the tenant's group rooms' sequence numbers belong
+    /// to, the same on every edge (see the module's doc).
+    epoch: u64,
+    /// Until when the tenant is taken to be full.
+    full_until: Mutex<Option<Instant>>,
 }
 
 fn js_err(what: &str) -> impl Fn(&dyn std::fmt::Display) -> LogError + '_ {
@@ -158,28 +216,34 @@ async fn within<T, E: std::fmt::Display>(
     }
 }
 
-/// The stream and the bucket, once they are known to exist.
+/// The bucket, once it is known to exist (and the one-stream layout gone).
 #[derive(Debug)]
 struct Parts {
-    stream: stream::Stream,
     members: kv::Store,
-    /// When the stream was made (Unix ms): the numbering group rooms'
-    /// sequence numbers belong to, the same on every edge.
-    epoch: u64,
 }
 
-/// Makes sure the stream and the bucket exist.
-async fn set_up(js: &jetstream::Context, retention: Retention) -> Result<Parts, String> {
-    let config = stream::Config {
-        name: STREAM.to_owned(),
-        subjects: vec![format!("{}.group.>", super::bus::PREFIX)],
-        storage: stream::StorageType::File,
-        duplicate_window: DEDUP_WINDOW,
-        max_messages_per_subject: retention.max_messages.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
-        max_age: retention.max_age.unwrap_or(Duration::ZERO),
-        ..Default::default()
-    };
-    let mut stream = within("create the stream", js.get_or_create_stream(config)).await?;
+/// A stream's creation time in Unix ms, asked for again when the answer
+/// came without it (a create that raced another edge's: that edge would
+/// number under epoch 1 while the other used the real one).
+async fn created_ms(stream: &mut stream::Stream) -> Result<u64, String> {
+    let mut created = stream.cached_info().created;
+    if created.unix_timestamp() <= 0 {
+        created = within("read the stream's info", stream.info()).await?.created;
+    }
+    let ms = created.unix_timestamp_nanos() / 1_000_000;
+    match u64::try_from(ms) {
+        Ok(epoch @ 1..) => Ok(epoch),
+        _ => Err(format!("the stream's info names no creation time ({created})")),
+    }
+}
+
+/// Where a stream made by moving the one-stream layout keeps that
+/// layout's epoch: its description ends with this and the number.
+const EPOCH_MARK: &str = "; epoch ";
+
+/// Makes sure the bucket exists and the one-stream layout is moved.
+async fn set_up(inner: &Inner) -> Result<Parts, String> {
+    let js = &inner.js;
     // The bucket's stream is made here, as a KV bucket's is: the client's
     // `create_key_value` first asks for account details in a form
     // nats-server 2.9 does not answer.
@@ -197,20 +261,248 @@ async fn set_up(js: &jetstream::Context, retention: Retention) -> Result<Parts, 
     };
     within("create the members bucket", js.get_or_create_stream(bucket)).await?;
     let members = within("open the members bucket", js.get_key_value(MEMBERS_BUCKET)).await?;
-    // The stream's creation time is the log's epoch, the same on every
-    // edge. A create that raced another edge's (two edges starting at once
-    // on a fresh cluster) came back without it, and that edge numbered
-    // under epoch 1 while the other used the real one: ask for the stream's
-    // info itself then, and never take a missing time for an epoch.
-    let mut created = stream.cached_info().created;
-    if created.unix_timestamp() <= 0 {
-        created = within("read the stream's info", stream.info()).await?.created;
+    match tokio::time::timeout(REQUEST_TIMEOUT, js.get_stream(LEGACY_STREAM)).await {
+        Ok(Ok(legacy)) => move_legacy(inner, legacy).await?,
+        // Not found: nothing to move.
+        Ok(Err(e))
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+        Ok(Err(e)) => return Err(format!("look for the one-stream group log: {e}")),
+        Err(_) => return Err("look for the one-stream group log: no answer".into()),
     }
-    let created_ms = created.unix_timestamp_nanos() / 1_000_000;
-    let Ok(epoch @ 1..) = u64::try_from(created_ms) else {
-        return Err(format!("the stream's info names no creation time ({created})"));
+    Ok(Parts { members })
+}
+
+/// The stream config `tenant`'s stream should have.
+fn tenant_config(tenant: &str, retention: Retention, epoch: Option<u64>) -> stream::Config {
+    let token = tenant_token(tenant);
+    let mut description = format!("throng group log of tenant {tenant}");
+    if let Some(e) = epoch {
+        description.push_str(&format!("{EPOCH_MARK}{e}"));
+    }
+    stream::Config {
+        name: format!("{STREAM_PREFIX}{token}"),
+        description: Some(description),
+        subjects: vec![format!("{}.{}.{token}.*", super::bus::PREFIX, super::bus::GROUP_LOG)],
+        storage: stream::StorageType::File,
+        // JetStream refuses a duplicate window longer than the stream
+        // keeps messages.
+        duplicate_window: retention.max_age.map_or(DEDUP_WINDOW, |age| age.min(DEDUP_WINDOW)),
+        max_messages_per_subject: retention.max_messages.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        max_age: retention.max_age.unwrap_or(Duration::ZERO),
+        max_bytes: retention.max_tenant_bytes.map_or(-1, |n| n.min(i64::MAX as u64) as i64),
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    }
+}
+
+/// Opens (or makes) `tenant`'s stream, with this edge's limits: an
+/// operator changes a tenant's bound or retention in the edges' config.
+/// `epoch` is kept in a stream made now (moving the one-stream layout).
+async fn open_tenant(
+    js: &jetstream::Context,
+    tenant: &str,
+    retention: Retention,
+    epoch: Option<u64>,
+) -> Result<TenantLog, String> {
+    let want = tenant_config(tenant, retention, epoch);
+    let mut stream = within("open the tenant's group log", js.get_or_create_stream(want.clone())).await?;
+    let have = stream.cached_info().config.clone();
+    if (
+        have.max_bytes,
+        have.max_age,
+        have.max_messages_per_subject,
+        have.discard,
+    ) != (
+        want.max_bytes,
+        want.max_age,
+        want.max_messages_per_subject,
+        want.discard,
+    ) {
+        let config = stream::Config {
+            max_bytes: want.max_bytes,
+            max_age: want.max_age,
+            max_messages_per_subject: want.max_messages_per_subject,
+            discard: want.discard,
+            ..have.clone()
+        };
+        within("set the tenant's group log limits", js.update_stream(config)).await?;
+        tracing::info!(
+            tenant,
+            max_bytes = want.max_bytes,
+            was = have.max_bytes,
+            "the tenant's group log takes this edge's limits"
+        );
+        stream = within("open the tenant's group log", js.get_stream(&want.name)).await?;
+    }
+    let marked = have
+        .description
+        .as_deref()
+        .and_then(|d| d.rsplit_once(EPOCH_MARK))
+        .and_then(|(_, e)| e.parse::<u64>().ok())
+        .filter(|&e| e > 0);
+    let epoch = match marked {
+        Some(e) => e,
+        None => created_ms(&mut stream).await?,
     };
-    Ok(Parts { stream, members, epoch })
+    Ok(TenantLog {
+        stream,
+        epoch,
+        full_until: Mutex::new(None),
+    })
+}
+
+/// Moves the one-stream layout's entries to the tenants' streams, in
+/// order, each once, then deletes it. Safe to run again after it stopped
+/// halfway, and on two edges at once: a room's entry is copied only above
+/// what the room's new log holds, under the expected last subject sequence
+/// (a copy that lost the race reads the end again).
+async fn move_legacy(inner: &Inner, mut legacy: stream::Stream) -> Result<(), String> {
+    use futures::StreamExt;
+    let info = within("read the one-stream group log", legacy.info()).await?.clone();
+    let epoch = created_ms(&mut legacy).await?;
+    let last = info.state.last_sequence;
+    let (mut moved, mut rooms) = (0u64, HashMap::<RoomId, (u64, u64)>::new());
+    if info.state.messages > 0 {
+        tracing::info!(
+            entries = info.state.messages,
+            "moving the one-stream group log to per-tenant streams"
+        );
+        let consumer = within(
+            "read the one-stream group log",
+            legacy.create_consumer(jetstream::consumer::pull::OrderedConfig::default()),
+        )
+        .await?;
+        let mut messages = within("read the one-stream group log", consumer.messages()).await?;
+        loop {
+            let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await;
+            let message = match next {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(format!("read the one-stream group log: {e}")),
+                Ok(None) | Err(_) => return Err("the one-stream group log ended early".into()),
+            };
+            let at = message
+                .info()
+                .map_err(|e| format!("a one-stream entry: {e}"))?
+                .stream_sequence;
+            let decoded: Result<Entry, _> = super::bus::decode(&message.payload, super::bus::MAX_ROOM_BUS_BYTES);
+            match decoded {
+                Ok(entry) => {
+                    if copy_entry(inner, &mut rooms, epoch, entry, at).await? {
+                        moved += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(at, error = %e, "a one-stream group log entry that does not decode is left behind")
+                }
+            }
+            if at >= last {
+                break;
+            }
+        }
+    }
+    match within("delete the one-stream group log", inner.js.delete_stream(LEGACY_STREAM)).await {
+        Ok(_) => {}
+        // Another edge that moved it too deleted it first.
+        Err(e) if e.contains("not found") => {}
+        Err(e) => return Err(e),
+    }
+    tracing::info!(
+        entries = moved,
+        rooms = rooms.len(),
+        epoch,
+        "moved the one-stream group log to per-tenant streams"
+    );
+    Ok(())
+}
+
+/// Copies one entry of the one-stream layout to its tenant's stream
+/// unless the room's new log holds it already; true if copied.
+async fn copy_entry(
+    inner: &Inner,
+    rooms: &mut HashMap<RoomId, (u64, u64)>,
+    epoch: u64,
+    entry: Entry,
+    at: u64,
+) -> Result<bool, String> {
+    let room: RoomId = (Arc::from(entry.tenant.as_str()), Arc::from(entry.room.as_str()));
+    let log = tenant_log(inner, &room.0, Some(epoch))
+        .await
+        .map_err(|e| e.to_string())?;
+    let subject = group_subject(&entry.tenant, &entry.room);
+    let payload = Bytes::from(super::bus::encode(&entry));
+    for _ in 0..CAS_ATTEMPTS {
+        let (end, last_entry) = match rooms.get(&room) {
+            Some(&known) => known,
+            None => last_entry_of(&log.stream, &subject, &entry.tenant, &entry.room)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        rooms.insert(room.clone(), (end, last_entry));
+        if entry.last() <= end {
+            return Ok(false);
+        }
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(payload.clone())
+            .message_id(format!("moved.{at}"))
+            .expected_last_subject_sequence(last_entry);
+        let ack = within(
+            "copy a group log entry",
+            inner.js.send_publish(subject.clone(), publish),
+        )
+        .await?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, ack.into_future()).await {
+            Ok(Ok(ack)) => {
+                rooms.insert(room, (entry.last(), ack.sequence));
+                return Ok(true);
+            }
+            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                // Another edge copied (or appended) first: read the end again.
+                rooms.remove(&room);
+            }
+            Ok(Err(e)) => return Err(format!("copy a group log entry: {e}")),
+            Err(_) => return Err("copy a group log entry: no answer".into()),
+        }
+    }
+    Err(format!("copying entry {at} did not settle in {CAS_ATTEMPTS} attempts"))
+}
+
+/// `tenant`'s stream, opened on first use.
+async fn tenant_log(inner: &Inner, tenant: &str, epoch: Option<u64>) -> Result<Arc<TenantLog>, LogError> {
+    if let Some(t) = lock(&inner.tenants).get(tenant) {
+        return Ok(Arc::clone(t));
+    }
+    let opened = open_tenant(&inner.js, tenant, inner.retention, epoch)
+        .await
+        .map_err(LogError::Read)?;
+    let mut tenants = lock(&inner.tenants);
+    // Opened twice at once: the first one in stays.
+    Ok(Arc::clone(
+        tenants.entry(Arc::from(tenant)).or_insert_with(|| Arc::new(opened)),
+    ))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The highest sequence number a room's log holds in `stream` and the
+/// stream sequence of its last entry (0 and 0 if none).
+async fn last_entry_of(
+    stream: &stream::Stream,
+    subject: &str,
+    tenant: &str,
+    room: &str,
+) -> Result<(u64, u64), LogError> {
+    let got = tokio::time::timeout(REQUEST_TIMEOUT, stream.get_last_raw_message_by_subject(subject)).await;
+    match got {
+        Ok(Ok(m)) => Ok((decode_entry(&m.payload, tenant, room)?.last(), m.sequence)),
+        Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
+        Ok(Err(e)) => Err(LogError::Read(format!("last entry of the room: {e}"))),
+        Err(_) => Err(LogError::Read(format!(
+            "last entry of the room: no answer within {REQUEST_TIMEOUT:?}"
+        ))),
+    }
 }
 
 /// How long the edge's start waits for JetStream before it goes on
@@ -220,10 +512,11 @@ const FIRST_TRY: Duration = Duration::from_secs(2);
 const RETRY_SET_UP: Duration = Duration::from_secs(2);
 
 impl StreamLog {
-    /// Starts the writer and makes sure the stream and the bucket exist.
-    /// NATS without JetStream (or not answering yet) does not stop the
-    /// edge: it tries again in the background, and until then group rooms
-    /// refuse joins with a typed error ("try again").
+    /// Starts the writer and makes sure the bucket exists (and the
+    /// one-stream layout is moved). NATS without JetStream (or not
+    /// answering yet) does not stop the edge: it tries again in the
+    /// background, and until then group rooms refuse joins with a typed
+    /// error ("try again").
     pub async fn open(
         client: async_nats::Client,
         commit_interval: Duration,
@@ -234,12 +527,15 @@ impl StreamLog {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             parts: tokio::sync::OnceCell::new(),
+            js: js.clone(),
+            retention,
+            tenants: Mutex::new(HashMap::new()),
             tx,
             cursors: Mutex::new(HashMap::new()),
             stats: Arc::default(),
             max_queued,
         });
-        match tokio::time::timeout(FIRST_TRY, set_up(&js, retention)).await {
+        match tokio::time::timeout(FIRST_TRY, set_up(&inner)).await {
             Ok(Ok(parts)) => {
                 let _ = inner.parts.set(parts);
             }
@@ -249,12 +545,12 @@ impl StreamLog {
                     _ => format!("no answer within {FIRST_TRY:?}"),
                 };
                 tracing::error!(error = %why, "JetStream is not available: group rooms wait for it");
-                let (js, weak) = (js.clone(), Arc::downgrade(&inner));
+                let weak = Arc::downgrade(&inner);
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(RETRY_SET_UP).await;
                         let Some(inner) = weak.upgrade() else { return };
-                        match set_up(&js, retention).await {
+                        match set_up(&inner).await {
                             Ok(parts) => {
                                 let _ = inner.parts.set(parts);
                                 tracing::info!("JetStream is available: group rooms can start");
@@ -287,14 +583,37 @@ impl StreamLog {
             .ok_or_else(|| LogError::Read("JetStream is not available yet".into()))
     }
 
+    /// `tenant`'s stream, once JetStream is set up.
+    async fn tenant(&self, tenant: &str) -> Result<Arc<TenantLog>, LogError> {
+        self.parts()?;
+        tenant_log(&self.inner, tenant, None).await
+    }
+
     pub fn stats(&self) -> &Arc<LogStats> {
         &self.inner.stats
     }
 
-    /// The numbering group rooms' sequence numbers belong to: when the
-    /// stream was made (0 until JetStream answered).
-    pub fn epoch(&self) -> u64 {
-        self.inner.parts.get().map_or(0, |p| p.epoch)
+    /// The numbering `tenant`'s group rooms' sequence numbers belong to:
+    /// when its stream was made.
+    pub async fn epoch(&self, tenant: &str) -> Result<u64, LogError> {
+        Ok(self.tenant(tenant).await?.epoch)
+    }
+
+    /// Whether `tenant`'s stream refused an append for its bound within
+    /// [`RECHECK_FULL`].
+    pub fn tenant_full(&self, tenant: &str) -> bool {
+        let Some(log) = lock(&self.inner.tenants).get(tenant).cloned() else {
+            return false;
+        };
+        let mut until = lock(&log.full_until);
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Claims a room's log for this edge: where it ends (its highest
@@ -443,32 +762,19 @@ impl StreamLog {
     /// The highest sequence number JetStream holds for a room and the
     /// stream sequence of its last entry (0 and 0 if none).
     async fn last_entry(&self, tenant: &str, room: &str) -> Result<(u64, u64), LogError> {
-        let subject = group_subject(tenant, room);
-        let got = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.parts()?.stream.get_last_raw_message_by_subject(&subject),
-        )
-        .await;
-        match got {
-            Ok(Ok(m)) => Ok((decode_entry(&m.payload, tenant, room)?.last(), m.sequence)),
-            Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
-            Ok(Err(e)) => Err(LogError::Read(format!("last entry of the room: {e}"))),
-            Err(_) => Err(LogError::Read(format!(
-                "last entry of the room: no answer within {REQUEST_TIMEOUT:?}"
-            ))),
-        }
+        let log = self.tenant(tenant).await?;
+        last_entry_of(&log.stream, &group_subject(tenant, room), tenant, room).await
     }
 
     /// The first entry of the room at stream sequence `at` or later.
     async fn next_entry(
-        &self,
+        log: &TenantLog,
         subject: &str,
         at: u64,
         tenant: &str,
         room: &str,
     ) -> Result<Option<(u64, Entry)>, LogError> {
-        let get = self
-            .parts()?
+        let get = log
             .stream
             .raw_message_builder()
             .sequence(at)
@@ -498,7 +804,8 @@ impl StreamLog {
             return Ok(Vec::new());
         }
         let subject = group_subject(tenant, room);
-        let info = within("stream info", self.parts()?.stream.get_info())
+        let log = self.tenant(tenant).await?;
+        let info = within("stream info", log.stream.get_info())
             .await
             .map_err(LogError::Read)?;
         // The first entry whose last message is at or after `from`.
@@ -508,7 +815,7 @@ impl StreamLog {
         );
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            match self.next_entry(&subject, mid, tenant, room).await? {
+            match Self::next_entry(&log, &subject, mid, tenant, room).await? {
                 Some((at, e)) if e.last() < from => lo = at + 1,
                 _ => hi = mid,
             }
@@ -516,7 +823,7 @@ impl StreamLog {
         let mut out: Vec<Message> = Vec::new();
         let mut at = lo;
         while out.len() < limit {
-            let Some((seq, entry)) = self.next_entry(&subject, at, tenant, room).await? else {
+            let Some((seq, entry)) = Self::next_entry(&log, &subject, at, tenant, room).await? else {
                 break;
             };
             at = seq + 1;
@@ -571,6 +878,19 @@ enum Published {
     Unanswered,
     /// Another writer appended to the room's log: this claim is fenced.
     Fenced,
+    /// The tenant's stream is at its bound: refused, and so is the claim.
+    Full,
+}
+
+/// Whether a publish was refused for the stream's `max_bytes` (discard
+/// new): JetStream says "maximum bytes exceeded" as a store failure.
+fn over_the_bound(e: &jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| {
+            j.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED && j.to_string().contains("maximum bytes")
+        })
 }
 
 impl Writer {
@@ -693,8 +1013,9 @@ impl Writer {
                 Ok(Ok(ack)) => match tokio::time::timeout(REQUEST_TIMEOUT, ack.into_future()).await {
                     Ok(Ok(ack)) => Published::Stored(ack.sequence),
                     Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                        self.ours_after_all(&subject, &id).await
+                        self.ours_after_all(&room.0, &subject, &id).await
                     }
+                    Ok(Err(e)) if over_the_bound(&e) => Published::Full,
                     _ => Published::Unanswered,
                 },
                 _ => Published::Unanswered,
@@ -711,12 +1032,19 @@ impl Writer {
                     self.frozen.insert(room, ticks.len());
                     failed += ticks.len();
                 }
-                Published::Fenced => {
+                Published::Fenced | Published::Full => {
                     self.frozen.remove(&room);
                     let commit = Arc::clone(&self.queue[ticks[0]].committed);
-                    tracing::warn!(room = %room.1, tenant = %room.0, "another edge appended to this group room's log: this edge's claim is fenced");
-                    metrics::counter!("throng_group_log_fenced_total").increment(1);
-                    commit.fence();
+                    if matches!(published, Published::Full) {
+                        tracing::info!(room = %room.1, tenant = %room.0, "the tenant's group log is at its bound: the room's messages are refused");
+                        metrics::counter!("throng_group_log_full_total", "tenant" => room.0.to_string()).increment(1);
+                        self.mark_full(&room.0);
+                        commit.fence_full();
+                    } else {
+                        tracing::warn!(room = %room.1, tenant = %room.0, "another edge appended to this group room's log: this edge's claim is fenced");
+                        metrics::counter!("throng_group_log_fenced_total").increment(1);
+                        commit.fence();
+                    }
                     for (i, a) in self.queue.iter().enumerate() {
                         if Arc::ptr_eq(&a.committed, &commit) {
                             outcome[i] = Some(false);
@@ -773,14 +1101,14 @@ impl Writer {
     /// A publish refused for its expected last sequence: stored after all
     /// when the room's last entry is this very one (the first attempt was
     /// stored and its ack lost), fenced otherwise.
-    async fn ours_after_all(&self, subject: &str, id: &str) -> Published {
+    async fn ours_after_all(&self, tenant: &str, subject: &str, id: &str) -> Published {
         let Some(inner) = self.inner.upgrade() else {
             return Published::Unanswered;
         };
-        let Some(parts) = inner.parts.get() else {
+        let Ok(log) = tenant_log(&inner, tenant, None).await else {
             return Published::Unanswered;
         };
-        match tokio::time::timeout(REQUEST_TIMEOUT, parts.stream.get_last_raw_message_by_subject(subject)).await {
+        match tokio::time::timeout(REQUEST_TIMEOUT, log.stream.get_last_raw_message_by_subject(subject)).await {
             Ok(Ok(m)) => {
                 let last_id = m
                     .headers
@@ -794,6 +1122,14 @@ impl Writer {
             }
             Ok(Err(e)) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Published::Fenced,
             _ => Published::Unanswered,
+        }
+    }
+
+    /// Takes `tenant` to be full for [`RECHECK_FULL`].
+    fn mark_full(&self, tenant: &str) {
+        let Some(inner) = self.inner.upgrade() else { return };
+        if let Some(log) = lock(&inner.tenants).get(tenant) {
+            *lock(&log.full_until) = Some(Instant::now() + RECHECK_FULL);
         }
     }
 

@@ -853,7 +853,7 @@ impl Room {
     /// fenced room (another edge appended to its log) claims it again.
     async fn release_stored(&mut self) {
         let RoomKind::Group(g) = &mut self.kind else { return };
-        match g.take_stored() {
+        match g.take_stored(&self.key) {
             Stored::Ticks(ticks) => self.release(ticks).await,
             Stored::Fenced(stored) => {
                 // What was stored before the fence is in the log: acked and

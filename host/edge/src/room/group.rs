@@ -81,8 +81,9 @@ impl GroupState {
     /// must not start: numbering from 1 would overwrite the log.
     pub(super) async fn open(log: GroupStore, key: &RoomKey) -> Result<Self, String> {
         let (last, commit) = log.claim(&key.tenant, &key.name).await.map_err(|e| e.to_string())?;
+        let epoch = log.epoch(&key.tenant).await.map_err(|e| e.to_string())?;
         Ok(Self {
-            epoch: log.epoch(),
+            epoch,
             log,
             writer: true,
             commit,
@@ -148,7 +149,7 @@ impl GroupState {
             let _ = m.reply.send(EdgeFrame::Rejected {
                 client_msg_id: m.client_msg_id,
                 code: ErrorCode::StorageFull.code(),
-                reason: "the tenant's group messages fill its storage on this edge; retention frees it".into(),
+                reason: "the tenant's group messages fill its storage; retention frees it".into(),
             });
         }
     }
@@ -166,7 +167,7 @@ impl GroupState {
     }
 
     /// What the log stored (or refused) since the last look.
-    pub(super) fn take_stored(&mut self) -> Stored {
+    pub(super) fn take_stored(&mut self, key: &RoomKey) -> Stored {
         // The fence first: the writer raises the stored mark before it
         // fences, so a mark read after a fence is final for this claim.
         let fenced = self.commit.is_fenced();
@@ -182,12 +183,29 @@ impl GroupState {
         if !fenced {
             return Stored::Ticks(ready);
         }
+        let (code, reason) = if self.commit.is_full() {
+            (
+                ErrorCode::StorageFull,
+                "the tenant's group messages fill its storage; retention frees it",
+            )
+        } else {
+            (
+                ErrorCode::ServerBusy,
+                "another edge took this group room over; send again",
+            )
+        };
+        let mut refused = 0u64;
         for tick in self.held.drain(..) {
             for ack in tick.acks {
-                ack.refuse("another edge took this group room over; send again");
+                refused += 1;
+                ack.refuse(code, reason);
             }
         }
-        metrics::counter!("throng_group_room_fenced_total").increment(1);
+        if self.commit.is_full() {
+            metrics::counter!("throng_group_storage_full_total", "tenant" => key.tenant.to_string()).increment(refused);
+        } else {
+            metrics::counter!("throng_group_room_fenced_total").increment(1);
+        }
         Stored::Fenced(ready)
     }
 

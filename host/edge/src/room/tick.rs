@@ -32,12 +32,13 @@ impl Ack {
         });
     }
 
-    /// The message was numbered but will be neither stored nor shown: the
-    /// sender may send it again.
-    pub(super) fn refuse(self, reason: &str) {
+    /// The message was numbered but will be neither stored nor shown
+    /// (`ServerBusy`: the sender may send it again; `StorageFull`: once
+    /// retention frees room).
+    pub(super) fn refuse(self, code: ErrorCode, reason: &str) {
         let _ = self.reply.send(EdgeFrame::Rejected {
             client_msg_id: self.client_msg_id,
-            code: ErrorCode::ServerBusy.code(),
+            code: code.code(),
             reason: reason.to_owned(),
         });
     }
