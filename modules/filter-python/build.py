@@ -3,7 +3,7 @@
 
 Usage: python3 build.py OUT.wasm [--venv DIR] [--bindings DIR] [--force]
 
-Steps, each named in the error if it fails:
+Steps, each named in the error if it fails (OUT's folder is made if missing):
 1. venv: create DIR (default <repo>/target/py-filter/venv) unless it exists;
 2. install: pip-install the pinned componentize-py unless it is already there;
 3. up-to-date check: stop if OUT.wasm is this script's own output for the
@@ -163,8 +163,10 @@ def main() -> int:
     venv = args.venv.resolve()
 
     try:
-        if not out.parent.is_dir():
-            raise BuildError("output", f"folder {out.parent} does not exist")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BuildError("output", f"cannot make folder {out.parent}: {e}") from e
         tool = ensure_venv(venv)
         if args.bindings:
             run("bindings", [str(tool), "--quiet", "-d", str(WIT), "-w", WORLD,

@@ -291,9 +291,24 @@ async fn listen_receives_what_send_sends_with_acks() {
 
 /// `throng serve` and `throng client` on their defaults, from the same
 /// directory, find each other: the client trusts the dev certificate in
-/// `.throng/` unasked. Needs 127.0.0.1:4433 free (the dev default).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_defaults_json_logs_and_a_wrong_server() {
+/// `.throng/` unasked. Needs 127.0.0.1:4433 (the dev default): in a
+/// network namespace of its own where it can have one, so a running dev
+/// edge does not fail it.
+#[test]
+fn dev_defaults_json_logs_and_a_wrong_server() {
+    if let Some(status) = crate::common::rerun_in_own_netns("cli::dev_defaults_json_logs_and_a_wrong_server") {
+        assert!(status.success(), "the test in its own network namespace: {status}");
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(dev_defaults_json_logs_and_a_wrong_server_here());
+}
+
+async fn dev_defaults_json_logs_and_a_wrong_server_here() {
     let dir = tempfile::tempdir().expect("tempdir");
     let serve = Serve::start(dir.path(), &["--admin", "127.0.0.1:0", "--log-format", "json"]).await;
     assert_eq!(serve.addr, "127.0.0.1:4433", "the dev default");

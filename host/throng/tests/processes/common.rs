@@ -15,6 +15,39 @@ use throng_tests::nats::NatsServer;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_throng");
 
+/// Set in the copy of the test binary that runs inside a network
+/// namespace of its own.
+pub const IN_NETNS: &str = "THRONG_TEST_IN_NETNS";
+
+/// Runs test `name` of this binary again inside a network namespace of
+/// its own (`unshare -rn`, loopback up), where the dev ports are free
+/// whatever runs on this machine (a `throng serve` left running from the
+/// README's first command). None where unprivileged namespaces are not
+/// allowed: the test then runs here and needs those ports free.
+pub fn rerun_in_own_netns(name: &str) -> Option<std::process::ExitStatus> {
+    if std::env::var_os(IN_NETNS).is_some() {
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    let works = std::process::Command::new("unshare")
+        .args(["-rn", "ip", "link", "set", "lo", "up"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        eprintln!("no network namespace here: {name} needs the dev ports free");
+        return None;
+    }
+    std::process::Command::new("unshare")
+        .args(["-rn", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(IN_NETNS, "1")
+        .status()
+        .ok()
+}
+
 /// The operator key of [`config`]: the embedded dev config's, so the
 /// tests that run on it read /stats alike.
 pub const OPERATOR_KEY: &str = "throng-dev-operator-key-change-me";

@@ -11,4 +11,5 @@ mod control_cli;
 mod durability;
 mod faults;
 mod load;
+mod readme;
 mod reload;
