@@ -1009,3 +1009,105 @@ async fn rooms_modules_deployments_and_the_audit_are_listed_in_pages() {
     drop(rooms);
     edge.edge.shutdown().await;
 }
+
+/// A module is named by `name@version` or by a unique prefix of its hash
+/// as well as by its whole hash (a README reader copied `sha256:d38cc4e5…`
+/// and was refused); the deployment stores the whole hash, and a name
+/// that could mean two modules is refused with both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_are_named_by_name_at_version_or_a_unique_hash_prefix() {
+    let edge = TestEdge::start(with_admin).await;
+    let acme = tenant_admin(&edge, "acme");
+    let up = acme
+        .upload(
+            throng_guest_artifacts::FILTER_KEYWORDS,
+            "kw",
+            "1",
+            "message-filter",
+            json!({"words": "x"}),
+        )
+        .await;
+    assert_eq!(up.status, 201, "{:#}", up.body);
+    let hash = sha(&up);
+    // The stored chain's modules.
+    let stored = |a: &Answer| -> Vec<Value> {
+        let chain = a.body["deployment"]["filters"].as_array().cloned().unwrap_or_default();
+        chain.iter().map(|f| f["module"].clone()).collect()
+    };
+    let whole = vec![json!(format!("sha256:{hash}"))];
+
+    // name@version, then a prefix: both stored as the whole hash.
+    let by_name = acme
+        .post(
+            "/v1/deployments/filters/acme",
+            json!({"filters": [{"module": "kw@1", "params": {"words": "x"}}]}),
+        )
+        .await;
+    assert_eq!(by_name.status, 201, "{:#}", by_name.body);
+    assert_eq!(stored(&by_name), whole);
+    let by_prefix = acme
+        .post(
+            "/v1/deployments/filters/acme",
+            json!({"add": {"module": format!("sha256:{}", &hash[..10]), "params": {"words": "x"}}}),
+        )
+        .await;
+    assert_eq!(by_prefix.status, 201, "{:#}", by_prefix.body);
+    assert_eq!(stored(&by_prefix), whole, "the add replaced the same filter");
+    let shown = acme.get("/v1/modules/kw@1").await;
+    assert_eq!(shown.body[0]["sha256"], hash.as_str(), "{:#}", shown.body);
+    assert_eq!(acme.get(&format!("/v1/modules/{}", &hash[..12])).await.status, 200);
+
+    // What names nothing, or too little of a hash, is refused.
+    for (module, says) in [
+        ("kw@2", "no stored module"),
+        ("sha256:0123", "at least 8"),
+        ("kw", "expected sha256"),
+    ] {
+        let a = acme
+            .post(
+                "/v1/deployments/filters/acme",
+                json!({"filters": [{"module": module, "params": {"words": "x"}}]}),
+            )
+            .await;
+        refused(&a, 422, "deployment_refused");
+        assert!(a.message().contains(says), "{module}: {}", a.message());
+    }
+    // Another tenant's name is not a name for globex.
+    let globex = tenant_admin(&edge, "globex");
+    let a = globex
+        .post(
+            "/v1/deployments/filters/globex",
+            json!({"filters": [{"module": "kw@1", "params": {"words": "x"}}]}),
+        )
+        .await;
+    refused(&a, 422, "deployment_refused");
+    refused(&globex.get("/v1/modules/kw@1").await, 404, "not_found");
+
+    // An operator's other module of the same name and version: in acme's
+    // scope `kw@1` could be either, and is refused naming both.
+    let ops = operator(&edge);
+    let other = ops
+        .upload(
+            throng_test_modules::FILTER_SLOW,
+            "kw",
+            "1",
+            "message-filter",
+            json!({"per_message_us": "1"}),
+        )
+        .await;
+    assert_eq!(other.status, 201, "{:#}", other.body);
+    let a = acme
+        .post(
+            "/v1/deployments/filters/acme",
+            json!({"filters": [{"module": "kw@1", "params": {"words": "x"}}]}),
+        )
+        .await;
+    refused(&a, 422, "deployment_refused");
+    assert!(a.message().contains("names 2 modules"), "{}", a.message());
+    assert!(
+        a.message().contains(&hash[..16]) && a.message().contains(&sha(&other)[..16]),
+        "{}",
+        a.message()
+    );
+    edge.edge.shutdown().await;
+}

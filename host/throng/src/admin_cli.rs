@@ -67,8 +67,9 @@ enum ModuleAction {
     },
     /// The modules you may see.
     List,
-    /// One module, by sha256.
-    Show { sha256: String },
+    /// One module: `sha256:<hex>`, a unique prefix of the hash (8 hex
+    /// digits or more), or `name@version`.
+    Show { module: String },
     /// A new deployment: one module as a policy rule (--policies) or in a
     /// tenant's filter chain (--tenant). With --add it joins the active
     /// set (replacing the rule for the same rooms, or the same filter)
@@ -80,7 +81,9 @@ enum ModuleAction {
     /// prints the resulting set and the rooms it changes, and deploys
     /// nothing.
     Deploy {
-        /// `sha256:<hex>` or `builtin:<name>` (policies also `native`).
+        /// `sha256:<hex>` (or a unique prefix of 8 hex digits or more),
+        /// `name@version` of a stored module, or `builtin:<name>`
+        /// (policies also `native`). The deployment stores the whole hash.
         module: Option<String>,
         /// Into the active set; the other rules (or filters) stay.
         #[arg(long, conflicts_with_all = ["replace", "remove", "file"])]
@@ -429,9 +432,8 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
             let v = api.get("/v1/modules").await?;
             api.show(&v, |v| v.as_array().into_iter().flatten().map(module_line).collect());
         }
-        ModuleAction::Show { sha256 } => {
-            let hex = sha256.trim_start_matches("sha256:").to_owned();
-            let v = api.get(&format!("/v1/modules/{hex}")).await?;
+        ModuleAction::Show { module } => {
+            let v = api.get(&format!("/v1/modules/{}", percent_encode(&module))).await?;
             api.show(&v, |v| serde_json::to_string_pretty(v).unwrap_or_default() + "\n");
         }
         ModuleAction::Deploy {
@@ -517,7 +519,7 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
                     }
                     json!({ set_key: alone })
                 }
-                (None, None) => bail!("name a module (sha256:<hex>, builtin:<name>) or --file"),
+                (None, None) => bail!("name a module (sha256:<hex or prefix>, name@version, builtin:<name>) or --file"),
             };
             if dry_run {
                 body["dry_run"] = json!(true);

@@ -167,8 +167,8 @@ async fn create(
     let c: Create = json_body(body).await?;
     let whole = match (c.policies, c.filters, scope) {
         (None, None, _) => None,
-        (Some(p), None, Scope::Policies) => Some(Spec::Policies(p)),
-        (None, Some(f), Scope::Filters(_)) => Some(Spec::Filters(f)),
+        (Some(p), None, Scope::Policies) => Some(s.control.resolve_spec(scope, Spec::Policies(p))?),
+        (None, Some(f), Scope::Filters(_)) => Some(s.control.resolve_spec(scope, Spec::Filters(f))?),
         (_, _, Scope::Policies) => {
             return Err(ApiError::invalid(
                 "policies",
@@ -190,13 +190,26 @@ async fn create(
     let change = match (c.add, c.remove) {
         (None, None) => None,
         (Some(_), Some(_)) => return Err(ApiError::invalid("remove", "one change at a time: `add` or `remove`")),
+        // Modules named by name@version or a hash prefix are named by
+        // their whole hash before they are compared with the active set.
         (Some(add), None) => Some(match scope {
-            Scope::Policies => Change::AddRule(entry("add", add)?),
-            Scope::Filters(_) => Change::AddFilter(entry("add", add)?),
+            Scope::Policies => {
+                let mut rule: PolicyRule = entry("add", add)?;
+                rule.module = s.control.resolve_module(scope, "add.module", &rule.module)?;
+                Change::AddRule(rule)
+            }
+            Scope::Filters(_) => {
+                let mut filter: FilterUse = entry("add", add)?;
+                filter.module = s.control.resolve_module(scope, "add.module", &filter.module)?;
+                Change::AddFilter(filter)
+            }
         }),
         (None, Some(remove)) => Some(match scope {
             Scope::Policies => Change::RemoveRule(entry::<RuleSelector>("remove", remove)?),
-            Scope::Filters(_) => Change::RemoveFilter(entry::<FilterName>("remove", remove)?.module),
+            Scope::Filters(_) => {
+                let named = entry::<FilterName>("remove", remove)?.module;
+                Change::RemoveFilter(s.control.resolve_module(scope, "remove.module", &named)?)
+            }
         }),
     };
     let spec = match (whole, change) {

@@ -25,7 +25,9 @@ use crate::control::{Caller, ControlError, ModuleRecord, Upload, World};
 pub(super) fn routes() -> Router<Arc<AdminState>> {
     Router::new()
         .route("/v1/modules", get(list).post(upload))
-        .route("/v1/modules/{sha256}", get(show))
+        // `{module}`: `sha256:<hex>`, its hex alone, a unique prefix of
+        // it, or `name@version`.
+        .route("/v1/modules/{module}", get(show))
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,11 +138,7 @@ async fn list(
 async fn show(
     State(s): State<Arc<AdminState>>,
     Extension(caller): Extension<Caller>,
-    Path(sha256): Path<String>,
+    Path(reference): Path<String>,
 ) -> Result<Json<Vec<ModuleRecord>>, ApiError> {
-    let hex = sha256.strip_prefix("sha256:").unwrap_or(&sha256).to_ascii_lowercase();
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ApiError::invalid("sha256", "expected 64 hex digits"));
-    }
-    Ok(Json(s.control.module(&caller, &hex)?))
+    Ok(Json(s.control.module(&caller, &reference)?))
 }

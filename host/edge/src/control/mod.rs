@@ -109,6 +109,64 @@ impl Caller {
 /// The owner of operators' modules.
 pub const OPERATOR_OWNER: &str = "operator";
 
+/// The fewest hex digits a `sha256:` prefix may name a module by.
+pub const MIN_HASH_PREFIX: usize = 8;
+
+/// `reference` (a whole `sha256:` hash, a unique prefix of one, or
+/// `name@version`) as `sha256:<the whole hash>` of one of the modules
+/// `candidates` gives (asked only when needed); why not, otherwise.
+fn resolve_among(
+    reference: &str,
+    candidates: impl FnOnce() -> Result<Vec<ModuleRecord>, ControlError>,
+) -> Result<String, String> {
+    let shown = crate::untrusted(reference, 80);
+    let all = |c: Result<Vec<ModuleRecord>, ControlError>| c.map_err(|e| e.to_string());
+    let matches: Vec<ModuleRecord> = if let Some(hex) = reference.strip_prefix("sha256:") {
+        let hex = hex.to_ascii_lowercase();
+        if !hex.bytes().all(|b| b.is_ascii_hexdigit()) || hex.len() < MIN_HASH_PREFIX || hex.len() > 64 {
+            return Err(format!(
+                "`{shown}`: sha256: takes the whole hash or a prefix of at least {MIN_HASH_PREFIX} hex digits"
+            ));
+        }
+        if hex.len() == 64 {
+            return Ok(format!("sha256:{hex}"));
+        }
+        all(candidates())?
+            .into_iter()
+            .filter(|m| m.sha256.starts_with(&hex))
+            .collect()
+    } else if let Some((name, version)) = reference.rsplit_once('@') {
+        all(candidates())?
+            .into_iter()
+            .filter(|m| m.name == name && m.version == version)
+            .collect()
+    } else {
+        return Err(format!(
+            "`{shown}`: expected sha256:<hex> (or a unique prefix), <name>@<version> of a stored module, or builtin:<name>"
+        ));
+    };
+    // The same bytes stored by two owners are one module.
+    let mut hashes: Vec<&str> = matches.iter().map(|m| m.sha256.as_str()).collect();
+    hashes.sort_unstable();
+    hashes.dedup();
+    match hashes.as_slice() {
+        [one] => Ok(format!("sha256:{one}")),
+        [] => Err(format!("no stored module `{shown}` that may be used here")),
+        many => {
+            let listed: Vec<String> = matches
+                .iter()
+                .take(5)
+                .map(|m| format!("sha256:{}… ({}@{}, {})", &m.sha256[..16], m.name, m.version, m.owner))
+                .collect();
+            Err(format!(
+                "`{shown}` names {} modules: {}; give more of the hash",
+                many.len(),
+                listed.join(", ")
+            ))
+        }
+    }
+}
+
 fn tenant_owner(tenant: &str) -> String {
     format!("tenant:{tenant}")
 }
@@ -943,9 +1001,17 @@ impl ControlPlane {
             .collect())
     }
 
-    /// One module by hash, as `caller` may see it. Another tenant's module
-    /// is not found, never shown.
-    pub fn module(&self, caller: &Caller, sha256: &str) -> Result<Vec<ModuleRecord>, ControlError> {
+    /// One module by hash (whole, a unique prefix, or `name@version`), as
+    /// `caller` may see it: a record per owner that stored its bytes.
+    /// Another tenant's module is not found, never shown.
+    pub fn module(&self, caller: &Caller, reference: &str) -> Result<Vec<ModuleRecord>, ControlError> {
+        let reference = if reference.starts_with("sha256:") || reference.contains('@') {
+            reference.to_owned()
+        } else {
+            format!("sha256:{reference}")
+        };
+        let whole = resolve_among(&reference, || self.modules(caller)).map_err(ControlError::NotFound)?;
+        let sha256 = whole.trim_start_matches("sha256:");
         let found: Vec<ModuleRecord> = self
             .modules(caller)?
             .into_iter()
@@ -1091,6 +1157,7 @@ impl ControlPlane {
                 });
             }
         }
+        let spec = self.resolve_spec(scope, spec)?;
         self.check_spec(caller, scope, &spec).await?;
         let d = self.store_version(shared, caller.who(), scope, spec, note).await?;
         let mut entry = AuditEntry::new(&caller.who(), "deployment.create", scope.key());
@@ -1243,6 +1310,51 @@ impl ControlPlane {
         self.runtime.check_filter(&module, params, limits).await.map_err(|e| {
             ControlError::deployment(format!("{field}.params"), format!("{}: {}", e.stage.as_str(), e.reason))
         })
+    }
+
+    /// Names every module of `spec` by its whole hash (see
+    /// [`Self::resolve_module`]), so a stored version says exactly what
+    /// it runs.
+    pub fn resolve_spec(&self, scope: &Scope, mut spec: Spec) -> Result<Spec, ControlError> {
+        match &mut spec {
+            Spec::Policies(rules) => {
+                for (i, r) in rules.iter_mut().enumerate() {
+                    r.module = self.resolve_module(scope, &format!("policies[{i}].module"), &r.module)?;
+                }
+            }
+            Spec::Filters(chain) => {
+                for (i, f) in chain.iter_mut().enumerate() {
+                    f.module = self.resolve_module(scope, &format!("filters[{i}].module"), &f.module)?;
+                }
+            }
+        }
+        Ok(spec)
+    }
+
+    /// A module reference as a deployment of `scope` stores it:
+    /// `name@version` or a unique `sha256:` prefix (at least
+    /// [`MIN_HASH_PREFIX`] hex digits) of a module the scope may use
+    /// becomes `sha256:<the whole hash>`; a whole hash, `native` and
+    /// `builtin:<name>` stay as they are (checked with the rest of the
+    /// spec). A reference that names no module, or several, is refused
+    /// with the candidates.
+    pub fn resolve_module(&self, scope: &Scope, field: &str, reference: &str) -> Result<String, ControlError> {
+        if reference == "native" || reference.starts_with("builtin:") {
+            return Ok(reference.to_owned());
+        }
+        let mut owners = vec![OPERATOR_OWNER.to_owned()];
+        if let Some(t) = scope.tenant() {
+            owners.push(tenant_owner(t));
+        }
+        let usable = || -> Result<Vec<ModuleRecord>, ControlError> {
+            Ok(self
+                .store
+                .modules()?
+                .into_iter()
+                .filter(|m| owners.contains(&m.owner))
+                .collect())
+        };
+        resolve_among(reference, usable).map_err(|why| ControlError::deployment(field, why))
     }
 
     /// The bytes of a module reference a scope may use: a built-in, an
