@@ -49,6 +49,47 @@ enum FailArg {
     Closed,
 }
 
+/// Where and how a deploy puts its module (`module deploy`, and `module
+/// upload --deploy`).
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// Into the active set; the other rules (or filters) stay.
+    #[arg(long, conflicts_with_all = ["replace", "remove"])]
+    add: bool,
+    /// Out of the active set: the rule for --rooms/--for-tenants/--class,
+    /// or the filter `module`.
+    #[arg(long, conflicts_with = "replace")]
+    remove: bool,
+    /// As the whole set: every other rule (or filter) goes.
+    #[arg(long)]
+    replace: bool,
+    /// Print the resulting set and the rooms it changes; deploy nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Deploy as this tenant's filter chain.
+    #[arg(long, conflicts_with = "policies")]
+    tenant: Option<String>,
+    /// Deploy as the policy rules (operators).
+    #[arg(long)]
+    policies: bool,
+    /// Policy rule: rooms it applies to.
+    #[arg(long, default_value = "*")]
+    rooms: String,
+    /// Policy rule: tenants it applies to.
+    #[arg(long, default_value = "*")]
+    for_tenants: String,
+    /// Policy rule: only rooms of this size class.
+    #[arg(long)]
+    class: Option<String>,
+    #[arg(long, value_enum)]
+    on_failure: Option<FailArg>,
+    /// Share of rooms to activate it on now (0 keeps it inactive).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
+    percent: u8,
+    #[arg(long)]
+    note: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum ModuleAction {
     /// Upload a component; it is checked (size, compile, world, instantiate,
@@ -61,9 +102,16 @@ enum ModuleAction {
         version: String,
         #[arg(long, value_enum)]
         world: WorldArg,
-        /// key=value, what `configure` is checked with; repeatable.
+        /// key=value, what `configure` is checked with (and, with
+        /// --deploy, what the deployment runs it with); repeatable.
         #[arg(long = "param", value_parser = parse_param)]
         params: Vec<(String, String)>,
+        /// Deploy it once stored, in one step: the deploy options below
+        /// say where (--tenant or --policies) and how.
+        #[arg(long)]
+        deploy: bool,
+        #[command(flatten)]
+        target: DeployArgs,
     },
     /// The modules you may see.
     List,
@@ -85,46 +133,13 @@ enum ModuleAction {
         /// `name@version` of a stored module, or `builtin:<name>`
         /// (policies also `native`). The deployment stores the whole hash.
         module: Option<String>,
-        /// Into the active set; the other rules (or filters) stay.
-        #[arg(long, conflicts_with_all = ["replace", "remove", "file"])]
-        add: bool,
-        /// Out of the active set: the rule for --rooms/--for-tenants/--class,
-        /// or the filter `module`.
-        #[arg(long, conflicts_with_all = ["replace", "file"])]
-        remove: bool,
-        /// As the whole set: every other rule (or filter) goes.
-        #[arg(long, conflicts_with = "file")]
-        replace: bool,
-        /// Print the resulting set and the rooms it changes; deploy nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Deploy as this tenant's filter chain.
-        #[arg(long, conflicts_with = "policies")]
-        tenant: Option<String>,
-        /// Deploy as the policy rules (operators).
-        #[arg(long)]
-        policies: bool,
-        /// Policy rule: rooms it applies to.
-        #[arg(long, default_value = "*")]
-        rooms: String,
-        /// Policy rule: tenants it applies to.
-        #[arg(long, default_value = "*")]
-        for_tenants: String,
-        /// Policy rule: only rooms of this size class.
-        #[arg(long)]
-        class: Option<String>,
         #[arg(long = "param", value_parser = parse_param)]
         params: Vec<(String, String)>,
-        #[arg(long, value_enum)]
-        on_failure: Option<FailArg>,
         /// A JSON deployment document instead of one module.
-        #[arg(long, conflicts_with = "module")]
+        #[arg(long, conflicts_with_all = ["module", "add", "remove", "replace"])]
         file: Option<PathBuf>,
-        /// Share of rooms to activate it on now (0 keeps it inactive).
-        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u8).range(0..=100))]
-        percent: u8,
-        #[arg(long)]
-        note: Option<String>,
+        #[command(flatten)]
+        target: DeployArgs,
     },
     /// Put a version on a share of rooms (the rest keep the active one);
     /// again with a larger share to widen it.
@@ -405,12 +420,18 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
             version,
             world,
             params,
+            deploy: then_deploy,
+            target,
         } => {
+            if !then_deploy && (target.tenant.is_some() || target.policies) {
+                bail!("--tenant and --policies say where --deploy puts the module: add --deploy");
+            }
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let world = match world {
                 WorldArg::RoomPolicy => "room-policy",
                 WorldArg::MessageFilter => "message-filter",
             };
+            let deploy_params = params.clone();
             let params: BTreeMap<String, String> = params.into_iter().collect();
             let path = format!(
                 "/v1/modules?name={}&version={}&world={world}&params={}",
@@ -427,6 +448,12 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
                 };
                 format!("{verb}: {}", module_line(&v["module"]))
             });
+            if then_deploy {
+                let hash = v["module"]["sha256"]
+                    .as_str()
+                    .context("the upload's answer names no sha256")?;
+                return deploy(&api, Some(format!("sha256:{hash}")), None, deploy_params, target).await;
+            }
         }
         ModuleAction::List => {
             let v = api.get("/v1/modules").await?;
@@ -438,129 +465,10 @@ pub async fn module(args: ModuleArgs) -> Result<std::process::ExitCode> {
         }
         ModuleAction::Deploy {
             module,
-            add,
-            remove,
-            replace,
-            dry_run,
-            tenant,
-            policies,
-            rooms,
-            for_tenants,
-            class,
             params,
-            on_failure,
             file,
-            percent,
-            note,
-        } => {
-            let scope = match (&tenant, policies) {
-                (Some(t), false) => format!("filters/{t}"),
-                (None, true) => "policies".into(),
-                _ => bail!("say where: --tenant <id> (a filter chain) or --policies"),
-            };
-            let params: BTreeMap<String, String> = params.into_iter().collect();
-            let on_failure = on_failure.map(|f| match f {
-                FailArg::Open => "open",
-                FailArg::Closed => "closed",
-            });
-            // One rule (or filter) as the command line gives it.
-            let entry = |m: &str| {
-                let mut entry = json!({"module": m, "params": params});
-                if let Some(f) = on_failure {
-                    entry["on_failure"] = json!(f);
-                }
-                if policies {
-                    entry["rooms"] = json!(rooms);
-                    entry["tenant"] = json!(for_tenants);
-                    if let Some(c) = &class {
-                        entry["class"] = json!(c);
-                    }
-                }
-                entry
-            };
-            let set_key = if policies { "policies" } else { "filters" };
-            let path = scope_path(&scope)?;
-            let mut body: Value = match (file, module) {
-                (Some(f), _) => {
-                    serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?)
-                        .with_context(|| format!("{} is not JSON", f.display()))?
-                }
-                (None, m) if remove => {
-                    if policies {
-                        let mut at = json!({"rooms": rooms, "tenant": for_tenants});
-                        if let Some(c) = &class {
-                            at["class"] = json!(c);
-                        }
-                        json!({ "remove": at })
-                    } else {
-                        let Some(m) = m else {
-                            bail!("name the filter to remove: its module")
-                        };
-                        json!({ "remove": {"module": m} })
-                    }
-                }
-                (None, Some(m)) if add => json!({ "add": entry(&m) }),
-                (None, Some(m)) if replace => json!({ set_key: [entry(&m)] }),
-                (None, Some(m)) => {
-                    // Alone or with the rest? Refuse to guess when the
-                    // active set has more than this one would replace.
-                    let kept = api.post(&path, json!({ "add": entry(&m), "dry_run": true })).await?;
-                    let alone = json!([entry(&m)]);
-                    let with_rest = &kept["set"][set_key];
-                    if normalized(with_rest) != normalized(&alone) {
-                        bail!(
-                            "{scope} v{} has other {what}; deploying this one alone would drop them.\n  \
-                             with --add (the rest kept):\n{}  with --replace (this one alone):\n{}",
-                            s(&kept["based_on"]),
-                            listing(with_rest),
-                            listing(&alone),
-                            what = if policies { "rules" } else { "filters" },
-                        );
-                    }
-                    json!({ set_key: alone })
-                }
-                (None, None) => bail!("name a module (sha256:<hex or prefix>, name@version, builtin:<name>) or --file"),
-            };
-            if dry_run {
-                body["dry_run"] = json!(true);
-                let v = api.post(&path, body).await?;
-                api.show(&v, |v| {
-                    let set = &v["set"][set_key];
-                    let rooms: Vec<String> = v["rooms_changing"]
-                        .as_array()
-                        .map(|a| a.iter().map(s).collect())
-                        .unwrap_or_default();
-                    format!(
-                        "{scope} would be (from v{}):\n{}rooms changing on this edge: {}{}\n",
-                        s(&v["based_on"]),
-                        listing(set),
-                        s(&v["rooms_changing_total"]),
-                        if rooms.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({})", rooms.join(", "))
-                        }
-                    )
-                });
-                return Ok(std::process::ExitCode::SUCCESS);
-            }
-            if percent > 0 {
-                body["activate"] = json!(percent);
-            }
-            if let Some(n) = note {
-                body["note"] = json!(n);
-            }
-            let v = api.post(&path, body).await?;
-            api.show(&v, |v| {
-                let d = &v["deployment"];
-                format!(
-                    "{} v{} created; {}\n",
-                    s(&d["scope"]),
-                    s(&d["version"]),
-                    activation(&v["active"])
-                )
-            });
-        }
+            target,
+        } => return deploy(&api, module, file, params, target).await,
         ModuleAction::Rollout {
             scope,
             version,
@@ -736,5 +644,137 @@ pub async fn admin(args: AdminArgs) -> Result<std::process::ExitCode> {
             });
         }
     }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Deploys one module (or a `--file` document) as `t` says.
+async fn deploy(
+    api: &Api,
+    module: Option<String>,
+    file: Option<PathBuf>,
+    params: Vec<(String, String)>,
+    t: DeployArgs,
+) -> Result<std::process::ExitCode> {
+    let DeployArgs {
+        add,
+        remove,
+        replace,
+        dry_run,
+        tenant,
+        policies,
+        rooms,
+        for_tenants,
+        class,
+        on_failure,
+        percent,
+        note,
+    } = t;
+    let scope = match (&tenant, policies) {
+        (Some(t), false) => format!("filters/{t}"),
+        (None, true) => "policies".into(),
+        _ => bail!("say where: --tenant <id> (a filter chain) or --policies"),
+    };
+    let params: BTreeMap<String, String> = params.into_iter().collect();
+    let on_failure = on_failure.map(|f| match f {
+        FailArg::Open => "open",
+        FailArg::Closed => "closed",
+    });
+    // One rule (or filter) as the command line gives it.
+    let entry = |m: &str| {
+        let mut entry = json!({"module": m, "params": params});
+        if let Some(f) = on_failure {
+            entry["on_failure"] = json!(f);
+        }
+        if policies {
+            entry["rooms"] = json!(rooms);
+            entry["tenant"] = json!(for_tenants);
+            if let Some(c) = &class {
+                entry["class"] = json!(c);
+            }
+        }
+        entry
+    };
+    let set_key = if policies { "policies" } else { "filters" };
+    let path = scope_path(&scope)?;
+    let mut body: Value = match (file, module) {
+        (Some(f), _) => {
+            serde_json::from_slice(&std::fs::read(&f).with_context(|| format!("cannot read {}", f.display()))?)
+                .with_context(|| format!("{} is not JSON", f.display()))?
+        }
+        (None, m) if remove => {
+            if policies {
+                let mut at = json!({"rooms": rooms, "tenant": for_tenants});
+                if let Some(c) = &class {
+                    at["class"] = json!(c);
+                }
+                json!({ "remove": at })
+            } else {
+                let Some(m) = m else {
+                    bail!("name the filter to remove: its module")
+                };
+                json!({ "remove": {"module": m} })
+            }
+        }
+        (None, Some(m)) if add => json!({ "add": entry(&m) }),
+        (None, Some(m)) if replace => json!({ set_key: [entry(&m)] }),
+        (None, Some(m)) => {
+            // Alone or with the rest? Refuse to guess when the
+            // active set has more than this one would replace.
+            let kept = api.post(&path, json!({ "add": entry(&m), "dry_run": true })).await?;
+            let alone = json!([entry(&m)]);
+            let with_rest = &kept["set"][set_key];
+            if normalized(with_rest) != normalized(&alone) {
+                bail!(
+                    "{scope} v{} has other {what}; deploying this one alone would drop them.\n  \
+                     with --add (the rest kept):\n{}  with --replace (this one alone):\n{}",
+                    s(&kept["based_on"]),
+                    listing(with_rest),
+                    listing(&alone),
+                    what = if policies { "rules" } else { "filters" },
+                );
+            }
+            json!({ set_key: alone })
+        }
+        (None, None) => bail!("name a module (sha256:<hex or prefix>, name@version, builtin:<name>) or --file"),
+    };
+    if dry_run {
+        body["dry_run"] = json!(true);
+        let v = api.post(&path, body).await?;
+        api.show(&v, |v| {
+            let set = &v["set"][set_key];
+            let rooms: Vec<String> = v["rooms_changing"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect())
+                .unwrap_or_default();
+            format!(
+                "{scope} would be (from v{}):\n{}rooms changing on this edge: {}{}\n",
+                s(&v["based_on"]),
+                listing(set),
+                s(&v["rooms_changing_total"]),
+                if rooms.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", rooms.join(", "))
+                }
+            )
+        });
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if percent > 0 {
+        body["activate"] = json!(percent);
+    }
+    if let Some(n) = note {
+        body["note"] = json!(n);
+    }
+    let v = api.post(&path, body).await?;
+    api.show(&v, |v| {
+        let d = &v["deployment"];
+        format!(
+            "{} v{} created; {}\n",
+            s(&d["scope"]),
+            s(&d["version"]),
+            activation(&v["active"])
+        )
+    });
     Ok(std::process::ExitCode::SUCCESS)
 }

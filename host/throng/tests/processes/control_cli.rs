@@ -388,3 +388,95 @@ async fn changing_one_policy_rule_keeps_the_others() {
     );
     drop(edge);
 }
+
+/// Upload and deploy in one step, and a module named by `name@version`
+/// afterwards: what an operator of a serverless platform expects, and
+/// the deployment still records the whole hash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_is_uploaded_and_deployed_in_one_step_then_named_by_name_and_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_edge, ops) = serve_with_operator(dir.path()).await;
+    let wasm = dir.path().join("kw.wasm");
+    std::fs::write(&wasm, throng_guest_artifacts::FILTER_KEYWORDS).expect("write");
+    let wasm = wasm.to_str().expect("utf-8");
+    let upload = |extra: &'static [&'static str]| {
+        let mut args = vec![
+            "module",
+            "upload",
+            wasm,
+            "--name",
+            "kw",
+            "--version",
+            "2.0.0",
+            "--world",
+            "message-filter",
+            "--param",
+            "words=scam",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    // Where without --deploy is a mistake, said before anything is stored.
+    let (ok, _, err) = ops.run(&upload(&["--tenant", "dev"])).await;
+    assert!(!ok && err.contains("--deploy"), "{err}");
+    assert_eq!(ops.json(&["module", "list"]).await, serde_json::json!([]));
+
+    let (ok, out, err) = ops
+        .run(&upload(&["--deploy", "--tenant", "dev", "--add", "--note", "one step"]))
+        .await;
+    assert!(ok, "{out}{err}");
+    let mut lines = out.lines();
+    let stored = lines.next().unwrap_or_default();
+    assert!(stored.starts_with("stored: sha256:"), "{out}");
+    let hash = stored.split_whitespace().nth(1).expect("hash").to_owned();
+    let created = lines.next().unwrap_or_default();
+    assert!(
+        created.starts_with("filters/dev v") && created.contains("created"),
+        "{out}"
+    );
+    let version: u64 = created
+        .trim_start_matches("filters/dev v")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a version");
+    let status = ops.json(&["module", "status", "filters/dev"]).await;
+    assert_eq!(status["active"]["version"].as_u64(), Some(version), "{status:#}");
+    let deployed = status["versions"]
+        .as_array()
+        .and_then(|v| v.iter().find(|d| d["version"].as_u64() == Some(version)))
+        .expect("the new version")
+        .clone();
+    let chain: Vec<&str> = deployed["filters"]
+        .as_array()
+        .expect("filters")
+        .iter()
+        .filter_map(|f| f["module"].as_str())
+        .collect();
+    assert!(chain.contains(&hash.as_str()), "{deployed:#}");
+
+    // By name and version from now on, and by a prefix of the hash.
+    let show = ops.json(&["module", "show", "kw@2.0.0"]).await;
+    assert_eq!(
+        show[0]["sha256"].as_str().map(|h| format!("sha256:{h}")),
+        Some(hash.clone())
+    );
+    let (ok, out, err) = ops
+        .run(&[
+            "module",
+            "deploy",
+            "kw@2.0.0",
+            "--tenant",
+            "dev",
+            "--remove",
+            "--dry-run",
+        ])
+        .await;
+    assert!(ok && out.starts_with("filters/dev would be"), "{out}{err}");
+    assert!(!out.contains(&hash[7..]), "the dry run still lists it: {out}");
+    let prefix = &hash[..15];
+    let (ok, out, err) = ops
+        .run(&["module", "deploy", prefix, "--tenant", "dev", "--remove"])
+        .await;
+    assert!(ok && out.contains("created"), "{out}{err}");
+}
