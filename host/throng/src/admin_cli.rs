@@ -200,13 +200,47 @@ enum AdminAction {
         #[arg(long)]
         sender: Option<String>,
     },
-    /// The audit log (oldest first).
+    /// The audit log (oldest first), each entry with its time (UTC).
     Audit {
         #[arg(long, default_value_t = 0)]
         after: u64,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only entries about this target: a scope (`policies`,
+        /// `filters/<tenant>`), `sha256:<hex>`, a room.
+        #[arg(long)]
+        target: Option<String>,
+        /// Only entries by this actor (`operator:<name>`, `tenant:<id>/<user>`).
+        #[arg(long)]
+        who: Option<String>,
+        /// Only this action (`deployment.activate`) or family (`deployment`).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only entries since then: a time ago (`1h`, `30m`) or an RFC 3339
+        /// time (`2026-12-08T03:00:00Z`).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<u64>,
     },
+}
+
+/// `--since`: a time ago or an RFC 3339 time, as Unix ms.
+fn parse_since(s: &str) -> Result<u64, String> {
+    let at = match humantime::parse_duration(s) {
+        Ok(ago) => std::time::SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("`{s}` ago is before 1970"))?,
+        Err(_) => humantime::parse_rfc3339_weak(s)
+            .map_err(|_| format!("`{s}`: expected a time ago (1h, 30m) or an RFC 3339 time (2026-12-08T03:00:00Z)"))?,
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| format!("`{s}` is before 1970"))
+}
+
+/// Unix ms as an RFC 3339 time (UTC, to the second).
+fn utc(ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
@@ -272,6 +306,9 @@ impl Api {
         if status >= 400 {
             let e = &value["error"];
             let field = e["field"].as_str().map(|f| format!(" [{f}]")).unwrap_or_default();
+            // The query holds the caller's own params, percent-encoded:
+            // the path alone says which call failed.
+            let path = path.split('?').next().unwrap_or(path);
             bail!(
                 "{method} {path}: {status} {}{field}: {}",
                 e["code"].as_str().unwrap_or("error"),
@@ -623,16 +660,33 @@ pub async fn admin(args: AdminArgs) -> Result<std::process::ExitCode> {
             let v = api.post(&format!("/v1/rooms/{tenant}/{room}/publish"), body).await?;
             api.show(&v, |v| format!("published as seq {}\n", s(&v["seq"])));
         }
-        AdminAction::Audit { after, limit } => {
-            let v = api.get(&format!("/v1/audit?after={after}&limit={limit}")).await?;
+        AdminAction::Audit {
+            after,
+            limit,
+            target,
+            who,
+            action,
+            since,
+        } => {
+            let mut path = format!("/v1/audit?after={after}&limit={limit}");
+            for (key, value) in [("target", target), ("who", who), ("action", action)] {
+                if let Some(v) = value {
+                    path.push_str(&format!("&{key}={}", percent_encode(&v)));
+                }
+            }
+            if let Some(ms) = since {
+                path.push_str(&format!("&since_ms={ms}"));
+            }
+            let v = api.get(&path).await?;
             api.show(&v, |v| {
                 v.as_array()
                     .into_iter()
                     .flatten()
                     .map(|e| {
                         format!(
-                            "#{} {} {} {} {}{}\n",
+                            "#{} {} {} {} {} {}{}\n",
                             s(&e["seq"]),
+                            e["at_ms"].as_u64().map(utc).unwrap_or_default(),
                             s(&e["who"]),
                             s(&e["action"]),
                             s(&e["target"]),

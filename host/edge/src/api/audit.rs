@@ -1,7 +1,8 @@
 //! `GET /v1/audit?after=<seq>&limit=<n>`: the audit log, oldest first:
 //! everything for operators, a tenant's own entries for a tenant; pages
 //! as `api::page` makes them (the `x-next-after` header is the last
-//! entry's `seq`).
+//! entry's `seq`). `target=`, `who=`, `action=` (or its family, e.g.
+//! `deployment`) and `since_ms=` keep only the entries that match.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use serde::Deserialize;
 
 use super::ApiError;
 use crate::admin::AdminState;
-use crate::control::{AuditEntry, Caller};
+use crate::control::{AuditEntry, AuditFilter, Caller};
 
 pub(super) fn routes() -> Router<Arc<AdminState>> {
     Router::new().route("/v1/audit", get(audit))
@@ -24,6 +25,10 @@ struct AuditQuery {
     #[serde(default)]
     after: u64,
     limit: Option<usize>,
+    target: Option<String>,
+    who: Option<String>,
+    action: Option<String>,
+    since_ms: Option<u64>,
 }
 
 async fn audit(
@@ -34,7 +39,13 @@ async fn audit(
     let Query(q) = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let limit = super::page_limit(q.limit);
     // One past the page tells whether another follows.
-    let entries: Vec<AuditEntry> = s.control.audit_log(&caller, q.after, limit + 1)?;
+    let only = AuditFilter {
+        target: q.target,
+        who: q.who,
+        action: q.action,
+        since_ms: q.since_ms,
+    };
+    let entries: Vec<AuditEntry> = s.control.audit_log(&caller, q.after, limit + 1, &only)?;
     Ok(super::page(
         entries,
         |e| e.seq,

@@ -235,6 +235,34 @@ pub struct AuditEntry {
     pub detail: Option<String>,
 }
 
+/// Which audit entries a reader asks for (every field that is set must
+/// match).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuditFilter {
+    /// The entry's target exactly: a scope (`policies`, `filters/acme`),
+    /// `sha256:<hex>`, a room.
+    pub target: Option<String>,
+    /// Who acted, exactly (`operator:ops`, `tenant:acme/lead`, `edge-config`).
+    pub who: Option<String>,
+    /// The action, or its family before the dot (`deployment`).
+    pub action: Option<String>,
+    /// Entries written at or after this Unix time (ms).
+    pub since_ms: Option<u64>,
+}
+
+impl AuditFilter {
+    fn takes(&self, e: &AuditEntry) -> bool {
+        let action = self
+            .action
+            .as_deref()
+            .is_none_or(|a| e.action == a || e.action.split_once('.').is_some_and(|(family, _)| family == a));
+        action
+            && self.target.as_deref().is_none_or(|t| e.target == t)
+            && self.who.as_deref().is_none_or(|w| e.who == w)
+            && self.since_ms.is_none_or(|t| e.at_ms >= t)
+    }
+}
+
 impl AuditEntry {
     pub fn new(caller: &str, action: &str, target: impl Into<String>) -> Self {
         AuditEntry {
@@ -1820,11 +1848,20 @@ impl ControlPlane {
 
     /// Audit entries after `after`, at most `limit`: all for operators, a
     /// tenant's own for a tenant.
-    pub fn audit_log(&self, caller: &Caller, after: u64, limit: usize) -> Result<Vec<AuditEntry>, ControlError> {
+    pub fn audit_log(
+        &self,
+        caller: &Caller,
+        after: u64,
+        limit: usize,
+        only: &AuditFilter,
+    ) -> Result<Vec<AuditEntry>, ControlError> {
         let tenant = caller.tenant().map(str::to_owned);
-        Ok(self.store.audit_log(after, limit, |e| match &tenant {
-            None => true,
-            Some(t) => e.tenant.as_deref() == Some(t.as_str()),
+        Ok(self.store.audit_log(after, limit, |e| {
+            let mine = match &tenant {
+                None => true,
+                Some(t) => e.tenant.as_deref() == Some(t.as_str()),
+            };
+            mine && only.takes(e)
         })?)
     }
 

@@ -471,10 +471,26 @@ impl WasmRuntime {
                 }
             }
         }
+        if !bytes.starts_with(b"\0asm") {
+            let head: Vec<String> = bytes.iter().take(4).map(|b| format!("{b:02x}")).collect();
+            return Err(WasmError::Invalid {
+                hash,
+                reason: format!(
+                    "not a WebAssembly file: it starts with {} where Wasm starts with 00 61 73 6d (\\0asm)",
+                    if head.is_empty() {
+                        "nothing".to_owned()
+                    } else {
+                        head.join(" ")
+                    }
+                ),
+            });
+        }
         let started = Instant::now();
         let component = Component::new(&self.engine, bytes).map_err(|e| WasmError::Invalid {
             hash,
-            reason: format!("{e:#}"),
+            // wasmtime's reasons may hold a pretty-printed list of bytes:
+            // one line reads better in an error.
+            reason: format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" "),
         })?;
         self.stats.compilations.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("throng_wasm_compilations_total").increment(1);
