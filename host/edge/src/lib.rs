@@ -426,7 +426,12 @@ impl Edge {
                     event_streams: Arc::default(),
                 });
                 connections.spawn(admin::serve(listener, state, shutdown.clone()));
-                tracing::info!(admin = %format!("http://{bound}"), "admin endpoint ready (/stats, /metrics)");
+                tracing::info!(
+                    admin = %format!("http://{bound}"),
+                    dashboard = %format!("http://{bound}/dashboard"),
+                    "admin endpoint ready: the API (/v1), the dashboard (/dashboard), /stats, /metrics, /healthz{}",
+                    if shared.config.webtransport.as_ref().is_some_and(|w| w.demo) { " and the demo (/demo)" } else { "" }
+                );
                 Some(bound)
             }
         };

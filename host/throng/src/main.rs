@@ -189,7 +189,7 @@ enum Command {
     /// Connect to an edge as a client.
     Client {
         /// Edge address, host:port.
-        #[arg(long, default_value = DEV_SERVER)]
+        #[arg(long, env = "THRONG_SERVER", default_value = DEV_SERVER)]
         server: String,
         /// Certificate to trust (the ready line prints it). Defaults to the
         /// dev certificate, `<data_dir>/dev-cert.pem` of the embedded dev
@@ -572,6 +572,11 @@ async fn serve(
     }
     if let Some(hash) = edge.webtransport_cert_sha256() {
         ready.push_str(&format!(" cert_sha256={hash}"));
+    }
+    if let Some(admin) = edge.admin_addr() {
+        // The admin endpoint serves the API (/v1), the dashboard, /stats,
+        // /metrics and /healthz.
+        ready.push_str(&format!(" admin=http://{admin} dashboard=http://{admin}/dashboard"));
     }
     if let Some(demo) = edge.demo_url() {
         ready.push_str(&format!(" demo={demo}"));

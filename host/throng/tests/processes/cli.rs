@@ -57,6 +57,8 @@ async fn token(user: &str, role: &str) -> String {
 /// (read all along, so a full pipe never blocks it).
 struct Serve {
     child: Child,
+    /// The `throng ready ...` line.
+    ready: String,
     addr: String,
     cert: String,
     stderr: Arc<Mutex<Vec<String>>>,
@@ -90,6 +92,7 @@ impl Serve {
         });
         Serve {
             child,
+            ready: ready.trim().to_owned(),
             addr: addr.to_owned(),
             cert: cert.to_owned(),
             stderr,
@@ -312,6 +315,17 @@ async fn dev_defaults_json_logs_and_a_wrong_server_here() {
     let dir = tempfile::tempdir().expect("tempdir");
     let serve = Serve::start(dir.path(), &["--admin", "127.0.0.1:0", "--log-format", "json"]).await;
     assert_eq!(serve.addr, "127.0.0.1:4433", "the dev default");
+    // The ready line names where the admin endpoint and the dashboard are.
+    let admin = serve
+        .ready
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin=http://"))
+        .unwrap_or_else(|| panic!("no admin= in {}", serve.ready));
+    assert!(
+        serve.ready.contains(&format!("dashboard=http://{admin}/dashboard")),
+        "{}",
+        serve.ready
+    );
     let dave = token("dave", "viewer").await;
     let out = output_in(dir.path(), &["client", "--token", &dave, "online", "dave"]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
