@@ -299,16 +299,10 @@ async fn listen_receives_what_send_sends_with_acks() {
 /// edge does not fail it.
 #[test]
 fn dev_defaults_json_logs_and_a_wrong_server() {
-    if let Some(status) = crate::common::rerun_in_own_netns("cli::dev_defaults_json_logs_and_a_wrong_server") {
-        assert!(status.success(), "the test in its own network namespace: {status}");
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(dev_defaults_json_logs_and_a_wrong_server_here());
+    crate::common::in_own_netns(
+        "cli::dev_defaults_json_logs_and_a_wrong_server",
+        dev_defaults_json_logs_and_a_wrong_server_here,
+    );
 }
 
 async fn dev_defaults_json_logs_and_a_wrong_server_here() {

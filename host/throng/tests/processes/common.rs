@@ -48,6 +48,22 @@ pub fn rerun_in_own_netns(name: &str) -> Option<std::process::ExitStatus> {
         .ok()
 }
 
+/// Runs test `name` (this very test) in a network namespace of its own
+/// where one can be made ([`rerun_in_own_netns`]), else here: `test` is
+/// its body.
+pub fn in_own_netns<F: std::future::Future<Output = ()>>(name: &str, test: impl FnOnce() -> F) {
+    if let Some(status) = rerun_in_own_netns(name) {
+        assert!(status.success(), "{name} in its own network namespace: {status}");
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test());
+}
+
 /// The operator key of [`config`]: the embedded dev config's, so the
 /// tests that run on it read /stats alike.
 pub const OPERATOR_KEY: &str = "throng-dev-operator-key-change-me";

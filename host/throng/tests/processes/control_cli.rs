@@ -61,14 +61,19 @@ async fn serve_with_operator(dir: &std::path::Path) -> (Serve, Cli) {
     (edge, ops)
 }
 
+/// A module file to upload: the built-in keyword filter's bytes.
+fn keyword_filter_file(dir: &std::path::Path) -> String {
+    let wasm = dir.join("kw.wasm");
+    std::fs::write(&wasm, throng_guest_artifacts::FILTER_KEYWORDS).expect("write");
+    wasm.to_str().expect("utf-8").to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_and_a_tenant_drive_the_control_plane_from_the_shell() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (edge, ops) = serve_with_operator(dir.path()).await;
-    // A module file to upload: the built-in keyword filter's bytes.
-    let wasm = dir.path().join("kw.wasm");
-    std::fs::write(&wasm, throng_guest_artifacts::FILTER_KEYWORDS).expect("write");
-    let wasm = wasm.to_str().expect("utf-8");
+    let wasm = keyword_filter_file(dir.path());
+    let wasm = wasm.as_str();
 
     let (ok, out, err) = ops
         .run(&[
@@ -396,9 +401,8 @@ async fn changing_one_policy_rule_keeps_the_others() {
 async fn a_module_is_uploaded_and_deployed_in_one_step_then_named_by_name_and_version() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_edge, ops) = serve_with_operator(dir.path()).await;
-    let wasm = dir.path().join("kw.wasm");
-    std::fs::write(&wasm, throng_guest_artifacts::FILTER_KEYWORDS).expect("write");
-    let wasm = wasm.to_str().expect("utf-8");
+    let wasm = keyword_filter_file(dir.path());
+    let wasm = wasm.as_str();
     let upload = |extra: &'static [&'static str]| {
         let mut args = vec![
             "module",

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::{BIN, IN_NETNS, Serve, rerun_in_own_netns};
+use crate::common::{BIN, IN_NETNS, Serve, in_own_netns};
 
 /// One command of a block, as bash gets it.
 #[derive(Debug, PartialEq)]
@@ -191,16 +191,7 @@ fn the_readmes_command_blocks_run_as_written() {
         // the same, and in there it finds its output up to date.
         prepare_the_python_filter();
     }
-    if let Some(status) = rerun_in_own_netns("readme::the_readmes_command_blocks_run_as_written") {
-        assert!(status.success(), "the test in its own network namespace: {status}");
-        return;
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(run_the_readme());
+    in_own_netns("readme::the_readmes_command_blocks_run_as_written", run_the_readme);
 }
 
 async fn run_the_readme() {
