@@ -31,6 +31,10 @@ use super::{Inbound, RoomKey};
 use crate::group_store::GroupStore;
 use crate::log::Commit;
 
+/// Why a full tenant's messages are refused (`StorageFull`), before they
+/// are numbered or after JetStream refused their append.
+const TENANT_FULL: &str = "the tenant's group messages fill its storage; retention frees it";
+
 /// A tick numbered and appended, waiting for the log to store it.
 #[derive(Debug)]
 pub(super) struct Held {
@@ -149,7 +153,7 @@ impl GroupState {
             let _ = m.reply.send(EdgeFrame::Rejected {
                 client_msg_id: m.client_msg_id,
                 code: ErrorCode::StorageFull.code(),
-                reason: "the tenant's group messages fill its storage; retention frees it".into(),
+                reason: TENANT_FULL.into(),
             });
         }
     }
@@ -183,11 +187,9 @@ impl GroupState {
         if !fenced {
             return Stored::Ticks(ready);
         }
-        let (code, reason) = if self.commit.is_full() {
-            (
-                ErrorCode::StorageFull,
-                "the tenant's group messages fill its storage; retention frees it",
-            )
+        let full = self.commit.is_full();
+        let (code, reason) = if full {
+            (ErrorCode::StorageFull, TENANT_FULL)
         } else {
             (
                 ErrorCode::ServerBusy,
@@ -201,7 +203,7 @@ impl GroupState {
                 ack.refuse(code, reason);
             }
         }
-        if self.commit.is_full() {
+        if full {
             metrics::counter!("throng_group_storage_full_total", "tenant" => key.tenant.to_string()).increment(refused);
         } else {
             metrics::counter!("throng_group_room_fenced_total").increment(1);
